@@ -1,0 +1,40 @@
+"""resumekit: a verified core for resumable embedding transfers (encode side to language side)."""
+
+import warnings
+
+with warnings.catch_warnings():
+    # torch warns at import when numpy is absent; nothing in resumekit uses numpy.
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+    import torch  # noqa: F401
+
+from resumekit.allocator import Allocation, BlockAllocator, BlockBuffers, EmbeddingTensors
+from resumekit.errors import (
+    AllocatorError,
+    CapacityExceededError,
+    DoubleFreeError,
+    ForeignAllocationError,
+    InvalidArgumentError,
+    InvariantError,
+    LeakError,
+    ResumeKitError,
+    UseAfterFreeError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Allocation",
+    "AllocatorError",
+    "BlockAllocator",
+    "BlockBuffers",
+    "CapacityExceededError",
+    "DoubleFreeError",
+    "EmbeddingTensors",
+    "ForeignAllocationError",
+    "InvalidArgumentError",
+    "InvariantError",
+    "LeakError",
+    "ResumeKitError",
+    "UseAfterFreeError",
+    "__version__",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from resumekit.cli import main
+
+sys.exit(main())

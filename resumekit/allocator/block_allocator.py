@@ -1,0 +1,423 @@
+"""Host-side block bookkeeping for landing buffers.
+
+Nothing here touches torch, takes a lock or calls the GPU: ``allocate`` and
+``free`` are list slices and dict updates. Identity of an allocation is its
+``generation``, never its block indices, because a pool that reuses freed blocks
+hands back the very same indices on the next round.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Hashable
+from typing import Final, Literal, NoReturn, Protocol
+
+from resumekit._check import as_int, check_hashable
+from resumekit.errors import (
+    CapacityExceededError,
+    DoubleFreeError,
+    ForeignAllocationError,
+    InvalidArgumentError,
+    InvariantError,
+    LeakError,
+    UseAfterFreeError,
+)
+
+ReuseOrder = Literal["lifo", "fifo"]
+
+_pool_ids: Final = itertools.count(1)
+
+
+class Allocation:
+    """A set of blocks handed to one owner; immutable, identified by its generation.
+
+    Two allocations are equal only when they are the same object: equal blocks
+    never make two allocations the same (the reused-indices ABA problem).
+    """
+
+    __slots__ = ("_blocks", "_capacity_tokens", "_generation", "_owner", "_pool_id")
+
+    def __init__(
+        self,
+        blocks: tuple[int, ...],
+        capacity_tokens: int,
+        owner: Hashable,
+        generation: int,
+        pool_id: int = 0,
+    ) -> None:
+        self._blocks = blocks
+        self._capacity_tokens = capacity_tokens
+        self._owner = owner
+        self._generation = generation
+        self._pool_id = pool_id
+
+    @property
+    def blocks(self) -> tuple[int, ...]:
+        """Block indices in the order tokens fill them."""
+        return self._blocks
+
+    @property
+    def capacity_tokens(self) -> int:
+        """``len(blocks) * block_size``."""
+        return self._capacity_tokens
+
+    @property
+    def owner(self) -> Hashable:
+        return self._owner
+
+    @property
+    def generation(self) -> int:
+        """Strictly increasing per allocator; never reused, even when the blocks are."""
+        return self._generation
+
+    def __repr__(self) -> str:
+        return (
+            f"Allocation(generation={self._generation}, owner={self._owner!r}, "
+            f"blocks={list(self._blocks)}, capacity_tokens={self._capacity_tokens})"
+        )
+
+
+class _LifoFreeList:
+    """Stack of free blocks: the most recently freed come back first (maximal reuse).
+
+    A freed allocation's blocks come back in the same order on the next take of
+    the same size; a fresh pool hands out its highest-numbered blocks first.
+    Neither take nor give reverses anything, which keeps both to one slice.
+    """
+
+    __slots__ = ("_stack",)
+
+    def __init__(self, num_blocks: int) -> None:
+        self._stack: list[int] = list(range(num_blocks))
+
+    def __len__(self) -> int:
+        return len(self._stack)
+
+    def take(self, n: int) -> tuple[int, ...]:
+        stack = self._stack
+        blocks = tuple(stack[-n:])
+        del stack[-n:]
+        return blocks
+
+    def give(self, blocks: tuple[int, ...]) -> None:
+        self._stack.extend(blocks)
+
+    def snapshot(self) -> list[int]:
+        """Free blocks, the next to be handed out last."""
+        return self._stack[:]
+
+
+class _FifoFreeList:
+    """Queue of free blocks (SGLang's deque order): the longest-free come back first.
+
+    A list with a moving head instead of a deque, so taking n blocks is one slice.
+    """
+
+    __slots__ = ("_head", "_queue")
+
+    _COMPACT_AT: Final = 1024
+
+    def __init__(self, num_blocks: int) -> None:
+        self._queue: list[int] = list(range(num_blocks))
+        self._head = 0
+
+    def __len__(self) -> int:
+        return len(self._queue) - self._head
+
+    def take(self, n: int) -> tuple[int, ...]:
+        head = self._head
+        blocks = tuple(self._queue[head : head + n])
+        head += n
+        if head >= self._COMPACT_AT and 2 * head >= len(self._queue):
+            # Amortised O(1) per block: the slice moved is never longer than what
+            # was taken since the last compaction.
+            del self._queue[:head]
+            head = 0
+        self._head = head
+        return blocks
+
+    def give(self, blocks: tuple[int, ...]) -> None:
+        self._queue.extend(blocks)
+
+    def snapshot(self) -> list[int]:
+        return self._queue[self._head :]
+
+
+class _FreeList(Protocol):
+    def __len__(self) -> int: ...
+    def take(self, n: int) -> tuple[int, ...]: ...
+    def give(self, blocks: tuple[int, ...]) -> None: ...
+    def snapshot(self) -> list[int]: ...
+
+
+class BlockAllocator:
+    """A pool of ``num_blocks`` blocks of ``block_size`` tokens, with checked ownership.
+
+    ``reuse="lifo"`` (default) hands the most recently freed blocks out first, in
+    the order they were freed, so a freed round's blocks come straight back and
+    index-reuse bugs show up; ``reuse="fifo"`` hands out the blocks free the
+    longest, like SGLang's deque free list.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, *, reuse: ReuseOrder = "lifo") -> None:
+        num_blocks = as_int(num_blocks, "num_blocks", minimum=1)
+        block_size = as_int(block_size, "block_size", minimum=1)
+        free_list: _FreeList
+        if reuse == "lifo":
+            free_list = _LifoFreeList(num_blocks)
+        elif reuse == "fifo":
+            free_list = _FifoFreeList(num_blocks)
+        else:
+            raise InvalidArgumentError(f"reuse must be 'lifo' or 'fifo', got {reuse!r}")
+        self._num_blocks = num_blocks
+        self._block_size = block_size
+        self._reuse: ReuseOrder = reuse
+        self._free = free_list
+        self._take = free_list.take
+        self._give = free_list.give
+        self._num_free = num_blocks
+        self._pool_id = next(_pool_ids)
+        self._next_generation = 0
+        self._live: dict[int, Allocation] = {}
+        self._by_owner: dict[Hashable, dict[int, Allocation]] = {}
+
+    # -- introspection -------------------------------------------------------
+
+    @property
+    def num_blocks(self) -> int:
+        return self._num_blocks
+
+    @property
+    def block_size(self) -> int:
+        return self._block_size
+
+    @property
+    def reuse(self) -> ReuseOrder:
+        return self._reuse
+
+    @property
+    def capacity_tokens(self) -> int:
+        """Tokens the whole pool holds."""
+        return self._num_blocks * self._block_size
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self._num_free
+
+    @property
+    def next_generation(self) -> int:
+        """The generation the next allocation will get."""
+        return self._next_generation
+
+    def blocks_for(self, num_tokens: int) -> int:
+        """Blocks needed to hold ``num_tokens`` tokens."""
+        return -(-as_int(num_tokens, "num_tokens", minimum=0) // self._block_size)
+
+    def outstanding(self) -> tuple[Allocation, ...]:
+        """Live allocations, oldest generation first."""
+        return tuple(self._live.values())
+
+    def outstanding_of(self, owner: Hashable) -> tuple[Allocation, ...]:
+        """Live allocations of ``owner``, oldest generation first."""
+        return tuple(self._by_owner.get(check_hashable(owner, "owner"), {}).values())
+
+    def is_live(self, allocation: Allocation) -> bool:
+        """Whether ``allocation`` was issued here and not yet freed."""
+        return self._live.get(allocation._generation) is allocation
+
+    def check_live(self, allocation: object) -> Allocation:
+        """``allocation`` if it is live here; raise the matching typed error otherwise."""
+        if (
+            isinstance(allocation, Allocation)
+            and self._live.get(allocation._generation) is allocation
+        ):
+            return allocation
+        self._raise_not_live(allocation, UseAfterFreeError)
+
+    # -- allocate / free -----------------------------------------------------
+
+    def allocate(self, num_tokens: int, owner: Hashable) -> Allocation | None:
+        """All of ``ceil(num_tokens / block_size)`` blocks, or ``None`` if not free now.
+
+        Raises :class:`CapacityExceededError` when the pool could never hold
+        ``num_tokens``, so a caller never retries an impossible request.
+        """
+        if type(num_tokens) is not int or num_tokens < 1:
+            num_tokens = as_int(num_tokens, "num_tokens", minimum=1)
+        n = -(-num_tokens // self._block_size)
+        if n > self._num_free:
+            if n > self._num_blocks:
+                raise CapacityExceededError(
+                    f"{num_tokens} tokens need {n} blocks; the pool has {self._num_blocks}"
+                )
+            check_hashable(owner, "owner")
+            return None
+        return self._issue(n, owner)
+
+    def allocate_up_to(
+        self, num_tokens: int, owner: Hashable, min_tokens: int = 1
+    ) -> Allocation | None:
+        """As many free blocks as ``num_tokens`` needs, but at least enough for ``min_tokens``.
+
+        ``None`` when fewer than ``ceil(min_tokens / block_size)`` blocks are free
+        now. ``num_tokens`` may exceed the pool (the rest comes in later rounds);
+        ``min_tokens`` may not.
+        """
+        if type(num_tokens) is not int or num_tokens < 1:
+            num_tokens = as_int(num_tokens, "num_tokens", minimum=1)
+        if type(min_tokens) is not int or min_tokens < 1:
+            min_tokens = as_int(min_tokens, "min_tokens", minimum=1)
+        if min_tokens > num_tokens:
+            raise InvalidArgumentError(
+                f"min_tokens ({min_tokens}) must not exceed num_tokens ({num_tokens})"
+            )
+        bs = self._block_size
+        at_least = -(-min_tokens // bs)
+        if at_least > self._num_blocks:
+            raise CapacityExceededError(
+                f"min_tokens={min_tokens} needs {at_least} blocks; the pool has {self._num_blocks}"
+            )
+        n = min(-(-num_tokens // bs), self._num_free)
+        if n < at_least:
+            check_hashable(owner, "owner")
+            return None
+        return self._issue(n, owner)
+
+    def _issue(self, n: int, owner: Hashable) -> Allocation:
+        try:
+            mine = self._by_owner.get(owner)  # first: an unhashable owner must change nothing
+        except TypeError:
+            raise InvalidArgumentError(
+                f"owner must be hashable, not {type(owner).__name__}"
+            ) from None
+        generation = self._next_generation
+        self._next_generation = generation + 1
+        self._num_free -= n
+        allocation = Allocation(
+            self._take(n), n * self._block_size, owner, generation, self._pool_id
+        )
+        self._live[generation] = allocation
+        if mine is None:
+            self._by_owner[owner] = {generation: allocation}
+        else:
+            mine[generation] = allocation
+        return allocation
+
+    def free(self, allocation: Allocation) -> None:
+        """Return the blocks of a live allocation to the pool.
+
+        Raises :class:`DoubleFreeError` on a second free and
+        :class:`ForeignAllocationError` for an allocation not issued here;
+        either way nothing changes.
+        """
+        try:
+            generation = allocation._generation
+        except AttributeError:
+            self._raise_not_live(allocation, DoubleFreeError)  # not an Allocation
+        if self._live.get(generation) is not allocation:
+            self._raise_not_live(allocation, DoubleFreeError)
+        del self._live[generation]
+        owner = allocation._owner
+        mine = self._by_owner[owner]
+        del mine[generation]
+        if not mine:
+            del self._by_owner[owner]
+        blocks = allocation._blocks
+        self._num_free += len(blocks)
+        self._give(blocks)
+
+    def free_owner(self, owner: Hashable) -> int:
+        """Free every live allocation of ``owner`` (abort paths); idempotent.
+
+        Returns how many allocations it freed.
+        """
+        mine = self._by_owner.get(check_hashable(owner, "owner"))
+        if mine is None:
+            return 0
+        allocations = list(mine.values())
+        for allocation in allocations:
+            self.free(allocation)
+        return len(allocations)
+
+    def _raise_not_live(
+        self, allocation: object, stale: type[DoubleFreeError] | type[UseAfterFreeError]
+    ) -> NoReturn:
+        if not isinstance(allocation, Allocation):
+            raise InvalidArgumentError(f"expected an Allocation, got {type(allocation).__name__}")
+        generation = allocation._generation
+        if allocation._pool_id != self._pool_id:
+            raise ForeignAllocationError(
+                f"allocation generation {generation} of owner {allocation.owner!r} "
+                "was not issued by this allocator"
+            )
+        if generation in self._live or not 0 <= generation < self._next_generation:
+            raise ForeignAllocationError(
+                f"allocation generation {generation} of owner {allocation.owner!r} "
+                "is a copy, not the allocation this allocator issued"
+            )
+        if stale is DoubleFreeError:
+            raise DoubleFreeError(allocation)
+        raise UseAfterFreeError(
+            f"allocation generation {generation} of owner {allocation.owner!r} "
+            f"(blocks {list(allocation.blocks)}) has been freed"
+        )
+
+    # -- checks --------------------------------------------------------------
+
+    def check_invariants(self) -> None:
+        """Raise :class:`InvariantError` unless each block is free or in one live allocation."""
+        free = self._free.snapshot()
+        seen: dict[int, str] = {}
+        for block in free:
+            if not 0 <= block < self._num_blocks:
+                raise InvariantError(f"free list holds out-of-range block {block}")
+            if block in seen:
+                raise InvariantError(f"block {block} is in the free list twice")
+            seen[block] = "free"
+        by_owner_count = 0
+        last_generation = -1
+        for generation, allocation in self._live.items():
+            if allocation._generation != generation or generation <= last_generation:
+                raise InvariantError(f"live map out of order at generation {generation}")
+            if generation >= self._next_generation:
+                raise InvariantError(f"generation {generation} was never issued")
+            last_generation = generation
+            if self._by_owner.get(allocation._owner, {}).get(generation) is not allocation:
+                raise InvariantError(f"generation {generation} missing from its owner's index")
+            if allocation._capacity_tokens != len(allocation._blocks) * self._block_size:
+                raise InvariantError(f"generation {generation} has a wrong capacity")
+            for block in allocation._blocks:
+                if not 0 <= block < self._num_blocks:
+                    raise InvariantError(
+                        f"generation {generation} holds out-of-range block {block}"
+                    )
+                if block in seen:
+                    raise InvariantError(
+                        f"block {block} is in generation {generation} and also {seen[block]}"
+                    )
+                seen[block] = f"generation {generation}"
+        for mine in self._by_owner.values():
+            if not mine:
+                raise InvariantError("an owner with no allocations is still indexed")
+            by_owner_count += len(mine)
+        if by_owner_count != len(self._live):
+            raise InvariantError("owner index and live map disagree")
+        if len(free) != self._num_free:
+            raise InvariantError(
+                f"free count says {self._num_free}; the free list holds {len(free)}"
+            )
+        if len(seen) != self._num_blocks:
+            missing = sorted(set(range(self._num_blocks)) - seen.keys())
+            raise InvariantError(f"blocks neither free nor allocated: {missing[:16]}")
+
+    def check_quiescent(self) -> None:
+        """Raise :class:`LeakError` naming every outstanding allocation, if any."""
+        self.check_invariants()
+        if self._live:
+            raise LeakError(list(self._live.values()))
+
+    def __repr__(self) -> str:
+        return (
+            f"BlockAllocator(num_blocks={self._num_blocks}, block_size={self._block_size}, "
+            f"reuse={self._reuse!r}, free={self._num_free}, live={len(self._live)})"
+        )

@@ -1,0 +1,73 @@
+"""Typed errors of resumekit: every failure a caller can act on has its own class.
+
+All derive from :class:`ResumeKitError`, so ``except ResumeKitError`` catches
+everything the library raises on purpose. A call that raises leaves the object
+it was called on unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from resumekit.allocator.block_allocator import Allocation
+
+
+class ResumeKitError(Exception):
+    """Base of every error resumekit raises on purpose."""
+
+
+class InvalidArgumentError(ResumeKitError, ValueError):
+    """An argument has the wrong type or an out-of-range value."""
+
+
+class AllocatorError(ResumeKitError):
+    """Base of the block allocator's errors."""
+
+
+class CapacityExceededError(AllocatorError, InvalidArgumentError):
+    """The request can never be satisfied: it needs more blocks than the pool has.
+
+    Raised at once instead of returning ``None``, which a caller would retry forever.
+    """
+
+
+class DoubleFreeError(AllocatorError):
+    """The allocation was already freed."""
+
+    def __init__(self, allocation: Allocation) -> None:
+        self.allocation = allocation
+        super().__init__(
+            f"allocation generation {allocation.generation} of owner "
+            f"{allocation.owner!r} (blocks {list(allocation.blocks)}) was already freed"
+        )
+
+
+class ForeignAllocationError(AllocatorError):
+    """The allocation was not issued by this allocator (another pool, or a forged copy)."""
+
+
+class UseAfterFreeError(AllocatorError):
+    """Blocks were read or written through an allocation that has been freed."""
+
+
+class LeakError(AllocatorError):
+    """Allocations are still outstanding where none may be."""
+
+    def __init__(self, leaks: Sequence[Allocation]) -> None:
+        self.leaks: tuple[Allocation, ...] = tuple(leaks)
+        lines = [
+            f"owner {a.owner!r} generation {a.generation} blocks {list(a.blocks)}"
+            for a in self.leaks
+        ]
+        super().__init__(f"{len(self.leaks)} allocation(s) leaked: " + "; ".join(lines))
+
+    @property
+    def owners(self) -> tuple[Hashable, ...]:
+        """Owners of the leaked allocations, in generation order."""
+        return tuple(a.owner for a in self.leaks)
+
+
+class InvariantError(ResumeKitError, AssertionError):
+    """Internal bookkeeping is inconsistent: a bug in resumekit or in code that bypassed it."""

@@ -1,0 +1,1 @@
+"""Hypothesis state machines, invariants and reference strategies, shipped for users to run."""

@@ -1,0 +1,1 @@
+"""The resumable transfer protocol: states, events, guards, receiver and sender drivers."""

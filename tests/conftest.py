@@ -1,0 +1,3 @@
+from resumekit.properties.profiles import load_profile
+
+load_profile()

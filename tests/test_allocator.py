@@ -1,0 +1,345 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import pytest
+
+import resumekit
+from resumekit import (
+    Allocation,
+    BlockAllocator,
+    CapacityExceededError,
+    DoubleFreeError,
+    ForeignAllocationError,
+    InvalidArgumentError,
+    InvariantError,
+    LeakError,
+    ResumeKitError,
+    UseAfterFreeError,
+)
+
+
+def state(a: BlockAllocator) -> tuple[object, ...]:
+    """Everything observable about an allocator's bookkeeping."""
+    return (
+        tuple(a._free.snapshot()),
+        tuple(id(x) for x in a.outstanding()),
+        a.next_generation,
+        a.num_free_blocks,
+        {o: tuple(d) for o, d in a._by_owner.items()},
+    )
+
+
+@contextmanager
+def unchanged(a: BlockAllocator) -> Iterator[None]:
+    before = state(a)
+    yield
+    assert state(a) == before
+    a.check_invariants()
+
+
+@pytest.fixture(params=["lifo", "fifo"])
+def pool(request: pytest.FixtureRequest) -> BlockAllocator:
+    return BlockAllocator(8, 4, reuse=request.param)
+
+
+# -- happy paths ---------------------------------------------------------------
+
+
+def test_allocate_rounds_up_and_fills_in_order(pool: BlockAllocator) -> None:
+    a = pool.allocate(9, "r")
+    assert a is not None
+    # LIFO hands out the top of its stack (the highest blocks), FIFO the head of its queue.
+    assert a.blocks == ((5, 6, 7) if pool.reuse == "lifo" else (0, 1, 2))
+    assert a.capacity_tokens == 12
+    assert a.owner == "r"
+    assert pool.num_free_blocks == 5
+    assert pool.outstanding() == (a,)
+    pool.check_invariants()
+
+
+def test_allocate_is_all_or_nothing(pool: BlockAllocator) -> None:
+    a = pool.allocate(24, "r")
+    assert a is not None
+    with unchanged(pool):
+        assert pool.allocate(12, "s") is None
+    assert pool.allocate(8, "s") is not None
+    assert pool.num_free_blocks == 0
+
+
+def test_generations_strictly_increase_and_are_never_reused(pool: BlockAllocator) -> None:
+    seen = []
+    for _ in range(20):
+        a = pool.allocate(32, "r")
+        assert a is not None
+        seen.append(a.generation)
+        pool.free(a)
+    assert seen == sorted(set(seen))
+
+
+def test_lifo_hands_back_the_same_blocks() -> None:
+    pool = BlockAllocator(8, 4, reuse="lifo")
+    first = pool.allocate(8, "r")
+    assert first is not None
+    pool.free(first)
+    second = pool.allocate(8, "r")
+    assert second is not None
+    assert second.blocks == first.blocks
+    assert second.generation != first.generation
+    assert second is not first
+    assert second != first
+
+
+def test_lifo_most_recently_freed_first() -> None:
+    pool = BlockAllocator(8, 1, reuse="lifo")
+    a, b = pool.allocate(2, "a"), pool.allocate(2, "b")
+    assert a is not None and b is not None
+    pool.free(a)
+    pool.free(b)
+    c = pool.allocate(2, "c")
+    d = pool.allocate(2, "d")
+    assert c is not None and d is not None
+    assert c.blocks == b.blocks
+    assert d.blocks == a.blocks
+
+
+def test_fifo_hands_out_the_longest_free_first() -> None:
+    pool = BlockAllocator(4, 1, reuse="fifo")
+    a = pool.allocate(2, "a")
+    assert a is not None and a.blocks == (0, 1)
+    pool.free(a)
+    b = pool.allocate(3, "b")
+    assert b is not None and b.blocks == (2, 3, 0)
+
+
+def test_fifo_compaction_keeps_order() -> None:
+    pool = BlockAllocator(3000, 1, reuse="fifo")
+    expected = list(range(3000))
+    for _ in range(40):
+        a = pool.allocate(700, "r")
+        assert a is not None
+        assert list(a.blocks) == expected[:700]
+        expected = expected[700:] + expected[:700]
+        pool.free(a)
+        pool.check_invariants()
+
+
+def test_allocate_up_to_takes_what_is_free(pool: BlockAllocator) -> None:
+    held = pool.allocate(20, "x")  # 5 of 8 blocks
+    assert held is not None
+    a = pool.allocate_up_to(100, "r")
+    assert a is not None and len(a.blocks) == 3 and a.capacity_tokens == 12
+    pool.free(a)
+    b = pool.allocate_up_to(5, "r")
+    assert b is not None and len(b.blocks) == 2
+
+
+def test_allocate_up_to_respects_min_tokens(pool: BlockAllocator) -> None:
+    held = pool.allocate(24, "x")  # 2 blocks left
+    assert held is not None
+    with unchanged(pool):
+        assert pool.allocate_up_to(100, "r", min_tokens=9) is None
+    a = pool.allocate_up_to(100, "r", min_tokens=8)
+    assert a is not None and len(a.blocks) == 2
+    with unchanged(pool):
+        assert pool.allocate_up_to(100, "r") is None
+
+
+def test_free_owner_frees_all_and_is_idempotent(pool: BlockAllocator) -> None:
+    for _ in range(3):
+        assert pool.allocate(4, "r") is not None
+    other = pool.allocate(4, "s")
+    assert pool.free_owner("r") == 3
+    assert pool.free_owner("r") == 0
+    assert pool.outstanding() == (other,)
+    assert pool.outstanding_of("r") == ()
+    pool.check_invariants()
+
+
+def test_owner_may_be_any_hashable(pool: BlockAllocator) -> None:
+    a = pool.allocate(1, ("req", 7))
+    assert a is not None
+    assert pool.outstanding_of(("req", 7)) == (a,)
+
+
+def test_large_pool_works() -> None:
+    pool = BlockAllocator(1 << 20, 16)
+    a = pool.allocate(64 * 16, "r")
+    assert a is not None and a.blocks == tuple(range((1 << 20) - 64, 1 << 20))
+    pool.free(a)
+    pool.check_quiescent()
+
+
+# -- errors leave everything unchanged -----------------------------------------
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 1.0, "4", None])
+def test_allocate_rejects_bad_num_tokens(pool: BlockAllocator, bad: object) -> None:
+    with unchanged(pool), pytest.raises(InvalidArgumentError):
+        pool.allocate(bad, "r")  # type: ignore[arg-type]
+    with unchanged(pool), pytest.raises(InvalidArgumentError):
+        pool.allocate_up_to(bad, "r")  # type: ignore[arg-type]
+
+
+def test_impossible_request_raises_instead_of_none(pool: BlockAllocator) -> None:
+    with unchanged(pool), pytest.raises(CapacityExceededError):
+        pool.allocate(33, "r")
+    with unchanged(pool), pytest.raises(CapacityExceededError):
+        pool.allocate_up_to(100, "r", min_tokens=33)
+    assert issubclass(CapacityExceededError, ResumeKitError)
+
+
+def test_allocate_up_to_rejects_min_above_num(pool: BlockAllocator) -> None:
+    with unchanged(pool), pytest.raises(InvalidArgumentError):
+        pool.allocate_up_to(4, "r", min_tokens=5)
+    with unchanged(pool), pytest.raises(InvalidArgumentError):
+        pool.allocate_up_to(4, "r", min_tokens=0)
+
+
+def test_unhashable_owner_is_rejected(pool: BlockAllocator) -> None:
+    with unchanged(pool), pytest.raises(InvalidArgumentError):
+        pool.allocate(4, ["list"])
+    with unchanged(pool), pytest.raises(InvalidArgumentError):
+        pool.allocate_up_to(4, {"d": 1})
+    with unchanged(pool), pytest.raises(InvalidArgumentError):
+        pool.free_owner([1])
+
+
+def test_double_free(pool: BlockAllocator) -> None:
+    a = pool.allocate(4, "r")
+    b = pool.allocate(4, "r")
+    assert a is not None and b is not None
+    pool.free(a)
+    with unchanged(pool), pytest.raises(DoubleFreeError) as info:
+        pool.free(a)
+    assert info.value.allocation is a
+    assert "already freed" in str(info.value)
+
+
+def test_double_free_after_blocks_were_reused(pool: BlockAllocator) -> None:
+    a = pool.allocate(32, "r")
+    assert a is not None
+    pool.free(a)
+    b = pool.allocate(32, "s")  # same blocks, new generation
+    assert b is not None and set(b.blocks) == set(a.blocks)
+    with unchanged(pool), pytest.raises(DoubleFreeError):
+        pool.free(a)
+    assert pool.outstanding() == (b,)
+
+
+def test_foreign_allocation(pool: BlockAllocator) -> None:
+    other = BlockAllocator(8, 4, reuse=pool.reuse)
+    mine = pool.allocate(4, "r")
+    theirs = other.allocate(4, "r")
+    assert mine is not None and theirs is not None
+    assert mine.blocks == theirs.blocks and mine.generation == theirs.generation
+    with unchanged(pool), pytest.raises(ForeignAllocationError):
+        pool.free(theirs)
+    pool.free(mine)
+
+
+def test_forged_allocation(pool: BlockAllocator) -> None:
+    a = pool.allocate(8, "r")
+    assert a is not None
+    forged = Allocation(a.blocks, a.capacity_tokens, a.owner, a.generation)
+    with unchanged(pool), pytest.raises(ForeignAllocationError):
+        pool.free(forged)
+    copied = Allocation(a.blocks, a.capacity_tokens, a.owner, a.generation, a._pool_id)
+    with unchanged(pool), pytest.raises(ForeignAllocationError):
+        pool.free(copied)
+    future = Allocation((5,), 4, "r", 99, a._pool_id)
+    with unchanged(pool), pytest.raises(ForeignAllocationError):
+        pool.free(future)
+    pool.free(a)
+
+
+@pytest.mark.parametrize("bad", [None, (0, 1), "alloc", 3])
+def test_free_rejects_non_allocations(pool: BlockAllocator, bad: object) -> None:
+    with unchanged(pool), pytest.raises(InvalidArgumentError):
+        pool.free(bad)  # type: ignore[arg-type]
+
+
+def test_check_live(pool: BlockAllocator) -> None:
+    a = pool.allocate(4, "r")
+    assert a is not None
+    assert pool.check_live(a) is a and pool.is_live(a)
+    pool.free(a)
+    assert not pool.is_live(a)
+    with pytest.raises(UseAfterFreeError):
+        pool.check_live(a)
+    with pytest.raises(InvalidArgumentError):
+        pool.check_live("nope")
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: BlockAllocator(0, 4),
+        lambda: BlockAllocator(4, 0),
+        lambda: BlockAllocator(-1, 4),
+        lambda: BlockAllocator(4, 4, reuse="random"),  # type: ignore[arg-type]
+        lambda: BlockAllocator(4.0, 4),  # type: ignore[arg-type]
+    ],
+)
+def test_constructor_rejects_bad_arguments(make: Callable[[], BlockAllocator]) -> None:
+    with pytest.raises(InvalidArgumentError):
+        make()
+
+
+# -- leak and invariant checks ---------------------------------------------------
+
+
+def test_check_quiescent_names_each_leak(pool: BlockAllocator) -> None:
+    pool.check_quiescent()
+    a = pool.allocate(5, "req-1")
+    b = pool.allocate(1, ("req", 2))
+    assert a is not None and b is not None
+    with pytest.raises(LeakError) as info:
+        pool.check_quiescent()
+    assert info.value.leaks == (a, b)
+    assert info.value.owners == ("req-1", ("req", 2))
+    text = str(info.value)
+    assert "'req-1'" in text and f"generation {a.generation}" in text
+    assert str(list(a.blocks)) in text
+    pool.free_owner("req-1")
+    pool.free(b)
+    pool.check_quiescent()
+
+
+def test_check_invariants_detects_a_shared_block() -> None:
+    pool = BlockAllocator(4, 1)
+    a = pool.allocate(1, "r")
+    assert a is not None
+    pool._free.give((a.blocks[0],))  # corrupt: block both free and allocated
+    with pytest.raises(InvariantError, match=f"block {a.blocks[0]}"):
+        pool.check_invariants()
+
+
+def test_check_invariants_detects_a_duplicate_in_the_free_list() -> None:
+    pool = BlockAllocator(4, 1, reuse="fifo")
+    pool._free.give((2,))
+    with pytest.raises(InvariantError, match="twice"):
+        pool.check_invariants()
+
+
+def test_check_invariants_detects_a_lost_block() -> None:
+    pool = BlockAllocator(4, 1)
+    pool._free.take(1)
+    with pytest.raises(InvariantError, match="free count"):
+        pool.check_invariants()
+    pool._num_free -= 1
+    with pytest.raises(InvariantError, match="neither free nor allocated"):
+        pool.check_invariants()
+
+
+def test_errors_are_exported_from_the_package() -> None:
+    for name in (
+        "DoubleFreeError",
+        "ForeignAllocationError",
+        "LeakError",
+        "CapacityExceededError",
+        "InvalidArgumentError",
+        "UseAfterFreeError",
+    ):
+        assert issubclass(getattr(resumekit, name), ResumeKitError)
