@@ -55,13 +55,14 @@ class UseAfterFreeError(AllocatorError):
 class LeakError(AllocatorError):
     """Allocations are still outstanding where none may be."""
 
-    def __init__(self, leaks: Sequence[Allocation]) -> None:
+    def __init__(self, leaks: Sequence[Allocation], detail: str = "") -> None:
         self.leaks: tuple[Allocation, ...] = tuple(leaks)
         lines = [
             f"owner {a.owner!r} generation {a.generation} blocks {list(a.blocks)}"
             for a in self.leaks
         ]
-        super().__init__(f"{len(self.leaks)} allocation(s) leaked: " + "; ".join(lines))
+        message = f"{len(self.leaks)} allocation(s) leaked: " + "; ".join(lines)
+        super().__init__(f"{detail}; {message}" if detail else message)
 
     @property
     def owners(self) -> tuple[Hashable, ...]:
@@ -71,3 +72,23 @@ class LeakError(AllocatorError):
 
 class InvariantError(ResumeKitError, AssertionError):
     """Internal bookkeeping is inconsistent: a bug in resumekit or in code that bypassed it."""
+
+
+class RequestError(ResumeKitError):
+    """Base of errors about a request id passed to a receiver or sender."""
+
+
+class UnknownRequestError(RequestError):
+    """No request with this id is known (never added, or already taken)."""
+
+
+class DuplicateRequestError(RequestError, InvalidArgumentError):
+    """A request with this id is still known (or still has a round in quarantine)."""
+
+
+class RequestNotFinishedError(RequestError):
+    """The request has not reached Success or Failed yet."""
+
+
+class TransportError(ResumeKitError):
+    """A transport was misused or delivered something that is not a protocol message."""

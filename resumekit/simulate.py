@@ -1,0 +1,230 @@
+"""One transfer, receiver and sender in one process: the engine of ``resumekit simulate``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Hashable
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from resumekit._check import as_int
+from resumekit.allocator import BlockAllocator, BlockBuffers, EmbeddingTensors, ReuseOrder
+from resumekit.errors import InvalidArgumentError
+from resumekit.statemachine import (
+    EmbeddingSender,
+    InProcessTransport,
+    ReceiverObserver,
+    ResumableReceiver,
+    RoundFilter,
+)
+
+if TYPE_CHECKING:
+    from resumekit.allocator import Allocation
+
+
+@dataclass(frozen=True)
+class RoundRow:
+    epoch: int
+    tokens: int
+    sent: int  # tokens received after this round
+    blocks: list[int]
+    generation: int
+
+
+@dataclass
+class SimulationReport:
+    total_tokens: int
+    rounds: list[RoundRow] = field(default_factory=list)
+    state: str = "Transferring"
+    reason: str | None = None
+    intact: bool = False
+    leaked_blocks: int = 0
+    steps: int = 0
+
+    @property
+    def resumes(self) -> int:
+        return max(0, len(self.rounds) - 1)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["resumes"] = self.resumes
+        return json.dumps(data)
+
+
+def random_source(num_tokens: int, hidden: int, *, seed: int = 0) -> EmbeddingTensors:
+    """A reproducible embedding with distinct fill ids and mRoPE positions per token."""
+    g = torch.Generator().manual_seed(seed)
+    return EmbeddingTensors(
+        torch.randn(num_tokens, hidden, generator=g).to(torch.bfloat16),
+        torch.randint(0, 2**31 - 1, (num_tokens,), generator=g, dtype=torch.int32),
+        torch.randint(0, 2**31 - 1, (3, num_tokens), generator=g, dtype=torch.int32),
+    )
+
+
+class _RoundLog(ReceiverObserver):
+    def __init__(self, report: SimulationReport) -> None:
+        self.report = report
+        self.sent = 0
+
+    def round_consumed(
+        self, rid: Hashable, epoch: int, tokens: int, allocation: Allocation
+    ) -> None:
+        self.sent += tokens
+        self.report.rounds.append(
+            RoundRow(epoch, tokens, self.sent, list(allocation.blocks), allocation.generation)
+        )
+
+
+class Loopback:
+    """A receiver and a sender joined by one :class:`InProcessTransport` over shared buffers."""
+
+    def __init__(
+        self,
+        *,
+        pool_blocks: int,
+        block_size: int = 128,
+        hidden: int = 64,
+        reuse: ReuseOrder = "lifo",
+        default_allocate: int | None = 8192,
+        max_resume_tokens: int | None = None,
+        observer: ReceiverObserver | None = None,
+        round_filter: RoundFilter | None = None,
+    ) -> None:
+        self.allocator = BlockAllocator(pool_blocks, block_size, reuse=reuse)
+        self.buffers = BlockBuffers(self.allocator, hidden, device="cpu")
+        self.transport = InProcessTransport(self.buffers)
+        self.receiver = ResumableReceiver(
+            self.buffers,
+            self.transport,
+            default_allocate,
+            max_resume_tokens=max_resume_tokens,
+            round_filter=round_filter,
+            observer=observer,
+        )
+        self.sender = EmbeddingSender(self.transport)
+        self.sources: dict[Hashable, EmbeddingTensors] = {}
+
+    def add(self, rid: Hashable, tokens: int, *, seed: int = 0, mrope_delta: int = 0) -> None:
+        """Start ``rid`` on both sides with a random ``tokens``-long source."""
+        source = random_source(tokens, self.buffers.hidden_size, seed=seed)
+        self.receiver.add(rid)
+        self.sender.add(rid, source, mrope_delta=mrope_delta)
+        self.sources[rid] = source
+
+    def step(self) -> list[Hashable]:
+        """One receiver step, then one sender step; the ids that finished."""
+        finished = list(self.receiver.step())
+        self.sender.step()
+        return finished
+
+    def live(self) -> list[Hashable]:
+        """Requests not yet terminal."""
+        return [
+            rid
+            for rid in self.sources
+            if rid in self.receiver and not self.receiver.poll(rid).terminal
+        ]
+
+    def run(self, max_steps: int) -> int:
+        """Step until every request is terminal; returns the steps taken (``max_steps`` if not)."""
+        for steps in range(max_steps):
+            if not self.live():
+                return steps
+            self.step()
+        return max_steps
+
+    def step_bound(self, tokens: int) -> int:
+        """Steps a transfer of ``tokens`` can need on this pool: one block per round, worst case."""
+        return 4 * (tokens // self.allocator.block_size + 4)
+
+
+def simulate(
+    tokens: int,
+    *,
+    default_allocate: int = 8192,
+    pool_blocks: int | None = None,
+    block_size: int = 128,
+    hidden: int = 64,
+    reuse: ReuseOrder = "lifo",
+    max_round_tokens: int | None = None,
+    seed: int = 0,
+) -> SimulationReport:
+    """Move a random ``tokens``-long embedding through the protocol and report every round.
+
+    ``pool_blocks`` defaults to a pool that holds the whole embedding (and the
+    default allocation); ``max_round_tokens`` caps each resume's allocation.
+    """
+    tokens = as_int(tokens, "tokens", minimum=1)
+    block_size = as_int(block_size, "block_size", minimum=1)
+    if pool_blocks is None:
+        pool_blocks = -(-max(tokens, default_allocate) // block_size)
+    report = SimulationReport(total_tokens=tokens)
+    pair = Loopback(
+        pool_blocks=pool_blocks,
+        block_size=block_size,
+        hidden=hidden,
+        reuse=reuse,
+        default_allocate=default_allocate,
+        max_resume_tokens=max_round_tokens,
+        observer=_RoundLog(report),
+    )
+    rid = "request-0"
+    pair.add(rid, tokens, seed=seed)
+    bound = pair.step_bound(tokens)
+    report.steps = pair.run(bound)
+    state = pair.receiver.poll(rid)
+    report.state = state.name
+    if state.terminal:
+        result = pair.receiver.take(rid)
+        report.reason = result.reason
+        report.intact = result.output is not None and result.output.equal(pair.sources[rid])
+    else:
+        report.reason = f"no progress after {bound} steps"
+    report.leaked_blocks = pair.allocator.num_blocks - pair.allocator.num_free_blocks
+    return report
+
+
+def format_blocks(blocks: list[int]) -> str:
+    """``[3, 4, 5, 9]`` as ``3-5,9``."""
+    parts: list[str] = []
+    start = prev = None
+    for b in blocks:
+        if prev is not None and b == prev + 1:
+            prev = b
+            continue
+        if start is not None:
+            parts.append(f"{start}-{prev}" if prev != start else f"{start}")
+        start = prev = b
+    if start is not None:
+        parts.append(f"{start}-{prev}" if prev != start else f"{start}")
+    return ",".join(parts)
+
+
+def format_report(report: SimulationReport) -> str:
+    lines = [f"{'epoch':>5}  {'tokens':>7}  {'sent':>7}  {'generation':>10}  blocks"]
+    for r in report.rounds:
+        lines.append(
+            f"{r.epoch:>5}  {r.tokens:>7}  {r.sent:>7}  {r.generation:>10}  "
+            f"{format_blocks(r.blocks)}"
+        )
+    verdict = "intact" if report.intact else "NOT intact"
+    lines.append(
+        f"verdict: {report.state}, {report.total_tokens} tokens in {len(report.rounds)} "
+        f"round(s) ({report.resumes} resume(s)), output {verdict}, "
+        f"{report.leaked_blocks} block(s) leaked"
+        + (f"; reason: {report.reason}" if report.reason else "")
+    )
+    return "\n".join(lines)
+
+
+def check_reuse(value: str) -> ReuseOrder:
+    if value == "lifo":
+        return "lifo"
+    if value == "fifo":
+        return "fifo"
+    raise InvalidArgumentError(f"reuse must be lifo or fifo, not {value!r}")
+
+
+__all__ = ["Loopback", "RoundRow", "SimulationReport", "format_report", "random_source", "simulate"]

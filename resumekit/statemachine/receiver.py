@@ -1,0 +1,527 @@
+"""The language side: lands an embedding of unknown length in as many rounds as it takes.
+
+Every state change goes through the compiled protocol table. Idle polling is a
+dict lookup; :meth:`ResumableReceiver.step` does work only for statuses that
+arrived and requests waiting for blocks.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+from resumekit._check import as_int, check_hashable
+from resumekit.allocator.buffers import AUX_MROPE_DELTA, AUX_TOTAL_TOKENS
+from resumekit.errors import (
+    DuplicateRequestError,
+    InvalidArgumentError,
+    InvariantError,
+    LeakError,
+    RequestNotFinishedError,
+    TransportError,
+    UnknownRequestError,
+)
+from resumekit.statemachine.declaration import TABLE, Action, Event, TransferState
+from resumekit.statemachine.dedup import EpochFilter, RoundFilter, Verdict
+from resumekit.statemachine.messages import (
+    NO_EPOCH,
+    Cancelled,
+    Landed,
+    PeerLost,
+    RoundPost,
+    SenderError,
+    Status,
+)
+
+if TYPE_CHECKING:
+    from resumekit.allocator.block_allocator import Allocation
+    from resumekit.allocator.buffers import BlockBuffers, EmbeddingTensors
+    from resumekit.statemachine.transport import ReceiverTransport
+
+DEFAULT_ALLOCATE_TOKENS: Final = 8192
+ENV_DEFAULT_ALLOCATE_TOKENS: Final = "RESUMEKIT_DEFAULT_ALLOCATE_TOKENS"
+
+S = TransferState
+_NOTHING: tuple[Hashable, ...] = ()
+
+
+class RequestRecord:
+    """What the receiver keeps per request: small, flat, no back-references (no cycles)."""
+
+    __slots__ = (
+        "__weakref__",
+        "allocation",
+        "epoch",
+        "mrope_delta",
+        "output",
+        "reason",
+        "rid",
+        "rounds",
+        "sent",
+        "stale",
+        "state",
+        "total",
+    )
+
+    def __init__(self, rid: Hashable) -> None:
+        self.rid = rid
+        self.state = S.Bootstrapping
+        self.epoch = 0  # the round posted, or to be posted next
+        self.allocation: Allocation | None = None  # the posted round's blocks, while in flight
+        self.sent = 0  # tokens consumed so far
+        self.total: int | None = None  # announced with round 0
+        self.mrope_delta = 0
+        self.output: EmbeddingTensors | None = None
+        self.reason: str | None = None
+        self.rounds = 0
+        self.stale = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TransferResult:
+    """A finished request, handed over by :meth:`ResumableReceiver.take`."""
+
+    rid: Hashable
+    state: TransferState
+    output: EmbeddingTensors | None  # Success only
+    total_tokens: int | None
+    mrope_delta: int
+    rounds: int
+    stale_statuses: int
+    reason: str | None  # Failed only
+
+    @property
+    def ok(self) -> bool:
+        return self.state is S.Success
+
+
+class ReceiverObserver:
+    """Hooks for tracing a receiver (the simulate table, the property suite); no-ops here."""
+
+    def round_posted(self, post: RoundPost) -> None:
+        """A round (epoch 0 or a resume) was posted to the sender."""
+
+    def round_consumed(
+        self, rid: Hashable, epoch: int, tokens: int, allocation: Allocation
+    ) -> None:
+        """Round ``epoch`` was copied out of ``allocation`` (before its blocks are freed)."""
+
+    def request_failed(self, rid: Hashable, reason: str) -> None:
+        """The request went to Failed."""
+
+
+def default_allocate_tokens_from_env() -> int:
+    """``RESUMEKIT_DEFAULT_ALLOCATE_TOKENS`` when set, else 8192."""
+    raw = os.environ.get(ENV_DEFAULT_ALLOCATE_TOKENS)
+    if raw is None or raw == "":
+        return DEFAULT_ALLOCATE_TOKENS
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidArgumentError(
+            f"{ENV_DEFAULT_ALLOCATE_TOKENS}={raw!r} is not an integer"
+        ) from None
+    return as_int(value, ENV_DEFAULT_ALLOCATE_TOKENS, minimum=1)
+
+
+class ResumableReceiver:
+    """Receives embeddings over ``transport`` into blocks of ``buffers``.
+
+    ``default_allocate_tokens`` sizes round 0 (default: the environment
+    variable ``RESUMEKIT_DEFAULT_ALLOCATE_TOKENS``, else 8192);
+    ``max_resume_tokens`` caps what each resume allocates.
+    """
+
+    def __init__(
+        self,
+        buffers: BlockBuffers,
+        transport: ReceiverTransport,
+        default_allocate_tokens: int | None = None,
+        *,
+        max_resume_tokens: int | None = None,
+        round_filter: RoundFilter | None = None,
+        observer: ReceiverObserver | None = None,
+    ) -> None:
+        if default_allocate_tokens is None:
+            default_allocate_tokens = default_allocate_tokens_from_env()
+        default_allocate_tokens = as_int(
+            default_allocate_tokens, "default_allocate_tokens", minimum=1
+        )
+        allocator = buffers.allocator
+        if allocator.blocks_for(default_allocate_tokens) > allocator.num_blocks:
+            raise InvalidArgumentError(
+                f"default_allocate_tokens={default_allocate_tokens} needs more blocks than "
+                f"the pool's {allocator.num_blocks}: round 0 could never be allocated"
+            )
+        if max_resume_tokens is not None:
+            max_resume_tokens = as_int(max_resume_tokens, "max_resume_tokens", minimum=1)
+        self.buffers = buffers
+        self.allocator = allocator
+        self.transport = transport
+        self.default_allocate_tokens = default_allocate_tokens
+        self.max_resume_tokens = max_resume_tokens
+        self.round_filter: RoundFilter = round_filter or EpochFilter()
+        self.observer = observer
+        self._records: dict[Hashable, RequestRecord] = {}
+        self._admissions: deque[RequestRecord] = deque()
+        self._resumes: deque[RequestRecord] = deque()
+        self._quarantine: dict[tuple[Hashable, int], Allocation] = {}
+        self._finished: list[Hashable] = []
+        self.stale_statuses = 0
+        self.orphan_statuses = 0
+
+    # -- engine API --------------------------------------------------------------
+
+    def add(self, rid: Hashable, *, bootstrapped: bool = True) -> None:
+        """Start receiving ``rid``; ``bootstrapped=False`` waits for :meth:`bootstrapped`."""
+        check_hashable(rid, "rid")
+        if rid in self._records:
+            raise DuplicateRequestError(f"request {rid!r} is already known")
+        if any(key[0] == rid for key in self._quarantine):
+            raise DuplicateRequestError(
+                f"request {rid!r} still has a round in quarantine; reuse its id once it is released"
+            )
+        req = RequestRecord(rid)
+        self._records[rid] = req
+        if bootstrapped:
+            self._fire(req, Event.BOOTSTRAPPED)
+
+    def bootstrapped(self, rid: Hashable) -> None:
+        """The peer of ``rid`` is known: the request may be admitted."""
+        req = self._record(rid)
+        if TABLE[req.state].get(Event.BOOTSTRAPPED) is None:
+            raise InvalidArgumentError(f"request {rid!r} is {req.state.name}, not Bootstrapping")
+        self._fire(req, Event.BOOTSTRAPPED)
+
+    def poll(self, rid: Hashable) -> TransferState:
+        """The request's state: one dict lookup, for event loops that poll every request."""
+        try:
+            return self._records[rid].state
+        except (KeyError, TypeError):
+            raise UnknownRequestError(f"unknown request {rid!r}") from None
+
+    state = poll
+
+    def abort(self, rid: Hashable, reason: str = "aborted by the engine") -> bool:
+        """Fail ``rid`` now; ``False`` if it had already finished."""
+        req = self._record(rid)
+        if req.state.terminal:
+            return False
+        self._fail(req, reason, peer_alive=True)
+        return True
+
+    def step(self) -> Sequence[Hashable]:
+        """One event-loop iteration; returns the ids that finished since the last step."""
+        statuses = self.transport.poll_statuses()
+        if statuses:
+            for status in statuses:
+                self._on_status(status)
+        if self._resumes or self._admissions:
+            self._serve_waiting()
+        if not self._finished:
+            return _NOTHING
+        finished, self._finished = self._finished, []
+        return finished
+
+    def take(self, rid: Hashable) -> TransferResult:
+        """Hand over a finished request; nothing of it remains in the receiver."""
+        req = self._record(rid)
+        if not req.state.terminal:
+            raise RequestNotFinishedError(f"request {rid!r} is {req.state.name}")
+        del self._records[rid]
+        return TransferResult(
+            rid,
+            req.state,
+            req.output if req.state is S.Success else None,
+            req.total,
+            req.mrope_delta,
+            req.rounds,
+            req.stale,
+            req.reason,
+        )
+
+    # -- introspection -------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __contains__(self, rid: object) -> bool:
+        try:
+            return rid in self._records
+        except TypeError:
+            return False
+
+    def record(self, rid: Hashable) -> RequestRecord:
+        """The live record of ``rid`` (read it, do not change it)."""
+        return self._record(rid)
+
+    def quarantined(self) -> dict[tuple[Hashable, int], Allocation]:
+        """Rounds of failed requests whose blocks may still be written, by (rid, epoch)."""
+        return dict(self._quarantine)
+
+    def check_quiescent(self) -> None:
+        """Raise :class:`LeakError` unless no request, quarantined round or allocation remains."""
+        if self._records or self._quarantine:
+            held = [r.allocation for r in self._records.values() if r.allocation is not None]
+            raise LeakError(
+                [*held, *self._quarantine.values()],
+                f"{len(self._records)} request(s) not taken {list(self._records)[:8]}, "
+                f"{len(self._quarantine)} round(s) in quarantine {list(self._quarantine)[:8]}",
+            )
+        self.allocator.check_quiescent()
+
+    # -- statuses ------------------------------------------------------------------
+
+    def _on_status(self, status: Status) -> None:
+        kind = type(status)
+        if kind is Landed or kind is Cancelled or kind is SenderError:
+            key = (status.rid, status.epoch)  # type: ignore[union-attr]
+            held = self._quarantine.pop(key, None) if self._quarantine else None
+            if held is not None:
+                self.allocator.free(held)  # that round can no longer be written
+                return
+            req = self._records.get(status.rid)  # type: ignore[union-attr]
+            if req is None:
+                self.orphan_statuses += 1
+                return
+            if kind is Landed:
+                self._on_landed(req, status)  # type: ignore[arg-type]
+            else:
+                self._on_refused(req, status)  # type: ignore[arg-type]
+        elif kind is PeerLost:
+            self._on_peer_lost(status)  # type: ignore[arg-type]
+        else:
+            raise TransportError(f"not a status: {status!r}")
+
+    def _on_landed(self, req: RequestRecord, status: Landed) -> None:
+        if req.state.terminal:
+            self._stale(req)
+            return
+        verdict = (
+            self.round_filter.classify(req, status)
+            if req.state is S.Transferring and status.epoch >= 0
+            else Verdict.UNEXPECTED
+        )
+        if verdict is Verdict.STALE:
+            self._stale(req)
+            return
+        allocation = req.allocation
+        if verdict is Verdict.UNEXPECTED or allocation is None:
+            self._fail(
+                req,
+                f"protocol error: status for round {status.epoch}, "
+                f"but the round in flight is {self._in_flight_epoch(req)}",
+                peer_alive=True,
+            )
+            return
+        problem = self._check_round(req, allocation, status)
+        if problem is not None:
+            self._fail(req, f"protocol error: {problem}", peer_alive=True)
+            return
+        self._fire(req, Event.LANDED, status.final, status)
+
+    def _check_round(
+        self, req: RequestRecord, allocation: Allocation, status: Landed
+    ) -> str | None:
+        """Why the current round's status cannot be right, or ``None``."""
+        tokens, total = status.tokens, status.total
+        if tokens < 1:
+            return f"round {status.epoch} carries {tokens} tokens"
+        if tokens > allocation.capacity_tokens:
+            return (
+                f"round {status.epoch} reports {tokens} tokens; its allocation holds "
+                f"{allocation.capacity_tokens}"
+            )
+        if req.total is None:
+            if total < 1:
+                return f"announced total of {total} tokens"
+            # Round 0 is the only round whose aux row is written: read it once, here.
+            aux = self.buffers.read_aux(allocation)
+            if aux[AUX_TOTAL_TOKENS] != total:
+                return f"status announces {total} tokens but aux[0] says {aux[AUX_TOTAL_TOKENS]}"
+            if req.sent + tokens > total or status.final != (req.sent + tokens == total):
+                return self._check_span(req, status)
+            req.total = total
+            req.mrope_delta = aux[AUX_MROPE_DELTA]
+            return None
+        if total != req.total:
+            return f"total changed from {req.total} to {total} tokens"
+        return self._check_span(req, status)
+
+    @staticmethod
+    def _check_span(req: RequestRecord, status: Landed) -> str | None:
+        end = req.sent + status.tokens
+        if end > status.total:
+            return f"round {status.epoch} ends at token {end}, past the total {status.total}"
+        if status.final != (end == status.total):
+            return (
+                f"round {status.epoch} ends at token {end} of {status.total} "
+                f"but says final={status.final}"
+            )
+        return None
+
+    def _on_refused(self, req: RequestRecord, status: Cancelled | SenderError) -> None:
+        """The sender will not write round ``status.epoch``: stale if old, else a failure."""
+        if req.state.terminal or (req.state is S.Transferring and 0 <= status.epoch < req.epoch):
+            self._stale(req)
+            return
+        why = status.reason if isinstance(status, SenderError) else "cancelled the round"
+        # Nothing more will be written for this request: its blocks go straight back.
+        self._fail(req, f"sender error: {why}", peer_alive=True, written=False)
+
+    def _on_peer_lost(self, status: PeerLost) -> None:
+        for req in list(self._records.values()):
+            if not req.state.terminal:
+                self._fail(req, f"peer lost: {status.reason}", peer_alive=False)
+        quarantine, self._quarantine = self._quarantine, {}
+        for allocation in quarantine.values():
+            self.allocator.free(allocation)  # a dead peer writes nothing more
+
+    def _stale(self, req: RequestRecord) -> None:
+        req.stale += 1
+        self.stale_statuses += 1
+        self._fire(req, Event.STALE)
+
+    # -- transitions -----------------------------------------------------------------
+
+    def _fire(
+        self,
+        req: RequestRecord,
+        event: Event,
+        guard: bool = True,
+        status: Landed | None = None,
+    ) -> None:
+        """Apply ``event`` through the compiled table and run the action it names."""
+        row = TABLE[req.state].get(event)
+        if row is None:
+            raise InvariantError(f"event {event.value!r} is illegal in state {req.state.name}")
+        dest, action = row.if_true if guard else row.if_false
+        req.state = dest
+        if action is Action.IGNORE:
+            return
+        if action is Action.POST_ROUND:
+            self._post_round(req)
+        elif action is Action.CONSUME or action is Action.FINISH:
+            assert status is not None
+            self._consume(req, status)
+            if action is Action.CONSUME:
+                req.epoch += 1
+                if self._resumes:
+                    self._resumes.append(req)  # older resumes first
+                else:
+                    self._try_resume(req)
+            else:
+                self._finished.append(req.rid)
+        elif action is Action.QUEUE_ADMISSION:
+            self._admissions.append(req)
+        elif action is Action.WAIT_FOR_BLOCKS and dest is S.Transferring:
+            self._resumes.append(req)
+        # An admission that waits for blocks stays at the head of its queue.
+
+    def _post_round(self, req: RequestRecord) -> None:
+        allocation = req.allocation
+        assert allocation is not None
+        post = RoundPost(
+            req.rid, req.epoch, allocation.blocks, allocation.capacity_tokens, req.sent, allocation
+        )
+        if self.observer is not None:
+            self.observer.round_posted(post)
+        self.transport.post_round(post)
+
+    def _consume(self, req: RequestRecord, status: Landed) -> None:
+        """Copy the landed round out at offset ``sent`` and free its blocks, once."""
+        allocation = req.allocation
+        assert allocation is not None
+        if req.output is None:
+            req.output = self.buffers.new_output(status.total)
+        self.buffers.read_into(allocation, status.tokens, req.output, req.sent)
+        if self.observer is not None:
+            self.observer.round_consumed(req.rid, status.epoch, status.tokens, allocation)
+        req.allocation = None
+        self.allocator.free(allocation)
+        req.sent += status.tokens
+        req.rounds += 1
+
+    def _try_resume(self, req: RequestRecord) -> bool:
+        assert req.total is not None
+        want = req.total - req.sent
+        if self.max_resume_tokens is not None and want > self.max_resume_tokens:
+            want = self.max_resume_tokens
+        req.allocation = self.allocator.allocate_up_to(want, req.rid)
+        self._fire(req, Event.ALLOCATE, req.allocation is not None)
+        return req.allocation is not None
+
+    def _try_admit(self, req: RequestRecord) -> bool:
+        req.allocation = self.allocator.allocate(self.default_allocate_tokens, req.rid)
+        self._fire(req, Event.ADMIT, req.allocation is not None)
+        return req.allocation is not None
+
+    def _serve_waiting(self) -> None:
+        """Resumes first, then admissions, each in arrival order, while blocks are free."""
+        resumes = self._resumes
+        while resumes:
+            req = resumes[0]
+            if req.state is not S.Transferring or req.allocation is not None:
+                resumes.popleft()  # failed (or served) while it waited
+                continue
+            if self.allocator.num_free_blocks == 0:
+                return
+            resumes.popleft()
+            if not self._try_resume(req):
+                return  # it queued itself again at the back; keep arrival order
+        admissions = self._admissions
+        while admissions:
+            req = admissions[0]
+            if req.state is not S.WaitingForInput:
+                admissions.popleft()
+                continue
+            if not self._try_admit(req):
+                return
+            admissions.popleft()
+
+    def _fail(
+        self, req: RequestRecord, reason: str, *, peer_alive: bool, written: bool = True
+    ) -> None:
+        """Fail ``req``; a round the sender may still write goes to quarantine, not the pool."""
+        allocation = req.allocation
+        in_flight = allocation is not None and peer_alive and written
+        epoch = req.epoch if allocation is not None else NO_EPOCH
+        self._fire(req, Event.FAIL, in_flight)
+        req.reason = reason
+        req.allocation = None
+        if allocation is not None:
+            if in_flight:
+                self._quarantine[(req.rid, req.epoch)] = allocation
+            else:
+                self.allocator.free(allocation)
+        if peer_alive:
+            self.transport.cancel(req.rid, epoch if in_flight else NO_EPOCH)
+        if self.observer is not None:
+            self.observer.request_failed(req.rid, reason)
+        self._finished.append(req.rid)
+
+    # -- helpers -------------------------------------------------------------------
+
+    def _record(self, rid: Hashable) -> RequestRecord:
+        try:
+            return self._records[rid]
+        except (KeyError, TypeError):
+            raise UnknownRequestError(f"unknown request {rid!r}") from None
+
+    @staticmethod
+    def _in_flight_epoch(req: RequestRecord) -> str:
+        return str(req.epoch) if req.allocation is not None else "none"
+
+
+__all__ = [
+    "DEFAULT_ALLOCATE_TOKENS",
+    "ENV_DEFAULT_ALLOCATE_TOKENS",
+    "ReceiverObserver",
+    "RequestRecord",
+    "ResumableReceiver",
+    "TransferResult",
+    "default_allocate_tokens_from_env",
+]

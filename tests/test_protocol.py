@@ -1,0 +1,630 @@
+"""The resumable transfer protocol end to end, in process, with the transport as adversary."""
+
+from __future__ import annotations
+
+import gc
+import random
+import sys
+import weakref
+from collections.abc import Hashable
+
+import pytest
+
+from resumekit import (
+    DuplicateRequestError,
+    InvalidArgumentError,
+    RequestNotFinishedError,
+    UnknownRequestError,
+)
+from resumekit.allocator import Allocation
+from resumekit.simulate import Loopback, random_source, simulate
+from resumekit.statemachine import (
+    Landed,
+    ReceiverObserver,
+    ResumableReceiver,
+    RoundPost,
+    SenderError,
+    Status,
+    TransferState,
+)
+from resumekit.statemachine.receiver import ENV_DEFAULT_ALLOCATE_TOKENS
+
+S = TransferState
+BS = 128
+
+
+class Rounds(ReceiverObserver):
+    def __init__(self) -> None:
+        self.consumed: list[tuple[Hashable, int, int, tuple[int, ...], int]] = []
+        self.posts: list[RoundPost] = []
+
+    def round_posted(self, post: RoundPost) -> None:
+        self.posts.append(post)
+
+    def round_consumed(
+        self, rid: Hashable, epoch: int, tokens: int, allocation: Allocation
+    ) -> None:
+        self.consumed.append((rid, epoch, tokens, allocation.blocks, allocation.generation))
+
+
+def pair(pool_blocks: int = 512, **kw: object) -> Loopback:
+    return Loopback(pool_blocks=pool_blocks, block_size=BS, hidden=8, **kw)  # type: ignore[arg-type]
+
+
+def finish(p: Loopback, rid: Hashable = "r") -> None:
+    """Run to completion and check the result and that nothing leaked."""
+    steps = p.run(p.step_bound(p.sources[rid].num_tokens) * max(1, len(p.sources)))
+    assert not p.live(), f"hung after {steps} steps"
+    result = p.receiver.take(rid)
+    assert result.state is S.Success, result.reason
+    assert result.output is not None and result.output.equal(p.sources[rid])
+    assert rid not in p.receiver
+
+
+def quiet(p: Loopback) -> None:
+    """Deliver whatever is still in flight (late statuses release quarantine)."""
+    p.transport.release()
+    p.transport.adversary = None
+    for _ in range(4):
+        p.step()
+
+
+def assert_clean(p: Loopback) -> None:
+    p.receiver.check_quiescent()
+    p.sender.check_quiescent()
+    p.allocator.check_quiescent()
+
+
+# -- the required scenarios -----------------------------------------------------
+
+
+def test_50k_tokens_roomy_pool_one_resume() -> None:
+    obs = Rounds()
+    p = pair(pool_blocks=1024, observer=obs)
+    p.add("r", 50_000)
+    finish(p)
+    assert [c[2] for c in obs.consumed] == [8192, 41808]
+    assert [post.epoch for post in obs.posts] == [0, 1]
+    assert [post.sent for post in obs.posts] == [0, 8192]
+    assert_clean(p)
+
+
+def test_50k_tokens_capped_resumes() -> None:
+    obs = Rounds()
+    p = pair(pool_blocks=1024, observer=obs, max_resume_tokens=16_384)
+    p.add("r", 50_000)
+    finish(p)
+    assert [c[2] for c in obs.consumed] == [8192, 16_384, 16_384, 9040]
+    assert [c[1] for c in obs.consumed] == [0, 1, 2, 3]
+    assert len(obs.posts) - 1 == 3  # three resumes
+    assert_clean(p)
+
+
+def test_simulate_reports_the_capped_rounds() -> None:
+    report = simulate(50_000, max_round_tokens=16_384)
+    assert [r.tokens for r in report.rounds] == [8192, 16_384, 16_384, 9040]
+    assert report.resumes == 3 and report.intact and report.leaked_blocks == 0
+    assert [r.sent for r in report.rounds] == [8192, 24_576, 40_960, 50_000]
+    assert len({r.generation for r in report.rounds}) == 4
+
+
+@pytest.mark.parametrize("tokens", [50_000, 8192 * 3, 1])
+def test_one_round_pool_lifo_reuses_the_same_blocks(tokens: int) -> None:
+    obs = Rounds()
+    p = pair(pool_blocks=8192 // BS, observer=obs, reuse="lifo")
+    p.add("r", tokens)
+    finish(p)
+    first = obs.consumed[0][3]
+    generations = [c[4] for c in obs.consumed]
+    for _, _, _, blocks, _ in obs.consumed:
+        # The pool holds one round: each round lands in round 0's blocks (a shorter
+        # last round in the part of them that LIFO hands out first).
+        assert blocks == first[len(first) - len(blocks) :]
+    assert generations == sorted(set(generations))
+    assert len(obs.consumed) == -(-tokens // 8192)
+    assert_clean(p)
+
+
+def test_any_number_of_rounds() -> None:
+    obs = Rounds()
+    p = pair(pool_blocks=4, default_allocate=BS, max_resume_tokens=BS, observer=obs)
+    p.add("r", 300 * BS - 5)
+    finish(p)
+    assert len(obs.consumed) == 300
+    assert_clean(p)
+
+
+def test_fifo_pool_moves_between_blocks() -> None:
+    obs = Rounds()
+    p = pair(pool_blocks=100, reuse="fifo", observer=obs, max_resume_tokens=8192)
+    p.add("r", 30_000)
+    finish(p)
+    assert len({c[3] for c in obs.consumed}) == len(obs.consumed)
+    assert_clean(p)
+
+
+# -- repeated, duplicated, delayed, reordered statuses ---------------------------
+
+
+def test_every_status_duplicated_is_counted_not_reprocessed() -> None:
+    obs = Rounds()
+    p = pair(pool_blocks=64, observer=obs, reuse="lifo")
+
+    def twice(batch: list[Status]) -> tuple[list[Status], list[Status]]:
+        return [s for s in batch for _ in range(2)], []
+
+    p.transport.adversary = twice
+    p.add("r", 40_000)
+    steps = p.run(200)
+    result = p.receiver.take("r")
+    assert result.state is S.Success, (steps, result.reason)
+    assert result.output is not None and result.output.equal(p.sources["r"])
+    assert result.stale_statuses == len(obs.consumed)
+    assert len(obs.consumed) == len({(c[0], c[1]) for c in obs.consumed})
+    assert_clean(p)
+
+
+def test_late_duplicate_of_an_old_round_after_reuse() -> None:
+    """The ABA case: round 1 lands in round 0's blocks; round 0's status comes again."""
+    obs = Rounds()
+    p = pair(pool_blocks=64, observer=obs, reuse="lifo")
+    p.add("r", 20_000)
+    p.step()  # post round 0
+    p.sender.step()  # round 0 written, status in flight
+    status0 = p.transport.in_flight[0]
+    p.receiver.step()  # consume round 0, post round 1 into the same blocks
+    assert obs.posts[1].blocks == obs.posts[0].blocks
+    p.transport.inject(status0)  # a late copy, before round 1 is even written
+    p.receiver.step()
+    assert p.receiver.record("r").stale == 1
+    assert len(obs.consumed) == 1
+    finish(p)
+    assert_clean(p)
+
+
+def test_delayed_statuses_only_slow_things_down() -> None:
+    p = pair(pool_blocks=64)
+    p.add("r", 30_000)
+    p.transport.hold()
+    for _ in range(10):
+        p.step()
+    assert p.receiver.poll("r") is S.Transferring
+    assert len(p.transport.in_flight) == 1
+    p.transport.release()
+    finish(p)
+    assert_clean(p)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_adversary_many_requests(seed: int) -> None:
+    """Delays, duplicates and reorders across requests on a pool too small for all."""
+    rng = random.Random(seed)
+    obs = Rounds()
+    p = pair(
+        pool_blocks=rng.choice([64, 96, 200]),
+        reuse=rng.choice(["lifo", "fifo"]),
+        observer=obs,
+        max_resume_tokens=rng.choice([None, 4096, 10_000]),
+    )
+
+    def adversary(batch: list[Status]) -> tuple[list[Status], list[Status]]:
+        batch = batch + [s for s in batch if rng.random() < 0.3]
+        rng.shuffle(batch)
+        keep = [s for s in batch if rng.random() < 0.3]
+        return [s for s in batch if s not in keep], keep
+
+    p.transport.adversary = adversary
+    for i in range(8):
+        p.add(f"r{i}", rng.randint(1, 40_000), seed=i)
+    p.run(2000)
+    assert not p.live()
+    for i in range(8):
+        result = p.receiver.take(f"r{i}")
+        assert result.state is S.Success, result.reason
+        assert result.output is not None and result.output.equal(p.sources[f"r{i}"])
+    keys = [(c[0], c[1]) for c in obs.consumed]
+    assert len(keys) == len(set(keys)), "a round was consumed twice"
+    quiet(p)
+    assert_clean(p)
+
+
+# -- abort and sender crash in every state ------------------------------------------
+
+
+def test_abort_while_bootstrapping() -> None:
+    p = pair()
+    p.receiver.add("r", bootstrapped=False)
+    assert p.receiver.poll("r") is S.Bootstrapping
+    assert p.receiver.abort("r")
+    assert p.receiver.poll("r") is S.Failed
+    assert p.receiver.take("r").reason == "aborted by the engine"
+    quiet(p)
+    assert_clean(p)
+
+
+def test_bootstrapped_later() -> None:
+    p = pair()
+    p.receiver.add("r", bootstrapped=False)
+    p.sender.add("r", random_source(100, 8))
+    p.sources["r"] = random_source(100, 8)
+    p.step()
+    assert p.receiver.poll("r") is S.Bootstrapping
+    p.receiver.bootstrapped("r")
+    assert p.receiver.poll("r") is S.WaitingForInput
+    with pytest.raises(InvalidArgumentError):
+        p.receiver.bootstrapped("r")
+    finish(p)
+    assert_clean(p)
+
+
+def test_abort_while_waiting_for_input() -> None:
+    p = pair(pool_blocks=64)
+    p.add("a", 8192)
+    p.add("b", 8192)
+    p.receiver.step()
+    assert p.receiver.poll("b") is S.WaitingForInput  # the pool holds one default round
+    assert p.receiver.abort("b")
+    finish(p, "a")
+    assert p.receiver.take("b").state is S.Failed
+    quiet(p)
+    assert_clean(p)
+
+
+def test_abort_with_round_in_flight_quarantines_its_blocks() -> None:
+    obs = Rounds()
+    p = pair(pool_blocks=64, observer=obs)  # exactly one default round
+    p.add("r", 30_000)
+    p.receiver.step()  # round 0 posted
+    held = obs.posts[0].allocation
+    assert held is not None
+    assert p.receiver.abort("r")
+    assert p.receiver.poll("r") is S.Failed
+    assert list(p.receiver.quarantined()) == [("r", 0)]
+    assert p.allocator.is_live(held), "blocks the sender may write must not return to the pool"
+    # Another request must not get those blocks while the write can still come.
+    p.add("s", 100)
+    p.receiver.step()
+    assert p.receiver.poll("s") is S.WaitingForInput
+    p.transport.hold()
+    p.sender.step()  # writes round 0 into the quarantined blocks (legal), reports, gets cancel
+    p.receiver.step()
+    assert p.receiver.poll("s") is S.WaitingForInput
+    p.transport.release()
+    p.receiver.step()  # Landed releases the quarantine; s is admitted
+    assert not p.receiver.quarantined()
+    assert p.receiver.poll("s") is S.Transferring
+    finish(p, "s")
+    p.receiver.take("r")
+    quiet(p)
+    # The Cancelled acknowledgement came after Landed had released the blocks: ignored.
+    assert p.receiver.stale_statuses == 1
+    assert_clean(p)
+
+
+def test_abort_before_the_sender_saw_the_round_cancels_it() -> None:
+    p = pair(pool_blocks=64)
+    p.receiver.add("r")
+    p.receiver.step()  # round 0 posted; the sender has no source yet, so it parks the post
+    p.sender.step()
+    assert p.receiver.abort("r")
+    p.sender.step()  # cancel: drops the parked post, acknowledges round 0
+    p.receiver.step()
+    assert not p.receiver.quarantined()
+    p.receiver.take("r")
+    assert_clean(p)
+
+
+def squeeze(p: Loopback, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pool pressure: another user of the pool takes every block the receiver frees."""
+    monkeypatch.setattr(p.allocator, "allocate_up_to", lambda *a, **k: None)
+
+
+def test_resume_waits_for_blocks_then_proceeds(monkeypatch: pytest.MonkeyPatch) -> None:
+    p = pair(pool_blocks=64)
+    p.add("r", 20_000)
+    p.receiver.step()
+    p.sender.step()
+    squeeze(p, monkeypatch)
+    for _ in range(3):
+        p.step()
+    rec = p.receiver.record("r")
+    assert rec.state is S.Transferring and rec.allocation is None and rec.epoch == 1
+    monkeypatch.undo()
+    finish(p)
+    assert_clean(p)
+
+
+def test_abort_while_waiting_for_resume_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    p = pair(pool_blocks=64)
+    p.add("r", 20_000)
+    p.receiver.step()
+    p.sender.step()
+    squeeze(p, monkeypatch)
+    p.step()
+    assert p.receiver.record("r").allocation is None
+    assert p.receiver.abort("r")
+    monkeypatch.undo()
+    p.run(5)
+    assert p.receiver.take("r").reason == "aborted by the engine"
+    quiet(p)
+    assert_clean(p)
+
+
+def test_abort_of_a_finished_request_is_a_no_op() -> None:
+    p = pair()
+    p.add("r", 10)
+    p.run(10)
+    assert not p.receiver.abort("r")
+    assert p.receiver.take("r").state is S.Success
+    with pytest.raises(UnknownRequestError):
+        p.receiver.abort("r")
+
+
+@pytest.mark.parametrize("when", ["before-admission", "in-flight", "written-unreported", "late"])
+def test_sender_crash(when: str) -> None:
+    p = pair(pool_blocks=128)
+    p.add("r", 60_000)
+    p.add("other", 100)
+    if when == "before-admission":
+        p.transport.crash_sender()
+    elif when == "in-flight":
+        p.receiver.step()
+        p.transport.crash_sender()
+    elif when == "written-unreported":
+        p.receiver.step()
+        p.transport.crash_after_next_write = True
+    else:
+        p.run(3)
+        p.transport.crash_sender()
+    p.run(50)
+    assert not p.live()
+    result = p.receiver.take("r")
+    assert result.state is S.Failed
+    assert result.reason is not None and result.reason.startswith("peer lost: sender crashed")
+    other = p.receiver.take("other")
+    assert other.state is (S.Success if when == "late" else S.Failed)
+    assert not p.receiver.quarantined()
+    p.receiver.check_quiescent()
+    p.allocator.check_quiescent()
+
+
+def test_crash_after_abort_releases_the_quarantine() -> None:
+    p = pair(pool_blocks=64)
+    p.add("r", 30_000)
+    p.receiver.step()
+    p.receiver.abort("r")
+    assert p.receiver.quarantined()
+    p.transport.crash_sender()
+    p.receiver.step()
+    assert not p.receiver.quarantined()
+    p.receiver.take("r")
+    assert_clean_receiver(p)
+
+
+def assert_clean_receiver(p: Loopback) -> None:
+    p.receiver.check_quiescent()
+    p.allocator.check_quiescent()
+
+
+# -- protocol errors: the request fails with the reason, the rest go on ---------------
+
+
+def landed_for(p: Loopback, rid: str, **changes: object) -> Landed:
+    """The sender's next status for ``rid``, altered."""
+    p.sender.step()
+    [status] = [s for s in p.transport.in_flight if getattr(s, "rid", None) == rid]
+    p.transport.in_flight.remove(status)
+    assert isinstance(status, Landed)
+    fields = {
+        "rid": status.rid,
+        "epoch": status.epoch,
+        "tokens": status.tokens,
+        "total": status.total,
+        "final": status.final,
+        **changes,
+    }
+    return Landed(**fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("changes", "resume_first", "reason"),
+    [
+        ({"epoch": 1}, False, "status for round 1, but the round in flight is 0"),
+        ({"epoch": 5}, True, "status for round 5"),
+        ({"total": 29_999}, True, "total changed from 30000 to 29999"),
+        ({"total": 31_000}, False, "aux[0] says 30000"),
+        ({"tokens": 8193}, False, "its allocation holds 8192"),
+        ({"tokens": 0}, False, "carries 0 tokens"),
+        ({"final": True}, False, "but says final=True"),
+        ({"tokens": 8192, "total": 8192, "final": False}, False, "aux[0]"),
+    ],
+)
+def test_protocol_errors(changes: dict[str, object], resume_first: bool, reason: str) -> None:
+    p = pair(pool_blocks=256)
+    p.add("r", 30_000)
+    p.add("bystander", 20_000, seed=1)
+    p.receiver.step()
+    if resume_first:
+        p.sender.step()
+        p.receiver.step()  # round 0 consumed, round 1 posted
+    bad = landed_for(p, "r", **changes)
+    p.transport.inject(bad)
+    p.receiver.step()
+    result = p.receiver.take("r")
+    assert result.state is S.Failed
+    assert result.reason is not None and reason in result.reason, result.reason
+    finish(p, "bystander")
+    quiet(p)
+    assert_clean(p)
+
+
+def test_round_past_the_total() -> None:
+    p = pair(pool_blocks=512, max_resume_tokens=8192 * 2)
+    p.add("r", 20_000)
+    p.receiver.step()
+    p.sender.step()
+    p.receiver.step()  # round 1 posted with capacity 16384 > 11808 remaining
+    assert p.receiver.record("r").allocation.capacity_tokens == 11_904  # type: ignore[union-attr]
+    bad = landed_for(p, "r", tokens=11_850, final=True)
+    p.transport.inject(bad)
+    p.receiver.step()
+    result = p.receiver.take("r")
+    assert result.reason is not None and "past the total" in result.reason
+    quiet(p)
+    assert_clean(p)
+
+
+def test_status_before_any_post_is_a_protocol_error() -> None:
+    p = pair(pool_blocks=64)
+    p.receiver.add("r", bootstrapped=False)
+    p.transport.inject(Landed("r", 0, 10, 10, True))
+    p.receiver.step()
+    result = p.receiver.take("r")
+    assert result.state is S.Failed and "protocol error" in (result.reason or "")
+    assert_clean_receiver(p)
+
+
+def test_sender_refuses_a_wrong_resume_offset() -> None:
+    p = pair(pool_blocks=256)
+    p.add("r", 20_000)
+    p.receiver.step()
+    p.sender.step()
+    p.receiver.step()  # round 1 posted at sent=8192
+    p.sender._sources["r"].sent = 100  # the sender's own count disagrees
+    p.run(10)
+    result = p.receiver.take("r")
+    assert result.state is S.Failed
+    assert result.reason is not None and "resumes at token 8192; 100 were sent" in result.reason
+    quiet(p)
+    assert_clean(p)
+
+
+def test_unknown_statuses_are_counted() -> None:
+    p = pair()
+    p.transport.inject(Landed("ghost", 0, 1, 1, True))
+    p.transport.inject(SenderError("ghost", 0, "x"))
+    p.receiver.step()
+    assert p.receiver.orphan_statuses == 2
+
+
+# -- many requests, tight pool ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("reuse", ["lifo", "fifo"])
+def test_many_requests_on_a_tight_pool_all_complete(reuse: str) -> None:
+    obs = Rounds()
+    p = pair(pool_blocks=80, reuse=reuse, observer=obs, max_resume_tokens=4096)
+    rng = random.Random(7)
+    sizes = {f"r{i}": rng.randint(1, 60_000) for i in range(20)}
+    for i, (rid, n) in enumerate(sizes.items()):
+        p.add(rid, n, seed=i)
+    steps = p.run(5000)
+    assert not p.live(), f"hung after {steps} steps"
+    for rid in sizes:
+        finish(p, rid)
+    assert_clean(p)
+
+
+def test_resumes_are_served_before_admissions() -> None:
+    obs = Rounds()
+    p = pair(pool_blocks=64, observer=obs)  # one default round at a time
+    p.add("first", 20_000)
+    for i in range(3):
+        p.add(f"late{i}", 100, seed=i)
+    p.run(200)
+    order = [post.rid for post in obs.posts]
+    first_done = max(i for i, rid in enumerate(order) if rid == "first")
+    assert order[: first_done + 1] == ["first"] * (first_done + 1)
+    for rid in ("first", "late0", "late1", "late2"):
+        finish(p, rid)
+    assert_clean(p)
+
+
+# -- API contract ---------------------------------------------------------------------
+
+
+def test_api_errors_leave_state_unchanged() -> None:
+    p = pair()
+    p.add("r", 100)
+    with pytest.raises(DuplicateRequestError):
+        p.receiver.add("r")
+    with pytest.raises(InvalidArgumentError):
+        p.receiver.add(["unhashable"])
+    with pytest.raises(UnknownRequestError):
+        p.receiver.poll("nope")
+    with pytest.raises(UnknownRequestError):
+        p.receiver.take("nope")
+    with pytest.raises(UnknownRequestError):
+        p.receiver.poll(["unhashable"])
+    with pytest.raises(RequestNotFinishedError):
+        p.receiver.take("r")
+    assert len(p.receiver) == 1 and p.receiver.poll("r") is S.WaitingForInput
+    finish(p)
+
+
+def test_rid_cannot_be_reused_while_quarantined() -> None:
+    p = pair(pool_blocks=64)
+    p.add("r", 30_000)
+    p.receiver.step()
+    p.receiver.abort("r")
+    p.receiver.take("r")
+    with pytest.raises(DuplicateRequestError, match="quarantine"):
+        p.receiver.add("r")
+    quiet(p)
+    p.receiver.add("r")
+
+
+def test_default_allocation_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    obs = Rounds()
+    monkeypatch.setenv(ENV_DEFAULT_ALLOCATE_TOKENS, "1024")
+    p = pair(default_allocate=None, observer=obs)
+    p.add("r", 5000)
+    finish(p)
+    assert obs.consumed[0][2] == 1024
+    monkeypatch.setenv(ENV_DEFAULT_ALLOCATE_TOKENS, "lots")
+    with pytest.raises(InvalidArgumentError):
+        pair(default_allocate=None)
+    monkeypatch.setenv(ENV_DEFAULT_ALLOCATE_TOKENS, "0")
+    with pytest.raises(InvalidArgumentError):
+        pair(default_allocate=None)
+
+
+def test_default_allocation_must_fit_the_pool() -> None:
+    with pytest.raises(InvalidArgumentError, match="could never be allocated"):
+        pair(pool_blocks=8)
+
+
+def test_records_are_small_acyclic_and_gone_after_take() -> None:
+    p = pair(pool_blocks=64)
+    p.add("r", 20_000)
+    p.receiver.step()
+    rec = p.receiver.record("r")
+    size = sys.getsizeof(rec) + sum(
+        sys.getsizeof(getattr(rec, f)) for f in rec.__slots__ if f not in ("__weakref__", "output")
+    )
+    assert size <= 1024
+    ref = weakref.ref(rec)
+    del rec
+    finish(p)
+    gc.disable()
+    try:
+        assert ref() is None, "the record outlived take(): a reference cycle or a leak"
+    finally:
+        gc.enable()
+    assert len(p.receiver) == 0
+
+
+def test_step_without_news_returns_the_shared_empty_tuple() -> None:
+    p = pair(pool_blocks=64)
+    p.add("r", 20_000)
+    p.receiver.step()
+    first = p.receiver.step()
+    assert first == () and first is p.receiver.step()
+
+
+def test_receiver_rejects_bad_configuration() -> None:
+    p = pair()
+    with pytest.raises(InvalidArgumentError):
+        ResumableReceiver(p.buffers, p.transport, 0)
+    with pytest.raises(InvalidArgumentError):
+        ResumableReceiver(p.buffers, p.transport, 128, max_resume_tokens=0)
