@@ -26,3 +26,14 @@ def interleaved_medians(
 
 def verdict(ok: bool) -> str:
     return "ok" if ok else "FAIL"
+
+
+Row = tuple[str, float, bool]  # what was measured, its value, whether it met its target
+
+
+def report(rows: list[Row], check: bool) -> int:
+    """Print the verdict table; the exit code is 1 only when ``check`` and a target was missed."""
+    print()
+    for name, value, ok in rows:
+        print(f"  {name:48s} {value:12,.3f}  {verdict(ok)}")
+    return 1 if check and not all(ok for *_, ok in rows) else 0

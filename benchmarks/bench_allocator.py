@@ -15,7 +15,11 @@ import random
 import sys
 
 import torch
-from _timing import interleaved_medians, verdict  # benchmarks/ is on sys.path as the script's dir
+from _timing import (
+    Row,
+    interleaved_medians,
+    report,
+)  # benchmarks/ is on sys.path as the script's dir
 
 from resumekit import BlockAllocator, BlockBuffers, EmbeddingTensors
 
@@ -44,7 +48,7 @@ def checked_round_trip(num_blocks: int, reuse: str):  # type: ignore[no-untyped-
     return run
 
 
-def bench_allocator() -> list[tuple[str, float, float, bool]]:
+def bench_allocator() -> list[Row]:
     t = interleaved_medians(
         {
             "deque": deque_round_trip(4096),
@@ -62,18 +66,18 @@ def bench_allocator() -> list[tuple[str, float, float, bool]]:
     rows = []
     for reuse in ("lifo", "fifo"):
         r = us[reuse] / us["deque"]
-        rows.append((f"{reuse} checked / unchecked deque (<= 1.0)", r, 1.0, r <= 1.0))
-        rows.append((f"{reuse} checked, absolute us (<= 5)", us[reuse], 5.0, us[reuse] <= 5.0))
+        rows.append((f"{reuse} checked / unchecked deque (<= 1.0)", r, r <= 1.0))
+        rows.append((f"{reuse} checked, absolute us (<= 5)", us[reuse], us[reuse] <= 5.0))
         r = us[f"{reuse}_1m"] / us[reuse]
-        rows.append((f"{reuse} 1,048,576 / 4096 blocks (<= 1.5)", r, 1.5, r <= 1.5))
+        rows.append((f"{reuse} 1,048,576 / 4096 blocks (<= 1.5)", r, r <= 1.5))
     return rows
 
 
-def bench_read_into(hidden: int) -> list[tuple[str, float, float, bool]]:
+def bench_read_into(hidden: int) -> list[Row]:
     rows = []
     for layout in ("fresh", "scattered"):
         r = read_into_ratio(hidden, scattered=layout == "scattered")
-        rows.append((f"read_into / copy_ bandwidth, {layout} (>= 0.6)", r, 0.6, r >= 0.6))
+        rows.append((f"read_into / copy_ bandwidth, {layout} (>= 0.6)", r, r >= 0.6))
     return rows
 
 
@@ -122,10 +126,7 @@ def main() -> int:
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     rows = bench_allocator() + bench_read_into(args.hidden)
-    print()
-    for name, value, _target, ok in rows:
-        print(f"  {name:48s} {value:8.3f}  {verdict(ok)}")
-    return 0 if all(ok for *_, ok in rows) or not args.check else 1
+    return report(rows, args.check)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,11 @@ import tracemalloc
 import weakref
 
 import torch
-from _timing import interleaved_medians, verdict  # benchmarks/ is on sys.path as the script's dir
+from _timing import (
+    Row,
+    interleaved_medians,
+    report,
+)  # benchmarks/ is on sys.path as the script's dir
 
 from resumekit.simulate import Loopback, random_source
 from resumekit.statemachine import (
@@ -31,7 +35,6 @@ from resumekit.statemachine import (
 )
 from resumekit.statemachine.declaration import ReferenceModel
 
-Row = tuple[str, float, bool]
 IN_FLIGHT = 1000
 
 
@@ -193,10 +196,7 @@ def main() -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     rows = bench_idle_poll() + bench_transition() + bench_record()
     rows += bench_receive(args.tokens, args.hidden)
-    print()
-    for name, value, ok in rows:
-        print(f"  {name:48s} {value:9.3f}  {verdict(ok)}")
-    return 0 if all(ok for *_, ok in rows) or not args.check else 1
+    return report(rows, args.check)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""``resumekit`` command line."""
+"""``resumekit`` command line: verify (the main job), fuzz, check, simulate, diagram."""
 
 from __future__ import annotations
 
@@ -6,41 +6,218 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
-from hypothesis import Phase, settings
-from hypothesis.stateful import run_state_machine_as_test
-
-from resumekit.errors import ResumeKitError
-from resumekit.properties.allocator_machine import resumekit_allocator_machine
+from resumekit.errors import InvalidArgumentError, ResumeKitError
+from resumekit.properties.explorer import STANDARD_BOUNDS, Exploration, explore
+from resumekit.properties.fuzz import FuzzResult, fuzz
+from resumekit.properties.model import Bounds
+from resumekit.properties.strategies import BROKEN, STRATEGIES, strategy
 from resumekit.simulate import check_reuse, format_report, simulate
 from resumekit.statemachine import diagram
 
+FAULTS = ("duplicate", "abort", "crash", "pressure")
+
+
+class Progress:
+    """A one-line progress bar on stderr (plain lines when it is not a terminal)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.done = 0
+        self.tty = sys.stderr.isatty()
+        self._last = 0.0
+
+    def show(self, text: str, *, force: bool = False) -> None:
+        width = 24
+        filled = int(width * self.done / self.total) if self.total else width
+        line = f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {text}"
+        now = time.monotonic()
+        if self.tty:
+            sys.stderr.write("\r" + line[:110].ljust(110))
+            sys.stderr.flush()
+        elif force or now - self._last >= 10:
+            print(line, file=sys.stderr, flush=True)
+            self._last = now
+
+    def step(self, text: str) -> None:
+        self.done += 1
+        self.show(text, force=self.done < self.total)
+
+    def close(self) -> None:
+        if self.tty:
+            sys.stderr.write("\r" + " " * 110 + "\r")
+            sys.stderr.flush()
+
+
+def _explore_both(
+    name: str, bounds: Bounds, reuse: str, progress: Progress | None, workers: int | None
+) -> tuple[int, float, Exploration | None, bool]:
+    """Explore under each reuse order: (states, seconds, shortest violating run, complete)."""
+    orders = ("lifo", "fifo") if reuse == "both" else (reuse,)
+    states, seconds, worst, complete = 0, 0.0, None, True
+    for order in orders:
+        b = replace(bounds, reuse=order)
+
+        def show(n: int, order: str = order, before: int = states) -> None:
+            if progress is not None:
+                progress.show(f"explore {name} ({order}): {before + n:,} states")
+
+        run = explore(b, strategy(name), workers=workers, progress=show)
+        states += run.states
+        seconds += run.seconds
+        complete = complete and run.complete
+        if run.violation is not None and (
+            worst is None
+            or worst.violation is None
+            or len(run.violation.actions) < len(worst.violation.actions)
+        ):
+            worst = run
+    return states, seconds, worst, complete
+
 
 def _verify(args: argparse.Namespace) -> int:
-    print(f"{'check':32s} {'examples':>8s} {'seconds':>8s}  verdict")
+    names = [*BROKEN, "epoch"]
+    progress = Progress(2 * len(names))
+    explored: dict[str, tuple[int, float, Exploration | None, bool]] = {}
+    for name in names:
+        explored[name] = _explore_both(name, STANDARD_BOUNDS, "both", progress, args.workers)
+        progress.step(f"explored {name}")
+    fuzzed: dict[str, FuzzResult] = {}
+    start = time.perf_counter()
+    for name in names:
+        left = args.budget - (time.perf_counter() - start)
+        share = left if name == "epoch" else min(left, args.budget * 0.15)
+
+        def show(r: FuzzResult, name: str = name) -> None:
+            progress.show(f"fuzz {name}: {r.examples:,} examples, {r.seconds:.0f}s")
+
+        fuzzed[name] = fuzz(name, budget=max(share, 1.0), start_seed=args.seed, progress=show)
+        progress.step(f"fuzzed {name}")
+    progress.close()
+
     ok = True
-    for reuse in ("lifo", "fifo"):
-        machine = resumekit_allocator_machine(8, 4, reuse)
-        start = time.perf_counter()
-        try:
-            run_state_machine_as_test(
-                machine,
-                settings=settings(
-                    max_examples=args.max_examples,
-                    stateful_step_count=50,
-                    deadline=None,
-                    database=None,
-                    phases=[Phase.generate, Phase.shrink],
-                ),
+    rows = []
+    for name in names:
+        states, seconds, run, complete = explored[name]
+        f = fuzzed[name]
+        found = []
+        if run is not None and run.violation is not None:
+            found.append(f"explorer: {run.violation.invariant}")
+        if f.failed:
+            found.append(f"fuzz: {f.invariant}")
+        if name == "epoch":
+            good = not found and complete
+            verdict = "verified" if good else "VIOLATED"
+        else:
+            good = len(found) == 2
+            verdict = "caught" if good else "MISSED"
+        ok = ok and good
+        rows.append(
+            (
+                name,
+                f"{states:,}",
+                f"{states / seconds:,.0f}/s" if seconds else "-",
+                f"{f.examples:,}",
+                "; ".join(found) or "none",
+                verdict,
             )
-            verdict = "pass"
-        except Exception as error:
-            verdict = f"FAIL: {error}"
-            ok = False
-        seconds = time.perf_counter() - start
-        name = f"allocator contract ({reuse})"
-        print(f"{name:32s} {args.max_examples:8d} {seconds:8.2f}  {verdict}")
+        )
+    header = ("strategy", "states explored", "states/s", "fuzz examples", "violations", "verdict")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    b = STANDARD_BOUNDS
+    print(
+        f"\nbounds: {b.blocks} blocks, {b.requests} requests, up to {b.max_rounds} rounds each, "
+        f"lifo and fifo reuse; faults: {b.duplicates} duplicate, {b.aborts} abort, "
+        f"{b.crashes} crash, {b.pressure} pool squeeze; fuzz budget {args.budget:.0f}s"
+    )
+    for name in names:
+        run = explored[name][2]
+        f = fuzzed[name]
+        if run is not None and run.violation is not None:
+            print(f"\n{name}: shortest counterexample (explorer, {run.bounds.reuse} reuse)")
+            print(run.violation.format())
+        if f.failed:
+            print(f"\n{name}: fuzzer's shrunk counterexample ({len(f.actions)} steps)")
+            print(f.format())
+    print(f"\nverdict: {'PASS' if ok else 'FAIL'}")
     return 0 if ok else 1
+
+
+def _fuzz(args: argparse.Namespace) -> int:
+    progress = Progress(1)
+
+    def show(r: FuzzResult) -> None:
+        progress.show(f"fuzz {args.strategy}: {r.examples:,} examples, {r.seconds:.0f}s")
+
+    result = fuzz(
+        args.strategy,
+        budget=args.budget,
+        max_examples=args.max_examples,
+        start_seed=args.seed,
+        progress=show,
+    )
+    progress.close()
+    print(
+        f"{args.strategy}: {result.examples:,} examples, {result.steps:,} steps in "
+        f"{result.seconds:.1f}s ({result.steps_per_second:,.0f} steps/s), seeds from {args.seed}"
+    )
+    if result.failed:
+        print(result.format())
+        return 1
+    print("no violation")
+    return 0
+
+
+def _parse_faults(text: str) -> dict[str, int]:
+    if text == "all":
+        chosen = set(FAULTS)
+    elif text == "none":
+        chosen = set()
+    else:
+        chosen = {f.strip() for f in text.split(",") if f.strip()}
+        unknown = chosen - set(FAULTS)
+        if unknown:
+            raise InvalidArgumentError(
+                f"unknown fault(s) {sorted(unknown)}; choose from all, none, {', '.join(FAULTS)}"
+            )
+    return {
+        "duplicates": int("duplicate" in chosen),
+        "aborts": int("abort" in chosen),
+        "crashes": int("crash" in chosen),
+        "pressure": int("pressure" in chosen),
+    }
+
+
+def _check(args: argparse.Namespace) -> int:
+    faults = _parse_faults(args.faults)
+    bounds = Bounds(
+        blocks=args.blocks,
+        requests=args.requests,
+        max_rounds=args.max_rounds,
+        default_blocks=args.default_blocks,
+        duplicates=faults["duplicates"],
+        aborts=faults["aborts"],
+        crashes=faults["crashes"],
+        pressure=faults["pressure"],
+    )
+    if not 1 <= bounds.default_blocks <= bounds.blocks:
+        raise InvalidArgumentError("--default-blocks must be between 1 and --blocks")
+    progress = Progress(1)
+    states, seconds, run, complete = _explore_both(
+        args.strategy, bounds, args.reuse, progress, args.workers
+    )
+    progress.close()
+    rate = states / seconds if seconds else 0.0
+    print(f"{args.strategy}: {states:,} states in {seconds:.1f}s ({rate:,.0f} states/s)")
+    if run is not None and run.violation is not None:
+        print(f"{run.bounds.reuse} reuse:")
+        print(run.violation.format())
+        return 1
+    print("no violation; every reachable state can finish" if complete else "incomplete")
+    return 0 if complete else 1
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -69,9 +246,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="resumekit", description="Verified resumable embedding transfers."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    verify = sub.add_parser("verify", help="check resumekit's contracts")
-    verify.add_argument("--max-examples", type=int, default=200)
+
+    verify = sub.add_parser(
+        "verify", help="explore and fuzz every strategy; exit 0 if epoch holds and the rest fail"
+    )
+    verify.add_argument("--budget", type=float, default=60.0, help="fuzz seconds in all")
+    verify.add_argument("--seed", type=int, default=0, help="first Hypothesis seed")
+    verify.add_argument("--workers", type=int, default=None, help="explorer processes")
     verify.set_defaults(func=_verify)
+
+    fz = sub.add_parser("fuzz", help="run the protocol machine against one strategy")
+    fz.add_argument("--strategy", choices=list(STRATEGIES), default="epoch")
+    limit = fz.add_mutually_exclusive_group()
+    limit.add_argument("--budget", type=float, default=None, help="seconds (default 60)")
+    limit.add_argument("--max-examples", type=int, default=None)
+    fz.add_argument("--seed", type=int, default=0)
+    fz.set_defaults(func=_fuzz)
+
+    chk = sub.add_parser("check", help="explore every state of the protocol model")
+    chk.add_argument("--strategy", choices=list(STRATEGIES), default="epoch")
+    chk.add_argument("--blocks", type=int, default=STANDARD_BOUNDS.blocks)
+    chk.add_argument("--requests", type=int, default=STANDARD_BOUNDS.requests)
+    chk.add_argument("--max-rounds", type=int, default=STANDARD_BOUNDS.max_rounds)
+    chk.add_argument("--default-blocks", type=int, default=STANDARD_BOUNDS.default_blocks)
+    chk.add_argument("--reuse", choices=["lifo", "fifo", "both"], default="both")
+    chk.add_argument("--faults", default="all", help="all, none, or a list of " + ",".join(FAULTS))
+    chk.add_argument("--workers", type=int, default=None)
+    chk.set_defaults(func=_check)
 
     sim = sub.add_parser("simulate", help="one in-process transfer, round by round")
     sim.add_argument("--tokens", type=int, default=50_000, help="embedding length")
@@ -87,6 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     diag = sub.add_parser("diagram", help="the protocol as a Mermaid state diagram")
     diag.set_defaults(func=_diagram)
+
     args = parser.parse_args(argv)
     try:
         result: int = args.func(args)

@@ -91,10 +91,12 @@ class Loopback:
         max_resume_tokens: int | None = None,
         observer: ReceiverObserver | None = None,
         round_filter: RoundFilter | None = None,
+        allocator_type: type[BlockAllocator] = BlockAllocator,
+        transport_type: type[InProcessTransport] = InProcessTransport,
     ) -> None:
-        self.allocator = BlockAllocator(pool_blocks, block_size, reuse=reuse)
+        self.allocator = allocator_type(pool_blocks, block_size, reuse=reuse)
         self.buffers = BlockBuffers(self.allocator, hidden, device="cpu")
-        self.transport = InProcessTransport(self.buffers)
+        self.transport = transport_type(self.buffers)
         self.receiver = ResumableReceiver(
             self.buffers,
             self.transport,
@@ -128,12 +130,27 @@ class Loopback:
         ]
 
     def run(self, max_steps: int) -> int:
-        """Step until every request is terminal; returns the steps taken (``max_steps`` if not)."""
+        """Step until every request is terminal or nothing can move any more; returns the steps.
+
+        With no message in flight or queued, a step that moves nothing changes
+        nothing (both sides are deterministic): two in a row mean stuck for good.
+        """
+        idle = 0
+        t = self.transport
         for steps in range(max_steps):
             if not self.live():
                 return steps
+            before = self._traffic()
             self.step()
+            quiet = not t.in_flight and not t.posts
+            idle = idle + 1 if quiet and self._traffic() == before else 0
+            if idle >= 2:
+                return max_steps
         return max_steps
+
+    def _traffic(self) -> tuple[int, ...]:
+        t = self.transport
+        return (t.posted, t.delivered, len(t.posts), len(t.in_flight), self.sender.rounds_served)
 
     def step_bound(self, tokens: int) -> int:
         """Steps a transfer of ``tokens`` can need on this pool: one block per round, worst case."""

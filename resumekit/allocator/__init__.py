@@ -3,6 +3,7 @@
 from resumekit.allocator.block_allocator import Allocation, BlockAllocator, ReuseOrder
 from resumekit.allocator.buffers import (
     AUX_MROPE_DELTA,
+    AUX_PROGRESS,
     AUX_TOTAL_TOKENS,
     BlockBuffers,
     EmbeddingTensors,
@@ -11,6 +12,7 @@ from resumekit.allocator.buffers import (
 
 __all__ = [
     "AUX_MROPE_DELTA",
+    "AUX_PROGRESS",
     "AUX_TOTAL_TOKENS",
     "Allocation",
     "BlockAllocator",

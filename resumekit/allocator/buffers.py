@@ -2,7 +2,8 @@
 
 Per block: ``block_size`` rows of embeddings, ``fill_ids``, three rows of mRoPE
 positions and a small aux row (aux[0] = total tokens, aux[1] = mRoPE position
-delta, written with the first round only). Full blocks move with one
+delta, written with the first round only; aux[2] = a progress marker the sender
+writes with every round, which resumekit itself never reads). Full blocks move with one
 ``index_select``/``index_copy_`` per tensor, so each token is copied exactly once.
 """
 
@@ -21,6 +22,7 @@ MROPE_ROWS = 3
 DEFAULT_AUX_SIZE = 16
 AUX_TOTAL_TOKENS = 0
 AUX_MROPE_DELTA = 1
+AUX_PROGRESS = 2  # tokens sent through the end of this round, written with every round
 
 
 def default_device() -> torch.device:

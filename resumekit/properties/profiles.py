@@ -14,8 +14,8 @@ FUZZ = "fuzz"
 
 settings.register_profile(
     CI,
-    max_examples=60,
-    stateful_step_count=40,
+    max_examples=100,
+    stateful_step_count=50,
     derandomize=True,
     deadline=None,
     database=None,

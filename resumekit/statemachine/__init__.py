@@ -12,7 +12,7 @@ from resumekit.statemachine.declaration import (
     next_state,
     reference_machine,
 )
-from resumekit.statemachine.dedup import EpochFilter, RoundFilter, Verdict
+from resumekit.statemachine.dedup import EpochFilter, Observation, RoundFilter, Verdict
 from resumekit.statemachine.messages import (
     NO_EPOCH,
     Cancel,
@@ -53,6 +53,7 @@ __all__ = [
     "Guard",
     "InProcessTransport",
     "Landed",
+    "Observation",
     "PeerLost",
     "ReceiverObserver",
     "ReceiverTransport",

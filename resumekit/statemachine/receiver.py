@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from resumekit._check import as_int, check_hashable
-from resumekit.allocator.buffers import AUX_MROPE_DELTA, AUX_TOTAL_TOKENS
+from resumekit.allocator.buffers import AUX_MROPE_DELTA, AUX_PROGRESS, AUX_TOTAL_TOKENS
 from resumekit.errors import (
     DuplicateRequestError,
     InvalidArgumentError,
@@ -25,7 +25,7 @@ from resumekit.errors import (
     UnknownRequestError,
 )
 from resumekit.statemachine.declaration import TABLE, Action, Event, TransferState
-from resumekit.statemachine.dedup import EpochFilter, RoundFilter, Verdict
+from resumekit.statemachine.dedup import EpochFilter, Observation, RoundFilter, Verdict
 from resumekit.statemachine.messages import (
     NO_EPOCH,
     Cancelled,
@@ -55,6 +55,7 @@ class RequestRecord:
         "__weakref__",
         "allocation",
         "epoch",
+        "memo",
         "mrope_delta",
         "output",
         "reason",
@@ -78,6 +79,7 @@ class RequestRecord:
         self.reason: str | None = None
         self.rounds = 0
         self.stale = 0
+        self.memo: object = None  # the round filter's per-request memory
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +174,7 @@ class ResumableReceiver:
         self._finished: list[Hashable] = []
         self.stale_statuses = 0
         self.orphan_statuses = 0
+        self.peer_lost: str | None = None  # set once the transport reports the sender gone
 
     # -- engine API --------------------------------------------------------------
 
@@ -186,7 +189,10 @@ class ResumableReceiver:
             )
         req = RequestRecord(rid)
         self._records[rid] = req
-        if bootstrapped:
+        if self.peer_lost is not None:
+            # Nothing can arrive from a dead peer: fail now rather than wait forever.
+            self._fail(req, f"peer lost: {self.peer_lost}", peer_alive=False)
+        elif bootstrapped:
             self._fire(req, Event.BOOTSTRAPPED)
 
     def bootstrapped(self, rid: Hashable) -> None:
@@ -300,15 +306,15 @@ class ResumableReceiver:
         if req.state.terminal:
             self._stale(req)
             return
-        verdict = (
-            self.round_filter.classify(req, status)
+        allocation = req.allocation
+        verdict, landed = (
+            self._judge(req, allocation, status)
             if req.state is S.Transferring and status.epoch >= 0
-            else Verdict.UNEXPECTED
+            else (Verdict.UNEXPECTED, status)
         )
         if verdict is Verdict.STALE:
             self._stale(req)
             return
-        allocation = req.allocation
         if verdict is Verdict.UNEXPECTED or allocation is None:
             self._fail(
                 req,
@@ -317,11 +323,39 @@ class ResumableReceiver:
                 peer_alive=True,
             )
             return
-        problem = self._check_round(req, allocation, status)
+        problem = self._check_round(req, allocation, landed)
         if problem is not None:
             self._fail(req, f"protocol error: {problem}", peer_alive=True)
             return
-        self._fire(req, Event.LANDED, status.final, status)
+        self._fire(req, Event.LANDED, landed.final, landed)
+
+    def _judge(
+        self, req: RequestRecord, allocation: Allocation | None, status: Landed
+    ) -> tuple[Verdict, Landed]:
+        """Ask the round filter; a filter that cannot see epochs gets a KVPoll-style view."""
+        f = self.round_filter
+        sees = f.sees_epoch
+        total, marker = req.total, None
+        if allocation is not None and (f.reads_buffers or (total is None and not sees)):
+            aux = self.buffers.read_aux(allocation)
+            marker = aux[AUX_PROGRESS] if f.reads_buffers else None
+            if total is None and not sees:
+                total = aux[AUX_TOTAL_TOKENS]  # KVPoll designs learn the total from round 0's aux
+        obs = Observation(
+            status.final,
+            status.epoch if sees else None,
+            status.tokens if sees else None,
+            req.epoch,
+            allocation.blocks if allocation is not None else None,
+            allocation.capacity_tokens if allocation is not None else 0,
+            req.sent,
+            total,
+            marker,
+        )
+        verdict, tokens = f.judge(obs, req.memo)
+        if sees or verdict is not Verdict.CURRENT:
+            return verdict, status
+        return verdict, Landed(req.rid, req.epoch, tokens, total or 0, status.final)
 
     def _check_round(
         self, req: RequestRecord, allocation: Allocation, status: Landed
@@ -373,6 +407,7 @@ class ResumableReceiver:
         self._fail(req, f"sender error: {why}", peer_alive=True, written=False)
 
     def _on_peer_lost(self, status: PeerLost) -> None:
+        self.peer_lost = status.reason
         for req in list(self._records.values()):
             if not req.state.terminal:
                 self._fail(req, f"peer lost: {status.reason}", peer_alive=False)
@@ -444,6 +479,7 @@ class ResumableReceiver:
         self.allocator.free(allocation)
         req.sent += status.tokens
         req.rounds += 1
+        req.memo = self.round_filter.remember(req.memo, allocation.blocks, req.sent)
 
     def _try_resume(self, req: RequestRecord) -> bool:
         assert req.total is not None

@@ -44,15 +44,22 @@ class EmbeddingSender:
     wrong offset is refused with a :class:`SenderError`.
     """
 
-    def __init__(self, transport: SenderTransport) -> None:
+    def __init__(self, transport: SenderTransport, *, max_tombstones: int = 65_536) -> None:
         self.transport = transport
         self._sources: dict[Hashable, _Source] = {}
         self._parked: dict[Hashable, deque[RoundPost]] = {}
+        # Requests cancelled before their source arrived, so a late add() drops it.
+        self._cancelled: dict[Hashable, None] = {}
+        self.max_tombstones = as_int(max_tombstones, "max_tombstones", minimum=0)
         self.rounds_served = 0
         self.repeated_posts = 0
 
-    def add(self, rid: Hashable, source: EmbeddingTensors, *, mrope_delta: int = 0) -> None:
-        """Make ``source`` available for request ``rid``."""
+    def add(self, rid: Hashable, source: EmbeddingTensors, *, mrope_delta: int = 0) -> bool:
+        """Make ``source`` available for request ``rid``.
+
+        Returns ``False`` (and keeps nothing) when the receiver already
+        cancelled ``rid``: the encoder finished after the language side gave up.
+        """
         check_hashable(rid, "rid")
         if rid in self._sources:
             raise DuplicateRequestError(f"request {rid!r} is already being sent")
@@ -60,11 +67,15 @@ class EmbeddingSender:
         mrope_delta = as_int(mrope_delta, "mrope_delta")
         if not -(2**31) <= mrope_delta < 2**31:
             raise InvalidArgumentError("mrope_delta must fit in int32")
+        if rid in self._cancelled:
+            del self._cancelled[rid]
+            return False
         self._sources[rid] = _Source(source, mrope_delta)
         parked = self._parked.pop(rid, None)
         if parked:
             for post in parked:
                 self._serve(post)
+        return True
 
     def step(self) -> int:
         """Serve every post that arrived; returns how many rounds were written."""
@@ -96,8 +107,12 @@ class EmbeddingSender:
             )
 
     def _cancel(self, cancel: Cancel) -> None:
-        self._sources.pop(cancel.rid, None)
+        known = self._sources.pop(cancel.rid, None) is not None
         self._parked.pop(cancel.rid, None)
+        if not known and self.max_tombstones:
+            self._cancelled[cancel.rid] = None
+            if len(self._cancelled) > self.max_tombstones:
+                del self._cancelled[next(iter(self._cancelled))]
         if cancel.epoch != NO_EPOCH:
             # Rounds are written whole within one step, so nothing more lands for it.
             self.transport.report(Cancelled(cancel.rid, cancel.epoch))
@@ -122,7 +137,12 @@ class EmbeddingSender:
             self.transport.report(SenderError(post.rid, post.epoch, problem))
             return
         n = min(src.total - src.sent, post.capacity_tokens)
-        aux = (src.total, src.mrope_delta) if post.epoch == 0 else None
+        # The total and mRoPE delta travel with round 0 only; the progress marker
+        # (aux[2]) with every round, for receivers that dedup by progress.
+        if post.epoch == 0:
+            aux: tuple[int, ...] = (src.total, src.mrope_delta, src.sent + n)
+        else:
+            aux = (0, 0, src.sent + n)
         self.transport.write_round(post, src.data.narrow(src.sent, n), aux)
         src.sent += n
         src.next_epoch = post.epoch + 1

@@ -1,0 +1,261 @@
+"""The protocol's invariants, each a plain named check reused by every checker.
+
+A check returns ``None`` when it holds, or a sentence saying what broke;
+:func:`require` turns that into an :class:`InvariantViolation` naming the
+invariant. The Hypothesis machines feed the checks what they observe of the
+real receiver, sender and allocator (through :class:`Ledger`); the bounded
+explorer feeds them its model's state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from resumekit.allocator.block_allocator import Allocation, BlockAllocator
+    from resumekit.statemachine.messages import RoundPost
+
+EXACTLY_ONCE: Final = "exactly-once"
+NO_LEAK: Final = "no-leak"
+INTEGRITY: Final = "integrity"
+PROGRESS: Final = "progress"
+NO_WRITE_AFTER_FREE: Final = "no-write-after-free"
+LIVENESS: Final = "liveness"
+INVARIANTS: Final = (EXACTLY_ONCE, NO_LEAK, INTEGRITY, PROGRESS, NO_WRITE_AFTER_FREE, LIVENESS)
+
+
+class InvariantViolation(AssertionError):
+    """An invariant broke; ``invariant`` names it, ``detail`` says how."""
+
+    def __init__(self, invariant: str, detail: str) -> None:
+        self.invariant = invariant
+        self.detail = detail
+        super().__init__(f"[{invariant}] {detail}")
+
+
+def require(invariant: str, problem: str | None) -> None:
+    """Raise :class:`InvariantViolation` if ``problem`` is not ``None``."""
+    if problem is not None:
+        raise InvariantViolation(invariant, problem)
+
+
+# -- 1. exactly once -------------------------------------------------------------
+
+
+def round_consumed_once(rid: Hashable, epoch: int, already_consumed: bool) -> str | None:
+    if already_consumed:
+        return f"round {epoch} of request {rid!r} was consumed twice"
+    return None
+
+
+def allocation_freed_once(generation: int, live: bool) -> str | None:
+    if not live:
+        return f"allocation generation {generation} was freed while not live (a double free)"
+    return None
+
+
+def allocation_posted_once(generation: int, times_posted: int) -> str | None:
+    if times_posted > 1:
+        return f"allocation generation {generation} was named by {times_posted} round posts"
+    return None
+
+
+# -- 2. no leak -------------------------------------------------------------------
+
+
+def nothing_left(
+    outstanding: int, quarantined: int, receiver_records: int, sender_records: int
+) -> str | None:
+    """At quiescence: no allocation, quarantined round or record may remain."""
+    parts = []
+    if outstanding:
+        parts.append(f"{outstanding} allocation(s) outstanding")
+    if quarantined:
+        parts.append(f"{quarantined} round(s) still in quarantine")
+    if receiver_records:
+        parts.append(f"{receiver_records} receiver record(s) left")
+    if sender_records:
+        parts.append(f"{sender_records} sender record(s) or parked post(s) left")
+    return "at quiescence " + ", ".join(parts) if parts else None
+
+
+def record_collected(rid: Hashable, alive: bool) -> str | None:
+    if alive:
+        return f"the record of request {rid!r} is still referenced after it was taken"
+    return None
+
+
+# -- 3. integrity -----------------------------------------------------------------
+
+
+def round_landed_before_consumed(rid: Hashable, epoch: int, written: bool) -> str | None:
+    if not written:
+        return f"round {epoch} of request {rid!r} was consumed before the sender wrote it"
+    return None
+
+
+def tokens_in_place(
+    rid: Hashable, epoch: int, offset: int, found: tuple[object, int] | None
+) -> str | None:
+    """The block holding output token ``offset`` holds that token of that request."""
+    if found != (rid, offset):
+        return (
+            f"round {epoch} of request {rid!r} put {found!r} at output token {offset}, "
+            f"not token {offset} of {rid!r}"
+        )
+    return None
+
+
+def output_intact(rid: Hashable, equal: bool) -> str | None:
+    if not equal:
+        return f"the output of request {rid!r} differs from the sender's source"
+    return None
+
+
+# -- 4. progress ------------------------------------------------------------------
+
+
+def sent_advances(rid: Hashable, sent_before: int, sent_after: int) -> str | None:
+    if sent_after <= sent_before:
+        return f"request {rid!r} consumed a round but sent went {sent_before} -> {sent_after}"
+    return None
+
+
+def stale_changes_nothing(rid: Hashable, before: object, after: object) -> str | None:
+    if before != after:
+        return f"a status for an old round changed request {rid!r}: {before!r} -> {after!r}"
+    return None
+
+
+# -- 5. no write after free -------------------------------------------------------
+
+
+def write_into_live_round(rid: Hashable, epoch: int, generation: int, live: bool) -> str | None:
+    if not live:
+        return (
+            f"the sender wrote round {epoch} of request {rid!r} into allocation generation "
+            f"{generation}, which is no longer live"
+        )
+    return None
+
+
+# -- 6. liveness ------------------------------------------------------------------
+
+
+def terminates(unfinished: list[Hashable], bound: int) -> str | None:
+    if unfinished:
+        return f"{len(unfinished)} request(s) not terminal after {bound} fair steps: {unfinished}"
+    return None
+
+
+def succeeds_without_faults(rid: Hashable, state: str, reason: str | None) -> str | None:
+    if state != "Success":
+        return f"request {rid!r} ended {state} ({reason}) though no abort or crash touched it"
+    return None
+
+
+# -- the ledger: what the Hypothesis machines observe of the real implementation ----
+
+
+@dataclass
+class _Round:
+    rid: Hashable
+    epoch: int
+    posts: int = 0
+    written: bool = False
+    consumed: bool = False
+
+
+@dataclass
+class Ledger:
+    """Observes posts, writes, consumptions and frees; checks invariants 1, 3, 4, 5 as they happen.
+
+    Plug it in as the receiver's observer, call :meth:`before_write` from the
+    transport before each write and :meth:`before_free` from the allocator.
+    """
+
+    allocator: BlockAllocator | None = None
+    rounds: dict[int, _Round] = field(default_factory=dict)
+    consumed: set[tuple[Hashable, int]] = field(default_factory=set)
+    sent: dict[Hashable, int] = field(default_factory=dict)
+    events: int = 0
+
+    # ReceiverObserver hooks
+    def round_posted(self, post: RoundPost) -> None:
+        assert post.allocation is not None
+        g = post.allocation.generation
+        entry = self.rounds.setdefault(g, _Round(post.rid, post.epoch))
+        entry.posts += 1
+        self.events += 1
+        require(EXACTLY_ONCE, allocation_posted_once(g, entry.posts))
+
+    def round_consumed(
+        self, rid: Hashable, epoch: int, tokens: int, allocation: Allocation
+    ) -> None:
+        self.events += 1
+        entry = self.rounds.get(allocation.generation)
+        require(
+            INTEGRITY,
+            round_landed_before_consumed(rid, epoch, entry is not None and entry.written),
+        )
+        assert entry is not None
+        key = (entry.rid, entry.epoch)
+        require(EXACTLY_ONCE, round_consumed_once(entry.rid, entry.epoch, key in self.consumed))
+        self.consumed.add(key)
+        entry.consumed = True
+        before = self.sent.get(rid, 0)
+        require(PROGRESS, sent_advances(rid, before, before + tokens))
+        self.sent[rid] = before + tokens
+
+    def request_failed(self, rid: Hashable, reason: str) -> None:
+        self.events += 1
+
+    # transport and allocator hooks
+    def before_write(self, post: RoundPost) -> None:
+        self.events += 1
+        allocation = post.allocation
+        assert allocation is not None and self.allocator is not None
+        live = self.allocator.is_live(allocation)
+        require(
+            NO_WRITE_AFTER_FREE,
+            write_into_live_round(post.rid, post.epoch, allocation.generation, live),
+        )
+        self.rounds.setdefault(allocation.generation, _Round(post.rid, post.epoch)).written = True
+
+    def before_free(self, allocation: Allocation) -> None:
+        assert self.allocator is not None
+        self.events += 1
+        require(
+            EXACTLY_ONCE,
+            allocation_freed_once(allocation.generation, self.allocator.is_live(allocation)),
+        )
+        self.rounds.pop(allocation.generation, None)
+
+
+__all__ = [
+    "EXACTLY_ONCE",
+    "INTEGRITY",
+    "INVARIANTS",
+    "LIVENESS",
+    "NO_LEAK",
+    "NO_WRITE_AFTER_FREE",
+    "PROGRESS",
+    "InvariantViolation",
+    "Ledger",
+    "allocation_freed_once",
+    "allocation_posted_once",
+    "nothing_left",
+    "output_intact",
+    "record_collected",
+    "require",
+    "round_consumed_once",
+    "round_landed_before_consumed",
+    "sent_advances",
+    "stale_changes_nothing",
+    "succeeds_without_faults",
+    "terminates",
+    "tokens_in_place",
+    "write_into_live_round",
+]

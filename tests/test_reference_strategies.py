@@ -1,0 +1,86 @@
+"""The suite must be able to fail: both checkers catch each replaced design, never epoch."""
+
+from __future__ import annotations
+
+import pytest
+
+from resumekit.properties.explorer import STANDARD_BOUNDS, explore
+from resumekit.properties.fuzz import fuzz
+from resumekit.properties.invariants import INVARIANTS, LIVENESS, NO_WRITE_AFTER_FREE
+from resumekit.properties.model import Bounds
+from resumekit.properties.strategies import BROKEN, strategy
+from resumekit.statemachine import ResumableReceiver
+
+MAX_TRACE = 20
+
+
+@pytest.mark.parametrize("name", BROKEN)
+def test_explorer_catches(name: str) -> None:
+    run = explore(STANDARD_BOUNDS, strategy(name))
+    assert run.violation is not None, f"the explorer missed {name}"
+    assert run.violation.invariant in INVARIANTS
+    assert 0 < len(run.violation.actions) < MAX_TRACE
+    assert not run.complete
+
+
+@pytest.mark.parametrize("name", BROKEN)
+def test_fuzzer_catches(name: str) -> None:
+    result = fuzz(name, max_examples=400)
+    assert result.failed, f"the fuzzer missed {name} in {result.examples} examples"
+    assert result.invariant in INVARIANTS, result.detail
+    assert 0 < len(result.actions) < MAX_TRACE
+    assert result.replay_seed is not None
+
+
+def test_fuzzer_replays_from_its_seed() -> None:
+    first = fuzz("seed-index", max_examples=400, start_seed=3)
+    assert first.replay_seed is not None
+    again = fuzz("seed-index", max_examples=25, start_seed=first.replay_seed)
+    assert again.failed and again.actions == first.actions
+
+
+@pytest.mark.parametrize("reuse", ["lifo", "fifo"])
+def test_explorer_proves_epoch(reuse: str) -> None:
+    run = explore(Bounds(blocks=5, requests=2, max_rounds=5, reuse=reuse), strategy("epoch"))
+    assert run.violation is None, run.violation and run.violation.format()
+    assert run.complete and run.states > 100_000 and run.done_states > 0
+
+
+def test_explorer_proves_epoch_with_three_requests() -> None:
+    bounds = Bounds(blocks=3, requests=3, max_rounds=2, duplicates=1, aborts=1, crashes=1)
+    run = explore(bounds, strategy("epoch"))
+    assert run.complete and run.violation is None
+
+
+def test_fuzzer_finds_nothing_in_epoch() -> None:
+    result = fuzz("epoch", max_examples=150)
+    assert not result.failed, result.format()
+    assert result.examples >= 150
+
+
+def test_seed_index_hangs_without_any_fault() -> None:
+    """The design note's own scenario: the resume lands in the same blocks and is skipped."""
+    faultless = Bounds(
+        blocks=4, requests=1, max_rounds=3, duplicates=0, aborts=0, crashes=0, pressure=0
+    )
+    run = explore(faultless, strategy("seed-index"))
+    assert run.violation is not None and run.violation.invariant == LIVENESS
+    assert "no terminal state is reachable" in run.violation.detail
+    text = run.violation.format()
+    assert text.count("into blocks [3]") >= 2, text  # two rounds, the very same block
+    for name in ("no-dedup", "sent-tokens", "epoch"):
+        assert explore(faultless, strategy(name)).complete
+
+
+def test_planted_bug_in_the_real_receiver_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Freeing an aborted request's in-flight round (no quarantine) lets the sender write
+    into blocks already back in the pool: the protocol machine must see it."""
+    original = ResumableReceiver._fail
+
+    def no_quarantine(self: ResumableReceiver, req, reason, *, peer_alive, written=True):  # type: ignore[no-untyped-def]
+        original(self, req, reason, peer_alive=peer_alive, written=False)
+
+    monkeypatch.setattr(ResumableReceiver, "_fail", no_quarantine)
+    result = fuzz("epoch", max_examples=600)
+    assert result.failed
+    assert result.invariant == NO_WRITE_AFTER_FREE, result.format()
