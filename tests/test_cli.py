@@ -31,6 +31,8 @@ def test_check_reports_a_numbered_counterexample(capsys: pytest.CaptureFixture[s
         "lifo",
         "--requests",
         "1",
+        "--blocks",
+        "1",
     )
     assert code == 1
     assert "violates liveness" in out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import itertools
 import random
 import sys
 import weakref
@@ -134,12 +135,18 @@ def test_any_number_of_rounds() -> None:
     assert_clean(p)
 
 
-def test_fifo_pool_moves_between_blocks() -> None:
+@pytest.mark.parametrize("reuse", ["lifo", "fifo"])
+def test_room_for_two_rounds_overlaps_them(reuse: str) -> None:
+    """With a full round free, the next round is posted before this one is copied out,
+    into other blocks; rounds keep their full size."""
     obs = Rounds()
-    p = pair(pool_blocks=100, reuse="fifo", observer=obs, max_resume_tokens=8192)
+    p = pair(pool_blocks=128, reuse=reuse, observer=obs, max_resume_tokens=8192)
     p.add("r", 30_000)
     finish(p)
-    assert len({c[3] for c in obs.consumed}) == len(obs.consumed)
+    sizes = [c[2] for c in obs.consumed]
+    assert sizes == [8192, 8192, 8192, 5424]
+    blocks = [set(c[3]) for c in obs.consumed]
+    assert all(not (a & b) for a, b in itertools.pairwise(blocks))
     assert_clean(p)
 
 

@@ -332,9 +332,13 @@ class _Work:
         self.fire(r, Event.ADMIT, False)
         return False
 
-    def try_resume(self, r: int) -> bool:
+    def try_resume(self, r: int, *, early: bool = False) -> bool:
+        """``ResumableReceiver._try_resume``: ``early`` takes a full round or nothing."""
         req = self.reqs[r]
-        n = min(req.total - req.sent, len(self.free))
+        want = req.total - req.sent
+        if early and want > len(self.free):
+            return False
+        n = min(want, len(self.free))
         if n >= 1:
             self._set_alloc(r, self.issue(n, r))
             self.fire(r, Event.ALLOCATE, True)
@@ -454,10 +458,13 @@ class _Work:
             self.fail(r, PROTOCOL, peer_alive=True)
             return
         action = self.fire(r, Event.LANDED, bool(final))
-        self.consume(r, a, tokens, total)
-        if action is Action.CONSUME:
-            q = self.reqs[r]
-            self.reqs[r] = _new(Req, (q[0], q[1] + 1, q[2], q[3], q[4], q[5], q[6]))
+        q = self.reqs[r]
+        g, offset = q.alloc, q.sent
+        consume = action is Action.CONSUME
+        self.reqs[r] = _new(Req, (q[0], q[1] + consume, q[2] + tokens, total, NONE, q[5], q[6]))
+        resumed = consume and not self.resumes and self.try_resume(r, early=True)
+        self.consume(r, a, g, tokens, offset)
+        if consume and not resumed:
             if self.resumes:
                 self.resumes = (*self.resumes, r)
             else:
@@ -476,23 +483,22 @@ class _Work:
         end = req.sent + tokens
         return end <= total and final == (end == total)
 
-    def consume(self, r: int, a: Alloc, tokens: int, total: int) -> None:
+    def consume(self, r: int, a: Alloc, g: int, tokens: int, base: int) -> None:
+        """Copy tokens ``[base, base + tokens)`` out of allocation ``g`` and free it, once."""
         req = self.reqs[r]
         if not a.written:
             raise InvariantViolation(
                 INTEGRITY, round_landed_before_consumed(f"r{r}", req.epoch, False) or ""
             )
-        cells, base = self.cells, req.sent
+        cells = self.cells
         for i in range(tokens):
             cell = cells[a.blocks[i]]
             if cell is None or cell[0] != r or cell[1] != base + i:
                 found = (f"r{cell.rid}", cell.pos) if cell is not None else None
                 problem = tokens_in_place(f"r{r}", req.epoch, base + i, found)
                 raise InvariantViolation(INTEGRITY, problem or "")
-        g = req.alloc
-        sent = req.sent + tokens
-        memo = self.model.filter.remember(req.memo, a.blocks, sent)
-        self.reqs[r] = _new(Req, (req[0], req[1], sent, total, NONE, memo, req[6]))
+        memo = self.model.filter.remember(req.memo, a.blocks, req.sent)
+        self.reqs[r] = _new(Req, (*req[:5], memo, req[6]))
         self.release(g)
 
     # -- sender (mirrors EmbeddingSender) -------------------------------------------------

@@ -22,6 +22,8 @@ class RoundPost:
 
     ``allocation`` travels only in-process, where the sender writes through it
     and the buffers refuse it once freed; across processes only the indices do.
+    ``expect_tokens`` is what the round must carry when the receiver already
+    knows (the total arrived with round 0), so a transport may prepare for it.
     """
 
     rid: Hashable
@@ -30,6 +32,7 @@ class RoundPost:
     capacity_tokens: int
     sent: int
     allocation: Allocation | None = None
+    expect_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -441,15 +441,26 @@ class ResumableReceiver:
             self._post_round(req)
         elif action is Action.CONSUME or action is Action.FINISH:
             assert status is not None
-            self._consume(req, status)
+            landed = req.allocation
+            assert landed is not None
+            offset = req.sent
+            req.allocation = None
+            req.sent += status.tokens
+            req.rounds += 1
+            resumed = False
             if action is Action.CONSUME:
                 req.epoch += 1
+                # Post the next round first when blocks are free: the sender fills them
+                # while this round is copied out (never the landed round's own blocks).
+                resumed = not self._resumes and self._try_resume(req, early=True)
+            self._consume(req, status, landed, offset)
+            if action is Action.FINISH:
+                self._finished.append(req.rid)
+            elif not resumed:
                 if self._resumes:
                     self._resumes.append(req)  # older resumes first
                 else:
                     self._try_resume(req)
-            else:
-                self._finished.append(req.rid)
         elif action is Action.QUEUE_ADMISSION:
             self._admissions.append(req)
         elif action is Action.WAIT_FOR_BLOCKS and dest is S.Transferring:
@@ -459,36 +470,47 @@ class ResumableReceiver:
     def _post_round(self, req: RequestRecord) -> None:
         allocation = req.allocation
         assert allocation is not None
+        capacity = allocation.capacity_tokens
+        expect = None if req.total is None else min(req.total - req.sent, capacity)
         post = RoundPost(
-            req.rid, req.epoch, allocation.blocks, allocation.capacity_tokens, req.sent, allocation
+            req.rid, req.epoch, allocation.blocks, capacity, req.sent, allocation, expect
         )
         if self.observer is not None:
             self.observer.round_posted(post)
         self.transport.post_round(post)
 
-    def _consume(self, req: RequestRecord, status: Landed) -> None:
-        """Copy the landed round out at offset ``sent`` and free its blocks, once."""
-        allocation = req.allocation
-        assert allocation is not None
+    def _consume(
+        self, req: RequestRecord, status: Landed, allocation: Allocation, offset: int
+    ) -> None:
+        """Copy the landed round out at ``offset`` and free its blocks, once."""
         if req.output is None:
             req.output = self.buffers.new_output(status.total)
-        self.buffers.read_into(allocation, status.tokens, req.output, req.sent)
+        self.buffers.read_into(allocation, status.tokens, req.output, offset)
         if self.observer is not None:
             self.observer.round_consumed(req.rid, status.epoch, status.tokens, allocation)
-        req.allocation = None
         self.allocator.free(allocation)
-        req.sent += status.tokens
-        req.rounds += 1
         req.memo = self.round_filter.remember(req.memo, allocation.blocks, req.sent)
 
-    def _try_resume(self, req: RequestRecord) -> bool:
+    def _try_resume(self, req: RequestRecord, *, early: bool = False) -> bool:
+        """Allocate and post the next round.
+
+        ``early`` (before the landed round is freed) takes a full-size round from
+        the free blocks or nothing, and changes nothing when it takes nothing:
+        it overlaps the next round with this copy-out without shrinking rounds.
+        """
         assert req.total is not None
         want = req.total - req.sent
         if self.max_resume_tokens is not None and want > self.max_resume_tokens:
             want = self.max_resume_tokens
-        req.allocation = self.allocator.allocate_up_to(want, req.rid)
-        self._fire(req, Event.ALLOCATE, req.allocation is not None)
-        return req.allocation is not None
+        if early:
+            if self.allocator.blocks_for(want) > self.allocator.num_free_blocks:
+                return False
+            allocation = self.allocator.allocate(want, req.rid)
+        else:
+            allocation = self.allocator.allocate_up_to(want, req.rid)
+        req.allocation = allocation
+        self._fire(req, Event.ALLOCATE, allocation is not None)
+        return allocation is not None
 
     def _try_admit(self, req: RequestRecord) -> bool:
         req.allocation = self.allocator.allocate(self.default_allocate_tokens, req.rid)

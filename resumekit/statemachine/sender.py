@@ -137,6 +137,17 @@ class EmbeddingSender:
             self.transport.report(SenderError(post.rid, post.epoch, problem))
             return
         n = min(src.total - src.sent, post.capacity_tokens)
+        if post.expect_tokens is not None and post.expect_tokens != n:
+            del self._sources[post.rid]
+            self.transport.report(
+                SenderError(
+                    post.rid,
+                    post.epoch,
+                    f"round {post.epoch} would carry {n} tokens; the receiver expects "
+                    f"{post.expect_tokens}",
+                )
+            )
+            return
         # The total and mRoPE delta travel with round 0 only; the progress marker
         # (aux[2]) with every round, for receivers that dedup by progress.
         if post.epoch == 0:
