@@ -221,7 +221,14 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    report = simulate(
+    run = simulate
+    extra: dict[str, float] = {}
+    if args.transport == "torch":
+        from resumekit.twoprocess import simulate_distributed  # noqa: PLC0415 - starts torch.distributed
+
+        run = simulate_distributed
+        extra = {"timeout": args.timeout}
+    report = run(
         args.tokens,
         default_allocate=args.default_allocate,
         pool_blocks=args.pool_blocks,
@@ -230,6 +237,7 @@ def _simulate(args: argparse.Namespace) -> int:
         reuse=check_reuse(args.reuse),
         max_round_tokens=args.max_round_tokens,
         seed=args.seed,
+        **extra,
     )
     print(report.to_json() if args.json else format_report(report))
     ok = report.state == "Success" and report.intact and report.leaked_blocks == 0
@@ -284,6 +292,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     sim.add_argument("--max-round-tokens", type=int, default=None, help="cap on each resume")
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--json", action="store_true", help="print a JSON report")
+    sim.add_argument(
+        "--transport",
+        choices=["inprocess", "torch"],
+        default="inprocess",
+        help="torch: sender and receiver in two processes over torch.distributed (gloo)",
+    )
+    sim.add_argument(
+        "--timeout", type=float, default=30.0, help="(torch) seconds without progress = peer lost"
+    )
     sim.set_defaults(func=_simulate)
 
     diag = sub.add_parser("diagram", help="the protocol as a Mermaid state diagram")

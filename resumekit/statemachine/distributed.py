@@ -1,0 +1,551 @@
+"""The protocol across two processes over ``torch.distributed`` point-to-point messages.
+
+One receiver rank and one sender rank. Control messages are small int64
+tensors with tags on a gloo group; each round's payload goes straight into the
+receiver's blocks of :class:`~resumekit.allocator.BlockBuffers` (one receive per
+run of adjacent blocks and tensor), on the same group, or on ``data_group``
+(NCCL) when the buffers are on CUDA.
+
+gloo marks a point-to-point operation complete only inside ``wait()``, and a
+``wait`` that times out closes the connection, so each end runs small daemon
+threads that block in ``wait()`` and hand what completed to the event loop
+through a deque: the loop itself never blocks, locks or waits. A peer that dies
+makes those waits fail at once ("connection closed"), which reports the peer
+lost; a peer that stops answering is declared lost after ``timeout`` seconds
+without progress on any round, and the transport closes so that nothing more
+can land in a block.
+
+Wire format (int64 headers of 8 values):
+
+- receiver to sender (tag 1): POST ``[1, rid, epoch, sent, capacity, n, tag,
+  expect]`` then the ``n`` block indices; CANCEL ``[2, rid, epoch]``; CLOSE ``[3]``.
+- sender to receiver (tag 2): DATA ``[10, rid, epoch, tokens, tag]`` announces a
+  round's payload (on the round's own ``tag``: per run of blocks the
+  embeddings, fill ids and three mRoPE rows, then the aux row of the first
+  block; when the post says how many tokens to ``expect``, the receiver has
+  posted those receives already); LANDED
+  ``[11, rid, epoch, tokens, total, final]``; CANCELLED ``[12, rid, epoch]``;
+  SENDER_ERROR ``[13, rid, epoch, n]`` then ``n`` bytes of reason; BYE ``[14]``
+  answers CLOSE.
+
+A status for a round whose payload is still arriving is held back until the
+payload has landed: the receiver may free the blocks on any status.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+import torch.distributed as dist
+
+from resumekit.allocator.buffers import MROPE_ROWS
+from resumekit.errors import InvalidArgumentError, TransportError
+from resumekit.statemachine.messages import (
+    Cancel,
+    Cancelled,
+    Landed,
+    PeerLost,
+    Post,
+    RoundPost,
+    SenderError,
+    Status,
+)
+
+if TYPE_CHECKING:
+    from resumekit.allocator.buffers import BlockBuffers, EmbeddingTensors
+
+HEADER = 8
+TAG_TO_SENDER, TAG_TO_RECEIVER, TAG_DATA = 1, 2, 3
+FIRST_ROUND_TAG, ROUND_TAGS = 16, 1 << 30  # each round's payload has a tag of its own
+POST, CANCEL, CLOSE = 1, 2, 3
+DATA, LANDED, CANCELLED, SENDER_ERROR, BYE = 10, 11, 12, 13, 14
+DEFAULT_TIMEOUT = 30.0
+_EMPTY: tuple[Any, ...] = ()
+
+Role = Literal["receiver", "sender"]
+Key = tuple[int, int]
+
+
+def runs(blocks: Sequence[int], tokens: int, block_size: int) -> list[tuple[int, int]]:
+    """``tokens`` tokens laid over ``blocks`` as (first block, tokens) runs of adjacent blocks."""
+    out: list[tuple[int, int]] = []
+    left = tokens
+    for b in blocks:
+        if left <= 0:
+            break
+        n = min(block_size, left)
+        if out and out[-1][1] % block_size == 0 and out[-1][0] + out[-1][1] // block_size == b:
+            out[-1] = (out[-1][0], out[-1][1] + n)
+        else:
+            out.append((b, n))
+        left -= n
+    return out
+
+
+def _rid(rid: Hashable) -> int:
+    if type(rid) is not int:
+        raise TransportError(f"TorchDistributedTransport carries int request ids, not {rid!r}")
+    return rid
+
+
+@dataclass
+class _Round:
+    """A round the receiver posted and has not had answered yet."""
+
+    post: RoundPost
+    progress: float
+    tag: int = TAG_DATA
+    ready: list[Any] | None = None  # receives posted before the payload was announced
+    arriving: bool = False  # its payload is announced and not fully landed
+    after: list[Status] = field(default_factory=list)  # statuses held until it has
+
+
+class TorchDistributedTransport:
+    """One end of the protocol over ``torch.distributed``; ``role`` says which.
+
+    ``peer`` is the other end's rank in ``group`` (the default group if
+    ``None``); ``data_group`` carries payloads (give an NCCL group when the
+    buffers are on CUDA); the receiver end needs the ``buffers`` its rounds land
+    in. Request ids must be ints. ``owns_group``: :meth:`close` destroys the
+    default process group. Call it from one event loop; its threads only wait.
+    """
+
+    def __init__(
+        self,
+        role: Role,
+        peer: int,
+        *,
+        buffers: BlockBuffers | None = None,
+        group: dist.ProcessGroup | None = None,
+        data_group: dist.ProcessGroup | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        aux_size: int = 16,
+        owns_group: bool = False,
+    ) -> None:
+        if role not in ("receiver", "sender"):
+            raise InvalidArgumentError(f"role must be 'receiver' or 'sender', not {role!r}")
+        if role == "receiver" and buffers is None:
+            raise InvalidArgumentError("the receiver end needs the BlockBuffers rounds land in")
+        if not dist.is_available() or not dist.is_initialized():
+            raise TransportError("torch.distributed is not initialised")
+        if not timeout > 0:
+            raise InvalidArgumentError(f"timeout must be > 0 seconds, got {timeout}")
+        self.role = role
+        self.peer = peer
+        self.buffers = buffers
+        self.group = group
+        self.data_group = data_group if data_group is not None else group
+        self.timeout = float(timeout)
+        self.aux_size = buffers.aux_size if buffers is not None else aux_size
+        self.owns_group = owns_group
+        self.closed = False
+        self.finished = False  # (sender) the receiver said CLOSE, or is gone
+        self.peer_lost: str | None = None
+        self.posted = 0
+        self.delivered = 0
+        # What the threads completed, for the event loop: appends and pops need no lock.
+        self._inbox: deque[tuple[Any, ...]] = deque()
+        self._sends: queue.SimpleQueue[tuple[Any, torch.Tensor] | None] = queue.SimpleQueue()
+        self._queued = 0  # sends posted (only the event loop writes it)
+        self._completed = 0  # sends completed (only the send thread writes it)
+        self._rounds: dict[Key, _Round] = {}
+        self._payloads: queue.SimpleQueue[tuple[Key, list[Any]] | None] = queue.SimpleQueue()
+        self._next_check = 0.0
+        # gloo matches by tag, so a round whose size is known is received into its
+        # blocks as soon as it is posted; NCCL matches by order and has no tags.
+        self._tagged = dist.get_backend(self.data_group) == "gloo"
+        self._next_tag = FIRST_ROUND_TAG
+        self._tags: dict[Key, int] = {}  # (sender) each posted round's payload tag
+        self._threads = [
+            threading.Thread(target=self._send_loop, name=f"resumekit-{role}-send", daemon=True),
+            threading.Thread(
+                target=self._control_loop, name=f"resumekit-{role}-control", daemon=True
+            ),
+        ]
+        if role == "receiver":
+            self._threads.append(
+                threading.Thread(target=self._data_loop, name="resumekit-data", daemon=True)
+            )
+        for t in self._threads:
+            t.start()
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def _send(self, tensor: torch.Tensor, tag: int, group: Any = None) -> None:
+        if group is not None and group is not self.group and not self._tagged:
+            tag = 0
+        work = dist.isend(tensor, dst=self.peer, group=group or self.group, tag=tag)
+        self._queued += 1
+        self._sends.put((work, tensor))  # the tensor stays alive until the send completes
+
+    def _recv(self, tensor: torch.Tensor, tag: int, group: Any = None) -> Any:
+        if group is not None and group is not self.group and not self._tagged:
+            tag = 0
+        return dist.irecv(tensor, src=self.peer, group=group or self.group, tag=tag)
+
+    def _send_header(self, tag: int, *values: int) -> None:
+        header = torch.zeros(HEADER, dtype=torch.int64)
+        header[: len(values)] = torch.tensor(values, dtype=torch.int64)
+        self._send(header, tag)
+
+    @staticmethod
+    def _wait(work: Any, cuda: bool = False) -> None:
+        if cuda:  # NCCL: wait() only orders streams; the data is there once completed
+            while not work.is_completed():
+                time.sleep(0.0001)
+        else:
+            work.wait()
+
+    def _send_loop(self) -> None:
+        while (item := self._sends.get()) is not None:
+            work, tensor = item
+            try:
+                self._wait(work, tensor.is_cuda)
+            except Exception as error:  # the peer is gone
+                if not self.closed:
+                    self._inbox.append(("lost", _why(error)))
+                return
+            self._completed += 1
+
+    def _control_loop(self) -> None:
+        tag = TAG_TO_RECEIVER if self.role == "receiver" else TAG_TO_SENDER
+        try:
+            while True:
+                header = torch.zeros(HEADER, dtype=torch.int64)
+                self._wait(self._recv(header, tag))
+                h = tuple(int(v) for v in header.tolist())
+                if not (
+                    self._on_receiver_header(h)
+                    if self.role == "receiver"
+                    else self._on_sender_header(h)
+                ):
+                    return
+        except Exception as error:
+            if not self.closed:
+                self._inbox.append(("lost", _why(error)))
+
+    def pending_sends(self) -> int:
+        """Sends not yet completed; a clean shutdown waits for zero."""
+        return self._queued - self._completed
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """End cleanly: the receiver says CLOSE, the sender answers BYE, sends drain, then close."""
+        deadline = time.monotonic() + timeout
+        if self.role == "receiver" and not self.closed and self.peer_lost is None:
+            self.finish()
+        control = self._threads[1]
+        control.join(max(0.0, deadline - time.monotonic()))
+        while self.pending_sends() and time.monotonic() < deadline and self.peer_lost is None:
+            time.sleep(0.0005)
+        self.close(wait=max(0.0, deadline - time.monotonic()))
+
+    def close(self, wait: float = 5.0) -> None:
+        """Stop the threads and, if this end owns the group, destroy it: nothing more arrives."""
+        if self.closed:
+            return
+        self.closed = True
+        self._sends.put(None)
+        self._payloads.put(None)
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(wait if t.name.endswith("send") else 0.2)
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def _require(self, role: Role) -> None:
+        if self.role != role:
+            raise TransportError(f"this is the {self.role} end; that call belongs to the {role}")
+
+    # -- receiver end --------------------------------------------------------------------
+
+    def post_round(self, post: RoundPost) -> None:
+        self._require("receiver")
+        if self.closed:
+            return  # the peer is gone: PeerLost has been reported
+        rid = _rid(post.rid)
+        tag = self._next_tag
+        self._next_tag = FIRST_ROUND_TAG + (tag + 1 - FIRST_ROUND_TAG) % ROUND_TAGS
+        expect = post.expect_tokens
+        ready = None
+        if expect is not None and self._tagged:
+            ready = self._receive_payload(post, expect, tag)
+        self._rounds[(rid, post.epoch)] = _Round(post, time.monotonic(), tag, ready)
+        self.posted += 1
+        self._send_header(
+            TAG_TO_SENDER,
+            POST,
+            rid,
+            post.epoch,
+            post.sent,
+            post.capacity_tokens,
+            len(post.blocks),
+            tag,
+            -1 if expect is None else expect,
+        )
+        self._send(torch.tensor(post.blocks, dtype=torch.int64), TAG_TO_SENDER)
+
+    def cancel(self, rid: Hashable, epoch: int) -> None:
+        self._require("receiver")
+        if not self.closed:
+            self._send_header(TAG_TO_SENDER, CANCEL, _rid(rid), epoch)
+
+    def finish(self) -> None:
+        """Tell the sender this receiver is done; it answers BYE and exits."""
+        self._require("receiver")
+        if not self.closed:
+            self._send_header(TAG_TO_SENDER, CLOSE)
+
+    def poll_statuses(self) -> Sequence[Status]:
+        self._require("receiver")
+        inbox = self._inbox
+        if not inbox and (not self._rounds or time.monotonic() < self._next_check):
+            return _EMPTY
+        out: list[Status] = []
+        now = time.monotonic()
+        while inbox:
+            item = inbox.popleft()
+            kind = item[0]
+            if kind == "status":
+                self._pass_or_hold(item[1], item[2], now, out)
+            elif kind == "announced":
+                rnd = self._rounds.get(item[1])
+                if rnd is not None:
+                    rnd.arriving = True
+                    rnd.progress = now
+            elif kind == "landed":
+                rnd = self._rounds.get(item[1])
+                if rnd is not None:
+                    rnd.arriving = False
+                    rnd.progress = now
+                    if rnd.after:
+                        del self._rounds[item[1]]
+                        out.extend(rnd.after)
+            elif kind == "lost":
+                return self._lose_peer(f"connection lost: {item[1]}", out)
+            elif kind == "bye":
+                pass
+        if self._rounds and now >= self._next_check:
+            self._next_check = now + min(1.0, self.timeout / 4)
+            for (rid, epoch), rnd in self._rounds.items():
+                if now - rnd.progress > self.timeout:
+                    reason = (
+                        f"round {epoch} of request {rid} made no progress for {self.timeout:g} s"
+                    )
+                    return self._lose_peer(reason, out)
+        if not out:
+            return _EMPTY
+        self.delivered += len(out)
+        return out
+
+    def _pass_or_hold(self, key: Key, status: Status, now: float, out: list[Status]) -> None:
+        rnd = self._rounds.get(key)
+        if rnd is None:
+            out.append(status)  # no round of ours: the receiver will count it stale
+        elif rnd.arriving:
+            rnd.after.append(status)
+            rnd.progress = now
+        else:
+            del self._rounds[key]
+            out.append(status)
+
+    def _lose_peer(self, reason: str, out: list[Status]) -> Sequence[Status]:
+        self.peer_lost = reason
+        self._rounds.clear()
+        self.close(wait=0.0)  # no receive may complete into a block after this
+        out.append(PeerLost(reason))
+        self.delivered += len(out)
+        return out
+
+    def _on_receiver_header(self, h: tuple[int, ...]) -> bool:
+        """(control thread) One header from the sender; ``False`` ends the loop."""
+        kind, rid, epoch = h[0], h[1], h[2]
+        key = (rid, epoch)
+        if kind == DATA:
+            rnd = self._rounds.get(key)
+            if rnd is None:
+                raise TransportError(f"payload for round {epoch} of request {rid}, never posted")
+            if rnd.ready is not None:
+                if h[3] != rnd.post.expect_tokens:
+                    raise TransportError(
+                        f"round {epoch} of request {rid} announces {h[3]} tokens, "
+                        f"{rnd.post.expect_tokens} were expected"
+                    )
+                works = rnd.ready
+            else:
+                works = self._receive_payload(rnd.post, h[3], rnd.tag)
+            self._inbox.append(("announced", key))
+            self._payloads.put((key, works))
+        elif kind == LANDED:
+            self._inbox.append(("status", key, Landed(rid, epoch, h[3], h[4], bool(h[5]))))
+        elif kind == CANCELLED:
+            self._inbox.append(("status", key, Cancelled(rid, epoch)))
+        elif kind == SENDER_ERROR:
+            reason = torch.zeros(h[3], dtype=torch.uint8)
+            self._wait(self._recv(reason, TAG_TO_RECEIVER))
+            text = bytes(reason.tolist()).decode("utf-8", "replace")
+            self._inbox.append(("status", key, SenderError(rid, epoch, text)))
+        elif kind == BYE:
+            self._inbox.append(("bye",))
+            return False
+        else:
+            raise TransportError(f"unknown control message {h}")
+        return True
+
+    def _data_loop(self) -> None:
+        assert self.buffers is not None
+        cuda = self.buffers.device.type == "cuda"
+        while (item := self._payloads.get()) is not None:
+            key, works = item
+            try:
+                for work in works:
+                    self._wait(work, cuda)
+            except Exception as error:
+                if not self.closed:
+                    self._inbox.append(("lost", _why(error)))
+                return
+            self._inbox.append(("landed", key))
+
+    def _receive_payload(self, post: RoundPost, tokens: int, tag: int) -> list[Any]:
+        """Post the receives for one round straight into its blocks.
+
+        They reach the data thread only once the sender announces the payload:
+        a round cancelled before that never sends it, and its receives stay
+        unmatched under a tag nothing else uses.
+        """
+        buffers = self.buffers
+        assert buffers is not None
+        allocation = post.allocation
+        if allocation is not None and not buffers.allocator.is_live(allocation):
+            raise TransportError(
+                f"round {post.epoch} of request {post.rid} would land in freed blocks"
+            )
+        if not 1 <= tokens <= post.capacity_tokens:
+            raise TransportError(f"round {post.epoch} announces {tokens} tokens")
+        bs, hidden = buffers.block_size, buffers.hidden_size
+        emb = buffers.embeddings.view(-1, hidden)
+        fill = buffers.fill_ids.view(-1)
+        mrope = buffers.mrope.view(MROPE_ROWS, -1)
+        group = self.data_group
+        works = []
+        for first, n in runs(post.blocks, tokens, bs):
+            at = first * bs
+            pieces = [emb[at : at + n], fill[at : at + n]]
+            pieces += [mrope[r, at : at + n] for r in range(MROPE_ROWS)]
+            works += [self._recv(piece, tag, group) for piece in pieces]
+        works.append(self._recv(buffers.aux[post.blocks[0]], tag, group))
+        return works
+
+    # -- sender end ----------------------------------------------------------------------
+
+    def poll_posts(self) -> Sequence[Post]:
+        self._require("sender")
+        inbox = self._inbox
+        if not inbox:
+            return _EMPTY
+        out: list[Post] = []
+        while inbox:
+            item = inbox.popleft()
+            if item[0] == "post":
+                out.append(item[1])
+            elif item[0] == "close":
+                self.finished = True
+            elif item[0] == "lost":
+                self.peer_lost = item[1]
+                self.finished = True
+        return out
+
+    def _on_sender_header(self, h: tuple[int, ...]) -> bool:
+        """(control thread) One header from the receiver; ``False`` ends the loop."""
+        if h[0] == POST:
+            _, rid, epoch, sent, capacity, n, tag, expect = h
+            blocks = torch.zeros(n, dtype=torch.int64)
+            self._wait(self._recv(blocks, TAG_TO_SENDER))
+            self._tags[(rid, epoch)] = tag
+            post = RoundPost(
+                rid,
+                epoch,
+                tuple(blocks.tolist()),
+                capacity,
+                sent,
+                None,
+                None if expect < 0 else expect,
+            )
+            self._inbox.append(("post", post))
+        elif h[0] == CANCEL:
+            self._inbox.append(("post", Cancel(h[1], h[2])))
+        elif h[0] == CLOSE:
+            bye = torch.zeros(HEADER, dtype=torch.int64)
+            bye[0] = BYE
+            self._wait(dist.isend(bye, dst=self.peer, group=self.group, tag=TAG_TO_RECEIVER))
+            self._inbox.append(("close",))
+            return False
+        else:
+            raise TransportError(f"unknown control message {h}")
+        return True
+
+    def write_round(
+        self, post: RoundPost, data: EmbeddingTensors, aux: Sequence[int] | None
+    ) -> None:
+        self._require("sender")
+        if self.closed:
+            return
+        n = data.num_tokens
+        if not post.blocks or post.capacity_tokens % len(post.blocks):
+            raise TransportError(f"round {post.epoch} post has an inconsistent capacity")
+        bs = post.capacity_tokens // len(post.blocks)
+        rid = _rid(post.rid)
+        tag = self._tags.pop((rid, post.epoch), TAG_DATA)
+        self._send_header(TAG_TO_RECEIVER, DATA, rid, post.epoch, n, tag)
+        group = self.data_group
+        offset = 0
+        for _first, count in runs(post.blocks, n, bs):
+            end = offset + count
+            self._send(data.embeddings[offset:end].contiguous(), tag, group)
+            self._send(data.fill_ids[offset:end].contiguous(), tag, group)
+            for r in range(MROPE_ROWS):
+                self._send(data.mrope[r, offset:end].contiguous(), tag, group)
+            offset = end
+        row = torch.zeros(self.aux_size, dtype=torch.int32, device=data.embeddings.device)
+        if aux:
+            row[: len(aux)] = torch.tensor(list(aux), dtype=torch.int32)
+        self._send(row, tag, group)
+
+    def report(self, status: Landed | Cancelled | SenderError) -> None:
+        self._require("sender")
+        if self.closed:
+            return
+        rid = _rid(status.rid)
+        if isinstance(status, Landed):
+            self._send_header(
+                TAG_TO_RECEIVER,
+                LANDED,
+                rid,
+                status.epoch,
+                status.tokens,
+                status.total,
+                int(status.final),
+            )
+        elif isinstance(status, Cancelled):
+            self._send_header(TAG_TO_RECEIVER, CANCELLED, rid, status.epoch)
+        else:
+            reason = status.reason.encode()[:4096] or b"?"
+            self._send_header(TAG_TO_RECEIVER, SENDER_ERROR, rid, status.epoch, len(reason))
+            self._send(torch.tensor(list(reason), dtype=torch.uint8), TAG_TO_RECEIVER)
+
+
+def _why(error: BaseException) -> str:
+    """The first sentence of a gloo error, without its source location."""
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if text.startswith("[") and "] " in text:
+        text = text.split("] ", 1)[1]
+    return text.split(". ", 1)[0][:200]
+
+
+__all__ = ["DEFAULT_TIMEOUT", "TorchDistributedTransport", "runs"]

@@ -1,0 +1,129 @@
+"""The protocol across two real processes on 127.0.0.1 over gloo; every run has a deadline."""
+
+from __future__ import annotations
+
+import pytest
+import torch.distributed as dist
+
+from resumekit.errors import TransportError
+from resumekit.statemachine.distributed import _rid, runs
+from resumekit.twoprocess import PairConfig, Request, run_pair, simulate_distributed
+
+pytestmark = pytest.mark.skipif(not dist.is_gloo_available(), reason="needs gloo")
+
+DEADLINE = 60.0
+
+
+def test_runs_merge_adjacent_full_blocks() -> None:
+    assert runs((4, 5, 6, 9), 30, 8) == [(4, 24), (9, 6)]
+    assert runs((4, 5, 6, 9), 20, 8) == [(4, 20)]
+    assert runs((7, 3, 4), 24, 8) == [(7, 8), (3, 16)]
+    assert runs((1, 2), 5, 8) == [(1, 5)]
+    assert runs((1, 2), 0, 8) == []
+
+
+def test_request_ids_must_be_ints() -> None:
+    assert _rid(7) == 7
+    with pytest.raises(TransportError):
+        _rid("seven")
+
+
+def test_50k_tokens_capped_resumes_over_gloo() -> None:
+    report = simulate_distributed(50_000, max_round_tokens=16_384, hidden=64)
+    assert report.state == "Success" and report.intact
+    assert [r.tokens for r in report.rounds] == [8192, 16_384, 16_384, 9040]
+    assert report.resumes == 3 and report.leaked_blocks == 0
+
+
+@pytest.mark.parametrize("reuse", ["lifo", "fifo"])
+def test_concurrent_requests_on_a_small_pool(reuse: str) -> None:
+    requests = [Request(i, 3000 * (i + 1) + 17 * i, seed=i) for i in range(6)]
+    report = run_pair(
+        PairConfig(
+            requests,
+            pool_blocks=48,
+            hidden=32,
+            reuse=reuse,
+            default_allocate=2048,
+            max_round_tokens=2048,
+            deadline=DEADLINE,
+        )
+    )
+    for outcome in report.outcomes:
+        assert outcome.state == "Success" and outcome.intact, outcome
+    assert sum(len(o.rounds) for o in report.outcomes) > len(requests)  # resumes happened
+    assert report.leaked_blocks == 0 and report.quarantined == 0 and report.records_left == 0
+    assert (report.receiver_exit, report.sender_exit) == (0, 0)
+
+
+def test_sender_killed_mid_round() -> None:
+    requests = [Request(0, 40_000, 1), Request(1, 30_000, 2)]
+    report = run_pair(
+        PairConfig(
+            requests,
+            pool_blocks=256,
+            hidden=32,
+            max_round_tokens=8192,
+            timeout=10.0,
+            deadline=DEADLINE,
+            fault_round=3,
+            fault="die",
+        )
+    )
+    for outcome in report.outcomes:
+        assert outcome.state == "Failed", outcome
+        assert outcome.reason is not None and outcome.reason.startswith("peer lost"), outcome
+    assert report.seconds < 10.0  # the dead connection is noticed before the timeout
+    assert report.leaked_blocks == 0 and report.quarantined == 0 and report.records_left == 0
+    assert report.receiver_exit == 0 and report.sender_exit == -9
+
+
+def test_silent_sender_is_declared_lost_after_the_timeout() -> None:
+    report = run_pair(
+        PairConfig(
+            [Request(0, 40_000, 1)],
+            pool_blocks=256,
+            hidden=32,
+            max_round_tokens=8192,
+            timeout=2.0,
+            deadline=DEADLINE,
+            fault_round=2,
+            fault="hang",
+        )
+    )
+    [outcome] = report.outcomes
+    assert outcome.state == "Failed"
+    assert outcome.reason is not None and "made no progress for 2 s" in outcome.reason
+    assert 2.0 <= report.seconds < 20.0
+    assert report.leaked_blocks == 0 and report.quarantined == 0
+    assert report.receiver_exit == 0
+
+
+def test_abort_with_a_round_in_flight_quarantines_until_it_lands() -> None:
+    requests = [Request(0, 40_000, 1), Request(1, 20_000, 2)]
+    report = run_pair(
+        PairConfig(
+            requests,
+            pool_blocks=128,
+            hidden=32,
+            max_round_tokens=8192,
+            deadline=DEADLINE,
+            abort=(0, 2),
+        )
+    )
+    aborted, other = report.outcomes
+    assert aborted.state == "Failed" and aborted.reason == "aborted by the engine"
+    assert len(aborted.rounds) == 2  # rounds 0 and 1 consumed, round 2 in flight
+    assert other.state == "Success" and other.intact
+    assert report.quarantined == 0 and report.leaked_blocks == 0 and report.records_left == 0
+    assert (report.receiver_exit, report.sender_exit) == (0, 0)
+
+
+def test_simulate_cli_prints_the_same_table_over_torch(capsys: pytest.CaptureFixture[str]) -> None:
+    from resumekit.cli import main
+
+    args = ["simulate", "--tokens", "30000", "--max-round-tokens", "8192", "--pool-blocks", "96"]
+    assert main(args) == 0
+    in_process = capsys.readouterr().out
+    assert main([*args, "--transport", "torch", "--timeout", "20"]) == 0
+    assert capsys.readouterr().out == in_process
