@@ -89,6 +89,8 @@ def _main(rank: int, port: int, tokens: int, hidden: int, out: Any) -> None:
         # Each protocol run follows its own plain run: the median of those pairs' ratios
         # is robust to this machine's speed drifting during the benchmark.
         ratios = [p / q for p, q in zip(plain, protocol, strict=True)]
+        pairs = [(round(p * 1e3), round(q * 1e3)) for p, q in zip(plain, protocol, strict=True)]
+        print(f"(plain, protocol) ms per pair: {pairs}", flush=True)
         out.put((statistics.median(plain), statistics.median(protocol), statistics.median(ratios)))
     transport.shutdown()
     dist.destroy_process_group()

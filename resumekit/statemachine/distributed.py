@@ -3,30 +3,31 @@
 One receiver rank and one sender rank. Control messages are small int64
 tensors with tags on a gloo group; each round's payload goes straight into the
 receiver's blocks of :class:`~resumekit.allocator.BlockBuffers` (one receive per
-run of adjacent blocks and tensor), on the same group, or on ``data_group``
-(NCCL) when the buffers are on CUDA.
+run of adjacent blocks and tensor, under a tag of its own), on the same group,
+or on ``data_group`` (NCCL) when the buffers are on CUDA.
 
-gloo marks a point-to-point operation complete only inside ``wait()``, and a
-``wait`` that times out closes the connection, so each end runs small daemon
-threads that block in ``wait()`` and hand what completed to the event loop
-through a deque: the loop itself never blocks, locks or waits. A peer that dies
-makes those waits fail at once ("connection closed"), which reports the peer
-lost; a peer that stops answering is declared lost after ``timeout`` seconds
-without progress on any round, and the transport closes so that nothing more
-can land in a block.
+gloo completes a point-to-point operation only inside ``wait()``, so each end
+runs daemon threads that block in ``wait()`` and hand what completed to the
+event loop through a deque: the loop itself never blocks, locks or waits.
+Each end sends a heartbeat every quarter ``timeout``, and every wait is
+bounded by ``timeout``, so only a dead peer (the wait fails at once) or a
+silent one (it times out) ends a wait early; a round with no progress for
+``timeout`` is declared lost too. The transport then stops its threads and
+reports :class:`PeerLost` only once none of them can still be inside a wait,
+after destroying a group it owns: nothing more can land in any block.
 
 Wire format (int64 headers of 8 values):
 
 - receiver to sender (tag 1): POST ``[1, rid, epoch, sent, capacity, n, tag,
-  expect]`` then the ``n`` block indices; CANCEL ``[2, rid, epoch]``; CLOSE ``[3]``.
+  expect]`` with the ``n`` block indices on tag 4; CANCEL ``[2, rid, epoch]``;
+  CLOSE ``[3]``; PING ``[4]``.
 - sender to receiver (tag 2): DATA ``[10, rid, epoch, tokens, tag]`` announces a
   round's payload (on the round's own ``tag``: per run of blocks the
   embeddings, fill ids and three mRoPE rows, then the aux row of the first
   block; when the post says how many tokens to ``expect``, the receiver has
-  posted those receives already); LANDED
-  ``[11, rid, epoch, tokens, total, final]``; CANCELLED ``[12, rid, epoch]``;
-  SENDER_ERROR ``[13, rid, epoch, n]`` then ``n`` bytes of reason; BYE ``[14]``
-  answers CLOSE.
+  posted those receives already); LANDED ``[11, rid, epoch, tokens, total,
+  final]``; CANCELLED ``[12, rid, epoch]``; SENDER_ERROR ``[13, rid, epoch, n]``
+  with ``n`` bytes of reason on tag 5; BYE ``[14]`` answers CLOSE; PING ``[4]``.
 
 A status for a round whose payload is still arriving is held back until the
 payload has landed: the receiver may free the blocks on any status.
@@ -40,6 +41,7 @@ import time
 from collections import deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -62,9 +64,10 @@ if TYPE_CHECKING:
     from resumekit.allocator.buffers import BlockBuffers, EmbeddingTensors
 
 HEADER = 8
-TAG_TO_SENDER, TAG_TO_RECEIVER, TAG_DATA = 1, 2, 3
+# Headers only on 1 and 2 (so heartbeats may interleave); their trailers on tags of their own.
+TAG_TO_SENDER, TAG_TO_RECEIVER, TAG_DATA, TAG_BLOCKS, TAG_REASON = 1, 2, 3, 4, 5
 FIRST_ROUND_TAG, ROUND_TAGS = 16, 1 << 30  # each round's payload has a tag of its own
-POST, CANCEL, CLOSE = 1, 2, 3
+POST, CANCEL, CLOSE, PING = 1, 2, 3, 4
 DATA, LANDED, CANCELLED, SENDER_ERROR, BYE = 10, 11, 12, 13, 14
 DEFAULT_TIMEOUT = 30.0
 _EMPTY: tuple[Any, ...] = ()
@@ -114,7 +117,8 @@ class TorchDistributedTransport:
     ``None``); ``data_group`` carries payloads (give an NCCL group when the
     buffers are on CUDA); the receiver end needs the ``buffers`` its rounds land
     in. Request ids must be ints. ``owns_group``: :meth:`close` destroys the
-    default process group. Call it from one event loop; its threads only wait.
+    default process group. Call it from one event loop; its threads wait on
+    transfers and post the receives that the messages they read announce.
     """
 
     def __init__(
@@ -153,8 +157,12 @@ class TorchDistributedTransport:
         # What the threads completed, for the event loop: appends and pops need no lock.
         self._inbox: deque[tuple[Any, ...]] = deque()
         self._sends: queue.SimpleQueue[tuple[Any, torch.Tensor] | None] = queue.SimpleQueue()
-        self._queued = 0  # sends posted (only the event loop writes it)
-        self._completed = 0  # sends completed (only the send thread writes it)
+        self._queued = 0  # sends posted by the event loop (only it writes this)
+        self._queued_by_thread = 0  # heartbeats (only the send thread writes this)
+        self._completed = 0  # sends completed (only the send thread writes this)
+        self._closing = False  # threads stop at their next chance
+        self._lost_reason: str | None = None
+        self._wait_limit = timedelta(seconds=self.timeout)
         self._rounds: dict[Key, _Round] = {}
         self._payloads: queue.SimpleQueue[tuple[Key, list[Any]] | None] = queue.SimpleQueue()
         self._next_check = 0.0
@@ -195,69 +203,101 @@ class TorchDistributedTransport:
         header[: len(values)] = torch.tensor(values, dtype=torch.int64)
         self._send(header, tag)
 
-    @staticmethod
-    def _wait(work: Any, cuda: bool = False) -> None:
+    def _wait(self, work: Any, cuda: bool = False) -> None:
+        """Block until ``work`` completes; raise if that takes longer than the timeout.
+
+        A healthy peer sends a heartbeat every quarter timeout, so only a silent
+        or dead one makes a wait fail (and gloo then closes the connection).
+        """
         if cuda:  # NCCL: wait() only orders streams; the data is there once completed
+            deadline = time.monotonic() + self.timeout
             while not work.is_completed():
+                if time.monotonic() > deadline:
+                    raise TransportError(f"no progress for {self.timeout:g} s")
                 time.sleep(0.0001)
         else:
-            work.wait()
+            work.wait(self._wait_limit)
+
+    def _lost(self, error: BaseException, key: Key | None = None) -> None:
+        """(thread) Report a broken or silent connection, unless closing anyway."""
+        if self._closing:
+            return
+        why = _why(error)
+        if "timeout" in why.lower() or "timed out" in why.lower():
+            what = "the peer" if key is None else f"round {key[1]} of request {key[0]}"
+            self._inbox.append(("lost", f"{what} made no progress for {self.timeout:g} s"))
+        else:
+            self._inbox.append(("lost", f"connection lost: {why}"))
 
     def _send_loop(self) -> None:
-        while (item := self._sends.get()) is not None:
+        ping = torch.zeros(HEADER, dtype=torch.int64)
+        ping[0] = PING
+        tag = TAG_TO_SENDER if self.role == "receiver" else TAG_TO_RECEIVER
+        while not self._closing:
+            try:
+                item = self._sends.get(timeout=self.timeout / 4)
+            except queue.Empty:
+                item = (dist.isend(ping, dst=self.peer, group=self.group, tag=tag), ping)
+                self._queued_by_thread += 1
+            if item is None:
+                return
             work, tensor = item
             try:
                 self._wait(work, tensor.is_cuda)
-            except Exception as error:  # the peer is gone
-                if not self.closed:
-                    self._inbox.append(("lost", _why(error)))
+            except Exception as error:  # the peer is gone or silent
+                self._lost(error)
                 return
             self._completed += 1
 
     def _control_loop(self) -> None:
         tag = TAG_TO_RECEIVER if self.role == "receiver" else TAG_TO_SENDER
+        handle = self._on_receiver_header if self.role == "receiver" else self._on_sender_header
         try:
-            while True:
+            while not self._closing:
                 header = torch.zeros(HEADER, dtype=torch.int64)
                 self._wait(self._recv(header, tag))
                 h = tuple(int(v) for v in header.tolist())
-                if not (
-                    self._on_receiver_header(h)
-                    if self.role == "receiver"
-                    else self._on_sender_header(h)
-                ):
+                if h[0] != PING and not handle(h):
                     return
         except Exception as error:
-            if not self.closed:
-                self._inbox.append(("lost", _why(error)))
+            self._lost(error)
 
     def pending_sends(self) -> int:
         """Sends not yet completed; a clean shutdown waits for zero."""
-        return self._queued - self._completed
+        return self._queued + self._queued_by_thread - self._completed
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """End cleanly: the receiver says CLOSE, the sender answers BYE, sends drain, then close."""
         deadline = time.monotonic() + timeout
-        if self.role == "receiver" and not self.closed and self.peer_lost is None:
+        if self.role == "receiver" and not self._closing:
             self.finish()
-        control = self._threads[1]
-        control.join(max(0.0, deadline - time.monotonic()))
-        while self.pending_sends() and time.monotonic() < deadline and self.peer_lost is None:
+        self._threads[1].join(max(0.0, deadline - time.monotonic()))
+        while self.pending_sends() and time.monotonic() < deadline and not self._closing:
             time.sleep(0.0005)
         self.close(wait=max(0.0, deadline - time.monotonic()))
 
-    def close(self, wait: float = 5.0) -> None:
-        """Stop the threads and, if this end owns the group, destroy it: nothing more arrives."""
+    def close(self, wait: float | None = None) -> None:
+        """Stop the threads, then, if this end owns the group, destroy it: nothing more arrives.
+
+        Waits for the threads first (a wait ends within the timeout, heartbeat or
+        not): destroying a group while a thread is inside ``wait()`` aborts the
+        process.
+        """
         if self.closed:
             return
-        self.closed = True
+        self._closing = True
         self._sends.put(None)
         self._payloads.put(None)
+        limit = self.timeout + 1.0 if wait is None else wait
         for t in self._threads:
             if t is not threading.current_thread():
-                t.join(wait if t.name.endswith("send") else 0.2)
-        if self.owns_group and dist.is_initialized():
+                t.join(limit)
+        self.closed = True
+        if self.owns_group and dist.is_initialized() and not self._threads_alive():
             dist.destroy_process_group()
+
+    def _threads_alive(self) -> bool:
+        return any(t.is_alive() for t in self._threads if t is not threading.current_thread())
 
     def _require(self, role: Role) -> None:
         if self.role != role:
@@ -267,8 +307,8 @@ class TorchDistributedTransport:
 
     def post_round(self, post: RoundPost) -> None:
         self._require("receiver")
-        if self.closed:
-            return  # the peer is gone: PeerLost has been reported
+        if self._closing:
+            return  # the peer is gone: PeerLost is (about to be) reported
         rid = _rid(post.rid)
         tag = self._next_tag
         self._next_tag = FIRST_ROUND_TAG + (tag + 1 - FIRST_ROUND_TAG) % ROUND_TAGS
@@ -289,22 +329,24 @@ class TorchDistributedTransport:
             tag,
             -1 if expect is None else expect,
         )
-        self._send(torch.tensor(post.blocks, dtype=torch.int64), TAG_TO_SENDER)
+        self._send(torch.tensor(post.blocks, dtype=torch.int64), TAG_BLOCKS)
 
     def cancel(self, rid: Hashable, epoch: int) -> None:
         self._require("receiver")
-        if not self.closed:
+        if not self._closing:
             self._send_header(TAG_TO_SENDER, CANCEL, _rid(rid), epoch)
 
     def finish(self) -> None:
         """Tell the sender this receiver is done; it answers BYE and exits."""
         self._require("receiver")
-        if not self.closed:
+        if not self._closing:
             self._send_header(TAG_TO_SENDER, CLOSE)
 
     def poll_statuses(self) -> Sequence[Status]:
         self._require("receiver")
         inbox = self._inbox
+        if self._lost_reason is not None:
+            return self._report_lost()
         if not inbox and (not self._rounds or time.monotonic() < self._next_check):
             return _EMPTY
         out: list[Status] = []
@@ -328,17 +370,18 @@ class TorchDistributedTransport:
                         del self._rounds[item[1]]
                         out.extend(rnd.after)
             elif kind == "lost":
-                return self._lose_peer(f"connection lost: {item[1]}", out)
+                self._begin_losing(item[1])
+                return self._report_lost()
             elif kind == "bye":
                 pass
         if self._rounds and now >= self._next_check:
             self._next_check = now + min(1.0, self.timeout / 4)
             for (rid, epoch), rnd in self._rounds.items():
                 if now - rnd.progress > self.timeout:
-                    reason = (
+                    self._begin_losing(
                         f"round {epoch} of request {rid} made no progress for {self.timeout:g} s"
                     )
-                    return self._lose_peer(reason, out)
+                    return self._report_lost()
         if not out:
             return _EMPTY
         self.delivered += len(out)
@@ -355,13 +398,25 @@ class TorchDistributedTransport:
             del self._rounds[key]
             out.append(status)
 
-    def _lose_peer(self, reason: str, out: list[Status]) -> Sequence[Status]:
-        self.peer_lost = reason
+    def _begin_losing(self, reason: str) -> None:
+        """Stop the threads; PeerLost goes out once none can still write into a block."""
+        self._lost_reason = reason
+        self._closing = True
+        self._sends.put(None)
+        self._payloads.put(None)
+
+    def _report_lost(self) -> Sequence[Status]:
+        """``[PeerLost]`` once every thread is out of its waits (each ends within the
+        timeout), after destroying an owned group; nothing before that."""
+        if self.closed or self._threads_alive():
+            return _EMPTY
+        self.closed = True
+        self.peer_lost = self._lost_reason
         self._rounds.clear()
-        self.close(wait=0.0)  # no receive may complete into a block after this
-        out.append(PeerLost(reason))
-        self.delivered += len(out)
-        return out
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+        self.delivered += 1
+        return [PeerLost(self._lost_reason or "peer lost")]
 
     def _on_receiver_header(self, h: tuple[int, ...]) -> bool:
         """(control thread) One header from the sender; ``False`` ends the loop."""
@@ -388,7 +443,7 @@ class TorchDistributedTransport:
             self._inbox.append(("status", key, Cancelled(rid, epoch)))
         elif kind == SENDER_ERROR:
             reason = torch.zeros(h[3], dtype=torch.uint8)
-            self._wait(self._recv(reason, TAG_TO_RECEIVER))
+            self._wait(self._recv(reason, TAG_REASON))
             text = bytes(reason.tolist()).decode("utf-8", "replace")
             self._inbox.append(("status", key, SenderError(rid, epoch, text)))
         elif kind == BYE:
@@ -407,8 +462,7 @@ class TorchDistributedTransport:
                 for work in works:
                     self._wait(work, cuda)
             except Exception as error:
-                if not self.closed:
-                    self._inbox.append(("lost", _why(error)))
+                self._lost(error, key)
                 return
             self._inbox.append(("landed", key))
 
@@ -466,7 +520,7 @@ class TorchDistributedTransport:
         if h[0] == POST:
             _, rid, epoch, sent, capacity, n, tag, expect = h
             blocks = torch.zeros(n, dtype=torch.int64)
-            self._wait(self._recv(blocks, TAG_TO_SENDER))
+            self._wait(self._recv(blocks, TAG_BLOCKS))
             self._tags[(rid, epoch)] = tag
             post = RoundPost(
                 rid,
@@ -484,6 +538,7 @@ class TorchDistributedTransport:
             bye = torch.zeros(HEADER, dtype=torch.int64)
             bye[0] = BYE
             self._wait(dist.isend(bye, dst=self.peer, group=self.group, tag=TAG_TO_RECEIVER))
+            self._closing = True  # the receiver is done: the heartbeat stops too
             self._inbox.append(("close",))
             return False
         else:
@@ -494,7 +549,7 @@ class TorchDistributedTransport:
         self, post: RoundPost, data: EmbeddingTensors, aux: Sequence[int] | None
     ) -> None:
         self._require("sender")
-        if self.closed:
+        if self._closing:
             return
         n = data.num_tokens
         if not post.blocks or post.capacity_tokens % len(post.blocks):
@@ -519,7 +574,7 @@ class TorchDistributedTransport:
 
     def report(self, status: Landed | Cancelled | SenderError) -> None:
         self._require("sender")
-        if self.closed:
+        if self._closing:
             return
         rid = _rid(status.rid)
         if isinstance(status, Landed):
@@ -537,7 +592,7 @@ class TorchDistributedTransport:
         else:
             reason = status.reason.encode()[:4096] or b"?"
             self._send_header(TAG_TO_RECEIVER, SENDER_ERROR, rid, status.epoch, len(reason))
-            self._send(torch.tensor(list(reason), dtype=torch.uint8), TAG_TO_RECEIVER)
+            self._send(torch.tensor(list(reason), dtype=torch.uint8), TAG_REASON)
 
 
 def _why(error: BaseException) -> str:
