@@ -63,18 +63,25 @@ def random_source(num_tokens: int, hidden: int, *, seed: int = 0) -> EmbeddingTe
     )
 
 
-class _RoundLog(ReceiverObserver):
-    def __init__(self, report: SimulationReport) -> None:
-        self.report = report
-        self.sent = 0
+class RoundLog(ReceiverObserver):
+    """Records every consumed round of every request as a :class:`RoundRow`."""
+
+    def __init__(self) -> None:
+        self.rows: dict[Hashable, list[RoundRow]] = {}
+        self._sent: dict[Hashable, int] = {}
 
     def round_consumed(
         self, rid: Hashable, epoch: int, tokens: int, allocation: Allocation
     ) -> None:
-        self.sent += tokens
-        self.report.rounds.append(
-            RoundRow(epoch, tokens, self.sent, list(allocation.blocks), allocation.generation)
+        sent = self._sent[rid] = self._sent.get(rid, 0) + tokens
+        self.rows.setdefault(rid, []).append(
+            RoundRow(epoch, tokens, sent, list(allocation.blocks), allocation.generation)
         )
+
+
+def default_pool_blocks(tokens: int, default_allocate: int, block_size: int) -> int:
+    """A pool that holds the whole embedding and the default allocation."""
+    return -(-max(tokens, default_allocate) // block_size)
 
 
 class Loopback:
@@ -176,8 +183,9 @@ def simulate(
     tokens = as_int(tokens, "tokens", minimum=1)
     block_size = as_int(block_size, "block_size", minimum=1)
     if pool_blocks is None:
-        pool_blocks = -(-max(tokens, default_allocate) // block_size)
+        pool_blocks = default_pool_blocks(tokens, default_allocate, block_size)
     report = SimulationReport(total_tokens=tokens)
+    log = RoundLog()
     pair = Loopback(
         pool_blocks=pool_blocks,
         block_size=block_size,
@@ -185,12 +193,13 @@ def simulate(
         reuse=reuse,
         default_allocate=default_allocate,
         max_resume_tokens=max_round_tokens,
-        observer=_RoundLog(report),
+        observer=log,
     )
     rid = "request-0"
     pair.add(rid, tokens, seed=seed)
     bound = pair.step_bound(tokens)
     report.steps = pair.run(bound)
+    report.rounds = log.rows.get(rid, [])
     state = pair.receiver.poll(rid)
     report.state = state.name
     if state.terminal:
@@ -244,4 +253,13 @@ def check_reuse(value: str) -> ReuseOrder:
     raise InvalidArgumentError(f"reuse must be lifo or fifo, not {value!r}")
 
 
-__all__ = ["Loopback", "RoundRow", "SimulationReport", "format_report", "random_source", "simulate"]
+__all__ = [
+    "Loopback",
+    "RoundLog",
+    "RoundRow",
+    "SimulationReport",
+    "default_pool_blocks",
+    "format_report",
+    "random_source",
+    "simulate",
+]

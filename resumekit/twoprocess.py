@@ -12,7 +12,6 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Hashable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
@@ -23,10 +22,15 @@ import torch.multiprocessing as mp
 
 from resumekit.allocator import BlockAllocator, BlockBuffers, ReuseOrder
 from resumekit.errors import TransportError
-from resumekit.simulate import RoundRow, SimulationReport, random_source
+from resumekit.simulate import (
+    RoundLog,
+    RoundRow,
+    SimulationReport,
+    default_pool_blocks,
+    random_source,
+)
 from resumekit.statemachine import (
     EmbeddingSender,
-    ReceiverObserver,
     ResumableReceiver,
     RoundPost,
 )
@@ -38,7 +42,7 @@ from resumekit.statemachine.distributed import (
 )
 
 if TYPE_CHECKING:
-    from resumekit.allocator import Allocation, EmbeddingTensors
+    from resumekit.allocator import EmbeddingTensors
 
 IDLE_SLEEP = 0.0002  # seconds a loop yields when a step moved nothing (gloo's threads need CPU)
 
@@ -131,7 +135,7 @@ def simulate_distributed(
 ) -> SimulationReport:
     """``resumekit simulate --transport torch``: one transfer, two processes, the same report."""
     if pool_blocks is None:
-        pool_blocks = -(-max(tokens, default_allocate) // block_size)
+        pool_blocks = default_pool_blocks(tokens, default_allocate, block_size)
     pair = run_pair(
         PairConfig(
             [Request(0, tokens, seed)],
@@ -172,20 +176,6 @@ def _init(rank: int, port: int, cfg: PairConfig) -> None:
     )
 
 
-class _Rounds(ReceiverObserver):
-    def __init__(self) -> None:
-        self.rows: dict[Hashable, list[RoundRow]] = {}
-        self.sent: dict[Hashable, int] = {}
-
-    def round_consumed(
-        self, rid: Hashable, epoch: int, tokens: int, allocation: Allocation
-    ) -> None:
-        self.sent[rid] = self.sent.get(rid, 0) + tokens
-        self.rows.setdefault(rid, []).append(
-            RoundRow(epoch, tokens, self.sent[rid], list(allocation.blocks), allocation.generation)
-        )
-
-
 def _receiver_main(cfg: PairConfig, port: int, queue: Any) -> None:
     start = time.monotonic()
     _init(0, port, cfg)
@@ -194,7 +184,7 @@ def _receiver_main(cfg: PairConfig, port: int, queue: Any) -> None:
     transport = TorchDistributedTransport(
         "receiver", 1, buffers=buffers, timeout=cfg.timeout, owns_group=True
     )
-    rounds = _Rounds()
+    rounds = RoundLog()
     receiver = ResumableReceiver(
         buffers,
         transport,
