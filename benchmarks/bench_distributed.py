@@ -28,7 +28,7 @@ from resumekit.allocator import BlockAllocator, BlockBuffers
 from resumekit.simulate import random_source
 from resumekit.statemachine import EmbeddingSender, ResumableReceiver
 from resumekit.statemachine.distributed import TorchDistributedTransport
-from resumekit.twoprocess import IDLE_SLEEP, _free_port
+from resumekit.twoprocess import IDLE_WAIT, _free_port
 
 ROUND = 8192
 REPEATS = 9
@@ -72,7 +72,7 @@ def _main(rank: int, port: int, tokens: int, hidden: int, out: Any) -> None:
             receiver.add(i)
             while not receiver.poll(i).terminal:
                 if not receiver.step():
-                    time.sleep(IDLE_SLEEP)
+                    transport.wait(IDLE_WAIT)
             result = receiver.take(i)
             took = time.perf_counter() - start
             assert result.output is not None and result.output.equal(source), result.reason
@@ -83,7 +83,7 @@ def _main(rank: int, port: int, tokens: int, hidden: int, out: Any) -> None:
             sender.add(i, source)
             while i in sender:
                 if not sender.step():
-                    time.sleep(IDLE_SLEEP)
+                    transport.wait(IDLE_WAIT)
     dist.barrier()
     if rank == 0:
         # Each protocol run follows its own plain run: the median of those pairs' ratios

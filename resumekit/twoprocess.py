@@ -44,7 +44,8 @@ from resumekit.statemachine.distributed import (
 if TYPE_CHECKING:
     from resumekit.allocator import EmbeddingTensors
 
-IDLE_SLEEP = 0.0002  # seconds a loop yields when a step moved nothing (gloo's threads need CPU)
+IDLE_SLEEP = 0.0002  # seconds a drain loop yields (gloo's threads need CPU)
+IDLE_WAIT = 0.05  # longest a loop with nothing to do blocks in transport.wait()
 
 
 @dataclass(frozen=True)
@@ -204,7 +205,7 @@ def _receiver_main(cfg: PairConfig, port: int, queue: Any) -> None:
             if rec.epoch == cfg.abort[1] and rec.allocation is not None:
                 receiver.abort(rec.rid)
         if not finished:
-            time.sleep(IDLE_SLEEP)
+            transport.wait(IDLE_WAIT)
     outcomes = []
     for r in cfg.requests:
         state, intact = "Transferring", False
@@ -221,7 +222,7 @@ def _receiver_main(cfg: PairConfig, port: int, queue: Any) -> None:
     settle = time.monotonic() + min(cfg.timeout, 5.0)
     while receiver.quarantined() and time.monotonic() < settle and not transport.closed:
         receiver.step()
-        time.sleep(IDLE_SLEEP)
+        transport.wait(IDLE_WAIT)
     queue.put(
         PairReport(
             outcomes,
@@ -277,7 +278,7 @@ def _sender_main(cfg: PairConfig, port: int) -> None:
     deadline = start + cfg.deadline
     while not transport.finished and time.monotonic() < deadline:
         if not sender.step():
-            time.sleep(IDLE_SLEEP)
+            transport.wait(IDLE_WAIT)
     transport.shutdown()  # owns the group: destroys it
 
 

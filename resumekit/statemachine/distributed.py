@@ -156,6 +156,7 @@ class TorchDistributedTransport:
         self.delivered = 0
         # What the threads completed, for the event loop: appends and pops need no lock.
         self._inbox: deque[tuple[Any, ...]] = deque()
+        self._wake = threading.Event()  # set when a thread delivers; only wait() clears it
         self._sends: queue.SimpleQueue[tuple[Any, torch.Tensor] | None] = queue.SimpleQueue()
         self._queued = 0  # sends posted by the event loop (only it writes this)
         self._queued_by_thread = 0  # heartbeats (only the send thread writes this)
@@ -218,6 +219,35 @@ class TorchDistributedTransport:
         else:
             work.wait(self._wait_limit)
 
+    def _deliver(self, item: tuple[Any, ...]) -> None:
+        """(thread) Hand ``item`` to the event loop and wake a loop inside :meth:`wait`."""
+        self._inbox.append(item)
+        self._wake.set()
+
+    def wait(self, timeout: float) -> bool:
+        """Block up to ``timeout`` seconds until the threads have delivered something.
+
+        For a loop with nothing else to do, instead of sleeping: it wakes as soon
+        as a message, a landed payload or a broken connection arrives, and costs
+        no CPU meanwhile. Returns whether something is waiting (a lost peer
+        counts once every thread has stopped). Polls never call this.
+        """
+        if not (isinstance(timeout, int | float) and 0 <= timeout < float("inf")):
+            raise InvalidArgumentError(f"timeout must be a finite number >= 0, got {timeout!r}")
+        if self._inbox:
+            return True
+        if self._lost_reason is not None:  # losing: PeerLost is due once the threads are out
+            if self.closed:
+                return False
+            limit = time.monotonic() + timeout
+            for t in self._threads:
+                t.join(max(0.0, limit - time.monotonic()))
+            return not self._threads_alive()
+        self._wake.clear()
+        if self._inbox:  # delivered between the check and the clear
+            return True
+        return self._wake.wait(timeout)
+
     def _lost(self, error: BaseException, key: Key | None = None) -> None:
         """(thread) Report a broken or silent connection, unless closing anyway."""
         if self._closing:
@@ -225,9 +255,9 @@ class TorchDistributedTransport:
         why = _why(error)
         if "timeout" in why.lower() or "timed out" in why.lower():
             what = "the peer" if key is None else f"round {key[1]} of request {key[0]}"
-            self._inbox.append(("lost", f"{what} made no progress for {self.timeout:g} s"))
+            self._deliver(("lost", f"{what} made no progress for {self.timeout:g} s"))
         else:
-            self._inbox.append(("lost", f"connection lost: {why}"))
+            self._deliver(("lost", f"connection lost: {why}"))
 
     def _send_loop(self) -> None:
         ping = torch.zeros(HEADER, dtype=torch.int64)
@@ -435,19 +465,19 @@ class TorchDistributedTransport:
                 works = rnd.ready
             else:
                 works = self._receive_payload(rnd.post, h[3], rnd.tag)
-            self._inbox.append(("announced", key))
+            self._deliver(("announced", key))
             self._payloads.put((key, works))
         elif kind == LANDED:
-            self._inbox.append(("status", key, Landed(rid, epoch, h[3], h[4], bool(h[5]))))
+            self._deliver(("status", key, Landed(rid, epoch, h[3], h[4], bool(h[5]))))
         elif kind == CANCELLED:
-            self._inbox.append(("status", key, Cancelled(rid, epoch)))
+            self._deliver(("status", key, Cancelled(rid, epoch)))
         elif kind == SENDER_ERROR:
             reason = torch.zeros(h[3], dtype=torch.uint8)
             self._wait(self._recv(reason, TAG_REASON))
             text = bytes(reason.tolist()).decode("utf-8", "replace")
-            self._inbox.append(("status", key, SenderError(rid, epoch, text)))
+            self._deliver(("status", key, SenderError(rid, epoch, text)))
         elif kind == BYE:
-            self._inbox.append(("bye",))
+            self._deliver(("bye",))
             return False
         else:
             raise TransportError(f"unknown control message {h}")
@@ -464,7 +494,7 @@ class TorchDistributedTransport:
             except Exception as error:
                 self._lost(error, key)
                 return
-            self._inbox.append(("landed", key))
+            self._deliver(("landed", key))
 
     def _receive_payload(self, post: RoundPost, tokens: int, tag: int) -> list[Any]:
         """Post the receives for one round straight into its blocks.
@@ -531,15 +561,15 @@ class TorchDistributedTransport:
                 None,
                 None if expect < 0 else expect,
             )
-            self._inbox.append(("post", post))
+            self._deliver(("post", post))
         elif h[0] == CANCEL:
-            self._inbox.append(("post", Cancel(h[1], h[2])))
+            self._deliver(("post", Cancel(h[1], h[2])))
         elif h[0] == CLOSE:
             bye = torch.zeros(HEADER, dtype=torch.int64)
             bye[0] = BYE
             self._wait(dist.isend(bye, dst=self.peer, group=self.group, tag=TAG_TO_RECEIVER))
             self._closing = True  # the receiver is done: the heartbeat stops too
-            self._inbox.append(("close",))
+            self._deliver(("close",))
             return False
         else:
             raise TransportError(f"unknown control message {h}")

@@ -1,0 +1,97 @@
+"""TorchDistributedTransport's argument checks, idle wait and CUDA completion polling,
+in this process (a one-rank gloo group where one is needed)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch.distributed as dist
+
+from resumekit.errors import InvalidArgumentError, TransportError
+from resumekit.statemachine.distributed import TorchDistributedTransport
+
+pytestmark = pytest.mark.skipif(not dist.is_gloo_available(), reason="needs gloo")
+
+
+@pytest.fixture
+def one_rank_group() -> Iterator[None]:
+    store = dist.HashStore()  # type: ignore[attr-defined]
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _bare(**attrs: Any) -> TorchDistributedTransport:
+    """A transport with no threads or group: just the state the method under test reads."""
+    t = TorchDistributedTransport.__new__(TorchDistributedTransport)
+    defaults: dict[str, Any] = {
+        "_inbox": deque(),
+        "_wake": threading.Event(),
+        "_lost_reason": None,
+        "_threads": [],
+        "closed": False,
+        "timeout": 1.0,
+    }
+    for k, v in {**defaults, **attrs}.items():
+        setattr(t, k, v)
+    return t
+
+
+def test_transport_needs_an_initialised_group() -> None:
+    with pytest.raises(TransportError, match="not initialised"):
+        TorchDistributedTransport("sender", 0)
+
+
+def test_wait_wakes_on_delivery_and_times_out_otherwise() -> None:
+    t = _bare()
+    start = time.monotonic()
+    assert t.wait(0.05) is False
+    assert time.monotonic() - start >= 0.04
+    threading.Timer(0.05, t._deliver, args=(("status", None),)).start()
+    start = time.monotonic()
+    assert t.wait(10.0) is True
+    assert time.monotonic() - start < 5.0
+    assert t.wait(10.0) is True  # still undelivered to the loop: no wait at all
+    t._inbox.clear()
+    for bad in (-1, float("nan"), float("inf"), "1", None):
+        with pytest.raises(InvalidArgumentError):
+            t.wait(bad)  # type: ignore[arg-type]
+
+
+def test_wait_while_losing_the_peer_waits_for_the_threads() -> None:
+    worker = threading.Thread(target=time.sleep, args=(0.1,))
+    worker.start()
+    t = _bare(_lost_reason="connection lost", _threads=[worker])
+    assert t.wait(10.0) is True  # the thread ended: PeerLost can be reported now
+    t.closed = True
+    assert t.wait(0.01) is False
+
+
+class _Work:
+    """A CUDA-style work handle: completes after ``polls`` calls to ``is_completed``."""
+
+    def __init__(self, polls: int) -> None:
+        self.polls = polls
+
+    def is_completed(self) -> bool:
+        self.polls -= 1
+        return self.polls < 0
+
+    def wait(self, timeout: Any = None) -> bool:  # NCCL's wait only orders streams
+        raise AssertionError("a CUDA payload is waited for by polling, not wait()")
+
+
+def test_cuda_completion_is_polled_within_the_timeout() -> None:
+    t = _bare(timeout=0.2)
+    t._wait(_Work(polls=5), cuda=True)
+    start = time.monotonic()
+    with pytest.raises(TransportError, match=r"no progress for 0\.2 s"):
+        t._wait(_Work(polls=10**9), cuda=True)
+    assert 0.2 <= time.monotonic() - start < 2.0
