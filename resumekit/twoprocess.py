@@ -71,6 +71,8 @@ class PairConfig:
     abort: tuple[int, int] | None = (
         None  # (rid, epoch): the engine aborts rid with that round in flight
     )
+    # "ordered": payloads on a second gloo group, matched by order as over NCCL
+    payload: Literal["shared", "ordered"] = "shared"
 
 
 @dataclass
@@ -163,7 +165,8 @@ def simulate_distributed(
 # -- the two processes -----------------------------------------------------------------
 
 
-def _init(rank: int, port: int, cfg: PairConfig) -> None:
+def _init(rank: int, port: int, cfg: PairConfig) -> dict[str, Any]:
+    """Join the group; return the transport's payload options for ``cfg.payload``."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     # Two processes on one machine: each takes its share of the cores, or torch's
     # spinning threads starve gloo's I/O threads (seen here: 1.4x slower).
@@ -175,15 +178,18 @@ def _init(rank: int, port: int, cfg: PairConfig) -> None:
         world_size=2,
         timeout=timedelta(seconds=cfg.deadline + 30),
     )
+    if cfg.payload == "ordered":
+        return {"data_group": dist.new_group([0, 1], backend="gloo"), "match": "order"}
+    return {}
 
 
 def _receiver_main(cfg: PairConfig, port: int, queue: Any) -> None:
     start = time.monotonic()
-    _init(0, port, cfg)
+    payload = _init(0, port, cfg)
     allocator = BlockAllocator(cfg.pool_blocks, cfg.block_size, reuse=cfg.reuse)
     buffers = BlockBuffers(allocator, cfg.hidden, device="cpu")
     transport = TorchDistributedTransport(
-        "receiver", 1, buffers=buffers, timeout=cfg.timeout, owns_group=True
+        "receiver", 1, buffers=buffers, timeout=cfg.timeout, owns_group=True, **payload
     )
     rounds = RoundLog()
     receiver = ResumableReceiver(
@@ -255,7 +261,7 @@ class _FailingSenderTransport(TorchDistributedTransport):
         tag = self._tags.pop((post.rid, post.epoch), TAG_DATA)
         self._send_header(TAG_TO_RECEIVER, DATA, post.rid, post.epoch, data.num_tokens, tag)
         # Half of the first piece: the receive into the blocks can never complete.
-        self._send(half.embeddings.contiguous(), tag)
+        self._send(half.embeddings.contiguous(), tag, self.data_group)
         _drain(self, time.monotonic() + 1.0)
         if self.fault == "die":
             os.kill(os.getpid(), signal.SIGKILL)
@@ -264,14 +270,14 @@ class _FailingSenderTransport(TorchDistributedTransport):
 
 def _sender_main(cfg: PairConfig, port: int) -> None:
     start = time.monotonic()
-    _init(1, port, cfg)
+    payload = _init(1, port, cfg)
     transport: TorchDistributedTransport
     if cfg.fault_round is not None:
         transport = _FailingSenderTransport(
-            "sender", 0, fault_round=cfg.fault_round, fault=cfg.fault, owns_group=True
+            "sender", 0, fault_round=cfg.fault_round, fault=cfg.fault, owns_group=True, **payload
         )
     else:
-        transport = TorchDistributedTransport("sender", 0, owns_group=True)
+        transport = TorchDistributedTransport("sender", 0, owns_group=True, **payload)
     sender = EmbeddingSender(transport)
     for r in cfg.requests:
         sender.add(r.rid, random_source(r.tokens, cfg.hidden, seed=r.seed))

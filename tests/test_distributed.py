@@ -127,3 +127,46 @@ def test_simulate_cli_prints_the_same_table_over_torch(capsys: pytest.CaptureFix
     in_process = capsys.readouterr().out
     assert main([*args, "--transport", "torch", "--timeout", "20"]) == 0
     assert capsys.readouterr().out == in_process
+
+
+def test_payloads_matched_by_order_as_over_nccl() -> None:
+    """NCCL has no tags: payloads on their own group, received in the order they are sent."""
+    requests = [Request(i, 2500 * (i + 1) + 31 * i, seed=i) for i in range(5)]
+    report = run_pair(
+        PairConfig(
+            requests,
+            pool_blocks=48,
+            hidden=32,
+            reuse="fifo",
+            default_allocate=2048,
+            max_round_tokens=2048,
+            deadline=DEADLINE,
+            payload="ordered",
+        )
+    )
+    for outcome in report.outcomes:
+        assert outcome.state == "Success" and outcome.intact, outcome
+    assert sum(len(o.rounds) for o in report.outcomes) > len(requests)
+    assert report.leaked_blocks == 0 and report.quarantined == 0 and report.records_left == 0
+    assert (report.receiver_exit, report.sender_exit) == (0, 0)
+
+
+def test_sender_killed_mid_round_with_payloads_matched_by_order() -> None:
+    report = run_pair(
+        PairConfig(
+            [Request(0, 40_000, 1)],
+            pool_blocks=256,
+            hidden=32,
+            max_round_tokens=8192,
+            timeout=10.0,
+            deadline=DEADLINE,
+            fault_round=2,
+            fault="die",
+            payload="ordered",
+        )
+    )
+    [outcome] = report.outcomes
+    assert outcome.state == "Failed" and (outcome.reason or "").startswith("peer lost")
+    assert report.seconds < 10.0
+    assert report.leaked_blocks == 0 and report.quarantined == 0 and report.records_left == 0
+    assert report.receiver_exit == 0

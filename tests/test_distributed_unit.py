@@ -7,12 +7,16 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import torch
 import torch.distributed as dist
 
+from resumekit.allocator import BlockAllocator, BlockBuffers
 from resumekit.errors import InvalidArgumentError, TransportError
+from resumekit.statemachine import RoundPost
 from resumekit.statemachine.distributed import TorchDistributedTransport
 
 pytestmark = pytest.mark.skipif(not dist.is_gloo_available(), reason="needs gloo")
@@ -42,6 +46,21 @@ def _bare(**attrs: Any) -> TorchDistributedTransport:
     for k, v in {**defaults, **attrs}.items():
         setattr(t, k, v)
     return t
+
+
+def test_construction_rejects_bad_arguments(one_rank_group: None) -> None:
+    buffers = BlockBuffers(BlockAllocator(4, 8), 16)
+    threads = threading.active_count()
+    with pytest.raises(InvalidArgumentError, match="match"):
+        TorchDistributedTransport("receiver", 0, buffers=buffers, match="bytag")  # type: ignore[arg-type]
+    fake_cuda = SimpleNamespace(device=torch.device("cuda", 0), aux_size=16)
+    with pytest.raises(InvalidArgumentError, match="NCCL data_group"):
+        TorchDistributedTransport("receiver", 0, buffers=fake_cuda)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match="timeout"):
+        TorchDistributedTransport("sender", 0, timeout=0)
+    with pytest.raises(InvalidArgumentError, match="role"):
+        TorchDistributedTransport("encoder", 0)  # type: ignore[arg-type]
+    assert threading.active_count() == threads  # nothing was started
 
 
 def test_transport_needs_an_initialised_group() -> None:
@@ -95,3 +114,13 @@ def test_cuda_completion_is_polled_within_the_timeout() -> None:
     with pytest.raises(TransportError, match=r"no progress for 0\.2 s"):
         t._wait(_Work(polls=10**9), cuda=True)
     assert 0.2 <= time.monotonic() - start < 2.0
+
+
+def test_cuda_sources_need_an_nccl_data_group() -> None:
+    t = _bare(role="sender", _closing=False, _nccl=False)
+    data = SimpleNamespace(
+        num_tokens=4, embeddings=SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
+    )
+    post = RoundPost(0, 0, (0,), 8, 0)
+    with pytest.raises(InvalidArgumentError, match="NCCL data_group"):
+        t.write_round(post, data, None)  # type: ignore[arg-type]

@@ -73,6 +73,7 @@ DEFAULT_TIMEOUT = 30.0
 _EMPTY: tuple[Any, ...] = ()
 
 Role = Literal["receiver", "sender"]
+Match = Literal["tag", "order"]  # how a payload's receives find their sends
 Key = tuple[int, int]
 
 
@@ -117,8 +118,12 @@ class TorchDistributedTransport:
     ``None``); ``data_group`` carries payloads (give an NCCL group when the
     buffers are on CUDA); the receiver end needs the ``buffers`` its rounds land
     in. Request ids must be ints. ``owns_group``: :meth:`close` destroys the
-    default process group. Call it from one event loop; its threads wait on
-    transfers and post the receives that the messages they read announce.
+    default process group. ``match``: ``"tag"`` (the default on gloo) gives each
+    round's payload a tag of its own and posts its receives with the round;
+    ``"order"`` (the default otherwise: NCCL has no tags) posts them when the
+    sender announces the payload, in the order it sends; both ends must agree.
+    Call it from one event loop; its threads wait on transfers and post the
+    receives that the messages they read announce.
     """
 
     def __init__(
@@ -132,6 +137,7 @@ class TorchDistributedTransport:
         timeout: float = DEFAULT_TIMEOUT,
         aux_size: int = 16,
         owns_group: bool = False,
+        match: Match | None = None,
     ) -> None:
         if role not in ("receiver", "sender"):
             raise InvalidArgumentError(f"role must be 'receiver' or 'sender', not {role!r}")
@@ -141,11 +147,20 @@ class TorchDistributedTransport:
             raise TransportError("torch.distributed is not initialised")
         if not timeout > 0:
             raise InvalidArgumentError(f"timeout must be > 0 seconds, got {timeout}")
+        if match not in (None, "tag", "order"):
+            raise InvalidArgumentError(f"match must be 'tag', 'order' or None, not {match!r}")
+        data = data_group if data_group is not None else group
+        backend = dist.get_backend(data)
+        if buffers is not None and (buffers.device.type == "cuda") != (backend == "nccl"):
+            raise InvalidArgumentError(
+                f"{buffers.device.type} buffers cannot take payloads over {backend}: CUDA "
+                "buffers need an NCCL data_group, CPU buffers a gloo one"
+            )
         self.role = role
         self.peer = peer
         self.buffers = buffers
         self.group = group
-        self.data_group = data_group if data_group is not None else group
+        self.data_group = data
         self.timeout = float(timeout)
         self.aux_size = buffers.aux_size if buffers is not None else aux_size
         self.owns_group = owns_group
@@ -169,7 +184,9 @@ class TorchDistributedTransport:
         self._next_check = 0.0
         # gloo matches by tag, so a round whose size is known is received into its
         # blocks as soon as it is posted; NCCL matches by order and has no tags.
-        self._tagged = dist.get_backend(self.data_group) == "gloo"
+        self.match: Match = match or ("tag" if backend == "gloo" else "order")
+        self._nccl = backend == "nccl"
+        self._tagged = self.match == "tag"
         self._next_tag = FIRST_ROUND_TAG
         self._tags: dict[Key, int] = {}  # (sender) each posted round's payload tag
         self._threads = [
@@ -582,6 +599,11 @@ class TorchDistributedTransport:
         if self._closing:
             return
         n = data.num_tokens
+        if data.embeddings.is_cuda != self._nccl:
+            raise InvalidArgumentError(
+                f"{data.embeddings.device.type} tensors cannot go over this data group: CUDA "
+                "sources need an NCCL data_group, CPU ones a gloo one"
+            )
         if not post.blocks or post.capacity_tokens % len(post.blocks):
             raise TransportError(f"round {post.epoch} post has an inconsistent capacity")
         bs = post.capacity_tokens // len(post.blocks)
@@ -633,4 +655,4 @@ def _why(error: BaseException) -> str:
     return text.split(". ", 1)[0][:200]
 
 
-__all__ = ["DEFAULT_TIMEOUT", "TorchDistributedTransport", "runs"]
+__all__ = ["DEFAULT_TIMEOUT", "Match", "TorchDistributedTransport", "runs"]
