@@ -85,12 +85,18 @@ def test_wait_wakes_on_delivery_and_times_out_otherwise() -> None:
 
 
 def test_wait_while_losing_the_peer_waits_for_the_threads() -> None:
-    worker = threading.Thread(target=time.sleep, args=(0.1,))
+    worker = threading.Thread(target=time.sleep, args=(0.2,))
     worker.start()
-    t = _bare(_lost_reason="connection lost", _threads=[worker])
+    # Deliveries left over when the loss was noticed are dropped, not waited on.
+    t = _bare(_lost_reason="connection lost", _threads=[worker], _inbox=deque([("status",)]))
+    start = time.monotonic()
     assert t.wait(10.0) is True  # the thread ended: PeerLost can be reported now
+    assert 0.1 <= time.monotonic() - start < 5.0 and not worker.is_alive()
     t.closed = True
-    assert t.wait(0.01) is False
+    t._inbox.clear()
+    start = time.monotonic()
+    assert t.wait(0.05) is False  # closed: nothing more comes, but the loop still rests
+    assert time.monotonic() - start >= 0.04
 
 
 class _Work:

@@ -251,15 +251,15 @@ class TorchDistributedTransport:
         """
         if not (isinstance(timeout, int | float) and 0 <= timeout < float("inf")):
             raise InvalidArgumentError(f"timeout must be a finite number >= 0, got {timeout!r}")
-        if self._inbox:
-            return True
-        if self._lost_reason is not None:  # losing: PeerLost is due once the threads are out
-            if self.closed:
-                return False
+        if self._lost_reason is not None and not self.closed:
+            # Losing the peer: PeerLost is due once the threads are out (what is left
+            # in the inbox is dropped then), so wait for them, not for the inbox.
             limit = time.monotonic() + timeout
             for t in self._threads:
                 t.join(max(0.0, limit - time.monotonic()))
             return not self._threads_alive()
+        if self._inbox:
+            return True
         self._wake.clear()
         if self._inbox:  # delivered between the check and the clear
             return True
