@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import pytest
 import torch.distributed as dist
 
+from resumekit.allocator import ReuseOrder
 from resumekit.errors import TransportError
 from resumekit.statemachine.distributed import _rid, runs
 from resumekit.twoprocess import PairConfig, Request, run_pair, simulate_distributed
@@ -12,6 +15,7 @@ from resumekit.twoprocess import PairConfig, Request, run_pair, simulate_distrib
 pytestmark = pytest.mark.skipif(not dist.is_gloo_available(), reason="needs gloo")
 
 DEADLINE = 60.0
+Payload = Literal["shared", "ordered"]
 
 
 def test_runs_merge_adjacent_full_blocks() -> None:
@@ -35,8 +39,12 @@ def test_50k_tokens_capped_resumes_over_gloo() -> None:
     assert report.resumes == 3 and report.leaked_blocks == 0
 
 
-@pytest.mark.parametrize("reuse", ["lifo", "fifo"])
-def test_concurrent_requests_on_a_small_pool(reuse: str) -> None:
+# "ordered": payloads on a group of their own, received in the order they are sent
+# (NCCL has no tags), here over gloo.
+@pytest.mark.parametrize(
+    ("reuse", "payload"), [("lifo", "shared"), ("fifo", "shared"), ("fifo", "ordered")]
+)
+def test_concurrent_requests_on_a_small_pool(reuse: ReuseOrder, payload: Payload) -> None:
     requests = [Request(i, 3000 * (i + 1) + 17 * i, seed=i) for i in range(6)]
     report = run_pair(
         PairConfig(
@@ -47,6 +55,7 @@ def test_concurrent_requests_on_a_small_pool(reuse: str) -> None:
             default_allocate=2048,
             max_round_tokens=2048,
             deadline=DEADLINE,
+            payload=payload,
         )
     )
     for outcome in report.outcomes:
@@ -56,7 +65,8 @@ def test_concurrent_requests_on_a_small_pool(reuse: str) -> None:
     assert (report.receiver_exit, report.sender_exit) == (0, 0)
 
 
-def test_sender_killed_mid_round() -> None:
+@pytest.mark.parametrize("payload", ["shared", "ordered"])
+def test_sender_killed_mid_round(payload: Payload) -> None:
     requests = [Request(0, 40_000, 1), Request(1, 30_000, 2)]
     report = run_pair(
         PairConfig(
@@ -68,6 +78,7 @@ def test_sender_killed_mid_round() -> None:
             deadline=DEADLINE,
             fault_round=3,
             fault="die",
+            payload=payload,
         )
     )
     for outcome in report.outcomes:
@@ -127,46 +138,3 @@ def test_simulate_cli_prints_the_same_table_over_torch(capsys: pytest.CaptureFix
     in_process = capsys.readouterr().out
     assert main([*args, "--transport", "torch", "--timeout", "20"]) == 0
     assert capsys.readouterr().out == in_process
-
-
-def test_payloads_matched_by_order_as_over_nccl() -> None:
-    """NCCL has no tags: payloads on their own group, received in the order they are sent."""
-    requests = [Request(i, 2500 * (i + 1) + 31 * i, seed=i) for i in range(5)]
-    report = run_pair(
-        PairConfig(
-            requests,
-            pool_blocks=48,
-            hidden=32,
-            reuse="fifo",
-            default_allocate=2048,
-            max_round_tokens=2048,
-            deadline=DEADLINE,
-            payload="ordered",
-        )
-    )
-    for outcome in report.outcomes:
-        assert outcome.state == "Success" and outcome.intact, outcome
-    assert sum(len(o.rounds) for o in report.outcomes) > len(requests)
-    assert report.leaked_blocks == 0 and report.quarantined == 0 and report.records_left == 0
-    assert (report.receiver_exit, report.sender_exit) == (0, 0)
-
-
-def test_sender_killed_mid_round_with_payloads_matched_by_order() -> None:
-    report = run_pair(
-        PairConfig(
-            [Request(0, 40_000, 1)],
-            pool_blocks=256,
-            hidden=32,
-            max_round_tokens=8192,
-            timeout=10.0,
-            deadline=DEADLINE,
-            fault_round=2,
-            fault="die",
-            payload="ordered",
-        )
-    )
-    [outcome] = report.outcomes
-    assert outcome.state == "Failed" and (outcome.reason or "").startswith("peer lost")
-    assert report.seconds < 10.0
-    assert report.leaked_blocks == 0 and report.quarantined == 0 and report.records_left == 0
-    assert report.receiver_exit == 0
