@@ -40,6 +40,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Hashable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
@@ -107,6 +108,7 @@ class _Round:
     progress: float
     tag: int = TAG_DATA
     ready: list[Any] | None = None  # receives posted before the payload was announced
+    stream: Any = None  # (CUDA) the loop's stream when it posted: receives wait for it
     arriving: bool = False  # its payload is announced and not fully landed
     after: list[Status] = field(default_factory=list)  # statuses held until it has
 
@@ -114,16 +116,16 @@ class _Round:
 class TorchDistributedTransport:
     """One end of the protocol over ``torch.distributed``; ``role`` says which.
 
-    ``peer`` is the other end's rank in ``group`` (the default group if
-    ``None``); ``data_group`` carries payloads (give an NCCL group when the
-    buffers are on CUDA); the receiver end needs the ``buffers`` its rounds land
-    in. Request ids must be ints. ``owns_group``: :meth:`close` destroys the
-    default process group. ``match``: ``"tag"`` (the default on gloo) gives each
-    round's payload a tag of its own and posts its receives with the round;
-    ``"order"`` (the default otherwise: NCCL has no tags) posts them when the
-    sender announces the payload, in the order it sends; both ends must agree.
-    Call it from one event loop; its threads wait on transfers and post the
-    receives that the messages they read announce.
+    ``peer`` is the other end's global rank; ``group`` carries control messages
+    (the default group if ``None``); ``data_group`` carries payloads (give an
+    NCCL group when the buffers are on CUDA); the receiver end needs the
+    ``buffers`` its rounds land in. Request ids must be ints. ``owns_group``:
+    :meth:`close` destroys the default process group. ``match``: ``"tag"`` (the
+    default on gloo) gives each round's payload a tag of its own and posts its
+    receives with the round; ``"order"`` (the default otherwise: NCCL has no
+    tags) posts them when the sender announces the payload, in the order it
+    sends; both ends must agree. Call it from one event loop; its threads wait
+    on transfers and post the receives that the messages they read announce.
     """
 
     def __init__(
@@ -186,6 +188,7 @@ class TorchDistributedTransport:
         # blocks as soon as it is posted; NCCL matches by order and has no tags.
         self.match: Match = match or ("tag" if backend == "gloo" else "order")
         self._nccl = backend == "nccl"
+        self._cuda = buffers is not None and buffers.device.type == "cuda"
         self._tagged = self.match == "tag"
         self._next_tag = FIRST_ROUND_TAG
         self._tags: dict[Key, int] = {}  # (sender) each posted round's payload tag
@@ -363,7 +366,14 @@ class TorchDistributedTransport:
         ready = None
         if expect is not None and self._tagged:
             ready = self._receive_payload(post, expect, tag)
-        self._rounds[(rid, post.epoch)] = _Round(post, time.monotonic(), tag, ready)
+        # On CUDA the receives are issued by the control thread, on its own current
+        # stream; they must wait for the loop's, where the copy-out that emptied
+        # these blocks was queued.
+        stream = None
+        if self._cuda:
+            assert self.buffers is not None
+            stream = torch.cuda.current_stream(self.buffers.device)
+        self._rounds[(rid, post.epoch)] = _Round(post, time.monotonic(), tag, ready, stream)
         self.posted += 1
         self._send_header(
             TAG_TO_SENDER,
@@ -481,7 +491,8 @@ class TorchDistributedTransport:
                     )
                 works = rnd.ready
             else:
-                works = self._receive_payload(rnd.post, h[3], rnd.tag)
+                with torch.cuda.stream(rnd.stream) if rnd.stream is not None else nullcontext():
+                    works = self._receive_payload(rnd.post, h[3], rnd.tag)
             self._deliver(("announced", key))
             self._payloads.put((key, works))
         elif kind == LANDED:
