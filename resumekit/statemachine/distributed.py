@@ -650,7 +650,10 @@ class TorchDistributedTransport:
                 status.total,
                 int(status.final),
             )
-        elif isinstance(status, Cancelled):
+            return
+        # A round cancelled or refused before it was written never uses its tag.
+        self._tags.pop((rid, status.epoch), None)
+        if isinstance(status, Cancelled):
             self._send_header(TAG_TO_RECEIVER, CANCELLED, rid, status.epoch)
         else:
             reason = status.reason.encode()[:4096] or b"?"
