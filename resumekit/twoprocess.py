@@ -68,9 +68,8 @@ class PairConfig:
     deadline: float = 120.0  # wall-clock bound on each process's loop
     fault_round: int | None = None  # the sender fails inside its n-th round (from 1) ...
     fault: Literal["die", "hang"] = "die"  # ... by killing its process, or by going silent
-    abort: tuple[int, int] | None = (
-        None  # (rid, epoch): the engine aborts rid with that round in flight
-    )
+    # (rid, epoch) pairs: the engine aborts rid as soon as that round is in flight
+    aborts: tuple[tuple[int, int], ...] = ()
     # "ordered": payloads on a second gloo group, matched by order as over NCCL
     payload: Literal["shared", "ordered"] = "shared"
 
@@ -206,10 +205,11 @@ def _receiver_main(cfg: PairConfig, port: int, queue: Any) -> None:
     while live and time.monotonic() < deadline:
         finished = receiver.step()
         live.difference_update(finished)
-        if cfg.abort is not None and cfg.abort[0] in live:
-            rec = receiver.record(cfg.abort[0])
-            if rec.epoch == cfg.abort[1] and rec.allocation is not None:
-                receiver.abort(rec.rid)
+        for rid, epoch in cfg.aborts:
+            if rid in live:
+                rec = receiver.record(rid)
+                if rec.epoch == epoch and rec.allocation is not None:
+                    receiver.abort(rid)
         if not finished:
             transport.wait(IDLE_WAIT)
     outcomes = []

@@ -119,7 +119,7 @@ def test_abort_with_a_round_in_flight_quarantines_until_it_lands() -> None:
             hidden=32,
             max_round_tokens=8192,
             deadline=DEADLINE,
-            abort=(0, 2),
+            aborts=((0, 2),),
         )
     )
     aborted, other = report.outcomes
@@ -138,3 +138,32 @@ def test_simulate_cli_prints_the_same_table_over_torch(capsys: pytest.CaptureFix
     in_process = capsys.readouterr().out
     assert main([*args, "--transport", "torch", "--timeout", "20"]) == 0
     assert capsys.readouterr().out == in_process
+
+
+@pytest.mark.parametrize("payload", ["shared", "ordered"])
+def test_aborts_mid_transfer_on_a_tight_pool(payload: Payload) -> None:
+    """Aborts at different rounds while other requests wait for blocks: the aborted
+    fail, the rest arrive intact, and every block comes back."""
+    requests = [Request(i, 5000 + 1500 * i + 7 * i, seed=10 + i) for i in range(8)]
+    aborts = ((1, 1), (4, 0), (6, 2), (7, 3))
+    report = run_pair(
+        PairConfig(
+            requests,
+            pool_blocks=40,
+            hidden=32,
+            default_allocate=2048,
+            max_round_tokens=2048,
+            deadline=DEADLINE,
+            aborts=aborts,
+            payload=payload,
+        )
+    )
+    aborted = {rid for rid, _ in aborts}
+    for outcome in report.outcomes:
+        if outcome.rid in aborted:
+            assert outcome.state == "Failed" and outcome.reason == "aborted by the engine"
+            assert len(outcome.rounds) == dict(aborts)[outcome.rid], outcome
+        else:
+            assert outcome.state == "Success" and outcome.intact, outcome
+    assert report.leaked_blocks == 0 and report.quarantined == 0 and report.records_left == 0
+    assert (report.receiver_exit, report.sender_exit) == (0, 0)
