@@ -258,8 +258,9 @@ class _FailingSenderTransport(TorchDistributedTransport):
             return
         assert isinstance(post.rid, int)
         half = data.narrow(0, max(1, data.num_tokens // 2))
-        tag = self._tags.pop((post.rid, post.epoch), TAG_DATA)
-        self._send_header(TAG_TO_RECEIVER, DATA, post.rid, post.epoch, data.num_tokens, tag)
+        inc = post.incarnation
+        tag = self._tags.pop((post.rid, inc, post.epoch), TAG_DATA)
+        self._send_header(TAG_TO_RECEIVER, DATA, post.rid, inc, post.epoch, data.num_tokens, tag)
         # Half of the first piece: the receive into the blocks can never complete.
         self._send(half.embeddings.contiguous(), tag, self.data_group)
         _drain(self, time.monotonic() + 1.0)

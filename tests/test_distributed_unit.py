@@ -128,19 +128,20 @@ def test_cuda_sources_need_an_nccl_data_group() -> None:
     data = SimpleNamespace(
         num_tokens=4, embeddings=SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
     )
-    post = RoundPost(0, 0, (0,), 8, 0)
+    post = RoundPost(0, 0, (0,), 8, 0, incarnation=1)
     with pytest.raises(InvalidArgumentError, match="NCCL data_group"):
         t.write_round(post, data, None)  # type: ignore[arg-type]
 
 
 def test_sender_forgets_the_tags_of_rounds_it_will_never_write() -> None:
     sent: list[tuple[int, ...]] = []
-    t = _bare(role="sender", _closing=False, _tags={(1, 0): 16, (1, 1): 17, (2, 0): 18})
+    tags = {(1, 1, 0): 16, (1, 1, 1): 17, (2, 1, 0): 18}  # (rid, incarnation, epoch): tag
+    t = _bare(role="sender", _closing=False, _tags=tags)
     t._send_header = lambda tag, *values: sent.append(values)  # type: ignore[method-assign]
     t._send = lambda tensor, tag, group=None: None  # type: ignore[method-assign]
-    t.report(Landed(1, 1, 8, 16, False))  # written: write_round already took its tag
-    assert (1, 1) in t._tags
-    t.report(Cancelled(1, 0))
-    t.report(SenderError(2, 0, "round 0 offers 0 tokens"))
-    assert t._tags == {(1, 1): 17}
+    t.report(Landed(1, 1, 8, 16, False, incarnation=1))  # written: write_round took its tag
+    assert (1, 1, 1) in t._tags
+    t.report(Cancelled(1, 0, incarnation=1))
+    t.report(SenderError(2, 0, "round 0 offers 0 tokens", incarnation=1))
+    assert t._tags == {(1, 1, 1): 17}
     assert [v[0] for v in sent] == [11, 12, 13]  # LANDED, CANCELLED, SENDER_ERROR

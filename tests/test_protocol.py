@@ -286,7 +286,7 @@ def test_abort_with_round_in_flight_quarantines_its_blocks() -> None:
     assert held is not None
     assert p.receiver.abort("r")
     assert p.receiver.poll("r") is S.Failed
-    assert list(p.receiver.quarantined()) == [("r", 0)]
+    assert list(p.receiver.quarantined()) == [("r", 1, 0)]  # (id, incarnation, epoch)
     assert p.allocator.is_live(held), "blocks the sender may write must not return to the pool"
     # Another request must not get those blocks while the write can still come.
     p.add("s", 100)
@@ -428,6 +428,7 @@ def landed_for(p: Loopback, rid: str, **changes: object) -> Landed:
         "tokens": status.tokens,
         "total": status.total,
         "final": status.final,
+        "incarnation": status.incarnation,
         **changes,
     }
     return Landed(**fields)  # type: ignore[arg-type]
@@ -484,7 +485,7 @@ def test_round_past_the_total() -> None:
 def test_status_before_any_post_is_a_protocol_error() -> None:
     p = pair(pool_blocks=64)
     p.receiver.add("r", bootstrapped=False)
-    p.transport.inject(Landed("r", 0, 10, 10, True))
+    p.transport.inject(Landed("r", 0, 10, 10, True, incarnation=p.receiver.record("r").incarnation))
     p.receiver.step()
     result = p.receiver.take("r")
     assert result.state is S.Failed and "protocol error" in (result.reason or "")
@@ -497,7 +498,7 @@ def test_sender_refuses_a_wrong_resume_offset() -> None:
     p.receiver.step()
     p.sender.step()
     p.receiver.step()  # round 1 posted at sent=8192
-    p.sender._sources["r"].sent = 100  # the sender's own count disagrees
+    p.sender._lives["r"][0].sent = 100  # the sender's own count disagrees
     p.run(10)
     result = p.receiver.take("r")
     assert result.state is S.Failed
@@ -508,8 +509,8 @@ def test_sender_refuses_a_wrong_resume_offset() -> None:
 
 def test_unknown_statuses_are_counted() -> None:
     p = pair()
-    p.transport.inject(Landed("ghost", 0, 1, 1, True))
-    p.transport.inject(SenderError("ghost", 0, "x"))
+    p.transport.inject(Landed("ghost", 0, 1, 1, True, incarnation=1))
+    p.transport.inject(SenderError("ghost", 0, "x", incarnation=1))
     p.receiver.step()
     assert p.receiver.orphan_statuses == 2
 
@@ -569,16 +570,17 @@ def test_api_errors_leave_state_unchanged() -> None:
     finish(p)
 
 
-def test_rid_cannot_be_reused_while_quarantined() -> None:
-    p = pair(pool_blocks=64)
+def test_rid_reused_while_its_old_round_is_quarantined() -> None:
+    p = pair(pool_blocks=128)
     p.add("r", 30_000)
     p.receiver.step()
     p.receiver.abort("r")
     p.receiver.take("r")
-    with pytest.raises(DuplicateRequestError, match="quarantine"):
-        p.receiver.add("r")
+    assert p.receiver.quarantined()
+    p.add("r", 20_000, seed=7)  # a new life of the same id, the old round still held
+    finish(p)
     quiet(p)
-    p.receiver.add("r")
+    assert_clean(p)
 
 
 def test_default_allocation_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,18 +16,19 @@ silent one (it times out) ends a wait early; a round with no progress for
 reports :class:`PeerLost` only once none of them can still be inside a wait,
 after destroying a group it owns: nothing more can land in any block.
 
-Wire format (int64 headers of 8 values):
+Wire format (int64 headers of 10 values; ``inc`` is the request's incarnation):
 
-- receiver to sender (tag 1): POST ``[1, rid, epoch, sent, capacity, n, tag,
-  expect]`` with the ``n`` block indices on tag 4; CANCEL ``[2, rid, epoch]``;
-  CLOSE ``[3]``; PING ``[4]``.
-- sender to receiver (tag 2): DATA ``[10, rid, epoch, tokens, tag]`` announces a
-  round's payload (on the round's own ``tag``: per run of blocks the
-  embeddings, fill ids and three mRoPE rows, then the aux row of the first
+- receiver to sender (tag 1): POST ``[1, rid, inc, epoch, sent, capacity, n,
+  tag, expect]`` with the ``n`` block indices on tag 4; CANCEL ``[2, rid, inc,
+  epoch]``; CLOSE ``[3]``; PING ``[4]``.
+- sender to receiver (tag 2): DATA ``[10, rid, inc, epoch, tokens, tag]``
+  announces a round's payload (on the round's own ``tag``: per run of blocks
+  the embeddings, fill ids and three mRoPE rows, then the aux row of the first
   block; when the post says how many tokens to ``expect``, the receiver has
-  posted those receives already); LANDED ``[11, rid, epoch, tokens, total,
-  final]``; CANCELLED ``[12, rid, epoch]``; SENDER_ERROR ``[13, rid, epoch, n]``
-  with ``n`` bytes of reason on tag 5; BYE ``[14]`` answers CLOSE; PING ``[4]``.
+  posted those receives already); LANDED ``[11, rid, inc, epoch, tokens, total,
+  final]``; CANCELLED ``[12, rid, inc, epoch]``; SENDER_ERROR ``[13, rid, inc,
+  epoch, n]`` with ``n`` bytes of reason on tag 5; BYE ``[14]`` answers CLOSE;
+  PING ``[4]``.
 
 A status for a round whose payload is still arriving is held back until the
 payload has landed: the receiver may free the blocks on any status.
@@ -64,7 +65,7 @@ from resumekit.statemachine.messages import (
 if TYPE_CHECKING:
     from resumekit.allocator.buffers import BlockBuffers, EmbeddingTensors
 
-HEADER = 8
+HEADER = 10
 # Headers only on 1 and 2 (so heartbeats may interleave); their trailers on tags of their own.
 TAG_TO_SENDER, TAG_TO_RECEIVER, TAG_DATA, TAG_BLOCKS, TAG_REASON = 1, 2, 3, 4, 5
 FIRST_ROUND_TAG, ROUND_TAGS = 16, 1 << 30  # each round's payload has a tag of its own
@@ -75,7 +76,7 @@ _EMPTY: tuple[Any, ...] = ()
 
 Role = Literal["receiver", "sender"]
 Match = Literal["tag", "order"]  # how a payload's receives find their sends
-Key = tuple[int, int]
+Key = tuple[int, int, int]  # (rid, incarnation, epoch)
 
 
 def runs(blocks: Sequence[int], tokens: int, block_size: int) -> list[tuple[int, int]]:
@@ -274,7 +275,7 @@ class TorchDistributedTransport:
             return
         why = _why(error)
         if "timeout" in why.lower() or "timed out" in why.lower():
-            what = "the peer" if key is None else f"round {key[1]} of request {key[0]}"
+            what = "the peer" if key is None else f"round {key[2]} of request {key[0]}"
             self._deliver(("lost", f"{what} made no progress for {self.timeout:g} s"))
         else:
             self._deliver(("lost", f"connection lost: {why}"))
@@ -373,12 +374,14 @@ class TorchDistributedTransport:
         if self._cuda:
             assert self.buffers is not None
             stream = torch.cuda.current_stream(self.buffers.device)
-        self._rounds[(rid, post.epoch)] = _Round(post, time.monotonic(), tag, ready, stream)
+        key = (rid, post.incarnation, post.epoch)
+        self._rounds[key] = _Round(post, time.monotonic(), tag, ready, stream)
         self.posted += 1
         self._send_header(
             TAG_TO_SENDER,
             POST,
             rid,
+            post.incarnation,
             post.epoch,
             post.sent,
             post.capacity_tokens,
@@ -388,10 +391,10 @@ class TorchDistributedTransport:
         )
         self._send(torch.tensor(post.blocks, dtype=torch.int64), TAG_BLOCKS)
 
-    def cancel(self, rid: Hashable, epoch: int) -> None:
+    def cancel(self, rid: Hashable, epoch: int, *, incarnation: int) -> None:
         self._require("receiver")
         if not self._closing:
-            self._send_header(TAG_TO_SENDER, CANCEL, _rid(rid), epoch)
+            self._send_header(TAG_TO_SENDER, CANCEL, _rid(rid), incarnation, epoch)
 
     def finish(self) -> None:
         """Tell the sender this receiver is done; it answers BYE and exits."""
@@ -433,7 +436,7 @@ class TorchDistributedTransport:
                 pass
         if self._rounds and now >= self._next_check:
             self._next_check = now + min(1.0, self.timeout / 4)
-            for (rid, epoch), rnd in self._rounds.items():
+            for (rid, _, epoch), rnd in self._rounds.items():
                 if now - rnd.progress > self.timeout:
                     self._begin_losing(
                         f"round {epoch} of request {rid} made no progress for {self.timeout:g} s"
@@ -477,33 +480,34 @@ class TorchDistributedTransport:
 
     def _on_receiver_header(self, h: tuple[int, ...]) -> bool:
         """(control thread) One header from the sender; ``False`` ends the loop."""
-        kind, rid, epoch = h[0], h[1], h[2]
-        key = (rid, epoch)
+        kind, rid, inc, epoch = h[0], h[1], h[2], h[3]
+        key = (rid, inc, epoch)
         if kind == DATA:
             rnd = self._rounds.get(key)
             if rnd is None:
                 raise TransportError(f"payload for round {epoch} of request {rid}, never posted")
             if rnd.ready is not None:
-                if h[3] != rnd.post.expect_tokens:
+                if h[4] != rnd.post.expect_tokens:
                     raise TransportError(
-                        f"round {epoch} of request {rid} announces {h[3]} tokens, "
+                        f"round {epoch} of request {rid} announces {h[4]} tokens, "
                         f"{rnd.post.expect_tokens} were expected"
                     )
                 works = rnd.ready
             else:
                 with torch.cuda.stream(rnd.stream) if rnd.stream is not None else nullcontext():
-                    works = self._receive_payload(rnd.post, h[3], rnd.tag)
+                    works = self._receive_payload(rnd.post, h[4], rnd.tag)
             self._deliver(("announced", key))
             self._payloads.put((key, works))
         elif kind == LANDED:
-            self._deliver(("status", key, Landed(rid, epoch, h[3], h[4], bool(h[5]))))
+            landed = Landed(rid, epoch, h[4], h[5], bool(h[6]), incarnation=inc)
+            self._deliver(("status", key, landed))
         elif kind == CANCELLED:
-            self._deliver(("status", key, Cancelled(rid, epoch)))
+            self._deliver(("status", key, Cancelled(rid, epoch, incarnation=inc)))
         elif kind == SENDER_ERROR:
-            reason = torch.zeros(h[3], dtype=torch.uint8)
+            reason = torch.zeros(h[4], dtype=torch.uint8)
             self._wait(self._recv(reason, TAG_REASON))
             text = bytes(reason.tolist()).decode("utf-8", "replace")
-            self._deliver(("status", key, SenderError(rid, epoch, text)))
+            self._deliver(("status", key, SenderError(rid, epoch, text, incarnation=inc)))
         elif kind == BYE:
             self._deliver(("bye",))
             return False
@@ -576,10 +580,10 @@ class TorchDistributedTransport:
     def _on_sender_header(self, h: tuple[int, ...]) -> bool:
         """(control thread) One header from the receiver; ``False`` ends the loop."""
         if h[0] == POST:
-            _, rid, epoch, sent, capacity, n, tag, expect = h
+            _, rid, inc, epoch, sent, capacity, n, tag, expect, _ = h
             blocks = torch.zeros(n, dtype=torch.int64)
             self._wait(self._recv(blocks, TAG_BLOCKS))
-            self._tags[(rid, epoch)] = tag
+            self._tags[(rid, inc, epoch)] = tag
             post = RoundPost(
                 rid,
                 epoch,
@@ -588,10 +592,11 @@ class TorchDistributedTransport:
                 sent,
                 None,
                 None if expect < 0 else expect,
+                incarnation=inc,
             )
             self._deliver(("post", post))
         elif h[0] == CANCEL:
-            self._deliver(("post", Cancel(h[1], h[2])))
+            self._deliver(("post", Cancel(h[1], h[3], incarnation=h[2])))
         elif h[0] == CLOSE:
             bye = torch.zeros(HEADER, dtype=torch.int64)
             bye[0] = BYE
@@ -619,8 +624,8 @@ class TorchDistributedTransport:
             raise TransportError(f"round {post.epoch} post has an inconsistent capacity")
         bs = post.capacity_tokens // len(post.blocks)
         rid = _rid(post.rid)
-        tag = self._tags.pop((rid, post.epoch), TAG_DATA)
-        self._send_header(TAG_TO_RECEIVER, DATA, rid, post.epoch, n, tag)
+        tag = self._tags.pop((rid, post.incarnation, post.epoch), TAG_DATA)
+        self._send_header(TAG_TO_RECEIVER, DATA, rid, post.incarnation, post.epoch, n, tag)
         group = self.data_group
         offset = 0
         for _first, count in runs(post.blocks, n, bs):
@@ -645,6 +650,7 @@ class TorchDistributedTransport:
                 TAG_TO_RECEIVER,
                 LANDED,
                 rid,
+                status.incarnation,
                 status.epoch,
                 status.tokens,
                 status.total,
@@ -652,12 +658,13 @@ class TorchDistributedTransport:
             )
             return
         # A round cancelled or refused before it was written never uses its tag.
-        self._tags.pop((rid, status.epoch), None)
+        inc = status.incarnation
+        self._tags.pop((rid, inc, status.epoch), None)
         if isinstance(status, Cancelled):
-            self._send_header(TAG_TO_RECEIVER, CANCELLED, rid, status.epoch)
+            self._send_header(TAG_TO_RECEIVER, CANCELLED, rid, inc, status.epoch)
         else:
             reason = status.reason.encode()[:4096] or b"?"
-            self._send_header(TAG_TO_RECEIVER, SENDER_ERROR, rid, status.epoch, len(reason))
+            self._send_header(TAG_TO_RECEIVER, SENDER_ERROR, rid, inc, status.epoch, len(reason))
             self._send(torch.tensor(list(reason), dtype=torch.uint8), TAG_REASON)
 
 

@@ -1,13 +1,16 @@
 """What crosses between the receiver (language side) and the sender (encode side).
 
-Every message about a round carries the round's epoch: the receiver decides
-"already handled?" by epoch alone, never by block indices or buffer contents.
+Every message about a round carries the round's epoch and the request's
+incarnation: the receiver decides "already handled?" by epoch alone, never by
+block indices or buffer contents, and a message from an earlier life of a
+request id (the id was taken or aborted and then added again) by incarnation.
+The incarnation is keyword-only and required, so no message can omit it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -33,6 +36,7 @@ class RoundPost:
     sent: int
     allocation: Allocation | None = None
     expect_tokens: int | None = None
+    incarnation: int = field(kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +45,7 @@ class Cancel:
 
     rid: Hashable
     epoch: int = NO_EPOCH
+    incarnation: int = field(kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +57,7 @@ class Landed:
     tokens: int
     total: int
     final: bool
+    incarnation: int = field(kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +66,7 @@ class Cancelled:
 
     rid: Hashable
     epoch: int
+    incarnation: int = field(kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +76,7 @@ class SenderError:
     rid: Hashable
     epoch: int
     reason: str
+    incarnation: int = field(kw_only=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,17 +86,82 @@ class PeerLost:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class PeerBack:
+    """The transport reached a sender again (a restarted one) after :class:`PeerLost`.
+
+    It holds none of the earlier rounds: those requests failed with the loss;
+    requests added from now on are served again.
+    """
+
+    reason: str
+
+
 Post = RoundPost | Cancel
-Status = Landed | Cancelled | SenderError | PeerLost
+Status = Landed | Cancelled | SenderError | PeerLost | PeerBack
+ROUND_STATUSES = (Landed, Cancelled, SenderError)
+
+
+def malformed_status(status: object) -> str | None:
+    """Why ``status`` is not a well-formed status, or ``None``: checked per item of a batch."""
+    kind = type(status)
+    if kind is PeerLost or kind is PeerBack:
+        return None if type(status.reason) is str else "reason is not a str"  # type: ignore[attr-defined]
+    if kind not in ROUND_STATUSES:
+        return f"{kind.__name__} is not a status"
+    s: Landed | Cancelled | SenderError = status  # type: ignore[assignment]
+    try:
+        hash(s.rid)
+    except TypeError:
+        return "its request id is not hashable"
+    if type(s.epoch) is not int or type(s.incarnation) is not int:
+        return "epoch and incarnation must be ints"
+    if kind is Landed:
+        landed: Landed = status  # type: ignore[assignment]
+        if type(landed.tokens) is not int or type(landed.total) is not int:
+            return "tokens and total must be ints"
+        if type(landed.final) is not bool:
+            return "final must be a bool"
+    elif kind is SenderError and type(status.reason) is not str:  # type: ignore[attr-defined]
+        return "reason is not a str"
+    return None
+
+
+def malformed_post(post: object) -> str | None:
+    """Why ``post`` is not a well-formed post or cancel, or ``None``."""
+    kind = type(post)
+    if kind is not RoundPost and kind is not Cancel:
+        return f"{kind.__name__} is not a post"
+    p: RoundPost | Cancel = post  # type: ignore[assignment]
+    try:
+        hash(p.rid)
+    except TypeError:
+        return "its request id is not hashable"
+    if type(p.epoch) is not int or type(p.incarnation) is not int:
+        return "epoch and incarnation must be ints"
+    if kind is RoundPost:
+        r: RoundPost = post  # type: ignore[assignment]
+        if type(r.sent) is not int or type(r.capacity_tokens) is not int:
+            return "sent and capacity_tokens must be ints"
+        if type(r.blocks) is not tuple or not all(type(b) is int for b in r.blocks):
+            return "blocks must be a tuple of ints"
+        if r.expect_tokens is not None and type(r.expect_tokens) is not int:
+            return "expect_tokens must be an int or None"
+    return None
+
 
 __all__ = [
     "NO_EPOCH",
+    "ROUND_STATUSES",
     "Cancel",
     "Cancelled",
     "Landed",
+    "PeerBack",
     "PeerLost",
     "Post",
     "RoundPost",
     "SenderError",
     "Status",
+    "malformed_post",
+    "malformed_status",
 ]

@@ -28,12 +28,15 @@ from resumekit.statemachine.declaration import TABLE, Action, Event, TransferSta
 from resumekit.statemachine.dedup import EpochFilter, Observation, RoundFilter, Verdict
 from resumekit.statemachine.messages import (
     NO_EPOCH,
+    ROUND_STATUSES,
     Cancelled,
     Landed,
+    PeerBack,
     PeerLost,
     RoundPost,
     SenderError,
     Status,
+    malformed_status,
 )
 
 if TYPE_CHECKING:
@@ -55,6 +58,7 @@ class RequestRecord:
         "__weakref__",
         "allocation",
         "epoch",
+        "incarnation",
         "memo",
         "mrope_delta",
         "output",
@@ -67,8 +71,9 @@ class RequestRecord:
         "total",
     )
 
-    def __init__(self, rid: Hashable) -> None:
+    def __init__(self, rid: Hashable, incarnation: int) -> None:
         self.rid = rid
+        self.incarnation = incarnation  # this life of the id; never reused by the receiver
         self.state = S.Bootstrapping
         self.epoch = 0  # the round posted, or to be posted next
         self.allocation: Allocation | None = None  # the posted round's blocks, while in flight
@@ -170,30 +175,39 @@ class ResumableReceiver:
         self._records: dict[Hashable, RequestRecord] = {}
         self._admissions: deque[RequestRecord] = deque()
         self._resumes: deque[RequestRecord] = deque()
-        self._quarantine: dict[tuple[Hashable, int], Allocation] = {}
+        self._quarantine: dict[tuple[Hashable, int, int], Allocation] = {}
         self._finished: list[Hashable] = []
-        self.stale_statuses = 0
-        self.orphan_statuses = 0
-        self.peer_lost: str | None = None  # set once the transport reports the sender gone
+        self._next_incarnation = 1
+        self.stale_statuses = 0  # for an old round of a live request
+        self.orphan_statuses = 0  # for no life the receiver knows (an earlier one, or none)
+        self.malformed_statuses = 0  # items of a batch that were not statuses at all
+        self.peer_lost: str | None = None  # set while the transport reports the sender gone
 
     # -- engine API --------------------------------------------------------------
 
-    def add(self, rid: Hashable, *, bootstrapped: bool = True) -> None:
-        """Start receiving ``rid``; ``bootstrapped=False`` waits for :meth:`bootstrapped`."""
+    def add(self, rid: Hashable, *, bootstrapped: bool = True) -> int:
+        """Start receiving ``rid``; ``bootstrapped=False`` waits for :meth:`bootstrapped`.
+
+        Returns the incarnation of this life of ``rid``, never given before; an
+        engine that knows it passes it to the sender's ``add``. An id may be added
+        again once its earlier life was taken: every message carries the life's
+        incarnation, so what is still in flight for the earlier one is counted as
+        an orphan and never touches the new one.
+        """
         check_hashable(rid, "rid")
         if rid in self._records:
             raise DuplicateRequestError(f"request {rid!r} is already known")
-        if any(key[0] == rid for key in self._quarantine):
-            raise DuplicateRequestError(
-                f"request {rid!r} still has a round in quarantine; reuse its id once it is released"
-            )
-        req = RequestRecord(rid)
+        req = RequestRecord(rid, self._next_incarnation)
+        self._next_incarnation += 1
         self._records[rid] = req
         if self.peer_lost is not None:
-            # Nothing can arrive from a dead peer: fail now rather than wait forever.
+            # Nothing can arrive from a dead peer: fail now rather than wait forever, and
+            # say so in case a new sender is already connected (a dead link drops it).
             self._fail(req, f"peer lost: {self.peer_lost}", peer_alive=False)
+            self.transport.cancel(rid, NO_EPOCH, incarnation=req.incarnation)
         elif bootstrapped:
             self._fire(req, Event.BOOTSTRAPPED)
+        return req.incarnation
 
     def bootstrapped(self, rid: Hashable) -> None:
         """The peer of ``rid`` is known: the request may be admitted."""
@@ -264,8 +278,11 @@ class ResumableReceiver:
         """The live record of ``rid`` (read it, do not change it)."""
         return self._record(rid)
 
-    def quarantined(self) -> dict[tuple[Hashable, int], Allocation]:
-        """Rounds of failed requests whose blocks may still be written, by (rid, epoch)."""
+    def quarantined(self) -> dict[tuple[Hashable, int, int], Allocation]:
+        """Rounds of failed requests whose blocks may still be written.
+
+        Keyed by (rid, incarnation, epoch).
+        """
         return dict(self._quarantine)
 
     def check_quiescent(self) -> None:
@@ -282,25 +299,51 @@ class ResumableReceiver:
     # -- statuses ------------------------------------------------------------------
 
     def _on_status(self, status: Status) -> None:
+        """Handle one item of a batch; a bad item fails at most its own request."""
         kind = type(status)
-        if kind is Landed or kind is Cancelled or kind is SenderError:
-            key = (status.rid, status.epoch)  # type: ignore[union-attr]
+        if kind in ROUND_STATUSES:
+            problem = malformed_status(status)
+            if problem is not None:
+                self._on_malformed(status, problem)
+                return
+            s: Landed | Cancelled | SenderError = status  # type: ignore[assignment]
+            key = (s.rid, s.incarnation, s.epoch)
             held = self._quarantine.pop(key, None) if self._quarantine else None
             if held is not None:
                 self.allocator.free(held)  # that round can no longer be written
                 return
-            req = self._records.get(status.rid)  # type: ignore[union-attr]
-            if req is None:
-                self.orphan_statuses += 1
+            req = self._records.get(s.rid)
+            if req is None or req.incarnation != s.incarnation:
+                self.orphan_statuses += 1  # no life of ours, or an earlier life of this id
                 return
-            if kind is Landed:
-                self._on_landed(req, status)  # type: ignore[arg-type]
-            else:
-                self._on_refused(req, status)  # type: ignore[arg-type]
+            try:
+                if kind is Landed:
+                    self._on_landed(req, s)  # type: ignore[arg-type]
+                else:
+                    self._on_refused(req, s)  # type: ignore[arg-type]
+            except (InvalidArgumentError, TransportError) as error:
+                # Bad values that got past the checks: this request's problem alone.
+                if req.state.terminal:
+                    raise
+                self._fail(req, f"protocol error: {error}", peer_alive=True)
         elif kind is PeerLost:
             self._on_peer_lost(status)  # type: ignore[arg-type]
+        elif kind is PeerBack:
+            self.peer_lost = None  # a new sender: requests added from now on are served
         else:
-            raise TransportError(f"not a status: {status!r}")
+            self._on_malformed(status, f"{kind.__name__} is not a status")
+
+    def _on_malformed(self, status: object, problem: str) -> None:
+        """Count a malformed item; fail the one live request it names, if it names one."""
+        self.malformed_statuses += 1
+        rid = getattr(status, "rid", None)
+        incarnation = getattr(status, "incarnation", None)
+        try:
+            req = self._records.get(rid)
+        except TypeError:
+            return
+        if req is not None and req.incarnation == incarnation and not req.state.terminal:
+            self._fail(req, f"protocol error: malformed status ({problem})", peer_alive=True)
 
     def _on_landed(self, req: RequestRecord, status: Landed) -> None:
         if req.state.terminal:
@@ -355,7 +398,9 @@ class ResumableReceiver:
         verdict, tokens = f.judge(obs, req.memo)
         if sees or verdict is not Verdict.CURRENT:
             return verdict, status
-        return verdict, Landed(req.rid, req.epoch, tokens, total or 0, status.final)
+        return verdict, Landed(
+            req.rid, req.epoch, tokens, total or 0, status.final, incarnation=req.incarnation
+        )
 
     def _check_round(
         self, req: RequestRecord, allocation: Allocation, status: Landed
@@ -378,8 +423,13 @@ class ResumableReceiver:
                 return f"status announces {total} tokens but aux[0] says {aux[AUX_TOTAL_TOKENS]}"
             if req.sent + tokens > total or status.final != (req.sent + tokens == total):
                 return self._check_span(req, status)
+            try:
+                output = self.buffers.new_output(total)
+            except (RuntimeError, MemoryError, InvalidArgumentError) as error:
+                return f"no room for the output of {total} tokens ({type(error).__name__})"
             req.total = total
             req.mrope_delta = aux[AUX_MROPE_DELTA]
+            req.output = output
             return None
         if total != req.total:
             return f"total changed from {req.total} to {total} tokens"
@@ -398,13 +448,26 @@ class ResumableReceiver:
         return None
 
     def _on_refused(self, req: RequestRecord, status: Cancelled | SenderError) -> None:
-        """The sender will not write round ``status.epoch``: stale if old, else a failure."""
+        """The sender will not write round ``status.epoch``: stale if old, else a failure.
+
+        Only a refusal of the round in flight frees its blocks at once; a refusal
+        of a round never posted is a protocol error, and the round in flight (the
+        sender may still write it) goes to quarantine like any failed request's.
+        """
         if req.state.terminal or (req.state is S.Transferring and 0 <= status.epoch < req.epoch):
             self._stale(req)
             return
         why = status.reason if isinstance(status, SenderError) else "cancelled the round"
-        # Nothing more will be written for this request: its blocks go straight back.
-        self._fail(req, f"sender error: {why}", peer_alive=True, written=False)
+        if req.state is S.Transferring and status.epoch == req.epoch and req.allocation is not None:
+            # The round in flight will not be written: its blocks go straight back.
+            self._fail(req, f"sender error: {why}", peer_alive=True, written=False)
+            return
+        self._fail(
+            req,
+            f"protocol error: sender error ({why}) for round {status.epoch}, "
+            f"but the round in flight is {self._in_flight_epoch(req)}",
+            peer_alive=True,
+        )
 
     def _on_peer_lost(self, status: PeerLost) -> None:
         self.peer_lost = status.reason
@@ -473,7 +536,14 @@ class ResumableReceiver:
         capacity = allocation.capacity_tokens
         expect = None if req.total is None else min(req.total - req.sent, capacity)
         post = RoundPost(
-            req.rid, req.epoch, allocation.blocks, capacity, req.sent, allocation, expect
+            req.rid,
+            req.epoch,
+            allocation.blocks,
+            capacity,
+            req.sent,
+            allocation,
+            expect,
+            incarnation=req.incarnation,
         )
         if self.observer is not None:
             self.observer.round_posted(post)
@@ -483,8 +553,7 @@ class ResumableReceiver:
         self, req: RequestRecord, status: Landed, allocation: Allocation, offset: int
     ) -> None:
         """Copy the landed round out at ``offset`` and free its blocks, once."""
-        if req.output is None:
-            req.output = self.buffers.new_output(status.total)
+        assert req.output is not None  # made when round 0 was checked
         self.buffers.read_into(allocation, status.tokens, req.output, offset)
         if self.observer is not None:
             self.observer.round_consumed(req.rid, status.epoch, status.tokens, allocation)
@@ -552,11 +621,13 @@ class ResumableReceiver:
         req.allocation = None
         if allocation is not None:
             if in_flight:
-                self._quarantine[(req.rid, req.epoch)] = allocation
+                self._quarantine[(req.rid, req.incarnation, req.epoch)] = allocation
             else:
                 self.allocator.free(allocation)
         if peer_alive:
-            self.transport.cancel(req.rid, epoch if in_flight else NO_EPOCH)
+            self.transport.cancel(
+                req.rid, epoch if in_flight else NO_EPOCH, incarnation=req.incarnation
+            )
         if self.observer is not None:
             self.observer.request_failed(req.rid, reason)
         self._finished.append(req.rid)

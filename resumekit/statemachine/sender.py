@@ -10,7 +10,7 @@ import torch
 
 from resumekit._check import as_int, check_hashable
 from resumekit.allocator.buffers import MROPE_ROWS, EmbeddingTensors
-from resumekit.errors import DuplicateRequestError, InvalidArgumentError, LeakError
+from resumekit.errors import InvalidArgumentError, LeakError, TransportError
 from resumekit.statemachine.messages import (
     NO_EPOCH,
     Cancel,
@@ -18,6 +18,7 @@ from resumekit.statemachine.messages import (
     Landed,
     RoundPost,
     SenderError,
+    malformed_post,
 )
 
 if TYPE_CHECKING:
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 
 
 class _Source:
-    __slots__ = ("data", "mrope_delta", "next_epoch", "sent", "total")
+    __slots__ = ("data", "incarnation", "mrope_delta", "next_epoch", "sent", "total")
 
     def __init__(self, data: EmbeddingTensors, mrope_delta: int) -> None:
         self.data = data
@@ -33,6 +34,7 @@ class _Source:
         self.mrope_delta = mrope_delta
         self.sent = 0
         self.next_epoch = 0
+        self.incarnation: int | None = None  # the life it serves, bound by its first post
 
 
 class EmbeddingSender:
@@ -41,40 +43,67 @@ class EmbeddingSender:
     A post for a request not yet added waits until :meth:`add` (the encoder
     may finish after the receiver posts round 0). A repeated post (an epoch
     already served) is ignored; a post that skips an epoch or resumes at the
-    wrong offset is refused with a :class:`SenderError`.
+    wrong offset is refused with a :class:`SenderError`, and so is a round whose
+    write fails: each post of a batch is handled on its own.
+
+    Request ids may be reused. Each life of an id has the incarnation the
+    receiver gave it (:meth:`ResumableReceiver.add` returns it), carried by
+    every post and cancel. :meth:`add` with ``incarnation`` binds a source to
+    exactly that life; without it, sources are bound to the lives of their id
+    in the order they were added, so the encoder must add them in that order
+    (one per life, a cancelled life's too: its late source is dropped). Messages
+    of a life that has ended here are stale.
     """
 
     def __init__(self, transport: SenderTransport, *, max_tombstones: int = 65_536) -> None:
         self.transport = transport
-        self._sources: dict[Hashable, _Source] = {}
-        self._parked: dict[Hashable, deque[RoundPost]] = {}
-        # Requests cancelled before their source arrived, so a late add() drops it.
-        self._cancelled: dict[Hashable, None] = {}
         self.max_tombstones = as_int(max_tombstones, "max_tombstones", minimum=0)
+        self._lives: dict[Hashable, list[_Source]] = {}  # per id, its sources in added order
+        self._parked: dict[Hashable, deque[RoundPost]] = {}  # posts waiting for their source
+        # Lives cancelled before an unnamed source arrived: that many such adds are dropped.
+        self._cancelled: dict[Hashable, int] = {}
+        self._ended: dict[Hashable, int] = {}  # per id, the newest life that ended here
         self.rounds_served = 0
         self.repeated_posts = 0
+        self.stale_posts = 0  # posts and cancels of lives that had ended here
+        self.malformed_posts = 0
 
-    def add(self, rid: Hashable, source: EmbeddingTensors, *, mrope_delta: int = 0) -> bool:
-        """Make ``source`` available for request ``rid``.
+    def add(
+        self,
+        rid: Hashable,
+        source: EmbeddingTensors,
+        *,
+        mrope_delta: int = 0,
+        incarnation: int | None = None,
+    ) -> bool:
+        """Make ``source`` available for a life of request ``rid``.
 
-        Returns ``False`` (and keeps nothing) when the receiver already
-        cancelled ``rid``: the encoder finished after the language side gave up.
+        ``incarnation`` names the life (what the receiver's ``add`` returned);
+        without it the source is for the oldest life of ``rid`` not yet given
+        one. Returns ``False`` (and keeps nothing) when the receiver already
+        cancelled that life: the encoder finished after the language side gave up.
         """
         check_hashable(rid, "rid")
-        if rid in self._sources:
-            raise DuplicateRequestError(f"request {rid!r} is already being sent")
         _check_source(source)
         mrope_delta = as_int(mrope_delta, "mrope_delta")
         if not -(2**31) <= mrope_delta < 2**31:
             raise InvalidArgumentError("mrope_delta must fit in int32")
-        if rid in self._cancelled:
-            del self._cancelled[rid]
-            return False
-        self._sources[rid] = _Source(source, mrope_delta)
-        parked = self._parked.pop(rid, None)
-        if parked:
-            for post in parked:
-                self._serve(post)
+        if incarnation is not None:
+            incarnation = as_int(incarnation, "incarnation", minimum=1)
+            if incarnation <= self._ended.get(rid, 0):
+                return False  # that life ended here (cancelled) before its source came
+        else:
+            dropped = self._cancelled.get(rid)
+            if dropped:
+                if dropped == 1:
+                    del self._cancelled[rid]
+                else:
+                    self._cancelled[rid] = dropped - 1
+                return False
+        src = _Source(source, mrope_delta)
+        src.incarnation = incarnation
+        self._lives.setdefault(rid, []).append(src)
+        self._serve_parked(rid)
         return True
 
     def step(self) -> int:
@@ -82,45 +111,145 @@ class EmbeddingSender:
         posts = self.transport.poll_posts()
         served = self.rounds_served
         for post in posts:
-            if isinstance(post, Cancel):
+            problem = malformed_post(post)
+            if problem is not None:
+                self._on_malformed(post, problem)
+            elif type(post) is Cancel:
                 self._cancel(post)
             else:
-                self._serve(post)
+                self._serve(post)  # type: ignore[arg-type]
         return self.rounds_served - served
 
     def __len__(self) -> int:
-        return len(self._sources)
+        return sum(map(len, self._lives.values()))
 
     def __contains__(self, rid: object) -> bool:
         try:
-            return rid in self._sources or rid in self._parked
+            return rid in self._lives or rid in self._parked
         except TypeError:
             return False
 
     def check_quiescent(self) -> None:
         """Raise :class:`LeakError` if any request is still held."""
-        if self._sources or self._parked:
+        if self._lives or self._parked:
             raise LeakError(
                 [],
-                f"sender still holds {sorted(map(repr, self._sources))} "
+                f"sender still holds {sorted(map(repr, self._lives))} "
                 f"and parked posts for {sorted(map(repr, self._parked))}",
             )
 
+    # -- lives -----------------------------------------------------------------------
+
+    def _stale(self, rid: Hashable, incarnation: int) -> bool:
+        """Whether a post or cancel belongs to a life of ``rid`` that has ended here."""
+        if incarnation <= self._ended.get(rid, 0):
+            self.stale_posts += 1
+            return True
+        return False
+
+    def _source(self, rid: Hashable, incarnation: int) -> _Source | None:
+        """The source of life ``incarnation`` of ``rid``, binding the oldest unnamed one.
+
+        Posts and cancels travel in order, so a message of a newer life means the
+        lives before it are over here, even where their end never reached us.
+        """
+        sources = self._lives.get(rid)
+        if not sources:
+            return None
+        for src in list(sources):
+            if src.incarnation is not None and src.incarnation < incarnation:
+                self._end(rid, src.incarnation)
+        sources = self._lives.get(rid, [])
+        for src in sources:
+            if src.incarnation == incarnation:
+                return src
+        for src in sources:
+            if src.incarnation is None:
+                src.incarnation = incarnation
+                return src
+        return None
+
+    def _end(self, rid: Hashable, incarnation: int) -> None:
+        """Life ``incarnation`` of ``rid`` is over here: its source goes, its messages are stale."""
+        sources = self._lives.get(rid)
+        if sources is not None:
+            sources[:] = [s for s in sources if s.incarnation != incarnation]
+            if not sources:
+                del self._lives[rid]
+        ended = self._ended
+        if incarnation > ended.pop(rid, 0):  # re-inserted: the dict's order is recency
+            ended[rid] = incarnation
+            if len(ended) > self.max_tombstones:
+                del ended[next(iter(ended))]
+        parked = self._parked.get(rid)
+        if parked and parked[0].incarnation <= incarnation:
+            del self._parked[rid]  # posts of that life, which nothing will serve now
+
+    def _serve_parked(self, rid: Hashable) -> None:
+        parked = self._parked.pop(rid, None)
+        if parked:
+            for post in parked:
+                self._serve(post)
+
+    def _tombstone(self, rid: Hashable) -> None:
+        if not self.max_tombstones:
+            return
+        self._cancelled[rid] = self._cancelled.pop(rid, 0) + 1
+        if len(self._cancelled) > self.max_tombstones:
+            del self._cancelled[next(iter(self._cancelled))]
+
     def _cancel(self, cancel: Cancel) -> None:
-        known = self._sources.pop(cancel.rid, None) is not None
-        self._parked.pop(cancel.rid, None)
-        if not known and self.max_tombstones:
-            self._cancelled[cancel.rid] = None
-            if len(self._cancelled) > self.max_tombstones:
-                del self._cancelled[next(iter(self._cancelled))]
+        rid, incarnation = cancel.rid, cancel.incarnation
         if cancel.epoch != NO_EPOCH:
             # Rounds are written whole within one step, so nothing more lands for it.
-            self.transport.report(Cancelled(cancel.rid, cancel.epoch))
+            self.transport.report(Cancelled(rid, cancel.epoch, incarnation=incarnation))
+        if not self._stale(rid, incarnation):
+            self._drop_life(rid, incarnation)
+
+    def _drop_life(self, rid: Hashable, incarnation: int) -> None:
+        """Life ``incarnation`` of ``rid`` ends here, whatever it had."""
+        if self._source(rid, incarnation) is None:
+            # This life had no source yet: drop the unnamed one the encoder may still add.
+            self._tombstone(rid)
+        self._end(rid, incarnation)
+
+    def _on_malformed(self, post: object, problem: str) -> None:
+        """Count a malformed post; refuse the round it names, if it names one not yet served."""
+        self.malformed_posts += 1
+        rid = getattr(post, "rid", None)
+        epoch = getattr(post, "epoch", None)
+        incarnation = getattr(post, "incarnation", None)
+        try:
+            hash(rid)
+        except TypeError:
+            return
+        if type(epoch) is not int or type(incarnation) is not int or epoch < 0:
+            return
+        if self._stale(rid, incarnation):
+            return
+        src = self._source(rid, incarnation)
+        if src is not None and epoch < src.next_epoch:
+            return  # a garbled repeat of a round already served: it changes nothing
+        if src is None:
+            self._tombstone(rid)
+        self._end(rid, incarnation)
+        self.transport.report(
+            SenderError(rid, epoch, f"malformed post: {problem}", incarnation=incarnation)
+        )
+
+    def _refuse(self, post: RoundPost, problem: str) -> None:
+        self._end(post.rid, post.incarnation)
+        self.transport.report(
+            SenderError(post.rid, post.epoch, problem, incarnation=post.incarnation)
+        )
 
     def _serve(self, post: RoundPost) -> None:
-        src = self._sources.get(post.rid)
+        rid, incarnation = post.rid, post.incarnation
+        if self._stale(rid, incarnation):
+            return
+        src = self._source(rid, incarnation)
         if src is None:
-            self._parked.setdefault(post.rid, deque()).append(post)
+            self._parked.setdefault(rid, deque()).append(post)
             return
         if post.epoch < src.next_epoch:
             self.repeated_posts += 1
@@ -133,19 +262,14 @@ class EmbeddingSender:
         elif post.capacity_tokens < 1:
             problem = f"round {post.epoch} offers {post.capacity_tokens} tokens"
         if problem is not None:
-            del self._sources[post.rid]
-            self.transport.report(SenderError(post.rid, post.epoch, problem))
+            self._refuse(post, problem)
             return
         n = min(src.total - src.sent, post.capacity_tokens)
         if post.expect_tokens is not None and post.expect_tokens != n:
-            del self._sources[post.rid]
-            self.transport.report(
-                SenderError(
-                    post.rid,
-                    post.epoch,
-                    f"round {post.epoch} would carry {n} tokens; the receiver expects "
-                    f"{post.expect_tokens}",
-                )
+            self._refuse(
+                post,
+                f"round {post.epoch} would carry {n} tokens; the receiver expects "
+                f"{post.expect_tokens}",
             )
             return
         # The total and mRoPE delta travel with round 0 only; the progress marker
@@ -154,14 +278,20 @@ class EmbeddingSender:
             aux: tuple[int, ...] = (src.total, src.mrope_delta, src.sent + n)
         else:
             aux = (0, 0, src.sent + n)
-        self.transport.write_round(post, src.data.narrow(src.sent, n), aux)
+        try:
+            self.transport.write_round(post, src.data.narrow(src.sent, n), aux)
+        except (InvalidArgumentError, TransportError) as error:
+            # This source cannot go into these blocks (a wrong dtype or hidden size, say):
+            # this request fails, the rest of the batch goes on.
+            self._refuse(post, f"round {post.epoch} could not be written: {error}")
+            return
         src.sent += n
         src.next_epoch = post.epoch + 1
         final = src.sent == src.total
         if final:
-            del self._sources[post.rid]
+            self._end(rid, incarnation)
         self.rounds_served += 1
-        self.transport.report(Landed(post.rid, post.epoch, n, src.total, final))
+        self.transport.report(Landed(rid, post.epoch, n, src.total, final, incarnation=incarnation))
 
 
 def _check_source(source: EmbeddingTensors) -> None:
@@ -171,12 +301,32 @@ def _check_source(source: EmbeddingTensors) -> None:
     if not all(isinstance(t, torch.Tensor) for t in (emb, fill, mrope)):
         raise InvalidArgumentError("source fields must be torch tensors")
     if emb.dim() != 2 or emb.shape[0] < 1:
-        raise InvalidArgumentError("source.embeddings must be (n >= 1, hidden)")
+        raise InvalidArgumentError(
+            f"source.embeddings must be (n >= 1, hidden), got {tuple(emb.shape)}"
+        )
     n = emb.shape[0]
+    if n >= 2**31:
+        raise InvalidArgumentError(f"source has {n} tokens; the total must fit in int32")
     if tuple(fill.shape) != (n,) or tuple(mrope.shape) != (MROPE_ROWS, n):
         raise InvalidArgumentError(
             f"source.fill_ids must be ({n},) and source.mrope ({MROPE_ROWS}, {n}); got "
             f"{tuple(fill.shape)} and {tuple(mrope.shape)}"
+        )
+    if not emb.dtype.is_floating_point:
+        raise InvalidArgumentError(f"source.embeddings must be floating point, not {emb.dtype}")
+    if fill.dtype != torch.int32 or mrope.dtype != torch.int32:
+        raise InvalidArgumentError(
+            f"source.fill_ids and source.mrope must be int32, not {fill.dtype} and {mrope.dtype}"
+        )
+    if not emb.device == fill.device == mrope.device:
+        raise InvalidArgumentError(
+            f"source tensors are on {emb.device}, {fill.device} and {mrope.device}; "
+            "they must share one device"
+        )
+    if emb.requires_grad:
+        raise InvalidArgumentError(
+            "source.embeddings requires grad; pass embeddings.detach() (the transfer copies "
+            "bytes and must not join an autograd graph)"
         )
 
 

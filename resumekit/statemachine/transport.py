@@ -18,6 +18,7 @@ from resumekit.statemachine.messages import (
     Cancel,
     Cancelled,
     Landed,
+    PeerBack,
     PeerLost,
     Post,
     RoundPost,
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from resumekit.allocator.buffers import BlockBuffers, EmbeddingTensors
 
 _EMPTY: tuple[Status, ...] = ()
+_EVENTS = (PeerLost, PeerBack)
 
 
 class ReceiverTransport(Protocol):
@@ -37,8 +39,8 @@ class ReceiverTransport(Protocol):
     def post_round(self, post: RoundPost) -> None:
         """Ask the sender to write one round."""
 
-    def cancel(self, rid: Hashable, epoch: int) -> None:
-        """Tell the sender the request is gone; ``epoch`` is the round in flight, if any."""
+    def cancel(self, rid: Hashable, epoch: int, *, incarnation: int) -> None:
+        """Tell the sender this life of the request is gone; ``epoch``: the round in flight."""
 
     def poll_statuses(self) -> Sequence[Status]:
         """Statuses that arrived since the last poll; an empty tuple (no allocation) if none."""
@@ -70,8 +72,10 @@ class InProcessTransport:
     Adversary hooks act on the statuses in flight (``in_flight``): ``hold`` /
     ``release`` delay them, ``duplicate``, ``reorder`` and ``shuffle`` rearrange
     them, ``inject`` forges one, ``crash_sender`` kills the sender (optionally
-    right after its next write, before it reports), and ``adversary`` may split
-    every batch into what is delivered now and what stays in flight.
+    right after its next write, before it reports), ``restart_sender`` kills it
+    and connects a fresh one once the receiver has seen the loss, and
+    ``adversary`` may split every batch into what is delivered now and what
+    stays in flight.
     """
 
     def __init__(self, buffers: BlockBuffers) -> None:
@@ -83,6 +87,8 @@ class InProcessTransport:
         self.crash_after_next_write = False
         self.adversary: StatusFilter | None = None
         self.on_write: Callable[[RoundPost, int], None] | None = None
+        self.restarting = False  # a restart waits for the receiver to see the loss
+        self.loss_seen = False  # ... and to have handled it (the poll after)
         self.posted = 0
         self.delivered = 0
 
@@ -92,10 +98,17 @@ class InProcessTransport:
         self.posted += 1
         self.posts.append(post)
 
-    def cancel(self, rid: Hashable, epoch: int) -> None:
-        self.posts.append(Cancel(rid, epoch))
+    def cancel(self, rid: Hashable, epoch: int, *, incarnation: int) -> None:
+        self.posts.append(Cancel(rid, epoch, incarnation=incarnation))
 
     def poll_statuses(self) -> Sequence[Status]:
+        if self.loss_seen:
+            # The receiver has handled the loss: what it posted meanwhile went to the
+            # dead sender; the new sender's connection is up from here on.
+            self.loss_seen = False
+            self.posts.clear()
+            self.sender_alive = True
+            self.in_flight.append(PeerBack("a new sender is connected"))
         if not self.in_flight or self.held:
             return _EMPTY
         batch = self.in_flight
@@ -104,6 +117,9 @@ class InProcessTransport:
         else:
             batch, self.in_flight = self.adversary(batch)
         self.delivered += len(batch)
+        if self.restarting and any(type(st) is PeerLost for st in batch):
+            self.restarting = False
+            self.loss_seen = True  # the switch happens at the next poll
         return batch
 
     # -- sender end ------------------------------------------------------------
@@ -142,19 +158,37 @@ class InProcessTransport:
         self.held = False
 
     def duplicate(self, index: int = -1) -> None:
-        """Send the status at ``index`` of ``in_flight`` twice."""
-        self.in_flight.append(self._at(index))
+        """Send the status at ``index`` of ``in_flight`` twice (a connection event cannot be)."""
+        status = self._at(index)
+        if type(status) is PeerLost or type(status) is PeerBack:
+            raise InvalidArgumentError(f"{type(status).__name__} is reported once, not duplicated")
+        self.in_flight.append(status)
 
     def reorder(self, order: Sequence[int]) -> None:
-        """Rearrange ``in_flight`` to ``[in_flight[i] for i in order]`` (a permutation)."""
+        """Rearrange ``in_flight`` to ``[in_flight[i] for i in order]`` (a permutation).
+
+        Connection events (:class:`PeerLost`, :class:`PeerBack`) keep their order,
+        as on a real link: they only trade places with statuses.
+        """
         if sorted(order) != list(range(len(self.in_flight))):
             raise InvalidArgumentError(
                 f"order must be a permutation of range({len(self.in_flight)})"
             )
+        events = [s for s in self.in_flight if type(s) in _EVENTS]
         self.in_flight = [self.in_flight[i] for i in order]
+        self._restore(events)
 
     def shuffle(self, rng: random.Random) -> None:
+        """Shuffle ``in_flight``; connection events keep their order."""
+        events = [s for s in self.in_flight if type(s) in _EVENTS]
         rng.shuffle(self.in_flight)
+        self._restore(events)
+
+    def _restore(self, events: list[Status]) -> None:
+        if len(events) > 1:
+            slots = [i for i, s in enumerate(self.in_flight) if type(s) in _EVENTS]
+            for i, event in zip(slots, events, strict=True):
+                self.in_flight[i] = event
 
     def inject(self, status: Status) -> None:
         """Deliver a status the sender never sent (to test the receiver's checks)."""
@@ -168,6 +202,18 @@ class InProcessTransport:
         self.crash_after_next_write = False
         self.posts.clear()
         self.in_flight.append(PeerLost(reason))
+
+    def restart_sender(self, reason: str = "sender restarted") -> None:
+        """The sender dies and a fresh one (that knows nothing) takes its place.
+
+        The receiver gets :class:`PeerLost`, then :class:`PeerBack`; posts made
+        before it saw the loss went to the dead sender. The engine makes the new
+        :class:`~resumekit.statemachine.EmbeddingSender` on this transport.
+        """
+        if not self.sender_alive:
+            return
+        self.crash_sender(reason)
+        self.restarting = True
 
     def _at(self, index: int) -> Status:
         try:
