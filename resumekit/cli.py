@@ -5,18 +5,51 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-from resumekit.errors import InvalidArgumentError, ResumeKitError
+from resumekit.errors import ResumeKitError
 from resumekit.properties.explorer import STANDARD_BOUNDS, Exploration, explore
-from resumekit.properties.fuzz import FuzzResult, fuzz
-from resumekit.properties.model import Bounds
+from resumekit.properties.fuzz import DEFAULT_DATABASE, FuzzResult, fuzz, replay
+from resumekit.properties.harness import Bounds
 from resumekit.properties.strategies import BROKEN, STRATEGIES, strategy
+from resumekit.properties.verify import (
+    DEFAULT_BROKEN_EXAMPLES,
+    DEFAULT_EXAMPLES,
+    bounds_sets,
+    verify,
+)
+from resumekit.properties.verify import format_report as format_verify
 from resumekit.simulate import check_reuse, format_report, simulate
 from resumekit.statemachine import diagram
 
 FAULTS = ("duplicate", "abort", "crash", "pressure")
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an int >= ``minimum`` (a run that checks nothing is refused)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
+    return value
 
 
 class Progress:
@@ -77,86 +110,49 @@ def _explore_both(
 
 
 def _verify(args: argparse.Namespace) -> int:
-    names = [*BROKEN, "epoch"]
-    progress = Progress(2 * len(names))
-    explored: dict[str, tuple[int, float, Exploration | None, bool]] = {}
-    for name in names:
-        explored[name] = _explore_both(name, STANDARD_BOUNDS, "both", progress, args.workers)
-        progress.step(f"explored {name}")
-    fuzzed: dict[str, FuzzResult] = {}
-    start = time.perf_counter()
-    for name in names:
-        left = args.budget - (time.perf_counter() - start)
-        share = left if name == "epoch" else min(left, args.budget * 0.15)
+    progress = Progress(2 * (len(BROKEN) + len(bounds_sets())) + len(BROKEN) + 1)
 
-        def show(r: FuzzResult, name: str = name) -> None:
-            progress.show(f"fuzz {name}: {r.examples:,} examples, {r.seconds:.0f}s")
+    def show(text: str) -> None:
+        progress.step(text)
 
-        fuzzed[name] = fuzz(name, budget=max(share, 1.0), start_seed=args.seed, progress=show)
-        progress.step(f"fuzzed {name}")
-    progress.close()
-
-    ok = True
-    rows = []
-    for name in names:
-        states, seconds, run, complete = explored[name]
-        f = fuzzed[name]
-        found = []
-        if run is not None and run.violation is not None:
-            found.append(f"explorer: {run.violation.invariant}")
-        if f.failed:
-            found.append(f"fuzz: {f.invariant}")
-        if name == "epoch":
-            good = not found and complete
-            verdict = "verified" if good else "VIOLATED"
-        else:
-            good = len(found) == 2
-            verdict = "caught" if good else "MISSED"
-        ok = ok and good
-        rows.append(
-            (
-                name,
-                f"{states:,}",
-                f"{states / seconds:,.0f}/s" if seconds else "-",
-                f"{f.examples:,}",
-                "; ".join(found) or "none",
-                verdict,
-            )
-        )
-    header = ("strategy", "states explored", "states/s", "fuzz examples", "violations", "verdict")
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-    b = STANDARD_BOUNDS
-    print(
-        f"\nbounds: {b.blocks} blocks, {b.requests} requests, up to {b.max_rounds} rounds each, "
-        f"lifo and fifo reuse; faults: {b.duplicates} duplicate, {b.aborts} abort, "
-        f"{b.crashes} crash, {b.pressure} pool squeeze; fuzz budget {args.budget:.0f}s"
+    report = verify(
+        examples=args.examples,
+        broken_examples=args.broken_examples,
+        seed=args.seed,
+        workers=args.workers,
+        cap_seconds=args.budget,
+        database=args.database,
+        progress=show,
     )
-    for name in names:
-        run = explored[name][2]
-        f = fuzzed[name]
-        if run is not None and run.violation is not None:
-            print(f"\n{name}: shortest counterexample (explorer, {run.bounds.reuse} reuse)")
-            print(run.violation.format())
-        if f.failed:
-            print(f"\n{name}: fuzzer's shrunk counterexample ({len(f.actions)} steps)")
-            print(f.format())
-    print(f"\nverdict: {'PASS' if ok else 'FAIL'}")
-    return 0 if ok else 1
+    progress.close()
+    print(format_verify(report))
+    return report.verdict.value
 
 
 def _fuzz(args: argparse.Namespace) -> int:
-    progress = Progress(1)
+    if args.replay is not None:
+        result = replay(args.strategy, args.replay)
+        if not result.runs:
+            print(f"{args.strategy}: no example saved in {args.replay} for this strategy")
+            return 0
+        print(f"{args.strategy}: replayed {result.runs} saved example(s) from {args.replay}")
+        if result.failed:
+            print(result.format())
+            return 1
+        print("no saved example fails now")
+        return 0
+    progress = Progress(args.max_examples)
 
     def show(r: FuzzResult) -> None:
+        progress.done = r.examples
         progress.show(f"fuzz {args.strategy}: {r.examples:,} examples, {r.seconds:.0f}s")
 
     result = fuzz(
         args.strategy,
-        budget=args.budget,
         max_examples=args.max_examples,
         start_seed=args.seed,
+        cap_seconds=args.budget,
+        database=args.database,
         progress=show,
     )
     progress.close()
@@ -167,6 +163,11 @@ def _fuzz(args: argparse.Namespace) -> int:
     if result.failed:
         print(result.format())
         return 1
+    if result.capped:
+        print(
+            f"inconclusive: the {args.budget:g}s cap stopped it before {args.max_examples} examples"
+        )
+        return 3
     print("no violation")
     return 0
 
@@ -179,9 +180,10 @@ def _parse_faults(text: str) -> dict[str, int]:
     else:
         chosen = {f.strip() for f in text.split(",") if f.strip()}
         unknown = chosen - set(FAULTS)
-        if unknown:
-            raise InvalidArgumentError(
-                f"unknown fault(s) {sorted(unknown)}; choose from all, none, {', '.join(FAULTS)}"
+        if unknown or not chosen:
+            raise argparse.ArgumentTypeError(
+                f"unknown fault(s) {sorted(unknown)}; choose all, none or a list of "
+                + ",".join(FAULTS)
             )
     return {
         "duplicates": int("duplicate" in chosen),
@@ -192,19 +194,16 @@ def _parse_faults(text: str) -> dict[str, int]:
 
 
 def _check(args: argparse.Namespace) -> int:
-    faults = _parse_faults(args.faults)
+    if not args.default_blocks <= args.blocks:
+        print("resumekit check: --default-blocks must not exceed --blocks", file=sys.stderr)
+        return 2
     bounds = Bounds(
         blocks=args.blocks,
         requests=args.requests,
         max_rounds=args.max_rounds,
         default_blocks=args.default_blocks,
-        duplicates=faults["duplicates"],
-        aborts=faults["aborts"],
-        crashes=faults["crashes"],
-        pressure=faults["pressure"],
+        **args.faults,
     )
-    if not 1 <= bounds.default_blocks <= bounds.blocks:
-        raise InvalidArgumentError("--default-blocks must be between 1 and --blocks")
     progress = Progress(1)
     states, seconds, run, complete = _explore_both(
         args.strategy, bounds, args.reuse, progress, args.workers
@@ -256,30 +255,97 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     verify = sub.add_parser(
-        "verify", help="explore and fuzz every strategy; exit 0 if epoch holds and the rest fail"
+        "verify",
+        help="explore and fuzz every strategy; exit 0 if epoch holds and the rest fail",
+        description="Explore the real receiver, sender and allocator under the standard "
+        "and adversary bounds and fuzz them, for resumekit's epoch design and the three it "
+        "replaced. Exit 0 (PASS) when epoch holds and each broken design is caught by both "
+        "checkers, 1 (FAIL) otherwise, 3 (INCONCLUSIVE) when --budget stopped it early.",
     )
-    verify.add_argument("--budget", type=float, default=60.0, help="fuzz seconds in all")
-    verify.add_argument("--seed", type=int, default=0, help="first Hypothesis seed")
-    verify.add_argument("--workers", type=int, default=None, help="explorer processes")
+    verify.add_argument(
+        "--examples",
+        type=_at_least(1),
+        default=DEFAULT_EXAMPLES,
+        help="fuzz examples for epoch (default %(default)s)",
+    )
+    verify.add_argument(
+        "--broken-examples",
+        type=_at_least(1),
+        default=DEFAULT_BROKEN_EXAMPLES,
+        help="fuzz examples at most for each broken design (default %(default)s)",
+    )
+    verify.add_argument(
+        "--budget",
+        type=_seconds,
+        default=None,
+        help="a cap in seconds; reaching it makes the verdict INCONCLUSIVE (default: none)",
+    )
+    verify.add_argument("--seed", type=_at_least(0), default=0, help="first fuzz seed (default 0)")
+    verify.add_argument(
+        "--workers", type=_at_least(1), default=None, help="explorer processes (default: CPUs)"
+    )
+    verify.add_argument(
+        "--database",
+        default=DEFAULT_DATABASE,
+        help="where falsifying examples are saved for replay (default %(default)s)",
+    )
     verify.set_defaults(func=_verify)
 
-    fz = sub.add_parser("fuzz", help="run the protocol machine against one strategy")
+    fz = sub.add_parser(
+        "fuzz",
+        help="run the protocol machine against one strategy",
+        description="Fuzz the real receiver, sender, allocator and transport with Hypothesis. "
+        "Exit 1 with the shrunk steps and a replay command, 0 when nothing failed, 3 when "
+        "--budget stopped it before --max-examples.",
+    )
     fz.add_argument("--strategy", choices=list(STRATEGIES), default="epoch")
-    limit = fz.add_mutually_exclusive_group()
-    limit.add_argument("--budget", type=float, default=None, help="seconds (default 60)")
-    limit.add_argument("--max-examples", type=int, default=None)
-    fz.add_argument("--seed", type=int, default=0)
+    fz.add_argument(
+        "--max-examples",
+        type=_at_least(1),
+        default=DEFAULT_EXAMPLES,
+        help="examples to run (default %(default)s)",
+    )
+    fz.add_argument(
+        "--budget", type=_seconds, default=None, help="a cap in seconds (default: none)"
+    )
+    fz.add_argument("--seed", type=_at_least(0), default=0, help="first seed (default 0)")
+    fz.add_argument(
+        "--database",
+        default=DEFAULT_DATABASE,
+        help="where a falsifying example is saved (default %(default)s)",
+    )
+    fz.add_argument(
+        "--replay",
+        metavar="DIR",
+        default=None,
+        help="run the falsifying examples saved in DIR instead of fuzzing",
+    )
     fz.set_defaults(func=_fuzz)
 
-    chk = sub.add_parser("check", help="explore every state of the protocol model")
+    chk = sub.add_parser(
+        "check",
+        help="explore every state of the real protocol objects",
+        description="Bounded exhaustive exploration of the shipped receiver, sender and "
+        "allocator. Exit 1 with a numbered list of actions to the first violation.",
+    )
     chk.add_argument("--strategy", choices=list(STRATEGIES), default="epoch")
-    chk.add_argument("--blocks", type=int, default=STANDARD_BOUNDS.blocks)
-    chk.add_argument("--requests", type=int, default=STANDARD_BOUNDS.requests)
-    chk.add_argument("--max-rounds", type=int, default=STANDARD_BOUNDS.max_rounds)
-    chk.add_argument("--default-blocks", type=int, default=STANDARD_BOUNDS.default_blocks)
+    for flag, value, what in (
+        ("--blocks", STANDARD_BOUNDS.blocks, "blocks in the pool"),
+        ("--requests", STANDARD_BOUNDS.requests, "requests"),
+        ("--max-rounds", STANDARD_BOUNDS.max_rounds, "rounds per request at most"),
+        ("--default-blocks", STANDARD_BOUNDS.default_blocks, "blocks of round 0"),
+    ):
+        chk.add_argument(
+            flag, type=_at_least(1), default=value, help=f"{what} (default %(default)s)"
+        )
     chk.add_argument("--reuse", choices=["lifo", "fifo", "both"], default="both")
-    chk.add_argument("--faults", default="all", help="all, none, or a list of " + ",".join(FAULTS))
-    chk.add_argument("--workers", type=int, default=None)
+    chk.add_argument(
+        "--faults",
+        type=_parse_faults,
+        default=_parse_faults("all"),
+        help="all, none, or a list of " + ",".join(FAULTS) + " (default all)",
+    )
+    chk.add_argument("--workers", type=_at_least(1), default=None, help="processes (default: CPUs)")
     chk.set_defaults(func=_check)
 
     sim = sub.add_parser("simulate", help="one in-process transfer, round by round")

@@ -147,15 +147,16 @@ class Loopback:
         for steps in range(max_steps):
             if not self.live():
                 return steps
-            before = self._traffic()
+            before = self.traffic()
             self.step()
             quiet = not t.in_flight and not t.posts
-            idle = idle + 1 if quiet and self._traffic() == before else 0
+            idle = idle + 1 if quiet and self.traffic() == before else 0
             if idle >= 2:
                 return max_steps
         return max_steps
 
-    def _traffic(self) -> tuple[int, ...]:
+    def traffic(self) -> tuple[int, ...]:
+        """Counters that move whenever either side does something."""
         t = self.transport
         return (t.posted, t.delivered, len(t.posts), len(t.in_flight), self.sender.rounds_served)
 

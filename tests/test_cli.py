@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from resumekit.cli import main
+from resumekit.properties.fuzz import fuzz
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
@@ -36,20 +41,78 @@ def test_check_reports_a_numbered_counterexample(capsys: pytest.CaptureFixture[s
     )
     assert code == 1
     assert "violates liveness" in out
-    assert "  1. r0 is added" in out
+    assert "  1. engine adds r0" in out
 
 
-def test_check_rejects_unknown_faults(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["check", "--faults", "meteor"]) == 2
-    assert "unknown fault" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["check", "--faults", "meteor"], "--faults"),
+        (["check", "--max-rounds", "0"], "--max-rounds"),
+        (["check", "--requests", "0"], "--requests"),
+        (["check", "--blocks", "-1"], "--blocks"),
+        (["fuzz", "--max-examples", "0"], "--max-examples"),
+        (["fuzz", "--budget", "-5"], "--budget"),
+        (["fuzz", "--budget", "0"], "--budget"),
+        (["fuzz", "--budget", "inf"], "--budget"),
+        (["verify", "--examples", "0"], "--examples"),
+        (["verify", "--broken-examples", "0"], "--broken-examples"),
+        (["verify", "--budget", "0"], "--budget"),
+    ],
+)
+def test_a_run_that_would_check_nothing_is_refused(
+    capsys: pytest.CaptureFixture[str], args: list[str], flag: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and "no violation" not in err
 
 
-def test_fuzz_clean_and_caught(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out = run(capsys, "fuzz", "--strategy", "epoch", "--max-examples", "30")
+def test_check_default_blocks_beyond_the_pool_names_the_flags(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["check", "--blocks", "2", "--default-blocks", "3"]) == 2
+    assert "--default-blocks" in capsys.readouterr().err
+
+
+def test_fuzz_clean_and_caught(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    db = str(tmp_path / "examples")
+    code, out = run(capsys, "fuzz", "--max-examples", "30", "--database", db)
     assert code == 0 and "no violation" in out
-    code, out = run(capsys, "fuzz", "--strategy", "seed-index", "--max-examples", "300")
+    code, out = run(
+        capsys, "fuzz", "--strategy", "seed-index", "--max-examples", "300", "--database", db
+    )
     assert code == 1
-    assert "violates" in out and "replay: resumekit fuzz --strategy seed-index --seed" in out
+    assert (
+        "violates" in out and f"replay: resumekit fuzz --strategy seed-index --replay {db}" in out
+    )
+
+
+def test_fuzz_capped_by_seconds_is_inconclusive(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = run(capsys, "fuzz", "--max-examples", "100000", "--budget", "0.5")
+    assert code == 3 and "inconclusive" in out and "no violation" not in out
+
+
+def test_a_finding_replays_in_a_fresh_interpreter(tmp_path: Path) -> None:
+    """The fuzzer's replay command reproduces its finding in another process."""
+    db = tmp_path / "examples"
+    found = fuzz("seed-index", max_examples=300, database=db)
+    assert found.failed and found.replay_command is not None
+    command = found.replay_command.split()
+    assert command[:2] == ["resumekit", "fuzz"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "resumekit", *command[1:]],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"violates {found.invariant}: {found.detail}" in proc.stdout
+    for i, step in enumerate(found.actions, 1):
+        assert f"  {i}. {step}" in proc.stdout
 
 
 def test_simulate_and_diagram(capsys: pytest.CaptureFixture[str]) -> None:
@@ -61,8 +124,8 @@ def test_simulate_and_diagram(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0 and "stateDiagram-v2" in out
 
 
-def test_verify_main_job(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out = run(capsys, "verify", "--budget", "30")
+def test_verify_main_job(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, out = run(capsys, "verify", "--database", str(tmp_path / "examples"))
     assert code == 0, out
     lines = out.splitlines()
     assert lines[0].split()[:3] == ["strategy", "states", "explored"]
@@ -70,5 +133,17 @@ def test_verify_main_job(capsys: pytest.CaptureFixture[str]) -> None:
         row = next(line for line in lines if line.startswith(name))
         assert row.rstrip().endswith("caught")
         assert f"{name}: shortest counterexample (explorer" in out
+        assert f"replay: resumekit fuzz --strategy {name} --replay" in out
     assert next(line for line in lines if line.startswith("epoch")).rstrip().endswith("verified")
+    for name in ("standard", "id reuse", "sender restart", "forged and poisoned"):
+        assert f"  {name}: " in out
     assert "verdict: PASS" in out
+
+
+def test_verify_capped_early_is_inconclusive(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code, out = run(capsys, "verify", "--budget", "1", "--database", str(tmp_path / "db"))
+    assert code == 3, out
+    assert "verdict: INCONCLUSIVE" in out
+    assert "MISSED" not in out and "VIOLATED" not in out and "verdict: FAIL" not in out

@@ -1,11 +1,15 @@
-"""Bounded exhaustive exploration of the protocol model, breadth first.
+"""Bounded exhaustive exploration of the real protocol objects, breadth first.
 
-Every reachable state of :class:`~resumekit.properties.model.ProtocolModel` is
-visited once (states are hashed; allocation generations are renumbered by age,
-the symmetry reduction). Safety invariants are checked on every transition;
-at the end, no-leak and fault-free success are checked at every done state and
-liveness by proving a done state reachable from every reachable state. Breadth
-first means the first violation found has the shortest trace.
+Every state is a :class:`~resumekit.properties.harness.World` of the shipped
+receiver, sender and allocator; a successor is computed by copying the world
+and calling their API (:meth:`~resumekit.properties.harness.Harness.apply`).
+Worlds are deduplicated by their abstraction (the harness's ``key``), so each
+reachable abstract state is visited once; only the frontier keeps its objects.
+Safety invariants are checked on every transition (the ledger and the real
+code's own errors); no-leak and fault-free success at every done state; and
+liveness by proving a done state reachable from every state, without the other
+pool user ever returning its blocks. Breadth first means the first violation
+found has the shortest trace, which is replayed from the initial world to print.
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ import time
 from array import array
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any, Final
 
+from resumekit.properties.harness import CRASH, Bounds, Harness, World, action_text
 from resumekit.properties.invariants import LIVENESS, InvariantViolation
-from resumekit.properties.model import Bounds, ProtocolModel, State, action_text
+from resumekit.properties.world import copy_world
 from resumekit.statemachine.dedup import RoundFilter
 
 
@@ -34,7 +40,7 @@ class Counterexample:
     def format(self) -> str:
         lines = [
             f"violates {self.invariant}: {self.detail}",
-            f"  requests' totals (tokens = blocks): {list(self.totals)}",
+            f"  requests' totals (tokens): {list(self.totals)}",
         ]
         lines += [f"  {i}. {a}" for i, a in enumerate(self.actions, 1)]
         return "\n".join(lines)
@@ -49,6 +55,7 @@ class Exploration:
     done_states: int = 0
     seconds: float = 0.0
     complete: bool = False
+    capped: bool = False  # the deadline stopped it before every partition ran
     violation: Counterexample | None = None
 
     @property
@@ -62,39 +69,59 @@ def explore(
     *,
     workers: int | None = None,
     max_states: int | None = None,
+    first_only: bool = False,
+    deadline: float | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> Exploration:
     """Explore every state reachable under ``bounds``; each partition stops at its first violation.
 
     The requests' totals never change, so the state space splits exactly by
     them; the partitions are explored in parallel on ``workers`` processes
-    (default: one per CPU). The shortest counterexample over all partitions is
-    reported.
+    (default: one per CPU) and the shortest counterexample over all of them is
+    reported. ``first_only`` explores them one by one, smallest first, and stops
+    at the first that has a violation (enough to show a design is broken).
+    ``max_states`` caps each partition, ``deadline`` (a ``time.perf_counter()``
+    value) the whole run between partitions; a capped run is not complete.
     """
-    model = ProtocolModel(bounds, round_filter)
-    seeds = list(model.initial_states())
+    harness = Harness(bounds, round_filter)
+    seeds = list(harness.initial_totals())
     start = time.perf_counter()
     if workers is None:
         workers = min(len(seeds), os.cpu_count() or 1)
-    parts: list[Exploration]
-    if workers <= 1 or len(seeds) == 1:
-        parts = []
-        for s in seeds:
-            parts.append(_explore_from(model, [s], max_states, progress))
+    parts: list[Exploration] = []
+    capped = False
+
+    def late() -> bool:
+        return deadline is not None and time.perf_counter() >= deadline
+
+    if late():
+        capped = True
+    elif first_only or workers <= 1 or len(seeds) == 1:
+        for totals in seeds:
+            if late():
+                capped = True
+                break
+            parts.append(_explore_from(harness, totals, max_states, progress))
             if progress is not None:
                 progress(sum(p.states for p in parts))
+            if first_only and parts[-1].violation is not None:
+                break
     else:
         ctx = multiprocessing.get_context("fork")
         with ctx.Pool(workers) as pool:
             # Largest partitions first (larger totals, more rounds), to balance the workers.
-            seeds.sort(key=lambda s: sorted(s.totals, reverse=True), reverse=True)
+            seeds.sort(key=lambda s: sorted(s, reverse=True), reverse=True)
             jobs = [(bounds, round_filter, s, max_states) for s in seeds]
-            parts = []
             for part in pool.imap_unordered(_job, jobs):
                 parts.append(part)
                 if progress is not None:
                     progress(sum(p.states for p in parts))
+                if late() and len(parts) < len(jobs):
+                    capped = True
+                    pool.terminate()
+                    break
     result = Exploration(round_filter.name, bounds)
+    result.capped = capped
     result.states = sum(p.states for p in parts)
     result.transitions = sum(p.transitions for p in parts)
     result.done_states = sum(p.done_states for p in parts)
@@ -102,123 +129,181 @@ def explore(
     found = [p.violation for p in parts if p.violation is not None]
     if found:
         result.violation = min(found, key=lambda v: (len(v.actions), v.totals))
-    result.complete = not found and all(p.complete for p in parts)
+    result.complete = (
+        not found and not capped and len(parts) == len(seeds) and all(p.complete for p in parts)
+    )
     return result
 
 
-def _job(args: tuple[Bounds, RoundFilter, State, int | None]) -> Exploration:
-    bounds, round_filter, seed, max_states = args
-    return _explore_from(ProtocolModel(bounds, round_filter), [seed], max_states, None)
+def _job(args: tuple[Bounds, RoundFilter, tuple[int, ...], int | None]) -> Exploration:
+    bounds, round_filter, totals, max_states = args
+    return _explore_from(Harness(bounds, round_filter), totals, max_states, None)
 
 
 def _explore_from(
-    model: ProtocolModel,
-    seeds: list[State],
+    harness: Harness,
+    totals: tuple[int, ...],
     max_states: int | None,
     progress: Callable[[int], None] | None,
 ) -> Exploration:
-    """Breadth-first search from ``seeds``; stops at the first violation."""
-    # States are tuples of ints: no cycles for the collector to find, only millions
-    # of young objects for it to scan. Pausing it makes the search about a third faster.
+    """Breadth-first search from the world with these totals; stops at the first violation."""
+    # Worlds are small acyclic object graphs: no cycles for the collector to find,
+    # only many young objects for it to scan. Pausing it saves a good share of the time.
     collecting = gc.isenabled()
     gc.disable()
     try:
-        return _bfs(model, seeds, max_states, progress)
+        return _bfs(harness, totals, max_states, progress)
     finally:
         if collecting:
             gc.enable()
 
 
+class _Graph:
+    """The explored graph: parents and actions for traces, edges for liveness."""
+
+    def __init__(self) -> None:
+        self.parent = array("q")
+        self.via: list[tuple[Any, ...] | None] = []
+        self.src, self.dst = array("q"), array("q")
+        # Per edge: 0 where the other pool user gives back a block it may keep for good.
+        self.patient = bytearray()
+
+    def add_state(self, parent: int, action: tuple[Any, ...] | None) -> int:
+        self.parent.append(parent)
+        self.via.append(action)
+        return len(self.via) - 1
+
+    def path(self, i: int) -> list[tuple[Any, ...]]:
+        actions: list[tuple[Any, ...]] = []
+        while self.parent[i] >= 0:
+            action = self.via[i]
+            assert action is not None
+            actions.append(action)
+            i = self.parent[i]
+        return actions[::-1]
+
+
+def replay(harness: Harness, totals: tuple[int, ...], actions: list[tuple[Any, ...]]) -> list[str]:
+    """The numbered lines of a trace, replayed on fresh objects from the initial world."""
+    w = harness.initial_world(totals)
+    lines = []
+    for action in actions:
+        lines.append(action_text(action, w))
+        try:
+            harness.apply(w, action)
+        except Exception:  # the last action is the one that broke something
+            break
+    return lines
+
+
+def _violation(
+    harness: Harness,
+    totals: tuple[int, ...],
+    actions: list[tuple[Any, ...]],
+    error: BaseException,
+) -> Counterexample:
+    if isinstance(error, InvariantViolation):
+        invariant, detail = error.invariant, error.detail
+    else:
+        invariant, detail = CRASH, f"{type(error).__name__}: {error}"
+    return Counterexample(invariant, detail, totals, replay(harness, totals, actions))
+
+
 def _bfs(
-    model: ProtocolModel,
-    seeds: list[State],
+    harness: Harness,
+    totals: tuple[int, ...],
     max_states: int | None,
     progress: Callable[[int], None] | None,
 ) -> Exploration:
-    result = Exploration(model.filter.name, model.bounds)
+    result = Exploration(harness.filter.name, harness.bounds)
     start = time.perf_counter()
-    index: dict[State, int] = {}
-    states: list[State] = []
-    parent = array("q")
-    via: list[tuple[object, ...] | None] = []
-    src, dst = array("q"), array("q")
-
-    def add(s: State, p: int, action: tuple[object, ...] | None) -> int:
-        j = len(states)
-        index[s] = j
-        states.append(s)
-        parent.append(p)
-        via.append(action)
-        return j
-
-    def trace(i: int) -> list[str]:
-        steps: list[str] = []
-        while parent[i] >= 0:
-            action = via[i]
-            assert action is not None
-            steps.append(action_text(action, states[parent[i]]))
-            i = parent[i]
-        return steps[::-1]
-
-    queue: deque[int] = deque(add(s, -1, None) for s in seeds)
-    actions, next_state = model.actions, model.next_state
+    graph = _Graph()
+    index: dict[tuple[Any, ...], int] = {}
+    done: list[int] = []
+    first = harness.initial_world(totals)
+    index[harness.key(first)] = graph.add_state(-1, None)
+    queue: deque[tuple[int, World]] = deque([(0, first)])
+    actions_of, apply, key, is_done = harness.actions, harness.apply, harness.key, harness.is_done
+    src, dst, patient = graph.src, graph.dst, graph.patient
+    keep = harness.bounds.blocks - harness.bounds.default_blocks
     while queue:
-        i = queue.popleft()
-        s = states[i]
-        for action in actions(s):
+        i, w = queue.popleft()
+        actions = actions_of(w)
+        # The other pool user may keep what leaves the requests a default round; it
+        # must give back anything beyond that, so only then does liveness count on it.
+        excess = len(w.allocator.pressure) > keep
+        last = len(actions) - 1
+        for n, action in enumerate(actions):
+            t = w if n == last else copy_world(w)
             try:
-                t = next_state(s, action)
-            except InvariantViolation as v:
-                result.violation = Counterexample(
-                    v.invariant, v.detail, s.totals, [*trace(i), action_text(action, s)]
-                )
-                return _finish(result, states, start, src)
-            n = len(states)
-            j = index.setdefault(t, n)  # one hash per successor
-            if j == n:
-                states.append(t)
-                parent.append(i)
-                via.append(action)
-                queue.append(j)
+                apply(t, action)
+                k = key(t)
+            except Exception as error:  # an invariant, or the real code raising: both findings
+                result.violation = _violation(harness, totals, [*graph.path(i), action], error)
+                return _finish(result, graph, start)
+            j = index.setdefault(k, len(graph.via))
+            if j == len(graph.via):
+                graph.add_state(i, action)
+                if is_done(t):
+                    done.append(j)
+                    problems = harness.done_problems(t)
+                    if problems:
+                        invariant, detail = problems[0]
+                        result.violation = Counterexample(
+                            invariant, detail, totals, replay(harness, totals, graph.path(j))
+                        )
+                        return _finish(result, graph, start)
+                queue.append((j, t))
             src.append(i)
             dst.append(j)
+            patient.append(action[0] != "unsqueeze" or excess)
         if progress is not None and i % 4096 == 0:
-            progress(len(states))
-        if max_states is not None and len(states) >= max_states:
-            return _finish(result, states, start, src)
-    _check_done_and_liveness(model, result, states, src, dst, trace)
-    result.complete = result.violation is None
-    return _finish(result, states, start, src)
-
-
-def _check_done_and_liveness(
-    model: ProtocolModel,
-    result: Exploration,
-    states: list[State],
-    src: array[int],
-    dst: array[int],
-    trace: Callable[[int], list[str]],
-) -> None:
-    done = [i for i, s in enumerate(states) if model.is_done(s)]
+            progress(len(graph.via))
+        if max_states is not None and len(graph.via) >= max_states:
+            return _finish(result, graph, start)
     result.done_states = len(done)
-    for i in done:  # in BFS order: the first problem has the shortest trace
-        problems = model.done_problems(states[i])
-        if problems:
-            invariant, detail = problems[0]
-            result.violation = Counterexample(invariant, detail, states[i].totals, trace(i))
-            return
-    # Liveness: walk the edges backwards from every done state.
-    n = len(states)
+    stuck = _unable_to_finish(graph, done)
+    if stuck is not None:
+        w = harness.initial_world(totals)
+        path = graph.path(stuck)
+        for action in path:
+            harness.apply(w, action)
+        waiting = [f"r{r}" for r in range(len(totals)) if not _terminal(w, r)]
+        result.violation = Counterexample(
+            LIVENESS,
+            f"from here no terminal state is reachable ({', '.join(waiting) or 'nothing'} "
+            "never finishes, even if the pool's other user keeps the blocks it may)",
+            totals,
+            replay(harness, totals, path),
+        )
+    result.complete = result.violation is None
+    return _finish(result, graph, start)
+
+
+def _terminal(w: World, r: int) -> bool:
+    return w.added[r] and w.receiver.poll(r).terminal
+
+
+def _unable_to_finish(graph: _Graph, done: list[int]) -> int | None:
+    """The shallowest state from which no done state is reachable, or ``None``.
+
+    Walks the edges backwards from the done states, skipping the edges where the
+    other pool user gives blocks back: liveness must not depend on it doing so.
+    """
+    n = len(graph.via)
+    src, dst, patient = graph.src, graph.dst, graph.patient
     first = array("q", bytes(8 * (n + 1)))
-    for j in dst:
-        first[j + 1] += 1
+    for e, j in enumerate(dst):
+        if patient[e]:
+            first[j + 1] += 1
     for k in range(n):
         first[k + 1] += first[k]
     fill = array("q", first)
-    preds = array("q", bytes(8 * len(dst)))
-    for i, j in zip(src, dst, strict=True):
-        preds[fill[j]] = i
-        fill[j] += 1
+    preds = array("q", bytes(8 * first[n]))
+    for e, (i, j) in enumerate(zip(src, dst, strict=True)):
+        if patient[e]:
+            preds[fill[j]] = i
+            fill[j] += 1
     reaches = bytearray(n)
     todo = deque(done)
     for i in done:
@@ -231,31 +316,53 @@ def _check_done_and_liveness(
                 reaches[i] = 1
                 todo.append(i)
     stuck = reaches.find(0)
-    if stuck >= 0:
-        # Show the way into a dead end: the shallowest state with nowhere to go.
-        has_exit = bytearray(n)
-        for i in src:
+    if stuck < 0:
+        return None
+    # Show the way into a dead end: the shallowest state with nowhere (patient) to go.
+    has_exit = bytearray(n)
+    for e, i in enumerate(src):
+        if patient[e]:
             has_exit[i] = 1
-        stuck = next((i for i in range(stuck, n) if not reaches[i] and not has_exit[i]), stuck)
-        s = states[stuck]
-        waiting = [f"r{r}" for r, req in enumerate(s.reqs) if not req.state.terminal]
-        result.violation = Counterexample(
-            LIVENESS,
-            f"from here no terminal state is reachable ({', '.join(waiting) or 'nothing'} "
-            "never finishes)",
-            s.totals,
-            trace(stuck),
-        )
+    return next((i for i in range(stuck, n) if not reaches[i] and not has_exit[i]), stuck)
 
 
-def _finish(result: Exploration, states: list[State], start: float, src: array[int]) -> Exploration:
-    result.states = len(states)
-    result.transitions = len(src)
+def _finish(result: Exploration, graph: _Graph, start: float) -> Exploration:
+    result.states = len(graph.via)
+    result.transitions = len(graph.src)
     result.seconds = time.perf_counter() - start
     return result
 
 
-#: What ``resumekit verify`` exhausts: 5 blocks, 2 requests, up to 5 rounds each, every fault.
-STANDARD_BOUNDS = Bounds(blocks=5, requests=2, max_rounds=5)
+#: What ``resumekit verify`` exhausts first: 5 blocks, 2 requests, up to 5 rounds each,
+#: one duplicated status, one abort, one sender crash and one block squeezed out of the
+#: pool at any step (the squeezed-pool set below adds blocks grabbed right after frees).
+STANDARD_BOUNDS: Final = Bounds(blocks=5, requests=2, max_rounds=5, pressure=0, squeezes=1)
 
-__all__ = ["STANDARD_BOUNDS", "Counterexample", "Exploration", "explore"]
+#: The base of the wider adversary's bounds: a small pool and no fault yet.
+_SMALL: Final = Bounds(
+    blocks=3, requests=2, max_rounds=2, duplicates=0, aborts=0, crashes=0, pressure=0
+)
+
+#: The wider adversary, each fault family on a pool small enough to exhaust quickly.
+ADVERSARY_BOUNDS: Final[dict[str, Bounds]] = {
+    # An id added again after take/abort while statuses of its earlier life are in flight.
+    "id reuse": replace(_SMALL, duplicates=1, aborts=1, reuses=1),
+    # The sender restarts with no records; ids are reused after it.
+    "sender restart": replace(_SMALL, aborts=1, restarts=1, reuses=1),
+    # Refusals and landings for rounds never posted, malformed statuses and posts, batches.
+    "forged and poisoned": replace(_SMALL, max_rounds=3, forgeries=1, poisons=1, batches=True),
+    # Another pool user takes blocks at any step and right after frees: resumes wait.
+    "squeezed pool": replace(_SMALL, max_rounds=3, pressure=1, squeezes=2),
+    # The encoder finishes after the receiver posted, or after the request was aborted
+    # and its id reused (sources are bound to lives in the order they are added).
+    "late sources": replace(_SMALL, aborts=1, reuses=1, late_sources=True),
+}
+
+__all__ = [
+    "ADVERSARY_BOUNDS",
+    "STANDARD_BOUNDS",
+    "Counterexample",
+    "Exploration",
+    "explore",
+    "replay",
+]

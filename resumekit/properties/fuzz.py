@@ -1,33 +1,45 @@
-"""The protocol machine as a fuzzer: a time or example budget, a seed, a replayable report."""
+"""The protocol machine as a fuzzer: an example budget, seeds, and replays that reproduce.
+
+The budget is a number of examples, so the verdict is the same on a fast idle
+machine and a slow loaded one; an optional seconds cap may stop a run early,
+which the result says (``capped``), so a caller can report it inconclusive.
+Every falsifying example Hypothesis shrinks is saved in an example database
+(a directory); :func:`replay` runs those saved examples again, in any process.
+"""
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from hypothesis import HealthCheck, Phase, seed, settings
+from hypothesis.database import DirectoryBasedExampleDatabase
 from hypothesis.stateful import run_state_machine_as_test
 
+from resumekit.errors import InvalidArgumentError
 from resumekit.properties.invariants import InvariantViolation
 from resumekit.properties.protocol_machine import ProtocolMachineBase, protocol_machine
 
-BATCH = 25  # examples per Hypothesis run; the budget is checked between runs
+BATCH = 25  # examples per Hypothesis run: the cap is checked between runs
 STEPS = 50  # steps per example
+DEFAULT_DATABASE = ".resumekit/examples"
 
 
 @dataclass
 class FuzzResult:
     strategy: str
     seed: int
-    examples: int = 0
+    examples: int = 0  # examples generated (shrinking attempts not counted)
+    runs: int = 0  # machines run, shrinking included
     steps: int = 0
     seconds: float = 0.0
+    capped: bool = False  # the seconds cap stopped it before its example budget
     invariant: str | None = None  # the violated invariant, or "crash" for any other error
     detail: str = ""
-    trace: list[str] = field(default_factory=list)  # the shrunk falsifying steps
-    replay_seed: int | None = None  # pass as --seed to reproduce
+    actions: list[str] = field(default_factory=list)  # the shrunk falsifying steps
+    database: str | None = None  # where the falsifying example was saved
 
     @property
     def failed(self) -> bool:
@@ -38,86 +50,77 @@ class FuzzResult:
         return self.steps / self.seconds if self.seconds else 0.0
 
     @property
-    def actions(self) -> list[str]:
-        """The rule calls of the falsifying example, each with the values it drew."""
-        steps: list[str] = []
-        draws: list[str] = []
-        for line in self.trace:
-            if line.startswith("Draw "):
-                draws.append(
-                    line.split(": ", 1)[-1].replace("  # or any other generated value", "")
-                )
-                continue
-            match = _RULE.match(line)
-            if match is None:
-                continue
-            step = f"{match.group(1)}({match.group(2)})"
-            if draws:
-                step += f" drawing {', '.join(draws)}"
-                draws = []
-            steps.append(step)
-        return steps
+    def replay_command(self) -> str | None:
+        if self.database is None:
+            return None
+        return f"resumekit fuzz --strategy {self.strategy} --replay {self.database}"
 
     def format(self) -> str:
         lines = [f"violates {self.invariant}: {self.detail}"]
         lines += [f"  {i}. {a}" for i, a in enumerate(self.actions, 1)]
-        lines.append(
-            f"  replay: resumekit fuzz --strategy {self.strategy} --seed {self.replay_seed}"
-        )
+        if self.replay_command is not None:
+            lines.append(f"  replay: {self.replay_command}")
         return "\n".join(lines)
 
 
-_RULE = re.compile(r"^state\.(?!teardown\b)(\w+)\((.*)\)$")
-_INVARIANT_CHECKS = {"allocator_consistent"}
+def _settings(examples: int, database: str | None, phases: list[Phase]) -> settings:
+    return settings(
+        max_examples=examples,
+        stateful_step_count=STEPS,
+        deadline=None,
+        database=None if database is None else DirectoryBasedExampleDatabase(database),
+        derandomize=False,
+        phases=phases,
+        suppress_health_check=list(HealthCheck),
+        report_multiple_bugs=False,
+        print_blob=False,
+    )
 
 
 def fuzz(
     strategy_name: str,
     *,
-    budget: float | None = None,
-    max_examples: int | None = None,
+    max_examples: int,
     start_seed: int = 0,
+    cap_seconds: float | None = None,
+    database: str | Path | None = DEFAULT_DATABASE,
     progress: Callable[[FuzzResult], None] | None = None,
 ) -> FuzzResult:
-    """Run the protocol machine with ``strategy_name`` until a violation or the budget ends."""
-    if budget is None and max_examples is None:
-        budget = 60.0
+    """Run ``max_examples`` examples of the protocol machine, stopping at the first violation.
+
+    Examples run in batches seeded ``start_seed``, ``start_seed + 1``, ...: the
+    same arguments run the same examples. A falsifying example is shrunk and
+    saved in ``database`` (``None``: not saved).
+    """
+    if type(max_examples) is not int or max_examples < 1:
+        raise InvalidArgumentError(f"max_examples must be an int >= 1, got {max_examples!r}")
+    if cap_seconds is not None and not cap_seconds > 0:
+        raise InvalidArgumentError(f"cap_seconds must be > 0, got {cap_seconds!r}")
     machine = protocol_machine(strategy_name)
+    db = None if database is None else str(database)
     result = FuzzResult(strategy_name, start_seed)
-    examples = _count_examples(machine)
     start = time.perf_counter()
     run = 0
-    while True:
-        elapsed = time.perf_counter() - start
-        if budget is not None and elapsed >= budget:
+    while result.examples < max_examples:
+        if cap_seconds is not None and time.perf_counter() - start >= cap_seconds:
+            result.capped = True
             break
-        if max_examples is not None and result.examples >= max_examples:
-            break
-        batch = BATCH if max_examples is None else min(BATCH, max_examples - result.examples)
-        run_seed = start_seed + run
-        run += 1
-        before_steps, before_examples = machine.steps_run, examples[0]
+        batch = min(BATCH, max_examples - result.examples)
+        before_steps, before_runs = machine.steps_run, machine.machines
         try:
             run_state_machine_as_test(
-                seed(run_seed)(machine),
-                settings=settings(
-                    max_examples=batch,
-                    stateful_step_count=STEPS,
-                    deadline=None,
-                    database=None,
-                    derandomize=False,
-                    phases=[Phase.generate, Phase.shrink],
-                    suppress_health_check=list(HealthCheck),
-                    report_multiple_bugs=False,
-                ),
+                seed(start_seed + run)(machine),
+                settings=_settings(batch, db, [Phase.generate, Phase.shrink]),
             )
         except BaseException as error:  # any failure is a finding
             if isinstance(error, (KeyboardInterrupt, SystemExit)):
                 raise
-            result.replay_seed = run_seed
-            _record_failure(result, error)
+            _record_failure(result, machine, error)
+            result.database = db
         finally:
-            result.examples += min(batch, examples[0] - before_examples)
+            run += 1
+            result.examples += batch
+            result.runs += machine.machines - before_runs
             result.steps += machine.steps_run - before_steps
             result.seconds = time.perf_counter() - start
         if progress is not None:
@@ -128,38 +131,42 @@ def fuzz(
     return result
 
 
-def _count_examples(machine: type[ProtocolMachineBase]) -> list[int]:
-    """A counter of machines built (one per example, plus shrinking attempts)."""
-    counter = [0]
-    original = machine.__init__
+def replay(strategy_name: str, database: str | Path) -> FuzzResult:
+    """Run again the falsifying examples saved in ``database`` for ``strategy_name``."""
+    path = Path(database)
+    if not path.is_dir():
+        raise InvalidArgumentError(f"no example database at {str(path)!r}")
+    machine = protocol_machine(strategy_name)
+    result = FuzzResult(strategy_name, 0)
+    start = time.perf_counter()
+    before_steps, before_runs = machine.steps_run, machine.machines
+    try:
+        run_state_machine_as_test(
+            machine, settings=_settings(1000, str(path), [Phase.explicit, Phase.reuse])
+        )
+    except BaseException as error:
+        if isinstance(error, (KeyboardInterrupt, SystemExit)):
+            raise
+        _record_failure(result, machine, error)
+        result.database = str(path)
+    result.runs = result.examples = machine.machines - before_runs
+    result.steps = machine.steps_run - before_steps
+    result.seconds = time.perf_counter() - start
+    return result
 
-    def counting_init(self: ProtocolMachineBase) -> None:
-        counter[0] += 1
-        original(self)
 
-    machine.__init__ = counting_init  # type: ignore[method-assign]
-    return counter
-
-
-def _record_failure(result: FuzzResult, error: BaseException) -> None:
+def _record_failure(
+    result: FuzzResult, machine: type[ProtocolMachineBase], error: BaseException
+) -> None:
     if isinstance(error, BaseExceptionGroup):
         error = error.exceptions[0]
     if isinstance(error, InvariantViolation):
         result.invariant, result.detail = error.invariant, error.detail
     else:
         result.invariant, result.detail = "crash", f"{type(error).__name__}: {error}"
-    notes = getattr(error, "__notes__", [])
-    lines: list[str] = []
-    for raw in (line for note in notes for line in note.splitlines()):
-        if raw.startswith(("state.", "Draw ")):
-            lines.append(raw)
-        elif lines and lines[-1].startswith("state.") and not lines[-1].endswith(")"):
-            lines[-1] += " " + raw.strip()  # a long argument printed over several lines
-        elif lines and raw.startswith(" ") and lines[-1].startswith("state."):
-            lines[-1] += " " + raw.strip()
-    result.trace = [
-        line for line in lines if not any(line.startswith(f"state.{c}(") for c in _INVARIANT_CHECKS)
-    ]
+    # Hypothesis runs the shrunk example once more, last: its machine logged the steps.
+    last = machine.last
+    result.actions = list(last.log) if last is not None else []
 
 
-__all__ = ["FuzzResult", "fuzz"]
+__all__ = ["DEFAULT_DATABASE", "FuzzResult", "fuzz", "replay"]

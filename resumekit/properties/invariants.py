@@ -162,6 +162,7 @@ def succeeds_without_faults(rid: Hashable, state: str, reason: str | None) -> st
 @dataclass
 class _Round:
     rid: Hashable
+    incarnation: int
     epoch: int
     posts: int = 0
     written: bool = False
@@ -178,43 +179,40 @@ class Ledger:
 
     allocator: BlockAllocator | None = None
     rounds: dict[int, _Round] = field(default_factory=dict)
-    consumed: set[tuple[Hashable, int]] = field(default_factory=set)
-    sent: dict[Hashable, int] = field(default_factory=dict)
-    events: int = 0
+    consumed: set[tuple[Hashable, int, int]] = field(default_factory=set)  # (rid, life, epoch)
+    sent: dict[tuple[Hashable, int], int] = field(default_factory=dict)  # per (rid, life)
 
     # ReceiverObserver hooks
     def round_posted(self, post: RoundPost) -> None:
         assert post.allocation is not None
         g = post.allocation.generation
-        entry = self.rounds.setdefault(g, _Round(post.rid, post.epoch))
+        entry = self.rounds.setdefault(g, _Round(post.rid, post.incarnation, post.epoch))
         entry.posts += 1
-        self.events += 1
         require(EXACTLY_ONCE, allocation_posted_once(g, entry.posts))
 
     def round_consumed(
         self, rid: Hashable, epoch: int, tokens: int, allocation: Allocation
     ) -> None:
-        self.events += 1
         entry = self.rounds.get(allocation.generation)
         require(
             INTEGRITY,
             round_landed_before_consumed(rid, epoch, entry is not None and entry.written),
         )
         assert entry is not None
-        key = (entry.rid, entry.epoch)
+        key = (entry.rid, entry.incarnation, entry.epoch)
         require(EXACTLY_ONCE, round_consumed_once(entry.rid, entry.epoch, key in self.consumed))
         self.consumed.add(key)
         entry.consumed = True
-        before = self.sent.get(rid, 0)
+        life = (entry.rid, entry.incarnation)
+        before = self.sent.get(life, 0)
         require(PROGRESS, sent_advances(rid, before, before + tokens))
-        self.sent[rid] = before + tokens
+        self.sent[life] = before + tokens
 
     def request_failed(self, rid: Hashable, reason: str) -> None:
-        self.events += 1
+        pass
 
     # transport and allocator hooks
     def before_write(self, post: RoundPost) -> None:
-        self.events += 1
         allocation = post.allocation
         assert allocation is not None and self.allocator is not None
         live = self.allocator.is_live(allocation)
@@ -222,11 +220,11 @@ class Ledger:
             NO_WRITE_AFTER_FREE,
             write_into_live_round(post.rid, post.epoch, allocation.generation, live),
         )
-        self.rounds.setdefault(allocation.generation, _Round(post.rid, post.epoch)).written = True
+        entry = _Round(post.rid, post.incarnation, post.epoch)
+        self.rounds.setdefault(allocation.generation, entry).written = True
 
     def before_free(self, allocation: Allocation) -> None:
         assert self.allocator is not None
-        self.events += 1
         require(
             EXACTLY_ONCE,
             allocation_freed_once(allocation.generation, self.allocator.is_live(allocation)),

@@ -1,10 +1,17 @@
 """The protocol under an adversary, as a Hypothesis state machine over the real implementation.
 
-Receiver, sender, allocator and in-process transport run for real; the
-adversary duplicates, delays, reorders and replays statuses, aborts requests,
-crashes the sender and squeezes the pool. Invariants 1, 3, 4 and 5 are checked
-as events happen (through a :class:`~resumekit.properties.invariants.Ledger`),
-2 and 6 at teardown, after fair delivery.
+Receiver, sender, allocator, torch block buffers and the in-process transport
+run for real. The adversary duplicates, delays, reorders and replays statuses,
+forges refusals and landings for rounds never posted, slips malformed items
+into batches of statuses and posts, hands the sender bad sources, aborts
+requests and adds their ids again while their old statuses are in flight,
+crashes or restarts the sender, and squeezes the pool at any step or right
+after a free. Invariants 1, 3, 4 and 5 are checked as events happen (through a
+:class:`~resumekit.properties.invariants.Ledger`), 2 and 6 at teardown, after
+fair delivery, with the pool's other user keeping what it may keep for good.
+
+Every rule writes one line to the machine's ``log``: the steps of a falsifying
+example are read from there, not from Hypothesis's printed notes.
 """
 
 from __future__ import annotations
@@ -27,11 +34,13 @@ from hypothesis.stateful import (
 )
 
 from resumekit.allocator import Allocation, BlockAllocator, EmbeddingTensors, ReuseOrder
+from resumekit.errors import InvalidArgumentError
 from resumekit.properties.invariants import (
     INTEGRITY,
     LIVENESS,
     NO_LEAK,
     PROGRESS,
+    InvariantViolation,
     Ledger,
     nothing_left,
     output_intact,
@@ -43,7 +52,15 @@ from resumekit.properties.invariants import (
 )
 from resumekit.properties.strategies import strategy
 from resumekit.simulate import Loopback
-from resumekit.statemachine import InProcessTransport, Landed, RoundPost, Status, TransferState
+from resumekit.statemachine import (
+    EmbeddingSender,
+    InProcessTransport,
+    Landed,
+    RoundPost,
+    Status,
+    TransferState,
+)
+from resumekit.statemachine import messages as msg
 
 if TYPE_CHECKING:
     from resumekit.statemachine import RequestRecord
@@ -51,17 +68,32 @@ if TYPE_CHECKING:
 MAX_REQUESTS = 4
 MAX_TOTAL = 200_000
 HIDDEN = 2
+PRESSURE = "pressure"
+FAR = 1_000_000  # an epoch no request reaches
 
 
 class CheckedAllocator(BlockAllocator):
-    """Tells the ledger about every free before it happens."""
+    """Tells the ledger about every free before it happens; plays the pool's other user.
+
+    With ``grab_armed`` that user takes every free block right after the next
+    free, before whoever freed can allocate again: a resume finds the pool empty
+    and has to wait.
+    """
 
     ledger: Ledger | None = None
+    grab_armed = False
+    grabbed: list[Allocation]
 
     def free(self, allocation: Allocation) -> None:
         if self.ledger is not None:
             self.ledger.before_free(allocation)
         super().free(allocation)
+        if self.grab_armed and allocation.owner != PRESSURE:
+            self.grab_armed = False
+            if self.num_free_blocks:
+                got = self.allocate(self.num_free_blocks * self.block_size, PRESSURE)
+                assert got is not None
+                self.grabbed.append(got)
 
 
 class CheckedTransport(InProcessTransport):
@@ -83,7 +115,7 @@ class CheckedTransport(InProcessTransport):
     def poll_statuses(self) -> Sequence[Status]:
         batch = super().poll_statuses()
         for status in batch:
-            if isinstance(status, Landed):
+            if type(status) is Landed and msg.malformed_status(status) is None:
                 self.delivered_landed.append(status)
         del self.delivered_landed[:-16]
         return batch
@@ -120,14 +152,33 @@ def protocol_configs(draw: st.DrawFn) -> ProtocolConfig:
     )
 
 
-def labelled_source(tokens: int, label: int) -> EmbeddingTensors:
+def labelled_source(tokens: int, label: int, *, hidden: int = HIDDEN) -> EmbeddingTensors:
     """A source whose every token is distinct (fill ids count from ``label << 20``),
-    so a token in the wrong place or of the wrong request fails the comparison;
+    so a token in the wrong place or of the wrong request life fails the comparison;
     built with ``arange``, a fraction of the cost of random tensors."""
     fill = torch.arange(tokens, dtype=torch.int32) + (label << 20)
-    emb = (fill % 509).to(torch.bfloat16).unsqueeze(1).repeat(1, HIDDEN)
+    emb = (fill % 509).to(torch.bfloat16).unsqueeze(1).repeat(1, hidden)
     mrope = torch.stack([fill, fill + 1, fill + 2])
     return EmbeddingTensors(emb, fill, mrope)
+
+
+def bad_sources(tokens: int) -> list[tuple[str, object]]:
+    """Sources the sender must refuse at :meth:`~EmbeddingSender.add`, by what is wrong."""
+    good = labelled_source(tokens, 0)
+    emb, fill, mrope = good.embeddings, good.fill_ids, good.mrope
+    return [
+        ("int64 fill ids", EmbeddingTensors(emb, fill.long(), mrope)),
+        ("integer embeddings", EmbeddingTensors(fill.unsqueeze(1), fill, mrope)),
+        ("mRoPE of another length", EmbeddingTensors(emb, fill, mrope[:, :-1])),
+        ("transposed mRoPE", EmbeddingTensors(emb, fill, mrope.t().contiguous())),
+        (
+            "embeddings that require grad",
+            EmbeddingTensors(emb.float().requires_grad_(), fill, mrope),
+        ),
+        ("no embedding rows", EmbeddingTensors(emb[:0], fill[:0], mrope[:, :0])),
+        ("not tensors", EmbeddingTensors([1.0], [1], [[1], [2], [3]])),  # type: ignore[arg-type]
+        ("not EmbeddingTensors", (emb, fill, mrope)),
+    ]
 
 
 def _snapshot(rec: RequestRecord) -> tuple[object, ...]:
@@ -137,22 +188,42 @@ def _snapshot(rec: RequestRecord) -> tuple[object, ...]:
     return (rec.state.name, rec.epoch, rec.sent, rec.total, generation)
 
 
+@dataclass
+class _Life:
+    """One life of a request id: its source and what the engine expects of it."""
+
+    source: EmbeddingTensors
+    mrope_delta: int
+    hurt: bool = False  # a fault aimed at it: it may fail, with a reason
+    incarnation: int | None = None  # what the receiver's add returned
+
+
 class ProtocolMachineBase(RuleBasedStateMachine):
     """Rules of the adversary; :func:`protocol_machine` binds the round-filter strategy."""
 
     strategy_name: ClassVar[str] = "epoch"
     steps_run: ClassVar[int] = 0
+    machines: ClassVar[int] = 0
+    last: ClassVar[ProtocolMachineBase | None] = None  # the newest machine: its log is the trace
 
     def __init__(self) -> None:
         super().__init__()
+        cls = type(self)
+        cls.machines += 1
+        cls.last = self
+        self.log: list[str] = []
         self.ledger = Ledger()
         self.cfg: ProtocolConfig | None = None
-        self.faulted: set[Hashable] = set()
-        self.crashed = False
-        self.pending_sources: dict[Hashable, EmbeddingTensors] = {}
+        self.crashed = False  # the sender died for good: every request may fail
+        self.restart_pending = False  # restarted: a new sender comes once the loss is seen
+        self.lives: dict[Hashable, _Life] = {}
+        self.pending_sources: dict[Hashable, _Life] = {}
         self.taken: list[tuple[Hashable, weakref.ref[RequestRecord]]] = []
+        self.taken_ids: list[Hashable] = []
         self.pressure: list[Allocation] = []
         self.next_rid = 0
+        self.next_label = 0
+        self.waits = 0  # receiver steps that left a resume waiting for blocks (for tests)
 
     @property
     def p(self) -> Loopback:
@@ -164,13 +235,21 @@ class ProtocolMachineBase(RuleBasedStateMachine):
         assert isinstance(transport, CheckedTransport)
         return transport
 
-    def _count(self) -> None:
+    @property
+    def allocator(self) -> CheckedAllocator:
+        allocator = self._pair.allocator
+        assert isinstance(allocator, CheckedAllocator)
+        return allocator
+
+    def _note(self, step: str) -> None:
         type(self).steps_run += 1
+        self.log.append(step)
 
     # -- setup -------------------------------------------------------------------
 
     @initialize(cfg=protocol_configs())
     def setup(self, cfg: ProtocolConfig) -> None:
+        self._note(f"setup({cfg})")
         self.cfg = cfg
         self._pair = Loopback(
             pool_blocks=cfg.pool_blocks,
@@ -185,46 +264,93 @@ class ProtocolMachineBase(RuleBasedStateMachine):
             transport_type=CheckedTransport,
         )
         self.ledger.allocator = self.p.allocator
-        self.p.allocator.ledger = self.ledger  # type: ignore[attr-defined]
-        self.p.transport.ledger = self.ledger  # type: ignore[attr-defined]
+        self.allocator.ledger = self.ledger
+        self.allocator.grabbed = self.pressure
+        self.t.ledger = self.ledger
 
     # -- traffic -----------------------------------------------------------------
 
-    @precondition(lambda self: self.next_rid < MAX_REQUESTS)
-    @rule(data=st.data(), late_source=st.sampled_from([False, False, True]))
-    def add_request(self, data: st.DataObject, late_source: bool) -> None:
-        self._count()
+    def _draw_total(self, data: st.DataObject) -> int:
         assert self.cfg is not None
         rounds_worth = 6 * max(self.cfg.default_tokens, self.cfg.max_resume_tokens or 0)
         total = data.draw(
             st.one_of(st.integers(1, min(MAX_TOTAL, rounds_worth)), st.integers(1, MAX_TOTAL)),
             label="total tokens",
         )
-        total = min(total, rounds_worth * 4)  # bounded rounds keep examples fast
+        return min(total, rounds_worth * 4)  # bounded rounds keep examples fast
+
+    def _start(self, rid: Hashable, total: int, mrope_delta: int, late_source: bool) -> None:
+        """The engine starts a life of ``rid`` on both sides (the source maybe later)."""
+        self.next_label += 1
+        life = _Life(labelled_source(total, self.next_label), mrope_delta)
+        # Added while the sender is (known to be) gone: it may fail at once, and the
+        # encoder's source for it is lost with the link.
+        link_down = self.restart_pending or self.p.receiver.peer_lost is not None
+        life.hurt = self.crashed or link_down
+        self.lives[rid] = life
+        self.p.sources[rid] = life.source
+        life.incarnation = self.p.receiver.add(rid)
+        if link_down:
+            return
+        if late_source:
+            self.pending_sources[rid] = life  # an earlier life's pending source is abandoned
+        else:
+            self._late_add(rid, life)
+
+    @precondition(lambda self: self.next_rid < MAX_REQUESTS)
+    @rule(
+        data=st.data(),
+        late_source=st.sampled_from([False, False, True]),
+        mrope_delta=st.sampled_from([0, 0, 7, -3, 2**31 - 1, -(2**31)]),
+    )
+    def add_request(self, data: st.DataObject, late_source: bool, mrope_delta: int) -> None:
+        total = self._draw_total(data)
         rid = f"r{self.next_rid}"
         self.next_rid += 1
-        source = labelled_source(total, self.next_rid)
-        self.p.sources[rid] = source
-        self.p.receiver.add(rid)
-        if late_source:
-            self.pending_sources[rid] = source
-        else:
-            self.p.sender.add(rid, source)
+        self._note(
+            f"add_request({rid}, {total} tokens, mrope_delta={mrope_delta}, late={late_source})"
+        )
+        self._start(rid, total, mrope_delta, late_source)
+
+    @precondition(lambda self: bool(self.taken_ids))
+    @rule(data=st.data(), late_source=st.booleans())
+    def reuse_id(self, data: st.DataObject, late_source: bool) -> None:
+        """An id whose earlier life was taken is added again; its old statuses may be in flight."""
+        rid = data.draw(st.sampled_from(self.taken_ids), label="id")
+        self.taken_ids.remove(rid)
+        total = self._draw_total(data)
+        self._note(f"reuse_id({rid}, {total} tokens, late={late_source})")
+        self._start(rid, total, 5, late_source)
 
     @precondition(lambda self: bool(self.pending_sources))
     @rule()
     def source_ready(self) -> None:
-        self._count()
-        rid, source = next(iter(self.pending_sources.items()))
+        rid, life = next(iter(self.pending_sources.items()))
+        self._note(f"source_ready({rid})")
         del self.pending_sources[rid]
-        if self.p.transport.sender_alive:
-            self.p.sender.add(rid, source)
+        self._late_add(rid, life)
+
+    def _late_add(self, rid: Hashable, life: _Life) -> None:
+        """The engine names the life its source is for (ids are reused, sources come late).
+
+        The explorer checks the other way, sources bound in the order they are added.
+        """
+        self.p.sender.add(
+            rid, life.source, mrope_delta=life.mrope_delta, incarnation=life.incarnation
+        )
 
     @rule(take=st.booleans())
     def receiver_step(self, take: bool) -> None:
         """One event-loop iteration; the engine may then take what finished."""
-        self._count()
+        self._note(f"receiver_step(take={take})")
+        self._receiver_step(take)
+
+    def _receiver_step(self, take: bool = False) -> None:
         finished = self.p.receiver.step()
+        if self.p.receiver._resumes:
+            self.waits += 1
+        if self.restart_pending and self.t.sender_alive:
+            self._new_sender()  # the transport connected the new sender in this poll
         if take:
             for rid in finished:
                 if rid in self.p.receiver:
@@ -232,43 +358,55 @@ class ProtocolMachineBase(RuleBasedStateMachine):
 
     @rule()
     def sender_step(self) -> None:
-        self._count()
+        self._note("sender_step()")
         self.p.sender.step()
 
     @rule()
     def both_step(self) -> None:
         """A receiver step then a sender step: the common, fault-free interleaving."""
-        self._count()
-        self.p.step()
+        self._note("both_step()")
+        self._receiver_step()
+        self.p.sender.step()
 
     # -- benign faults: nothing may fail because of these ---------------------------
 
-    @precondition(lambda self: bool(self.p.transport.in_flight))
+    @precondition(lambda self: any(type(s) in msg.ROUND_STATUSES for s in self.t.in_flight))
     @rule(data=st.data())
     def duplicate_status(self, data: st.DataObject) -> None:
-        self._count()
-        t = self.p.transport
-        t.duplicate(data.draw(st.integers(0, len(t.in_flight) - 1), label="status"))
+        t = self.t
+        candidates = [i for i, s in enumerate(t.in_flight) if type(s) in msg.ROUND_STATUSES]
+        i = data.draw(st.sampled_from(candidates), label="status")
+        self._note(f"duplicate_status({t.in_flight[i]!r})")
+        t.duplicate(i)
 
-    @precondition(lambda self: len(self.p.transport.in_flight) > 1)
+    @precondition(lambda self: len(self.t.in_flight) > 1)
     @rule(seed=st.integers(0, 2**16))
     def reorder_statuses(self, seed: int) -> None:
-        self._count()
-        self.p.transport.shuffle(random.Random(seed))
+        self._note(f"reorder_statuses(seed={seed})")
+        self.t.shuffle(random.Random(seed))
 
     @rule(hold=st.sampled_from([False, False, True]))
     def delay_statuses(self, hold: bool) -> None:
-        self._count()
+        self._note(f"delay_statuses(hold={hold})")
         if hold:
-            self.p.transport.hold()
+            self.t.hold()
         else:
-            self.p.transport.release()
+            self.t.release()
+
+    def _deliver_now(self, status: object) -> None:
+        """One receiver step that gets only ``status``; what was in flight stays there."""
+        t = self.t
+        saved, t.in_flight = t.in_flight, [status]  # type: ignore[list-item]
+        held, t.held = t.held, False
+        try:
+            self._receiver_step()
+        finally:
+            t.in_flight, t.held = saved + t.in_flight, held
 
     @precondition(lambda self: bool(self.t.delivered_landed))
     @rule(data=st.data())
     def replay_old_status(self, data: st.DataObject) -> None:
         """A late duplicate of a status already delivered must change nothing."""
-        self._count()
         t = self.t
         receiver = self.p.receiver
         # Aim where it matters: old statuses of requests still mid-transfer.
@@ -278,24 +416,25 @@ class ProtocolMachineBase(RuleBasedStateMachine):
             if s.rid in receiver and receiver.record(s.rid).allocation is not None
         ]
         old = data.draw(st.sampled_from(mid_transfer or t.delivered_landed), label="old status")
-        if old.rid not in receiver:
+        self._note(f"replay_old_status({old!r})")
+        if (
+            old.rid not in receiver
+            or (old.rid, old.incarnation, old.epoch) in receiver.quarantined()
+        ):
             return
         rec = receiver.record(old.rid)
-        if rec.state is TransferState.Transferring and rec.allocation is None:
+        if rec.state is TransferState.WaitingForInput or (
+            rec.state is TransferState.Transferring and rec.allocation is None
+        ):
             return  # waiting for blocks: this step may legitimately serve it
         before = _snapshot(rec)
-        saved, t.in_flight = t.in_flight, [old]
-        held, t.held = t.held, False
-        try:
-            receiver.step()
-        finally:
-            t.in_flight, t.held = saved + t.in_flight, held
+        self._deliver_now(old)
         require(PROGRESS, stale_changes_nothing(old.rid, before, _snapshot(rec)))
 
     @rule(grab=st.integers(-1, 4))
     def pool_pressure(self, grab: int) -> None:
         """Another user of the pool takes free blocks (``grab`` > 0) or returns some."""
-        self._count()
+        self._note(f"pool_pressure({grab})")
         a = self.p.allocator
         if grab <= 0:
             if self.pressure:
@@ -303,33 +442,161 @@ class ProtocolMachineBase(RuleBasedStateMachine):
             return
         n = min(grab, a.num_free_blocks)
         if n:
-            got = a.allocate(n * a.block_size, "pressure")
+            got = a.allocate(n * a.block_size, PRESSURE)
             assert got is not None
             self.pressure.append(got)
 
+    @rule(now=st.booleans())
+    def grab_after_free(self, now: bool) -> None:
+        """The other user takes what the next free returns, before the receiver can reuse it
+        (with ``now``, every free block first): the next resume finds the pool empty."""
+        self._note(f"grab_after_free(now={now})")
+        a = self.allocator
+        if now and a.num_free_blocks:
+            got = a.allocate(a.num_free_blocks * a.block_size, PRESSURE)
+            assert got is not None
+            self.pressure.append(got)
+        a.grab_armed = True
+
     # -- destructive faults: the requests they touch may fail, nothing may leak ------
+
+    def _draw_live(self, data: st.DataObject) -> Hashable | None:
+        live = [rid for rid in self.lives if rid in self.p.receiver]
+        if not live:
+            return None
+        return data.draw(st.sampled_from(live), label="request")
+
+    def _hurt(self, rid: Hashable) -> None:
+        life = self.lives.get(rid)
+        if life is not None:
+            life.hurt = True
 
     @precondition(lambda self: self.next_rid > 0)
     @rule(data=st.data())
     def abort(self, data: st.DataObject) -> None:
-        self._count()
-        rid = f"r{data.draw(st.integers(0, self.next_rid - 1), label='request')}"
-        if rid in self.p.receiver:
-            self.faulted.add(rid)
+        rid = self._draw_live(data)
+        self._note(f"abort({rid})")
+        if rid is not None:
+            self._hurt(rid)
             self.p.receiver.abort(rid)
 
-    @precondition(lambda self: not self.crashed)
+    @precondition(lambda self: self.next_rid > 0)
+    @rule(
+        data=st.data(),
+        kind=st.sampled_from(["landed", "cancelled", "error"]),
+        far=st.booleans(),
+    )
+    def forge_status(self, data: st.DataObject, kind: str, far: bool) -> None:
+        """A status for a round never posted (the next one, or one far ahead), at once."""
+        rid = self._draw_live(data)
+        self._note(f"forge_status({rid}, {kind}, far={far})")
+        if rid is None:
+            return
+        rec = self.p.receiver.record(rid)
+        epoch, inc = rec.epoch + (FAR if far else 1), rec.incarnation
+        forged: Status
+        if kind == "landed":
+            forged = Landed(rid, epoch, 1, (rec.total or 1) + 1, False, incarnation=inc)
+        elif kind == "cancelled":
+            forged = msg.Cancelled(rid, epoch, incarnation=inc)
+        else:
+            forged = msg.SenderError(rid, epoch, "forged", incarnation=inc)
+        self._hurt(rid)
+        self._deliver_now(forged)
+
+    @precondition(lambda self: self.next_rid > 0)
+    @rule(data=st.data(), aimed=st.booleans())
+    def poison_batch(self, data: st.DataObject, aimed: bool) -> None:
+        """A malformed item among the statuses in flight: it may fail its own request only."""
+        rid = self._draw_live(data) if aimed else None
+        self._note(f"poison_batch({rid})")
+        bad: Any = ("not", "a", "status")
+        if rid is not None:
+            rec = self.p.receiver.record(rid)
+            garbled: Any = str(rec.epoch)
+            bad = Landed(rid, garbled, 1, 1, False, incarnation=rec.incarnation)
+            self._hurt(rid)
+        self.t.in_flight.append(bad)
+
+    @precondition(lambda self: self.next_rid > 0)
+    @rule(data=st.data(), aimed=st.booleans())
+    def poison_post(self, data: st.DataObject, aimed: bool) -> None:
+        """A malformed item ahead of the posts the sender reads next."""
+        rid = self._draw_live(data) if aimed else None
+        self._note(f"poison_post({rid})")
+        bad: Any = object()
+        if rid is not None:
+            rec = self.p.receiver.record(rid)
+            garbled: Any = ("block",)
+            bad = RoundPost(rid, rec.epoch, garbled, 1, rec.sent, incarnation=rec.incarnation)
+            self._hurt(rid)
+        self.t.posts.appendleft(bad)
+
+    @rule(data=st.data())
+    def bad_source(self, data: st.DataObject) -> None:
+        """The encoder hands over a broken source: refused at once, nothing changes."""
+        name, source = data.draw(st.sampled_from(bad_sources(4)), label="bad source")
+        self._note(f"bad_source({name})")
+        sender = self.p.sender
+        before = (len(sender), sorted(map(repr, sender._lives)), sender.rounds_served)
+        try:
+            sender.add(f"bad-{self.next_label}", source)  # type: ignore[arg-type]
+        except InvalidArgumentError:
+            pass
+        else:
+            raise InvariantViolation(INTEGRITY, f"the sender accepted a source with {name}")
+        after = (len(sender), sorted(map(repr, sender._lives)), sender.rounds_served)
+        if before != after:
+            raise InvariantViolation(INTEGRITY, f"refusing a source with {name} changed the sender")
+
+    @precondition(lambda self: self.next_rid < MAX_REQUESTS)
+    @rule(data=st.data())
+    def unwritable_source(self, data: st.DataObject) -> None:
+        """A source of another hidden size: it fails its own request, with the reason."""
+        total = self._draw_total(data)
+        rid = f"r{self.next_rid}"
+        self.next_rid += 1
+        self._note(f"unwritable_source({rid}, {total} tokens)")
+        self.next_label += 1
+        life = _Life(labelled_source(total, self.next_label, hidden=HIDDEN + 1), 0, hurt=True)
+        self.lives[rid] = life
+        self.p.sources[rid] = life.source
+        self.p.receiver.add(rid)
+        self.p.sender.add(rid, life.source)
+
+    @precondition(lambda self: not self.crashed and not self.restart_pending)
     @rule(mid_round=st.booleans(), now=st.sampled_from([False, False, False, True]))
     def crash_sender(self, mid_round: bool, now: bool) -> None:
         """Kill the sender (drawn rarely: everything after it is failure handling)."""
-        self._count()
+        self._note(f"crash_sender(mid_round={mid_round}, now={now})")
         if not now:
             return
         self.crashed = True
+        for life in self.lives.values():
+            life.hurt = True
         if mid_round:
-            self.p.transport.crash_after_next_write = True
+            self.t.crash_after_next_write = True
         else:
-            self.p.transport.crash_sender()
+            self.t.crash_sender()
+
+    @precondition(lambda self: not self.crashed and not self.restart_pending)
+    @rule(now=st.sampled_from([False, False, True]))
+    def restart_sender(self, now: bool) -> None:
+        """The sender restarts with no records; a fresh one serves the requests added after."""
+        self._note(f"restart_sender(now={now})")
+        if not now:
+            return
+        for rid, life in self.lives.items():
+            if rid in self.p.receiver:
+                life.hurt = True
+        # What the old encoder had not finished for started requests dies with it.
+        self.pending_sources.clear()
+        self.restart_pending = True
+        self.t.restart_sender()
+
+    def _new_sender(self) -> None:
+        self.restart_pending = False
+        self.p.sender = EmbeddingSender(self.t)
 
     # -- the engine takes what finished --------------------------------------------
 
@@ -337,14 +604,22 @@ class ProtocolMachineBase(RuleBasedStateMachine):
         receiver = self.p.receiver
         self.taken.append((rid, weakref.ref(receiver.record(rid))))
         result = receiver.take(rid)
-        if not self._touched(rid):
+        life = self.lives.pop(rid)
+        self.taken_ids.append(rid)
+        if not life.hurt:
             require(LIVENESS, succeeds_without_faults(rid, result.state.name, result.reason))
+        if result.state is TransferState.Failed:
+            require(LIVENESS, None if result.reason else f"request {rid!r} failed with no reason")
         if result.output is not None:
-            require(INTEGRITY, output_intact(rid, result.output.equal(self.p.sources[rid])))
+            require(INTEGRITY, output_intact(rid, result.output.equal(life.source)))
+            total = life.source.num_tokens
+            if result.total_tokens != total or result.mrope_delta != life.mrope_delta:
+                raise InvariantViolation(
+                    INTEGRITY,
+                    f"request {rid!r} reports {result.total_tokens} tokens and mRoPE delta "
+                    f"{result.mrope_delta}; the sender announced {total} and {life.mrope_delta}",
+                )
         del self.p.sources[rid]
-
-    def _touched(self, rid: Hashable) -> bool:
-        return rid in self.faulted or self.crashed
 
     @invariant()
     def allocator_consistent(self) -> None:
@@ -364,19 +639,35 @@ class ProtocolMachineBase(RuleBasedStateMachine):
         p = self.p
         p.allocator.check_invariants()
         p.transport.release()
-        while self.pressure:
+        self.allocator.grab_armed = False
+        # The pool's other user keeps, for good, what leaves room for a default round.
+        keep = p.allocator.num_blocks - p.allocator.blocks_for(self.cfg.default_tokens)
+        while sum(len(a.blocks) for a in self.pressure) > keep:
             p.allocator.free(self.pressure.pop())
-        for rid, source in list(self.pending_sources.items()):
-            if p.transport.sender_alive:
-                p.sender.add(rid, source)
+        for rid, life in list(self.pending_sources.items()):
+            self._late_add(rid, life)
         self.pending_sources.clear()
         bound = sum(p.step_bound(s.num_tokens) for s in p.sources.values()) + 16
-        p.run(bound)
+        idle = 0
+        for _ in range(bound):
+            if not p.live() and not self.restart_pending:
+                break
+            before = p.traffic()
+            self._receiver_step()
+            p.sender.step()
+            # Both sides are deterministic: two steps that move nothing mean stuck for good.
+            quiet = not self.t.in_flight and not self.t.posts and not self.restart_pending
+            idle = idle + 1 if quiet and p.traffic() == before else 0
+            if idle >= 2:
+                break
         require(LIVENESS, terminates(p.live(), bound))
         for rid in list(p.sources):
             self._take(rid)
+        while self.pressure:
+            p.allocator.free(self.pressure.pop())
         for _ in range(4):  # late statuses release the quarantine
-            p.step()
+            self._receiver_step()
+            p.sender.step()
         sender_left = 0 if self.crashed else len(p.sender) + len(p.sender._parked)
         require(
             NO_LEAK,
@@ -403,6 +694,8 @@ __all__ = [
     "CheckedTransport",
     "ProtocolConfig",
     "ProtocolMachineBase",
+    "bad_sources",
+    "labelled_source",
     "protocol_configs",
     "protocol_machine",
 ]

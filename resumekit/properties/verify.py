@@ -1,0 +1,254 @@
+"""``resumekit verify``: both checkers against resumekit's design and the three it replaced.
+
+The budgets are states and examples, never seconds, so the verdict is the same
+on a fast idle machine and a slow loaded one: the explorer exhausts the
+standard bounds and every set of :data:`ADVERSARY_BOUNDS` for ``epoch`` (both
+reuse orders), and looks for the first violation of each broken design under
+the standard bounds; the fuzzer runs a fixed number of seeded examples. An
+optional seconds cap only ever makes a run INCONCLUSIVE, never PASS or FAIL.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from pathlib import Path
+from typing import Final
+
+from resumekit.errors import InvalidArgumentError
+from resumekit.properties.explorer import (
+    ADVERSARY_BOUNDS,
+    STANDARD_BOUNDS,
+    Exploration,
+    explore,
+)
+from resumekit.properties.fuzz import DEFAULT_DATABASE, FuzzResult, fuzz
+from resumekit.properties.harness import Bounds
+from resumekit.properties.strategies import BROKEN, strategy
+
+EPOCH: Final = "epoch"
+ORDERS: Final = ("lifo", "fifo")
+DEFAULT_EXAMPLES: Final = 600  # fuzz examples for epoch
+DEFAULT_BROKEN_EXAMPLES: Final = 400  # at most, for each broken design
+
+
+class Verdict(Enum):
+    PASS = 0
+    FAIL = 1
+    INCONCLUSIVE = 3
+
+
+@dataclass
+class StrategyReport:
+    name: str
+    explorations: list[tuple[str, Exploration]] = field(default_factory=list)  # (bounds, run)
+    fuzzed: FuzzResult | None = None
+
+    @property
+    def states(self) -> int:
+        return sum(run.states for _, run in self.explorations)
+
+    @property
+    def seconds(self) -> float:
+        return sum(run.seconds for _, run in self.explorations)
+
+    @property
+    def violation(self) -> tuple[str, Exploration] | None:
+        """The exploration with the shortest counterexample, if any."""
+        found = [(n, r) for n, r in self.explorations if r.violation is not None]
+        if not found:
+            return None
+        return min(found, key=lambda item: len(item[1].violation.actions))  # type: ignore[union-attr]
+
+    @property
+    def capped(self) -> bool:
+        return any(r.capped for _, r in self.explorations) or bool(
+            self.fuzzed is not None and self.fuzzed.capped
+        )
+
+    @property
+    def verdict(self) -> str:
+        explorer = self.violation is not None
+        fuzzer = self.fuzzed is not None and self.fuzzed.failed
+        if self.name == EPOCH:
+            if explorer or fuzzer:
+                return "VIOLATED"
+            if self.capped or not all(r.complete for _, r in self.explorations):
+                return "INCONCLUSIVE"
+            return "verified"
+        if explorer and fuzzer:
+            return "caught"
+        return "INCONCLUSIVE" if self.capped else "MISSED"
+
+
+@dataclass
+class VerifyReport:
+    strategies: list[StrategyReport]
+    examples: int
+    broken_examples: int
+    cap_seconds: float | None
+    seconds: float = 0.0
+
+    @property
+    def verdict(self) -> Verdict:
+        verdicts = [s.verdict for s in self.strategies]
+        if any(v in ("VIOLATED", "MISSED") for v in verdicts):
+            return Verdict.FAIL
+        if any(v == "INCONCLUSIVE" for v in verdicts):
+            return Verdict.INCONCLUSIVE
+        return Verdict.PASS
+
+
+def bounds_sets() -> list[tuple[str, Bounds]]:
+    """Every (name, bounds) ``verify`` exhausts for ``epoch``, in order."""
+    return [("standard", STANDARD_BOUNDS), *ADVERSARY_BOUNDS.items()]
+
+
+def verify(
+    *,
+    examples: int = DEFAULT_EXAMPLES,
+    broken_examples: int = DEFAULT_BROKEN_EXAMPLES,
+    seed: int = 0,
+    workers: int | None = None,
+    cap_seconds: float | None = None,
+    database: str | Path | None = DEFAULT_DATABASE,
+    progress: Callable[[str], None] | None = None,
+) -> VerifyReport:
+    """Run both checkers on every strategy; see the module docstring for the budgets."""
+    for name, value in (("examples", examples), ("broken_examples", broken_examples)):
+        if type(value) is not int or value < 1:
+            raise InvalidArgumentError(
+                f"{name} must be an int >= 1: a run that checks nothing "
+                f"could say nothing, got {value!r}"
+            )
+    if cap_seconds is not None and not cap_seconds > 0:
+        raise InvalidArgumentError(f"cap_seconds must be > 0, got {cap_seconds!r}")
+    start = time.perf_counter()
+    deadline = None if cap_seconds is None else start + cap_seconds
+    report = VerifyReport([], examples, broken_examples, cap_seconds)
+
+    def say(text: str) -> None:
+        if progress is not None:
+            progress(text)
+
+    for name in (*BROKEN, EPOCH):
+        entry = StrategyReport(name)
+        report.strategies.append(entry)
+        sets = bounds_sets() if name == EPOCH else [("standard", STANDARD_BOUNDS)]
+        for set_name, bounds in sets:
+            for order in ORDERS:
+                say(f"explore {name}: {set_name} bounds, {order} reuse")
+                run = explore(
+                    replace(bounds, reuse=order),
+                    strategy(name),
+                    workers=workers,
+                    first_only=name != EPOCH,
+                    deadline=deadline,
+                )
+                entry.explorations.append((f"{set_name} ({order})", run))
+        say(f"fuzz {name}")
+        left = None if deadline is None else deadline - time.perf_counter()
+        if left is not None and left <= 0:
+            entry.fuzzed = FuzzResult(name, seed, capped=True)
+            continue
+        entry.fuzzed = fuzz(
+            name,
+            max_examples=examples if name == EPOCH else broken_examples,
+            start_seed=seed,
+            cap_seconds=left,
+            database=database,
+        )
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def format_report(report: VerifyReport) -> str:
+    """The table, the bounds, the counterexamples and the verdict, as ``verify`` prints them."""
+    rows = []
+    for s in report.strategies:
+        found = []
+        worst = s.violation
+        if worst is not None:
+            found.append(f"explorer: {worst[1].violation.invariant}")  # type: ignore[union-attr]
+        if s.fuzzed is not None and s.fuzzed.failed:
+            found.append(f"fuzz: {s.fuzzed.invariant}")
+        rows.append(
+            (
+                s.name,
+                f"{s.states:,}",
+                f"{s.states / s.seconds:,.0f}/s" if s.seconds else "-",
+                f"{s.fuzzed.examples:,}" if s.fuzzed is not None else "-",
+                "; ".join(found) or "none",
+                s.verdict,
+            )
+        )
+    header = ("strategy", "states explored", "states/s", "fuzz examples", "violations", "verdict")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
+    lines.append("")
+    lines.append(
+        "bounds explored for epoch (both reuse orders); the broken designs under standard:"
+    )
+    for name, b in bounds_sets():
+        lines.append(f"  {name}: {describe(b)}")
+    lines.append(
+        f"fuzz: {report.examples:,} examples for epoch, up to {report.broken_examples:,} "
+        "for each broken design"
+        + (f"; capped at {report.cap_seconds:g}s" if report.cap_seconds is not None else "")
+    )
+    for s in report.strategies:
+        worst = s.violation
+        if worst is not None:
+            lines.append(f"\n{s.name}: shortest counterexample (explorer, {worst[0]} bounds)")
+            lines.append(worst[1].violation.format())  # type: ignore[union-attr]
+        if s.fuzzed is not None and s.fuzzed.failed:
+            lines.append(
+                f"\n{s.name}: fuzzer's shrunk counterexample ({len(s.fuzzed.actions)} steps)"
+            )
+            lines.append(s.fuzzed.format())
+        if s.verdict == "INCONCLUSIVE":
+            lines.append(f"\n{s.name}: the seconds cap stopped it before its budget ran out")
+    lines.append(f"\nverdict: {report.verdict.name}")
+    return "\n".join(lines)
+
+
+def describe(b: Bounds) -> str:
+    """The bounds in words."""
+    faults = [
+        f"{getattr(b, name)} {label}"
+        for name, label in (
+            ("duplicates", "duplicate"),
+            ("aborts", "abort"),
+            ("crashes", "crash"),
+            ("pressure", "block grabbed after a free"),
+            ("squeezes", "block squeezed"),
+            ("forgeries", "forged status"),
+            ("reuses", "id reused"),
+            ("restarts", "sender restart"),
+            ("poisons", "malformed status or post"),
+        )
+        if getattr(b, name)
+    ]
+    extras = [x for x, on in (("batches", b.batches), ("late sources", b.late_sources)) if on]
+    return (
+        f"{b.blocks} blocks, {b.requests} requests, up to {b.max_rounds} rounds each; "
+        f"faults: {', '.join(faults) or 'none'}" + (f"; {', '.join(extras)}" if extras else "")
+    )
+
+
+__all__ = [
+    "DEFAULT_BROKEN_EXAMPLES",
+    "DEFAULT_EXAMPLES",
+    "StrategyReport",
+    "Verdict",
+    "VerifyReport",
+    "bounds_sets",
+    "describe",
+    "format_report",
+    "verify",
+]

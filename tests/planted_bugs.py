@@ -1,0 +1,221 @@
+"""Realistic bugs planted in the receiver, sender and allocator; the explorer must catch each.
+
+Each is a small change to the shipped source (see ``resumekit.properties.planting``),
+named by what it breaks, with the bounds it is caught under.
+"""
+
+from __future__ import annotations
+
+from resumekit.allocator.block_allocator import BlockAllocator, _LifoFreeList
+from resumekit.properties.explorer import ADVERSARY_BOUNDS
+from resumekit.properties.harness import Bounds
+from resumekit.properties.planting import Bug
+from resumekit.statemachine.receiver import ResumableReceiver
+from resumekit.statemachine.sender import EmbeddingSender
+
+R, SND, A = ResumableReceiver, EmbeddingSender, BlockAllocator
+
+BUGS: list[Bug] = [
+    # -- receiver ---------------------------------------------------------------------
+    Bug(
+        "a refusal of a round never posted frees the round in flight",
+        R,
+        "_on_refused",
+        """            f"but the round in flight is {self._in_flight_epoch(req)}",
+            peer_alive=True,""",
+        """            f"but the round in flight is {self._in_flight_epoch(req)}",
+            peer_alive=True, written=False,""",
+    ),
+    Bug(
+        "a status of an earlier life of the id is taken for the current one",
+        R,
+        "_on_status",
+        "if req is None or req.incarnation != s.incarnation:",
+        "if req is None:",
+    ),
+    Bug(
+        "an aborted round goes straight back to the pool",
+        R,
+        "_fail",
+        "in_flight = allocation is not None and peer_alive and written",
+        "in_flight = False",
+    ),
+    Bug(
+        "the epoch is not advanced after a round is consumed",
+        R,
+        "_fire",
+        "                req.epoch += 1\n",
+        "",
+    ),
+    Bug(
+        "the mRoPE delta of round 0 is dropped",
+        R,
+        "_check_round",
+        "req.mrope_delta = aux[AUX_MROPE_DELTA]",
+        "req.mrope_delta = 0",
+    ),
+    Bug(
+        "a resume that found no blocks is never retried",
+        R,
+        "_fire",
+        "            self._resumes.append(req)\n        # An admission",
+        "            pass\n        # An admission",
+    ),
+    Bug(
+        "admissions are served before waiting resumes",
+        R,
+        "_serve_waiting",
+        "        while resumes:\n",
+        "        while resumes and not self._admissions:\n",
+    ),
+    Bug(
+        "a waiting resume insists on its whole remainder",
+        R,
+        "_try_resume",
+        "allocation = self.allocator.allocate_up_to(want, req.rid)",
+        "allocation = self.allocator.allocate(min(want, self.allocator.capacity_tokens), req.rid)",
+    ),
+    Bug(
+        "a status for an old round fails the request",
+        R,
+        "_on_landed",
+        "        if verdict is Verdict.STALE:\n            self._stale(req)\n            return",
+        "",
+    ),
+    Bug(
+        "a lost peer leaves the quarantine held",
+        R,
+        "_on_peer_lost",
+        "            self.allocator.free(allocation)  # a dead peer writes nothing more",
+        "            pass",
+    ),
+    Bug(
+        "a late status of a quarantined round is not matched to it",
+        R,
+        "_on_status",
+        "held = self._quarantine.pop(key, None) if self._quarantine else None",
+        "held = None",
+    ),
+    Bug(
+        "the round's token count is not checked against its blocks",
+        R,
+        "_check_round",
+        "        if tokens > allocation.capacity_tokens:",
+        "        if False:",
+    ),
+    # -- sender -----------------------------------------------------------------------
+    Bug(
+        "a cancel of a round in flight is not answered",
+        SND,
+        "_cancel",
+        "            self.transport.report(Cancelled(rid, cancel.epoch, incarnation=incarnation))",
+        "            pass",
+    ),
+    Bug(
+        "one token more than the round holds is written",
+        SND,
+        "_serve",
+        "n = min(src.total - src.sent, post.capacity_tokens)",
+        "n = min(src.total - src.sent, post.capacity_tokens + 1)",
+    ),
+    Bug(
+        "the mRoPE delta is not sent with round 0",
+        SND,
+        "_serve",
+        "aux: tuple[int, ...] = (src.total, src.mrope_delta, src.sent + n)",
+        "aux: tuple[int, ...] = (src.total, 0, src.sent + n)",
+    ),
+    Bug(
+        "a late cancel of an ended life drops the next life's source",
+        SND,
+        "_cancel",
+        "        if not self._stale(rid, incarnation):\n",
+        "        if True:\n",
+    ),
+    Bug(
+        "a status carries the wrong incarnation",
+        SND,
+        "_serve",
+        "Landed(rid, post.epoch, n, src.total, final, incarnation=incarnation)",
+        "Landed(rid, post.epoch, n, src.total, final, incarnation=incarnation + 1)",
+    ),
+    # -- allocator --------------------------------------------------------------------
+    Bug(
+        "generations are reused",
+        A,
+        "_issue",
+        "self._next_generation = generation + 1",
+        "self._next_generation = generation",
+    ),
+    Bug(
+        "freed blocks are not returned to the free list",
+        A,
+        "free",
+        "        self._give(blocks)",
+        "        pass",
+    ),
+    Bug(
+        "allocate_up_to hands out one block more than is free",
+        A,
+        "allocate_up_to",
+        "n = min(-(-num_tokens // bs), self._num_free)",
+        "n = min(-(-num_tokens // bs), self._num_free + 1)",
+    ),
+    Bug(
+        "allocate refuses when exactly enough blocks are free",
+        A,
+        "allocate",
+        "if n > self._num_free:",
+        "if n >= self._num_free:",
+    ),
+    Bug(
+        "the free count is not restored on free",
+        A,
+        "free",
+        "self._num_free += len(blocks)",
+        "self._num_free += len(blocks) - 1",
+    ),
+    Bug(
+        "a LIFO take hands out blocks still on the stack",
+        _LifoFreeList,
+        "take",
+        "        blocks = tuple(stack[-n:])",
+        "        blocks = tuple(stack[-n - 1 : -1])",
+    ),
+]
+
+#: The bounds each bug is caught under in the tests (the fastest that catches it);
+#: ``resumekit verify`` runs the standard bounds and every adversary set.
+BOUNDS: dict[str, Bounds] = {
+    "small": Bounds(blocks=3, requests=2, max_rounds=3),
+    **ADVERSARY_BOUNDS,
+}
+WHERE: dict[str, str] = {
+    "a refusal of a round never posted frees the round in flight": "forged and poisoned",
+    "a status of an earlier life of the id is taken for the current one": "id reuse",
+    "an aborted round goes straight back to the pool": "small",
+    "the epoch is not advanced after a round is consumed": "late sources",
+    "the mRoPE delta of round 0 is dropped": "id reuse",
+    "a resume that found no blocks is never retried": "squeezed pool",
+    "admissions are served before waiting resumes": "squeezed pool",
+    "a waiting resume insists on its whole remainder": "squeezed pool",
+    "a status for an old round fails the request": "id reuse",
+    "a lost peer leaves the quarantine held": "small",
+    "a late status of a quarantined round is not matched to it": "late sources",
+    "the round's token count is not checked against its blocks": "forged and poisoned",
+    "a cancel of a round in flight is not answered": "late sources",
+    "one token more than the round holds is written": "squeezed pool",
+    "the mRoPE delta is not sent with round 0": "id reuse",
+    "a late cancel of an ended life drops the next life's source": "id reuse",
+    "a status carries the wrong incarnation": "id reuse",
+    "generations are reused": "small",
+    "freed blocks are not returned to the free list": "squeezed pool",
+    "allocate_up_to hands out one block more than is free": "squeezed pool",
+    "allocate refuses when exactly enough blocks are free": "squeezed pool",
+    "the free count is not restored on free": "squeezed pool",
+    "a LIFO take hands out blocks still on the stack": "squeezed pool",
+}
+
+
+def bounds_for(bug: Bug) -> Bounds:
+    return BOUNDS[WHERE[bug.name]]

@@ -1,0 +1,38 @@
+"""The explorer checks the code that runs: every kind of bug planted in it is caught."""
+
+from __future__ import annotations
+
+import pytest
+from planted_bugs import BOUNDS, BUGS, bounds_for
+
+from resumekit.properties.explorer import explore
+from resumekit.properties.invariants import INVARIANTS
+from resumekit.properties.planting import Bug, planted
+from resumekit.properties.strategies import strategy
+
+CRASH = "crash"
+
+
+@pytest.mark.parametrize("bug", BUGS, ids=lambda b: b.name.replace(" ", "-"))
+def test_planted_bug_is_caught_by_the_explorer(bug: Bug) -> None:
+    bounds = bounds_for(bug)
+    with planted(bug):
+        run = explore(bounds, strategy("epoch"), workers=1)
+    assert run.violation is not None, f"the explorer missed: {bug}"
+    assert run.violation.invariant in (*INVARIANTS, CRASH)
+    assert not run.complete
+
+
+def test_the_clean_code_passes_the_same_bounds() -> None:
+    """Each catch means something: unplanted, the code passes (the adversary sets are
+    proven in test_reference_strategies)."""
+    run = explore(BOUNDS["small"], strategy("epoch"))
+    assert run.complete and run.violation is None, run.violation and run.violation.format()
+
+
+def test_a_bug_that_does_not_apply_is_refused() -> None:
+    bug = BUGS[0]
+    stale = Bug(bug.name, bug.owner, bug.method, "text that is not there", "x")
+    with pytest.raises(ValueError, match="occurs 0 times"), planted(stale):
+        pass
+    assert bug.owner.__dict__[bug.method] is not None
