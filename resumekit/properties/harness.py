@@ -532,6 +532,8 @@ class Harness:
         # what the take is judged by stays: not their order, reason text or progress.
         live_records: list[tuple[object, ...]] = []
         finished: list[tuple[object, ...]] = []
+        running: list[Any] = []
+        consumed = w.ledger.consumed
         row: tuple[object, ...]
         for rid, rec in receiver._records.items():
             if rec.state is S.Failed:
@@ -568,6 +570,7 @@ class Harness:
                 memo,
             )
             live_records.append(row)
+            running.append(rid)
         if len(finished) > 1:
             finished.sort(key=itemgetter(0))
         cells, aux, bs = w.buffers.cells, w.buffers.aux, allocator.block_size
@@ -582,9 +585,7 @@ class Harness:
             )
             for g, a in live.items()
         )
-        sender = w.sender
         t = w.transport
-        parked = sender._parked
         return (
             w.added,
             w.encoded,
@@ -606,44 +607,15 @@ class Harness:
                 ]
             ),
             receiver.peer_lost,
-            tuple(
-                [
-                    (
-                        rid,
-                        tuple(
-                            [
-                                (
-                                    s.data.label,  # type: ignore[attr-defined]
-                                    lives.get(s.incarnation),  # type: ignore[arg-type]
-                                    s.sent,
-                                    s.next_epoch,
-                                    s.total,
-                                    s.mrope_delta,
-                                )
-                                for s in sources
-                            ]
-                        ),
-                    )
-                    for rid, sources in sender._lives.items()
-                ]
-            ),
-            tuple(
-                [
-                    (rid, tuple([_post_key(p, rank, lives) for p in ps]))
-                    for rid, ps in parked.items()
-                ]
-            )
-            if parked
-            else (),
-            tuple(sender._cancelled.items()),
-            tuple([(rid, lives.get(inc)) for rid, inc in sender._ended.items()]),
+            _sender_key(w, rank, lives),
             tuple([_post_key(p, rank, lives) for p in t.posts]),
             tuple(sorted([_status_key(s, lives) for s in t.statuses])) if t.statuses else (),
             t.events,
             t.sender_alive,
             t.restarting,
             t.loss_seen,
-            tuple(sorted(w.ledger.consumed.items())),
+            # The last epoch consumed, for lives still running (a finished life's is inert).
+            tuple([consumed.get(w.ledger.labels[r], -1) for r in running]),
         )
 
 
@@ -703,6 +675,44 @@ _HANDLERS: Final[dict[str, Any]] = {
     "poison": Harness._poison,
     "poison-post": Harness._poison,
 }
+
+
+def _sender_key(w: World, rank: dict[int, int], lives: dict[int, int]) -> object:
+    """What the sender holds; nothing, once it is dead for good (nothing reaches it)."""
+    t = w.transport
+    if not (t.sender_alive or t.restarting or t.loss_seen):
+        return None
+    sender = w.sender
+    parked = sender._parked
+    return (
+        tuple(
+            [
+                (
+                    rid,
+                    tuple(
+                        [
+                            (
+                                s.data.label,  # type: ignore[attr-defined]
+                                lives.get(s.incarnation),  # type: ignore[arg-type]
+                                s.sent,
+                                s.next_epoch,
+                                s.total,
+                                s.mrope_delta,
+                            )
+                            for s in sources
+                        ]
+                    ),
+                )
+                for rid, sources in sender._lives.items()
+            ]
+        ),
+        tuple([(rid, tuple([_post_key(p, rank, lives) for p in ps])) for rid, ps in parked.items()])
+        if parked
+        else (),
+        # Both dicts keep recency order only to evict beyond max_tombstones: sorted.
+        tuple(sorted(sender._cancelled.items())),
+        tuple(sorted([(rid, lives.get(inc, 0)) for rid, inc in sender._ended.items()])),
+    )
 
 
 def _post_key(p: msg.Post, rank: dict[int, int], lives: dict[int, int]) -> tuple[object, ...]:
