@@ -7,6 +7,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import Any
 
 from resumekit.errors import ResumeKitError
 from resumekit.properties.explorer import STANDARD_BOUNDS, Exploration, explore
@@ -16,14 +17,13 @@ from resumekit.properties.strategies import BROKEN, STRATEGIES, strategy
 from resumekit.properties.verify import (
     DEFAULT_BROKEN_EXAMPLES,
     DEFAULT_EXAMPLES,
+    QUICK_EXAMPLES,
     bounds_sets,
     verify,
 )
 from resumekit.properties.verify import format_report as format_verify
 from resumekit.simulate import check_reuse, format_report, simulate
 from resumekit.statemachine import diagram
-
-FAULTS = ("duplicate", "abort", "crash", "pressure")
 
 
 def _at_least(minimum: int) -> Callable[[str], int]:
@@ -109,15 +109,22 @@ def _explore_both(
     return states, seconds, worst, complete
 
 
+def _examples(quick: bool) -> int:
+    return QUICK_EXAMPLES if quick else DEFAULT_EXAMPLES
+
+
 def _verify(args: argparse.Namespace) -> int:
-    progress = Progress(2 * (len(BROKEN) + len(bounds_sets())) + len(BROKEN) + 1)
+    sets = len(bounds_sets(args.quick))
+    progress = Progress(2 * len(BROKEN) + (sets + 1 if args.quick else 2 * sets) + 1)
 
     def show(text: str) -> None:
         progress.step(text)
 
+    quick = args.quick
     report = verify(
-        examples=args.examples,
+        examples=args.examples if args.examples is not None else _examples(quick),
         broken_examples=args.broken_examples,
+        quick=quick,
         seed=args.seed,
         workers=args.workers,
         cap_seconds=args.budget,
@@ -172,25 +179,44 @@ def _fuzz(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_faults(text: str) -> dict[str, int]:
-    if text == "all":
-        chosen = set(FAULTS)
+#: ``check --faults`` names, and the :class:`Bounds` field each sets (to 1, or True).
+FAULT_FIELDS: dict[str, str] = {
+    "duplicate": "duplicates",
+    "abort": "aborts",
+    "crash": "crashes",
+    "squeeze": "squeezes",
+    "grab": "pressure",
+    "forge": "forgeries",
+    "reuse": "reuses",
+    "restart": "restarts",
+    "poison": "poisons",
+    "batch": "batches",
+    "late": "late_sources",
+}
+STANDARD_FAULTS = ("duplicate", "abort", "crash", "squeeze")
+
+
+def _parse_faults(text: str) -> dict[str, Any]:
+    """``check --faults``: standard, all, none, or a comma list of FAULT_FIELDS names."""
+    if text == "standard":
+        chosen = set(STANDARD_FAULTS)
+    elif text == "all":
+        chosen = set(FAULT_FIELDS)
     elif text == "none":
         chosen = set()
     else:
         chosen = {f.strip() for f in text.split(",") if f.strip()}
-        unknown = chosen - set(FAULTS)
+        unknown = chosen - set(FAULT_FIELDS)
         if unknown or not chosen:
             raise argparse.ArgumentTypeError(
-                f"unknown fault(s) {sorted(unknown)}; choose all, none or a list of "
-                + ",".join(FAULTS)
+                f"unknown fault(s) {sorted(unknown)}; choose standard, all, none or a list of "
+                + ",".join(FAULT_FIELDS)
             )
-    return {
-        "duplicates": int("duplicate" in chosen),
-        "aborts": int("abort" in chosen),
-        "crashes": int("crash" in chosen),
-        "pressure": int("pressure" in chosen),
-    }
+    fields: dict[str, Any] = {}
+    for name, field_name in FAULT_FIELDS.items():
+        on = name in chosen
+        fields[field_name] = on if field_name in ("batches", "late_sources") else int(on)
+    return fields
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -265,8 +291,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     verify.add_argument(
         "--examples",
         type=_at_least(1),
-        default=DEFAULT_EXAMPLES,
-        help="fuzz examples for epoch (default %(default)s)",
+        default=None,
+        help=f"fuzz examples for epoch (default {DEFAULT_EXAMPLES}; {QUICK_EXAMPLES} with --quick)",
+    )
+    verify.add_argument(
+        "--quick",
+        action="store_true",
+        help="the mutation run's check: a smaller pool instead of the standard bounds, the "
+        "adversary sets in LIFO order only, fewer examples, stop at the first finding",
     )
     verify.add_argument(
         "--broken-examples",
@@ -342,8 +374,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     chk.add_argument(
         "--faults",
         type=_parse_faults,
-        default=_parse_faults("all"),
-        help="all, none, or a list of " + ",".join(FAULTS) + " (default all)",
+        default=_parse_faults("standard"),
+        help="standard ("
+        + ",".join(STANDARD_FAULTS)
+        + "), all, none, or a list of "
+        + ",".join(FAULT_FIELDS)
+        + "; each at most once (default standard)",
     )
     chk.add_argument("--workers", type=_at_least(1), default=None, help="processes (default: CPUs)")
     chk.set_defaults(func=_check)

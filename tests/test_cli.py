@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,8 @@ import pytest
 
 from resumekit.cli import main
 from resumekit.properties.fuzz import fuzz
+
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
@@ -138,6 +141,13 @@ def test_verify_main_job(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> 
     for name in ("standard", "id reuse", "sender restart", "forged and poisoned"):
         assert f"  {name}: " in out
     assert "verdict: PASS" in out
+    # The README shows this run: every count and bound is what it prints (states/s vary).
+    shown = README.split("<!-- verify-output -->\n```\n", 1)[1].split("```", 1)[0]
+    assert _without_rates(out).startswith(_without_rates(shown))
+
+
+def _without_rates(text: str) -> str:
+    return re.sub(r"[\d,]+/s", "-/s", re.sub(r" +", " ", text))
 
 
 def test_verify_capped_early_is_inconclusive(

@@ -14,6 +14,7 @@ import pytest
 from resumekit import (
     DuplicateRequestError,
     InvalidArgumentError,
+    LeakError,
     RequestNotFinishedError,
     UnknownRequestError,
 )
@@ -591,11 +592,17 @@ def test_default_allocation_from_environment(monkeypatch: pytest.MonkeyPatch) ->
     finish(p)
     assert obs.consumed[0][2] == 1024
     monkeypatch.setenv(ENV_DEFAULT_ALLOCATE_TOKENS, "lots")
-    with pytest.raises(InvalidArgumentError):
+    with pytest.raises(InvalidArgumentError, match=f"{ENV_DEFAULT_ALLOCATE_TOKENS}='lots' is not"):
         pair(default_allocate=None)
     monkeypatch.setenv(ENV_DEFAULT_ALLOCATE_TOKENS, "0")
-    with pytest.raises(InvalidArgumentError):
+    with pytest.raises(InvalidArgumentError, match=ENV_DEFAULT_ALLOCATE_TOKENS):
         pair(default_allocate=None)
+    for unset in ("", None):
+        if unset is None:
+            monkeypatch.delenv(ENV_DEFAULT_ALLOCATE_TOKENS)
+        else:
+            monkeypatch.setenv(ENV_DEFAULT_ALLOCATE_TOKENS, unset)
+        assert pair(default_allocate=None).receiver.default_allocate_tokens == 8192
 
 
 def test_default_allocation_must_fit_the_pool() -> None:
@@ -637,3 +644,64 @@ def test_receiver_rejects_bad_configuration() -> None:
         ResumableReceiver(p.buffers, p.transport, 0)
     with pytest.raises(InvalidArgumentError):
         ResumableReceiver(p.buffers, p.transport, 128, max_resume_tokens=0)
+
+
+def test_leak_checks_name_what_is_left() -> None:
+    """check_quiescent raises for each kind of leftover, and names it."""
+    p = pair(pool_blocks=64)
+    p.receiver.check_quiescent()
+    p.sender.check_quiescent()
+    p.add("r", 30_000)
+    with pytest.raises(LeakError, match=r"1 request\(s\) not taken \['r'\]"):
+        p.receiver.check_quiescent()
+    with pytest.raises(LeakError, match=r"sender still holds sources for \['r'\]"):
+        p.sender.check_quiescent()
+    p.receiver.step()  # round 0 in flight
+    p.receiver.abort("r")
+    p.receiver.take("r")
+    with pytest.raises(LeakError, match=r"1 round\(s\) in quarantine"):
+        p.receiver.check_quiescent()
+    quiet(p)
+    p.receiver.check_quiescent()
+    p.sender.check_quiescent()
+    held = p.allocator.allocate(BS, "someone else")
+    with pytest.raises(LeakError, match="someone else"):
+        p.receiver.check_quiescent()
+    assert held is not None
+    p.allocator.free(held)
+    p.receiver.check_quiescent()
+
+
+def test_sender_membership_and_parked_posts() -> None:
+    p = pair(pool_blocks=64)
+    assert "r" not in p.sender and ["unhashable"] not in p.sender and len(p.sender) == 0
+    p.receiver.add("r")
+    p.receiver.step()
+    p.sender.step()  # the post waits: no source yet
+    assert "r" in p.sender and len(p.sender) == 0
+    with pytest.raises(LeakError, match=r"parked posts for \['r'\]"):
+        p.sender.check_quiescent()
+    p.sender.add("r", random_source(20_000, 8))  # serves the parked round 0 at once
+    assert "r" in p.sender and len(p.sender) == 1 and "r" not in p.sender._parked
+    finish_all(p)
+    assert "r" not in p.sender and len(p.sender) == 0
+
+
+def finish_all(p: Loopback) -> None:
+    for _ in range(50):
+        p.step()
+    for rid in list(p.receiver._records):
+        p.receiver.take(rid)
+    p.sender.check_quiescent()
+
+
+def test_bootstrapped_twice_is_refused_with_the_state() -> None:
+    p = pair()
+    p.receiver.add("r", bootstrapped=False)
+    assert p.receiver.poll("r") is S.Bootstrapping
+    p.receiver.bootstrapped("r")
+    with pytest.raises(
+        InvalidArgumentError, match="request 'r' is WaitingForInput, not Bootstrapping"
+    ):
+        p.receiver.bootstrapped("r")
+    assert p.receiver.poll("r") is S.WaitingForInput

@@ -5,11 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis.stateful import run_state_machine_as_test
 
 from resumekit.properties.explorer import STANDARD_BOUNDS, explore
 from resumekit.properties.fuzz import fuzz
 from resumekit.properties.harness import Bounds
 from resumekit.properties.invariants import INVARIANTS, LIVENESS, NO_WRITE_AFTER_FREE
+from resumekit.properties.protocol_machine import protocol_machine
 from resumekit.properties.strategies import BROKEN, strategy
 from resumekit.statemachine import ResumableReceiver
 
@@ -67,6 +70,23 @@ def test_a_capped_exploration_is_not_complete() -> None:
     assert not run.complete and run.violation is None
     late = explore(STANDARD_BOUNDS, strategy("epoch"), deadline=0.0)
     assert late.capped and not late.complete and late.states == 0
+
+
+def test_the_fuzzer_makes_resumes_wait_for_blocks() -> None:
+    """The pool's other user grabs what a consumed round frees: the resume has to wait."""
+    machine = protocol_machine("epoch")
+    run_state_machine_as_test(
+        machine,
+        settings=settings(
+            max_examples=300,
+            stateful_step_count=50,
+            deadline=None,
+            database=None,
+            derandomize=True,
+            suppress_health_check=list(HealthCheck),
+        ),
+    )
+    assert machine.resume_waits > 0
 
 
 def test_fuzzer_finds_nothing_in_epoch() -> None:

@@ -204,6 +204,7 @@ class ProtocolMachineBase(RuleBasedStateMachine):
     strategy_name: ClassVar[str] = "epoch"
     steps_run: ClassVar[int] = 0
     machines: ClassVar[int] = 0
+    resume_waits: ClassVar[int] = 0  # receiver steps that left a resume waiting for blocks
     last: ClassVar[ProtocolMachineBase | None] = None  # the newest machine: its log is the trace
 
     def __init__(self) -> None:
@@ -223,7 +224,6 @@ class ProtocolMachineBase(RuleBasedStateMachine):
         self.pressure: list[Allocation] = []
         self.next_rid = 0
         self.next_label = 0
-        self.waits = 0  # receiver steps that left a resume waiting for blocks (for tests)
 
     @property
     def p(self) -> Loopback:
@@ -348,7 +348,7 @@ class ProtocolMachineBase(RuleBasedStateMachine):
     def _receiver_step(self, take: bool = False) -> None:
         finished = self.p.receiver.step()
         if self.p.receiver._resumes:
-            self.waits += 1
+            type(self).resume_waits += 1
         if self.restart_pending and self.t.sender_alive:
             self._new_sender()  # the transport connected the new sender in this poll
         if take:

@@ -10,6 +10,7 @@ optional seconds cap only ever makes a run INCONCLUSIVE, never PASS or FAIL.
 
 from __future__ import annotations
 
+import multiprocessing
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -32,6 +33,10 @@ EPOCH: Final = "epoch"
 ORDERS: Final = ("lifo", "fifo")
 DEFAULT_EXAMPLES: Final = 600  # fuzz examples for epoch
 DEFAULT_BROKEN_EXAMPLES: Final = 400  # at most, for each broken design
+#: ``--quick`` (the mutation run's check): a smaller pool instead of the standard bounds,
+#: every adversary set in LIFO order only, fewer examples, and a stop at the first finding.
+QUICK_BOUNDS: Final = Bounds(blocks=3, requests=2, max_rounds=2)
+QUICK_EXAMPLES: Final = 150
 
 
 class Verdict(Enum):
@@ -89,6 +94,7 @@ class VerifyReport:
     examples: int
     broken_examples: int
     cap_seconds: float | None
+    quick: bool = False
     seconds: float = 0.0
 
     @property
@@ -101,9 +107,10 @@ class VerifyReport:
         return Verdict.PASS
 
 
-def bounds_sets() -> list[tuple[str, Bounds]]:
+def bounds_sets(quick: bool = False) -> list[tuple[str, Bounds]]:
     """Every (name, bounds) ``verify`` exhausts for ``epoch``, in order."""
-    return [("standard", STANDARD_BOUNDS), *ADVERSARY_BOUNDS.items()]
+    first = ("quick", QUICK_BOUNDS) if quick else ("standard", STANDARD_BOUNDS)
+    return [first, *ADVERSARY_BOUNDS.items()]
 
 
 def verify(
@@ -114,9 +121,14 @@ def verify(
     workers: int | None = None,
     cap_seconds: float | None = None,
     database: str | Path | None = DEFAULT_DATABASE,
+    quick: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> VerifyReport:
-    """Run both checkers on every strategy; see the module docstring for the budgets."""
+    """Run both checkers on every strategy; see the module docstring for the budgets.
+
+    ``quick`` checks less (see :data:`QUICK_BOUNDS`) and stops at the first finding
+    against ``epoch``: it is the check a mutation run applies to every mutant.
+    """
     for name, value in (("examples", examples), ("broken_examples", broken_examples)):
         if type(value) is not int or value < 1:
             raise InvalidArgumentError(
@@ -127,41 +139,51 @@ def verify(
         raise InvalidArgumentError(f"cap_seconds must be > 0, got {cap_seconds!r}")
     start = time.perf_counter()
     deadline = None if cap_seconds is None else start + cap_seconds
-    report = VerifyReport([], examples, broken_examples, cap_seconds)
+    report = VerifyReport([], examples, broken_examples, cap_seconds, quick)
 
     def say(text: str) -> None:
         if progress is not None:
             progress(text)
 
-    for name in (*BROKEN, EPOCH):
-        entry = StrategyReport(name)
-        report.strategies.append(entry)
-        sets = bounds_sets() if name == EPOCH else [("standard", STANDARD_BOUNDS)]
-        for set_name, bounds in sets:
-            for order in ORDERS:
-                say(f"explore {name}: {set_name} bounds, {order} reuse")
-                run = explore(
-                    replace(bounds, reuse=order),
-                    strategy(name),
-                    workers=workers,
-                    first_only=name != EPOCH,
-                    deadline=deadline,
-                )
-                entry.explorations.append((f"{set_name} ({order})", run))
-        say(f"fuzz {name}")
-        left = None if deadline is None else deadline - time.perf_counter()
-        if left is not None and left <= 0:
-            entry.fuzzed = FuzzResult(name, seed, capped=True)
-            continue
-        entry.fuzzed = fuzz(
-            name,
-            max_examples=examples if name == EPOCH else broken_examples,
-            start_seed=seed,
-            cap_seconds=left,
-            database=database,
-        )
+    # The fuzzer runs in a process of its own while the explorer runs: it fills the
+    # CPU the explorer's partitions leave idle. Both are budgeted in work, not time.
+    names = (*BROKEN, EPOCH)
+    jobs = [
+        (name, examples if name == EPOCH else broken_examples, seed, cap_seconds, database)
+        for name in names
+    ]
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        fuzzing = pool.map_async(_fuzz_job, jobs)
+        for name in names:
+            entry = StrategyReport(name)
+            report.strategies.append(entry)
+            sets = bounds_sets(quick) if name == EPOCH else [bounds_sets(quick)[0]]
+            for set_name, bounds in sets:
+                if quick and entry.violation is not None:
+                    break  # a finding is all a mutation run needs
+                for order in ORDERS[:1] if quick and set_name != "quick" else ORDERS:
+                    say(f"explore {name}: {set_name} bounds, {order} reuse")
+                    run = explore(
+                        replace(bounds, reuse=order),
+                        strategy(name),
+                        workers=workers,
+                        first_only=name != EPOCH,
+                        deadline=deadline,
+                    )
+                    entry.explorations.append((f"{set_name} ({order})", run))
+        say("fuzz every strategy")
+        for entry, fuzzed in zip(report.strategies, fuzzing.get(), strict=True):
+            entry.fuzzed = fuzzed
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _fuzz_job(job: tuple[str, int, int, float | None, str | Path | None]) -> FuzzResult:
+    name, examples, seed, cap_seconds, database = job
+    return fuzz(
+        name, max_examples=examples, start_seed=seed, cap_seconds=cap_seconds, database=database
+    )
 
 
 def format_report(report: VerifyReport) -> str:

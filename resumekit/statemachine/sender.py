@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from typing import TYPE_CHECKING
 
 import torch
@@ -134,8 +134,8 @@ class EmbeddingSender:
         if self._lives or self._parked:
             raise LeakError(
                 [],
-                f"sender still holds {sorted(map(repr, self._lives))} "
-                f"and parked posts for {sorted(map(repr, self._parked))}",
+                f"sender still holds sources for [{_ids(self._lives)}] "
+                f"and parked posts for [{_ids(self._parked)}]",
             )
 
     # -- lives -----------------------------------------------------------------------
@@ -292,6 +292,10 @@ class EmbeddingSender:
             self._end(rid, incarnation)
         self.rounds_served += 1
         self.transport.report(Landed(rid, post.epoch, n, src.total, final, incarnation=incarnation))
+
+
+def _ids(ids: Iterable[Hashable]) -> str:
+    return ", ".join(sorted(map(repr, ids)))
 
 
 def _check_source(source: EmbeddingTensors) -> None:
