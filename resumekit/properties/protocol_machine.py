@@ -458,6 +458,32 @@ class ProtocolMachineBase(RuleBasedStateMachine):
             self.pressure.append(got)
         a.grab_armed = True
 
+    @precondition(
+        lambda self: any(
+            type(s) is Landed and not s.final and msg.malformed_status(s) is None
+            for s in self.t.in_flight
+        )
+    )
+    @rule(data=st.data())
+    def starve_a_resume(self, data: st.DataObject) -> None:
+        """The other user empties the pool and grabs what the next free returns, then a
+        partial round lands: its resume finds no block and has to wait."""
+        landed = [
+            s
+            for s in self.t.in_flight
+            if type(s) is Landed and not s.final and msg.malformed_status(s) is None
+        ]
+        status = data.draw(st.sampled_from(landed), label="landed round")
+        self._note(f"starve_a_resume({status!r})")
+        a = self.allocator
+        if a.num_free_blocks:
+            got = a.allocate(a.num_free_blocks * a.block_size, PRESSURE)
+            assert got is not None
+            self.pressure.append(got)
+        a.grab_armed = True
+        self.t.in_flight.remove(status)
+        self._deliver_now(status)
+
     # -- destructive faults: the requests they touch may fail, nothing may leak ------
 
     def _draw_live(self, data: st.DataObject) -> Hashable | None:
@@ -521,7 +547,7 @@ class ProtocolMachineBase(RuleBasedStateMachine):
     @precondition(lambda self: self.next_rid > 0)
     @rule(data=st.data(), aimed=st.booleans())
     def poison_post(self, data: st.DataObject, aimed: bool) -> None:
-        """A malformed item ahead of the posts the sender reads next."""
+        """A malformed item after the posts already sent (posts keep their order)."""
         rid = self._draw_live(data) if aimed else None
         self._note(f"poison_post({rid})")
         bad: Any = object()
@@ -530,7 +556,7 @@ class ProtocolMachineBase(RuleBasedStateMachine):
             garbled: Any = ("block",)
             bad = RoundPost(rid, rec.epoch, garbled, 1, rec.sent, incarnation=rec.incarnation)
             self._hurt(rid)
-        self.t.posts.appendleft(bad)
+        self.t.posts.append(bad)
 
     @rule(data=st.data())
     def bad_source(self, data: st.DataObject) -> None:
@@ -561,8 +587,8 @@ class ProtocolMachineBase(RuleBasedStateMachine):
         life = _Life(labelled_source(total, self.next_label, hidden=HIDDEN + 1), 0, hurt=True)
         self.lives[rid] = life
         self.p.sources[rid] = life.source
-        self.p.receiver.add(rid)
-        self.p.sender.add(rid, life.source)
+        life.incarnation = self.p.receiver.add(rid)
+        self._late_add(rid, life)
 
     @precondition(lambda self: not self.crashed and not self.restart_pending)
     @rule(mid_round=st.booleans(), now=st.sampled_from([False, False, False, True]))
