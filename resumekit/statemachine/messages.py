@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from resumekit.allocator.block_allocator import Allocation
@@ -102,6 +102,17 @@ Status = Landed | Cancelled | SenderError | PeerLost | PeerBack
 ROUND_STATUSES = (Landed, Cancelled, SenderError)
 
 
+def _round_fields(item: Any) -> str | None:
+    """What is wrong with the fields every message about a round has, or ``None``."""
+    try:
+        hash(item.rid)
+    except TypeError:
+        return "its request id is not hashable"
+    if type(item.epoch) is not int or type(item.incarnation) is not int:
+        return "epoch and incarnation must be ints"
+    return None
+
+
 def malformed_status(status: object) -> str | None:
     """Why ``status`` is not a well-formed status, or ``None``: checked per item of a batch."""
     kind = type(status)
@@ -109,13 +120,9 @@ def malformed_status(status: object) -> str | None:
         return None if type(status.reason) is str else "reason is not a str"  # type: ignore[attr-defined]
     if kind not in ROUND_STATUSES:
         return f"{kind.__name__} is not a status"
-    s: Landed | Cancelled | SenderError = status  # type: ignore[assignment]
-    try:
-        hash(s.rid)
-    except TypeError:
-        return "its request id is not hashable"
-    if type(s.epoch) is not int or type(s.incarnation) is not int:
-        return "epoch and incarnation must be ints"
+    problem = _round_fields(status)
+    if problem is not None:
+        return problem
     if kind is Landed:
         landed: Landed = status  # type: ignore[assignment]
         if type(landed.tokens) is not int or type(landed.total) is not int:
@@ -132,13 +139,9 @@ def malformed_post(post: object) -> str | None:
     kind = type(post)
     if kind is not RoundPost and kind is not Cancel:
         return f"{kind.__name__} is not a post"
-    p: RoundPost | Cancel = post  # type: ignore[assignment]
-    try:
-        hash(p.rid)
-    except TypeError:
-        return "its request id is not hashable"
-    if type(p.epoch) is not int or type(p.incarnation) is not int:
-        return "epoch and incarnation must be ints"
+    problem = _round_fields(post)
+    if problem is not None:
+        return problem
     if kind is RoundPost:
         r: RoundPost = post  # type: ignore[assignment]
         if type(r.sent) is not int or type(r.capacity_tokens) is not int:
