@@ -202,8 +202,10 @@ def test_unhashable_owner_is_rejected(pool: BlockAllocator) -> None:
         pool.allocate(4, ["list"])
     with unchanged(pool), pytest.raises(InvalidArgumentError):
         pool.allocate_up_to(4, {"d": 1})
-    with unchanged(pool), pytest.raises(InvalidArgumentError):
+    with unchanged(pool), pytest.raises(InvalidArgumentError, match="owner must be hashable"):
         pool.free_owner([1])
+    with pytest.raises(InvalidArgumentError, match="owner must be hashable, not list"):
+        pool.outstanding_of([1])
 
 
 def test_double_free(pool: BlockAllocator) -> None:
@@ -234,7 +236,7 @@ def test_foreign_allocation(pool: BlockAllocator) -> None:
     theirs = other.allocate(4, "r")
     assert mine is not None and theirs is not None
     assert mine.blocks == theirs.blocks and mine.generation == theirs.generation
-    with unchanged(pool), pytest.raises(ForeignAllocationError):
+    with unchanged(pool), pytest.raises(ForeignAllocationError, match="not issued by this"):
         pool.free(theirs)
     pool.free(mine)
 
@@ -246,17 +248,22 @@ def test_forged_allocation(pool: BlockAllocator) -> None:
     with unchanged(pool), pytest.raises(ForeignAllocationError):
         pool.free(forged)
     copied = Allocation(a.blocks, a.capacity_tokens, a.owner, a.generation, a._pool_id)
-    with unchanged(pool), pytest.raises(ForeignAllocationError):
+    with unchanged(pool), pytest.raises(ForeignAllocationError, match="is a copy, not the"):
         pool.free(copied)
     future = Allocation((5,), 4, "r", 99, a._pool_id)
     with unchanged(pool), pytest.raises(ForeignAllocationError):
         pool.free(future)
+    # The very next generation has not been issued either: a copy, not a double free.
+    upcoming = Allocation((5,), 4, "r", pool.next_generation, a._pool_id)
+    with unchanged(pool), pytest.raises(ForeignAllocationError, match="is a copy"):
+        pool.free(upcoming)
     pool.free(a)
 
 
 @pytest.mark.parametrize("bad", [None, (0, 1), "alloc", 3])
 def test_free_rejects_non_allocations(pool: BlockAllocator, bad: object) -> None:
-    with unchanged(pool), pytest.raises(InvalidArgumentError):
+    expected = f"expected an Allocation, got {type(bad).__name__}"
+    with unchanged(pool), pytest.raises(InvalidArgumentError, match=expected):
         pool.free(bad)  # type: ignore[arg-type]
 
 
@@ -266,7 +273,7 @@ def test_check_live(pool: BlockAllocator) -> None:
     assert pool.check_live(a) is a and pool.is_live(a)
     pool.free(a)
     assert not pool.is_live(a)
-    with pytest.raises(UseAfterFreeError):
+    with pytest.raises(UseAfterFreeError, match=rf"blocks \[{a.blocks[0]}\]\) has been freed"):
         pool.check_live(a)
     with pytest.raises(InvalidArgumentError):
         pool.check_live("nope")

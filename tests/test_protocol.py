@@ -21,6 +21,8 @@ from resumekit import (
 from resumekit.allocator import Allocation
 from resumekit.simulate import Loopback, random_source, simulate
 from resumekit.statemachine import (
+    Cancel,
+    EmbeddingSender,
     Landed,
     ReceiverObserver,
     ResumableReceiver,
@@ -597,6 +599,8 @@ def test_default_allocation_from_environment(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv(ENV_DEFAULT_ALLOCATE_TOKENS, "0")
     with pytest.raises(InvalidArgumentError, match=ENV_DEFAULT_ALLOCATE_TOKENS):
         pair(default_allocate=None)
+    monkeypatch.setenv(ENV_DEFAULT_ALLOCATE_TOKENS, "1")
+    assert pair(default_allocate=None).receiver.default_allocate_tokens == 1
     for unset in ("", None):
         if unset is None:
             monkeypatch.delenv(ENV_DEFAULT_ALLOCATE_TOKENS)
@@ -705,3 +709,62 @@ def test_bootstrapped_twice_is_refused_with_the_state() -> None:
     ):
         p.receiver.bootstrapped("r")
     assert p.receiver.poll("r") is S.WaitingForInput
+
+
+def test_leak_message_lists_the_first_eight() -> None:
+    p = pair()
+    for i in range(10):
+        p.receiver.add(i)
+    with pytest.raises(LeakError, match=r"10 request\(s\) not taken \[0, 1, 2, 3, 4, 5, 6, 7\],"):
+        p.receiver.check_quiescent()
+
+
+def test_sender_leak_message_lists_ids() -> None:
+    p = pair()
+    for rid in ("b", "a"):
+        p.sender.add(rid, random_source(10, 8))
+    with pytest.raises(
+        LeakError, match=r"sender still holds sources for \['a', 'b'\] and parked posts for \[\]"
+    ):
+        p.sender.check_quiescent()
+
+
+def test_tombstones_are_bounded_oldest_first() -> None:
+    p = Loopback(pool_blocks=64, block_size=BS, hidden=8)
+    sender = EmbeddingSender(p.transport, max_tombstones=2)
+    for i, rid in enumerate(("x", "y", "z")):
+        p.transport.cancel(rid, -1, incarnation=i + 1)  # cancelled before any source came
+    sender.step()
+    assert sender.add("x", random_source(4, 8))  # its tombstone was evicted: kept
+    assert not sender.add("y", random_source(4, 8))  # dropped
+    assert not sender.add("z", random_source(4, 8))
+    assert sender.add("y", random_source(4, 8))  # one tombstone each
+
+
+def test_malformed_posts_that_name_no_round_are_only_counted() -> None:
+    p = pair()
+    garbled: object = "0"
+    unhashable: object = ["r"]
+    for bad in (
+        Cancel(unhashable, 0, incarnation=1),  # type: ignore[arg-type]
+        RoundPost("r", -1, ("x",), 1, 0, incarnation=1),  # type: ignore[arg-type]
+        RoundPost("r", 0, ("x",), 1, 0, incarnation=garbled),  # type: ignore[arg-type]
+        RoundPost("r", garbled, ("x",), 1, 0, incarnation=1),  # type: ignore[arg-type]
+    ):
+        p.transport.posts.append(bad)
+    p.sender.step()
+    assert p.sender.malformed_posts == 4
+    assert not p.transport.in_flight  # no refusal: none of them names a round
+
+
+def test_a_refused_round_ends_its_life_at_once() -> None:
+    p = pair()
+    p.add("r", 20_000)
+    p.receiver.step()
+    p.sender.step()
+    p.receiver.step()  # round 1 posted at sent=8192
+    p.sender._lives["r"][0].sent = 100  # the sender's own count disagrees: refused
+    p.sender.step()
+    assert "r" not in p.sender and len(p.sender) == 0  # before the receiver's cancel
+    p.run(10)
+    assert p.receiver.take("r").state is S.Failed
