@@ -15,7 +15,6 @@ found has the shortest trace, which is replayed from the initial world to print.
 from __future__ import annotations
 
 import gc
-import multiprocessing
 import os
 import time
 from array import array
@@ -24,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
+from resumekit.properties.forking import fork_pool
 from resumekit.properties.harness import CRASH, Bounds, Harness, World, action_text
 from resumekit.properties.invariants import LIVENESS, InvariantViolation
 from resumekit.properties.world import copy_world
@@ -107,8 +107,7 @@ def explore(
             if first_only and parts[-1].violation is not None:
                 break
     else:
-        ctx = multiprocessing.get_context("fork")
-        with ctx.Pool(workers) as pool:
+        with fork_pool(workers) as pool:
             # Largest partitions first (larger totals, more rounds), to balance the workers.
             seeds.sort(key=lambda s: sorted(s, reverse=True), reverse=True)
             jobs = [(bounds, round_filter, s, max_states) for s in seeds]

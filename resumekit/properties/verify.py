@@ -10,7 +10,6 @@ optional seconds cap only ever makes a run INCONCLUSIVE, never PASS or FAIL.
 
 from __future__ import annotations
 
-import multiprocessing
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -25,6 +24,7 @@ from resumekit.properties.explorer import (
     Exploration,
     explore,
 )
+from resumekit.properties.forking import fork_pool
 from resumekit.properties.fuzz import DEFAULT_DATABASE, FuzzResult, fuzz
 from resumekit.properties.harness import Bounds
 from resumekit.properties.strategies import BROKEN, strategy
@@ -152,8 +152,7 @@ def verify(
         (name, examples if name == EPOCH else broken_examples, seed, cap_seconds, database)
         for name in names
     ]
-    ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(1) as pool:
+    with fork_pool(1) as pool:
         fuzzing = pool.map_async(_fuzz_job, jobs)
         for name in names:
             entry = StrategyReport(name)
