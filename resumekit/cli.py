@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, Final
 
+from resumekit import __version__
 from resumekit.errors import ResumeKitError
 from resumekit.properties.explorer import STANDARD_BOUNDS, Exploration, explore
 from resumekit.properties.fuzz import DEFAULT_DATABASE, FuzzResult, fuzz, replay
@@ -22,12 +24,16 @@ from resumekit.properties.verify import (
     verify,
 )
 from resumekit.properties.verify import format_report as format_verify
-from resumekit.simulate import check_reuse, format_report, simulate
+from resumekit.simulate import check_reuse, default_pool_blocks, format_report, simulate
 from resumekit.statemachine import diagram
+from resumekit.statemachine.receiver import (
+    ENV_DEFAULT_ALLOCATE_TOKENS,
+    default_allocate_tokens_from_env,
+)
 
 
-def _at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an int >= ``minimum`` (a run that checks nothing is refused)."""
+def _at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an int in ``[minimum, maximum]`` (a run that checks nothing is refused)."""
 
     def parse(text: str) -> int:
         try:
@@ -36,9 +42,25 @@ def _at_least(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum}, got {value}")
         return value
 
     return parse
+
+
+#: The largest seed torch's generator takes.
+MAX_SEED: Final = 2**63 - 1
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, unless it has none or its help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def _seconds(text: str) -> float:
@@ -245,7 +267,40 @@ def _check(args: argparse.Namespace) -> int:
     return 0 if complete else 1
 
 
+def _simulate_problem(args: argparse.Namespace, default_allocate: int) -> str | None:
+    """What makes this simulate run impossible, naming the flags; None when it can run."""
+    pool_blocks = args.pool_blocks
+    if pool_blocks is None:
+        pool_blocks = default_pool_blocks(args.tokens, default_allocate, args.block_size)
+    elif -(-default_allocate // args.block_size) > pool_blocks:
+        from_env = args.default_allocate is None and os.environ.get(ENV_DEFAULT_ALLOCATE_TOKENS)
+        source = ENV_DEFAULT_ALLOCATE_TOKENS if from_env else "--default-allocate"
+        return (
+            f"round 0's {default_allocate} tokens ({source}) need more blocks of --block-size "
+            f"{args.block_size} than --pool-blocks {pool_blocks}: it could never be allocated"
+        )
+    # bf16 source and output, and the pool's blocks.
+    needed = (2 * args.tokens + pool_blocks * args.block_size) * args.hidden * 2
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > memory:
+        return (
+            f"--tokens {args.tokens}, --hidden {args.hidden} and a pool of {pool_blocks} blocks "
+            f"of --block-size {args.block_size} need {needed:,} bytes, more than this "
+            f"machine's {memory:,}"
+        )
+    return None
+
+
 def _simulate(args: argparse.Namespace) -> int:
+    default_allocate = (
+        args.default_allocate
+        if args.default_allocate is not None
+        else default_allocate_tokens_from_env()
+    )
+    problem = _simulate_problem(args, default_allocate)
+    if problem is not None:
+        print(f"resumekit simulate: {problem}", file=sys.stderr)
+        return 2
     run = simulate
     extra: dict[str, float] = {}
     if args.transport == "torch":
@@ -255,7 +310,7 @@ def _simulate(args: argparse.Namespace) -> int:
         extra = {"timeout": args.timeout}
     report = run(
         args.tokens,
-        default_allocate=args.default_allocate,
+        default_allocate=default_allocate,
         pool_blocks=args.pool_blocks,
         block_size=args.block_size,
         hidden=args.hidden,
@@ -274,10 +329,12 @@ def _diagram(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``resumekit`` parser: every subcommand, every flag with its help and default."""
     parser = argparse.ArgumentParser(
         prog="resumekit", description="Verified resumable embedding transfers."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     verify = sub.add_parser(
@@ -287,12 +344,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "and adversary bounds and fuzz them, for resumekit's epoch design and the three it "
         "replaced. Exit 0 (PASS) when epoch holds and each broken design is caught by both "
         "checkers, 1 (FAIL) otherwise, 3 (INCONCLUSIVE) when --budget stopped it early.",
+        formatter_class=_HelpFormatter,
     )
     verify.add_argument(
         "--examples",
         type=_at_least(1),
         default=None,
-        help=f"fuzz examples for epoch (default {DEFAULT_EXAMPLES}; {QUICK_EXAMPLES} with --quick)",
+        help=f"epoch's fuzz examples (default: {DEFAULT_EXAMPLES}; {QUICK_EXAMPLES} with --quick)",
     )
     verify.add_argument(
         "--quick",
@@ -304,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--broken-examples",
         type=_at_least(1),
         default=DEFAULT_BROKEN_EXAMPLES,
-        help="fuzz examples at most for each broken design (default %(default)s)",
+        help="fuzz examples at most for each broken design",
     )
     verify.add_argument(
         "--budget",
@@ -312,14 +370,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="a cap in seconds; reaching it makes the verdict INCONCLUSIVE (default: none)",
     )
-    verify.add_argument("--seed", type=_at_least(0), default=0, help="first fuzz seed (default 0)")
+    verify.add_argument("--seed", type=_at_least(0, MAX_SEED), default=0, help="first fuzz seed")
     verify.add_argument(
         "--workers", type=_at_least(1), default=None, help="explorer processes (default: CPUs)"
     )
     verify.add_argument(
         "--database",
         default=DEFAULT_DATABASE,
-        help="where falsifying examples are saved for replay (default %(default)s)",
+        help="where falsifying examples are saved for replay",
     )
     verify.set_defaults(func=_verify)
 
@@ -329,22 +387,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Fuzz the real receiver, sender, allocator and transport with Hypothesis. "
         "Exit 1 with the shrunk steps and a replay command, 0 when nothing failed, 3 when "
         "--budget stopped it before --max-examples.",
+        formatter_class=_HelpFormatter,
     )
-    fz.add_argument("--strategy", choices=list(STRATEGIES), default="epoch")
+    fz.add_argument(
+        "--strategy", choices=list(STRATEGIES), default="epoch", help="the round filter to fuzz"
+    )
     fz.add_argument(
         "--max-examples",
         type=_at_least(1),
         default=DEFAULT_EXAMPLES,
-        help="examples to run (default %(default)s)",
+        help="examples to run",
     )
     fz.add_argument(
         "--budget", type=_seconds, default=None, help="a cap in seconds (default: none)"
     )
-    fz.add_argument("--seed", type=_at_least(0), default=0, help="first seed (default 0)")
+    fz.add_argument("--seed", type=_at_least(0, MAX_SEED), default=0, help="first seed")
     fz.add_argument(
         "--database",
         default=DEFAULT_DATABASE,
-        help="where a falsifying example is saved (default %(default)s)",
+        help="where a falsifying example is saved",
     )
     fz.add_argument(
         "--replay",
@@ -359,18 +420,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="explore every state of the real protocol objects",
         description="Bounded exhaustive exploration of the shipped receiver, sender and "
         "allocator. Exit 1 with a numbered list of actions to the first violation.",
+        formatter_class=_HelpFormatter,
     )
-    chk.add_argument("--strategy", choices=list(STRATEGIES), default="epoch")
+    chk.add_argument(
+        "--strategy", choices=list(STRATEGIES), default="epoch", help="the round filter to explore"
+    )
     for flag, value, what in (
         ("--blocks", STANDARD_BOUNDS.blocks, "blocks in the pool"),
         ("--requests", STANDARD_BOUNDS.requests, "requests"),
         ("--max-rounds", STANDARD_BOUNDS.max_rounds, "rounds per request at most"),
         ("--default-blocks", STANDARD_BOUNDS.default_blocks, "blocks of round 0"),
     ):
-        chk.add_argument(
-            flag, type=_at_least(1), default=value, help=f"{what} (default %(default)s)"
-        )
-    chk.add_argument("--reuse", choices=["lifo", "fifo", "both"], default="both")
+        chk.add_argument(flag, type=_at_least(1), default=value, help=what)
+    chk.add_argument(
+        "--reuse",
+        choices=["lifo", "fifo", "both"],
+        default="both",
+        help="order freed blocks come back; both explores each",
+    )
     chk.add_argument(
         "--faults",
         type=_parse_faults,
@@ -379,20 +446,46 @@ def main(argv: Sequence[str] | None = None) -> int:
         + ",".join(STANDARD_FAULTS)
         + "), all, none, or a list of "
         + ",".join(FAULT_FIELDS)
-        + "; each at most once (default standard)",
+        + "; each at most once (default: standard)",
     )
     chk.add_argument("--workers", type=_at_least(1), default=None, help="processes (default: CPUs)")
     chk.set_defaults(func=_check)
 
-    sim = sub.add_parser("simulate", help="one in-process transfer, round by round")
-    sim.add_argument("--tokens", type=int, default=50_000, help="embedding length")
-    sim.add_argument("--default-allocate", type=int, default=8192, help="round 0 size")
-    sim.add_argument("--pool-blocks", type=int, default=None, help="default: fits the embedding")
-    sim.add_argument("--block-size", type=int, default=128)
-    sim.add_argument("--hidden", type=int, default=64)
-    sim.add_argument("--reuse", choices=["lifo", "fifo"], default="lifo")
-    sim.add_argument("--max-round-tokens", type=int, default=None, help="cap on each resume")
-    sim.add_argument("--seed", type=int, default=0)
+    sim = sub.add_parser(
+        "simulate",
+        help="one transfer, round by round",
+        description="Move one random embedding through the receiver, sender and allocator and "
+        "print every round: in one process, or in two over torch.distributed with --transport "
+        "torch. Exit 0 when it arrives intact with nothing leaked.",
+        formatter_class=_HelpFormatter,
+    )
+    sim.add_argument("--tokens", type=_at_least(1), default=50_000, help="embedding length")
+    sim.add_argument(
+        "--default-allocate",
+        type=_at_least(1),
+        default=None,
+        help="tokens of round 0 (default: $RESUMEKIT_DEFAULT_ALLOCATE_TOKENS, else 8192)",
+    )
+    sim.add_argument(
+        "--pool-blocks",
+        type=_at_least(1),
+        default=None,
+        help="blocks in the pool (default: enough for the whole embedding)",
+    )
+    sim.add_argument("--block-size", type=_at_least(1), default=128, help="tokens per block")
+    sim.add_argument("--hidden", type=_at_least(1), default=64, help="hidden size of a token")
+    sim.add_argument(
+        "--reuse", choices=["lifo", "fifo"], default="lifo", help="order freed blocks come back"
+    )
+    sim.add_argument(
+        "--max-round-tokens",
+        type=_at_least(1),
+        default=None,
+        help="tokens each resume may allocate at most (default: no cap)",
+    )
+    sim.add_argument(
+        "--seed", type=_at_least(0, MAX_SEED), default=0, help="seed of the random embedding"
+    )
     sim.add_argument("--json", action="store_true", help="print a JSON report")
     sim.add_argument(
         "--transport",
@@ -401,14 +494,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="torch: sender and receiver in two processes over torch.distributed (gloo)",
     )
     sim.add_argument(
-        "--timeout", type=float, default=30.0, help="(torch) seconds without progress = peer lost"
+        "--timeout",
+        type=_seconds,
+        default=30.0,
+        help="(--transport torch) seconds without progress before the peer counts as lost",
     )
     sim.set_defaults(func=_simulate)
 
-    diag = sub.add_parser("diagram", help="the protocol as a Mermaid state diagram")
+    diag = sub.add_parser(
+        "diagram",
+        help="the protocol as a Mermaid state diagram",
+        description="Print the protocol's states and transitions as a Mermaid state diagram.",
+    )
     diag.set_defaults(func=_diagram)
 
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         result: int = args.func(args)
     except ResumeKitError as error:

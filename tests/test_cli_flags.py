@@ -1,0 +1,120 @@
+"""Every bad flag value exits 2 at once with one line naming the flag; every flag has help."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from resumekit import __version__
+from resumekit.cli import build_parser, main
+
+BAD_VALUES = [
+    (["simulate", "--tokens", "-5"], "--tokens"),
+    (["simulate", "--tokens", "0"], "--tokens"),
+    (["simulate", "--tokens", "many"], "--tokens"),
+    (["simulate", "--default-allocate", "0"], "--default-allocate"),
+    (["simulate", "--pool-blocks", "0"], "--pool-blocks"),
+    (["simulate", "--block-size", "0"], "--block-size"),
+    (["simulate", "--block-size", "1.5"], "--block-size"),
+    (["simulate", "--hidden", "-1"], "--hidden"),
+    (["simulate", "--max-round-tokens", "0"], "--max-round-tokens"),
+    (["simulate", "--seed", "-1"], "--seed"),
+    (["simulate", "--seed", str(2**70)], "--seed"),
+    (["simulate", "--reuse", "random"], "--reuse"),
+    (["simulate", "--transport", "carrier-pigeon"], "--transport"),
+    (["simulate", "--transport", "torch", "--timeout", "0"], "--timeout"),
+    (["simulate", "--timeout", "-1"], "--timeout"),
+    (["simulate", "--timeout", "nan"], "--timeout"),
+    (["simulate", "--timeout", "inf"], "--timeout"),
+    (["verify", "--seed", str(2**64)], "--seed"),
+    (["verify", "--workers", "0"], "--workers"),
+    (["fuzz", "--seed", "-3"], "--seed"),
+    (["fuzz", "--strategy", "hope"], "--strategy"),
+    (["check", "--workers", "0"], "--workers"),
+    (["check", "--default-blocks", "0"], "--default-blocks"),
+    (["check", "--reuse", "mru"], "--reuse"),
+]
+
+
+@pytest.mark.parametrize(("args", "flag"), BAD_VALUES, ids=[" ".join(a) for a, _ in BAD_VALUES])
+def test_a_bad_value_exits_2_naming_the_flag(
+    capsys: pytest.CaptureFixture[str], args: list[str], flag: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    last = captured.err.strip().splitlines()[-1]
+    assert f"argument {flag}" in last and "Traceback" not in captured.err
+    assert captured.out == ""
+
+
+IMPOSSIBLE = [
+    # Values each fine alone, impossible together: refused before anything is allocated.
+    (["--hidden", "1000000000000"], ["--tokens", "--hidden", "bytes"]),
+    (["--tokens", "10", "--hidden", str(2**40)], ["--hidden", "bytes"]),
+    (["--pool-blocks", "1", "--block-size", "16"], ["--default-allocate", "--pool-blocks"]),
+    (
+        ["--pool-blocks", "2", "--block-size", "8", "--default-allocate", "17"],
+        ["--default-allocate", "--pool-blocks", "--block-size"],
+    ),
+]
+
+
+@pytest.mark.parametrize(("args", "named"), IMPOSSIBLE)
+def test_simulate_refuses_what_could_never_run(
+    capsys: pytest.CaptureFixture[str], args: list[str], named: list[str]
+) -> None:
+    assert main(["simulate", *args]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and captured.out == ""
+    assert all(word in lines[0] for word in named), lines[0]
+
+
+def test_simulate_takes_round_0_from_the_environment(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RESUMEKIT_DEFAULT_ALLOCATE_TOKENS", "4096")
+    assert main(["simulate", "--tokens", "10000"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[1].split()[:3] == ["0", "4096", "4096"]
+    # The flag wins over the variable.
+    assert main(["simulate", "--tokens", "10000", "--default-allocate", "2048"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[:3] == ["0", "2048", "2048"]
+    # A pool too small for the variable's round 0 names the variable.
+    assert main(["simulate", "--tokens", "100", "--pool-blocks", "1", "--block-size", "16"]) == 2
+    assert "RESUMEKIT_DEFAULT_ALLOCATE_TOKENS" in capsys.readouterr().err
+    monkeypatch.setenv("RESUMEKIT_DEFAULT_ALLOCATE_TOKENS", "lots")
+    assert main(["simulate", "--tokens", "100"]) == 2
+    assert "RESUMEKIT_DEFAULT_ALLOCATE_TOKENS='lots'" in capsys.readouterr().err
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"resumekit {__version__}"
+
+
+def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+@pytest.mark.parametrize("name", sorted(_subcommands()))
+def test_every_flag_has_help_and_shows_its_default(name: str) -> None:
+    command = _subcommands()[name]
+    assert command.description, f"{name} has no description"
+    text = command.format_help()
+    for action in command._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        flag = action.option_strings[0]
+        assert action.help, f"{name} {flag} has no help"
+        if action.default is not None and action.default is not False:
+            assert "default" in (action.help % {"default": action.default}) or (
+                f"(default: {action.default})" in " ".join(text.split())
+            ), f"{name} {flag} does not show its default"
