@@ -90,9 +90,6 @@ class _LifoFreeList:
     def __init__(self, num_blocks: int) -> None:
         self._stack: list[int] = list(range(num_blocks))
 
-    def __len__(self) -> int:
-        return len(self._stack)
-
     def take(self, n: int) -> tuple[int, ...]:
         stack = self._stack
         blocks = tuple(stack[-n:])
@@ -121,9 +118,6 @@ class _FifoFreeList:
         self._queue: list[int] = list(range(num_blocks))
         self._head = 0
 
-    def __len__(self) -> int:
-        return len(self._queue) - self._head
-
     def take(self, n: int) -> tuple[int, ...]:
         head = self._head
         blocks = tuple(self._queue[head : head + n])
@@ -144,7 +138,6 @@ class _FifoFreeList:
 
 
 class _FreeList(Protocol):
-    def __len__(self) -> int: ...
     def take(self, n: int) -> tuple[int, ...]: ...
     def give(self, blocks: tuple[int, ...]) -> None: ...
     def snapshot(self) -> list[int]: ...
