@@ -36,9 +36,9 @@ class Unsupported(Exception):
 class AllocatorAdapter(Generic[H]):
     """How the machine drives one allocator; subclass it for your own.
 
-    Only ``allocate``, ``free`` and ``blocks`` are required. The ``*_error``
-    attributes name what each misuse must raise (``Exception`` accepts anything
-    but silence).
+    Required: the ``num_blocks`` and ``block_size`` of the pool under test, and
+    ``allocate``, ``free`` and ``blocks``. The ``*_error`` attributes name what
+    each misuse must raise (``Exception`` accepts anything but silence).
     """
 
     num_blocks: int
