@@ -236,8 +236,11 @@ def test_foreign_allocation(pool: BlockAllocator) -> None:
     theirs = other.allocate(4, "r")
     assert mine is not None and theirs is not None
     assert mine.blocks == theirs.blocks and mine.generation == theirs.generation
-    with unchanged(pool), pytest.raises(ForeignAllocationError, match="not issued by this"):
+    with unchanged(pool), pytest.raises(ForeignAllocationError) as error:
         pool.free(theirs)
+    assert str(error.value) == (
+        f"allocation generation {theirs.generation} of owner 'r' was not issued by this allocator"
+    )
     pool.free(mine)
 
 
@@ -248,8 +251,12 @@ def test_forged_allocation(pool: BlockAllocator) -> None:
     with unchanged(pool), pytest.raises(ForeignAllocationError):
         pool.free(forged)
     copied = Allocation(a.blocks, a.capacity_tokens, a.owner, a.generation, a._pool_id)
-    with unchanged(pool), pytest.raises(ForeignAllocationError, match="is a copy, not the"):
+    with unchanged(pool), pytest.raises(ForeignAllocationError) as error:
         pool.free(copied)
+    assert str(error.value) == (
+        f"allocation generation {a.generation} of owner 'r' "
+        "is a copy, not the allocation this allocator issued"
+    )
     future = Allocation((5,), 4, "r", 99, a._pool_id)
     with unchanged(pool), pytest.raises(ForeignAllocationError):
         pool.free(future)
@@ -350,3 +357,158 @@ def test_errors_are_exported_from_the_package() -> None:
         "UseAfterFreeError",
     ):
         assert issubclass(getattr(resumekit, name), ResumeKitError)
+
+
+# -- check_invariants: each corruption of the bookkeeping is named exactly --------------
+
+
+def _corruptible(reuse: str = "lifo") -> tuple[BlockAllocator, Allocation, Allocation]:
+    a = BlockAllocator(6, 4, reuse=reuse)  # type: ignore[arg-type]
+    x = a.allocate(8, "x")
+    y = a.allocate(4, "y")
+    assert x is not None and y is not None
+    return a, x, y
+
+
+def _stack(a: BlockAllocator) -> list[int]:
+    return a._free._stack  # type: ignore[union-attr]
+
+
+CORRUPTIONS: list[tuple[str, Callable[[BlockAllocator, Allocation, Allocation], str]]] = []
+
+
+def corruption(
+    fn: Callable[[BlockAllocator, Allocation, Allocation], str],
+) -> Callable[[BlockAllocator, Allocation, Allocation], str]:
+    CORRUPTIONS.append((fn.__name__, fn))
+    return fn
+
+
+@corruption
+def free_block_past_the_pool(a: BlockAllocator, x: Allocation, y: Allocation) -> str:
+    _stack(a).append(6)
+    return "free list holds out-of-range block 6"
+
+
+@corruption
+def free_block_below_zero(a: BlockAllocator, x: Allocation, y: Allocation) -> str:
+    _stack(a).insert(0, -1)
+    return "free list holds out-of-range block -1"
+
+
+@corruption
+def free_block_twice(a: BlockAllocator, x: Allocation, y: Allocation) -> str:
+    block = _stack(a)[-1]
+    _stack(a).append(block)
+    return f"block {block} is in the free list twice"
+
+
+@corruption
+def generation_renamed(a: BlockAllocator, x: Allocation, y: Allocation) -> str:
+    x._generation = 5
+    return "live map out of order at generation 0"
+
+
+@corruption
+def live_map_reordered(a: BlockAllocator, x: Allocation, y: Allocation) -> str:
+    a._live = {1: y, 0: x}
+    return "live map out of order at generation 0"
+
+
+@corruption
+def generation_never_issued(a: BlockAllocator, x: Allocation, y: Allocation) -> str:
+    a._next_generation = 1
+    return "generation 1 was never issued"
+
+
+@corruption
+def owner_index_holds_another(a: BlockAllocator, x: Allocation, y: Allocation) -> str:
+    a._by_owner["y"][1] = x
+    return "generation 1 missing from its owner's index"
+
+
+@corruption
+def wrong_capacity(a: BlockAllocator, x: Allocation, y: Allocation) -> str:
+    y._capacity_tokens = 8
+    return "generation 1 has a wrong capacity"
+
+
+@corruption
+def allocated_block_past_the_pool(a: BlockAllocator, x: Allocation, y: Allocation) -> str:
+    y._blocks = (6,)
+    return "generation 1 holds out-of-range block 6"
+
+
+@corruption
+def allocated_block_below_zero(a: BlockAllocator, x: Allocation, y: Allocation) -> str:
+    y._blocks = (-1,)
+    return "generation 1 holds out-of-range block -1"
+
+
+@corruption
+def allocated_and_free(a: BlockAllocator, x: Allocation, y: Allocation) -> str:
+    block = _stack(a)[0]
+    y._blocks = (block,)
+    return f"block {block} is in generation 1 and also free"
+
+
+@corruption
+def allocated_twice(a: BlockAllocator, x: Allocation, y: Allocation) -> str:
+    y._blocks = (x.blocks[1],)
+    return f"block {x.blocks[1]} is in generation 1 and also generation 0"
+
+
+@corruption
+def empty_owner_indexed(a: BlockAllocator, x: Allocation, y: Allocation) -> str:
+    a._by_owner["z"] = {}
+    return "an owner with no allocations is still indexed"
+
+
+@corruption
+def owner_index_larger(a: BlockAllocator, x: Allocation, y: Allocation) -> str:
+    a._by_owner["z"] = {7: x}
+    return "owner index and live map disagree"
+
+
+@corruption
+def free_count_off(a: BlockAllocator, x: Allocation, y: Allocation) -> str:
+    a._num_free += 1
+    return "free count says 4; the free list holds 3"
+
+
+@corruption
+def block_lost(a: BlockAllocator, x: Allocation, y: Allocation) -> str:
+    block = _stack(a).pop()
+    a._num_free -= 1
+    return f"blocks neither free nor allocated: [{block}]"
+
+
+@pytest.mark.parametrize(("name", "corrupt"), CORRUPTIONS, ids=[n for n, _ in CORRUPTIONS])
+def test_check_invariants_names_each_corruption(
+    name: str, corrupt: Callable[[BlockAllocator, Allocation, Allocation], str]
+) -> None:
+    a, x, y = _corruptible()
+    a.check_invariants()
+    message = corrupt(a, x, y)
+    with pytest.raises(InvariantError) as error:
+        a.check_invariants()
+    assert str(error.value) == message
+
+
+@pytest.mark.parametrize("reuse", ["lifo", "fifo"])
+def test_check_invariants_accepts_block_zero_free_or_allocated(reuse: str) -> None:
+    a, x, y = _corruptible(reuse)
+    held = {*x.blocks, *y.blocks}
+    assert (0 in held) is (reuse == "fifo")  # LIFO hands out the top blocks first
+    a.check_invariants()
+    a.free(x)
+    a.check_invariants()
+
+
+def test_check_invariants_lists_the_first_16_lost_blocks() -> None:
+    a = BlockAllocator(20, 4)
+    _stack(a).clear()
+    a._num_free = 0
+    with pytest.raises(InvariantError) as error:
+        a.check_invariants()
+    assert str(error.value) == f"blocks neither free nor allocated: {list(range(16))}"

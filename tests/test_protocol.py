@@ -491,8 +491,24 @@ def test_status_before_any_post_is_a_protocol_error() -> None:
     p.transport.inject(Landed("r", 0, 10, 10, True, incarnation=p.receiver.record("r").incarnation))
     p.receiver.step()
     result = p.receiver.take("r")
-    assert result.state is S.Failed and "protocol error" in (result.reason or "")
+    assert result.state is S.Failed
+    assert result.reason == "protocol error: status for round 0, but the round in flight is none"
     assert_clean_receiver(p)
+
+
+@pytest.mark.parametrize("reuse", ["lifo", "fifo"])
+def test_peer_loss_sends_nothing_to_the_dead_peer(reuse: str) -> None:
+    p = pair(pool_blocks=128, reuse=reuse)
+    p.add("r", 60_000)
+    p.receiver.step()  # round 0 posted, in flight
+    p.transport.crash_sender()
+    posted = len(p.transport.posts)
+    p.receiver.step()
+    assert p.receiver.poll("r") is S.Failed
+    assert len(p.transport.posts) == posted  # no cancel to a sender that is gone
+    assert not p.receiver.quarantined()  # a dead peer writes nothing more
+    assert p.receiver.take("r").reason == "peer lost: sender crashed"
+    p.allocator.check_quiescent()
 
 
 def test_sender_refuses_a_wrong_resume_offset() -> None:
