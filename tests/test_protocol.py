@@ -784,3 +784,57 @@ def test_a_refused_round_ends_its_life_at_once() -> None:
     assert "r" not in p.sender and len(p.sender) == 0  # before the receiver's cancel
     p.run(10)
     assert p.receiver.take("r").state is S.Failed
+
+
+def test_leak_message_lists_the_first_eight_quarantined() -> None:
+    p = pair(pool_blocks=64, default_allocate=BS)
+    rids = [f"r{i}" for i in range(10)]
+    for rid in rids:
+        p.add(rid, 3 * BS)
+    p.receiver.step()  # every round 0 in flight
+    for rid in rids:
+        p.receiver.abort(rid)
+    p.receiver.take(rids[-1])
+    with pytest.raises(LeakError) as error:
+        p.receiver.check_quiescent()
+    assert str(error.value).startswith(
+        f"9 request(s) not taken {rids[:8]}, 10 round(s) in quarantine "
+    )
+    quarantined = list(p.receiver.quarantined())
+    assert len(quarantined) == 10
+    assert f"in quarantine {quarantined[:8]}" in str(error.value)
+
+
+def test_each_life_cancelled_before_its_source_drops_one_add() -> None:
+    p = Loopback(pool_blocks=64, block_size=BS, hidden=8)
+    for incarnation in (1, 2):
+        p.transport.cancel("x", -1, incarnation=incarnation)
+    p.sender.step()
+    assert not p.sender.add("x", random_source(4, 8))
+    assert not p.sender.add("x", random_source(4, 8))
+    assert p.sender.add("x", random_source(4, 8))  # a third life: kept
+
+
+def test_a_malformed_post_for_a_life_not_yet_added_refuses_it_and_drops_its_source() -> None:
+    p = pair()
+    p.transport.posts.append(RoundPost("r", 0, ("x",), 1, 0, incarnation=1))  # type: ignore[arg-type]
+    p.sender.step()
+    assert p.sender.malformed_posts == 1
+    (refusal,) = p.transport.in_flight
+    assert isinstance(refusal, SenderError) and (refusal.rid, refusal.epoch) == ("r", 0)
+    assert refusal.incarnation == 1 and refusal.reason.startswith("malformed post: ")
+    assert not p.sender.add("r", random_source(4, 8))  # the refused life's source is not kept
+    p.sender.check_quiescent()
+
+
+def test_a_malformed_post_for_an_ended_life_changes_nothing() -> None:
+    p = pair()
+    p.transport.cancel("r", -1, incarnation=1)
+    p.sender.step()  # life 1 of r has ended here
+    stale = p.sender.stale_posts
+    p.transport.posts.append(RoundPost("r", 3, ("x",), 1, 0, incarnation=1))  # type: ignore[arg-type]
+    p.sender.step()
+    assert p.sender.malformed_posts == 1 and p.sender.stale_posts == stale + 1
+    assert not p.transport.in_flight  # no refusal for a life that is over
+    assert not p.sender.add("r", random_source(4, 8))  # life 1's tombstone, once
+    assert p.sender.add("r", random_source(4, 8))
