@@ -12,6 +12,7 @@ from collections.abc import Hashable
 import pytest
 
 from resumekit import (
+    BlockAllocator,
     DuplicateRequestError,
     InvalidArgumentError,
     LeakError,
@@ -22,6 +23,7 @@ from resumekit.allocator import Allocation
 from resumekit.simulate import Loopback, random_source, simulate
 from resumekit.statemachine import (
     Cancel,
+    Cancelled,
     EmbeddingSender,
     Landed,
     ReceiverObserver,
@@ -838,3 +840,45 @@ def test_a_malformed_post_for_an_ended_life_changes_nothing() -> None:
     assert not p.transport.in_flight  # no refusal for a life that is over
     assert not p.sender.add("r", random_source(4, 8))  # life 1's tombstone, once
     assert p.sender.add("r", random_source(4, 8))
+
+
+@pytest.mark.parametrize("old_epoch", [0, 1])
+def test_a_refusal_of_an_earlier_round_is_stale(old_epoch: int) -> None:
+    p = pair(pool_blocks=64, default_allocate=BS, max_resume_tokens=BS)
+    p.add("r", 20 * BS)
+    for _ in range(20):
+        if p.receiver.record("r").epoch == 2:
+            break
+        p.step()
+    record = p.receiver.record("r")
+    assert record.state is S.Transferring and record.epoch == 2
+    stale = p.receiver.stale_statuses
+    p.transport.inject(Cancelled("r", old_epoch, incarnation=record.incarnation))
+    p.receiver.step()
+    assert p.receiver.stale_statuses == stale + 1
+    assert p.receiver.poll("r") is S.Transferring
+    finish(p)
+    assert_clean(p)
+
+
+def test_a_refusal_of_the_round_in_flight_frees_it_at_once() -> None:
+    p = pair(pool_blocks=64)
+    p.add("r", 20 * BS)
+    p.receiver.step()  # round 0 posted; the sender has not seen it
+    record = p.receiver.record("r")
+    free = p.allocator.num_free_blocks
+    held = len(record.allocation.blocks)  # type: ignore[union-attr]
+    p.transport.inject(Cancelled("r", 0, incarnation=record.incarnation))
+    p.receiver.step()
+    assert p.receiver.take("r").reason == "sender error: cancelled the round"
+    assert not p.receiver.quarantined()  # it will not be written: no quarantine
+    assert p.allocator.num_free_blocks == free + held
+
+
+def test_allocation_repr_names_everything() -> None:
+    a = BlockAllocator(8, BS).allocate(2 * BS, "owner")
+    assert a is not None
+    assert repr(a) == (
+        f"Allocation(generation=0, owner='owner', blocks={list(a.blocks)}, "
+        f"capacity_tokens={2 * BS})"
+    )
