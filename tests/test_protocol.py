@@ -43,6 +43,7 @@ class Rounds(ReceiverObserver):
     def __init__(self) -> None:
         self.consumed: list[tuple[Hashable, int, int, tuple[int, ...], int]] = []
         self.posts: list[RoundPost] = []
+        self.failed: list[tuple[Hashable, str]] = []
 
     def round_posted(self, post: RoundPost) -> None:
         self.posts.append(post)
@@ -51,6 +52,9 @@ class Rounds(ReceiverObserver):
         self, rid: Hashable, epoch: int, tokens: int, allocation: Allocation
     ) -> None:
         self.consumed.append((rid, epoch, tokens, allocation.blocks, allocation.generation))
+
+    def request_failed(self, rid: Hashable, reason: str) -> None:
+        self.failed.append((rid, reason))
 
 
 def pair(pool_blocks: int = 512, **kw: object) -> Loopback:
@@ -862,17 +866,50 @@ def test_a_refusal_of_an_earlier_round_is_stale(old_epoch: int) -> None:
 
 
 def test_a_refusal_of_the_round_in_flight_frees_it_at_once() -> None:
-    p = pair(pool_blocks=64)
+    rounds = Rounds()
+    p = pair(pool_blocks=64, observer=rounds)
     p.add("r", 20 * BS)
     p.receiver.step()  # round 0 posted; the sender has not seen it
     record = p.receiver.record("r")
     free = p.allocator.num_free_blocks
     held = len(record.allocation.blocks)  # type: ignore[union-attr]
     p.transport.inject(Cancelled("r", 0, incarnation=record.incarnation))
-    p.receiver.step()
-    assert p.receiver.take("r").reason == "sender error: cancelled the round"
+    assert list(p.receiver.step()) == ["r"]
+    reason = "sender error: cancelled the round"
+    assert p.receiver.take("r").reason == reason and rounds.failed == [("r", reason)]
     assert not p.receiver.quarantined()  # it will not be written: no quarantine
     assert p.allocator.num_free_blocks == free + held
+    # The cancel names no round: nothing is in flight, so nothing comes back for it.
+    assert p.transport.posts[-1] == Cancel("r", -1, incarnation=record.incarnation)
+
+
+def test_an_abort_cancels_the_round_in_flight_by_its_epoch() -> None:
+    rounds = Rounds()
+    p = pair(pool_blocks=64, observer=rounds)
+    p.add("r", 20 * BS)
+    p.receiver.step()
+    incarnation = p.receiver.record("r").incarnation
+    assert p.receiver.abort("r", "no longer wanted")
+    assert rounds.failed == [("r", "no longer wanted")]
+    assert p.transport.posts[-1] == Cancel("r", 0, incarnation=incarnation)
+    assert list(p.receiver.quarantined()) == [("r", incarnation, 0)]
+    p.receiver.take("r")
+    quiet(p)
+    assert_clean(p)
+
+
+def test_every_stale_status_is_counted() -> None:
+    p = pair(pool_blocks=64, default_allocate=BS, max_resume_tokens=BS)
+    p.add("r", 20 * BS)
+    for _ in range(20):
+        if p.receiver.record("r").epoch == 2:
+            break
+        p.step()
+    incarnation = p.receiver.record("r").incarnation
+    for epoch in (0, 1, 0):
+        p.transport.inject(Cancelled("r", epoch, incarnation=incarnation))
+    p.receiver.step()
+    assert p.receiver.stale_statuses == 3 and p.receiver.record("r").stale == 3
 
 
 def test_allocation_repr_names_everything() -> None:

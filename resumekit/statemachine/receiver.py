@@ -491,15 +491,15 @@ class ResumableReceiver:
         event: Event,
         guard: bool = True,
         status: Landed | None = None,
-    ) -> None:
-        """Apply ``event`` through the compiled table and run the action it names."""
+    ) -> Action:
+        """Apply ``event`` through the compiled table and run the action it names; returns it."""
         row = TABLE[req.state].get(event)
         if row is None:
             raise InvariantError(f"event {event.value!r} is illegal in state {req.state.name}")
         dest, action = row.if_true if guard else row.if_false
         req.state = dest
         if action is Action.IGNORE:
-            return
+            return action
         if action is Action.POST_ROUND:
             self._post_round(req)
         elif action is Action.CONSUME or action is Action.FINISH:
@@ -529,6 +529,7 @@ class ResumableReceiver:
         elif action is Action.WAIT_FOR_BLOCKS and dest is S.Transferring:
             self._resumes.append(req)
         # An admission that waits for blocks stays at the head of its queue.
+        return action
 
     def _post_round(self, req: RequestRecord) -> None:
         allocation = req.allocation
@@ -614,19 +615,20 @@ class ResumableReceiver:
     ) -> None:
         """Fail ``req``; a round the sender may still write goes to quarantine, not the pool."""
         allocation = req.allocation
-        in_flight = allocation is not None and peer_alive and written
-        epoch = req.epoch if allocation is not None else NO_EPOCH
-        self._fire(req, Event.FAIL, in_flight)
+        # The table decides: a round the sender may still write is quarantined.
+        action = self._fire(req, Event.FAIL, allocation is not None and peer_alive and written)
+        quarantined = False
         req.reason = reason
         req.allocation = None
         if allocation is not None:
-            if in_flight:
+            if action is Action.QUARANTINE:
                 self._quarantine[(req.rid, req.incarnation, req.epoch)] = allocation
+                quarantined = True
             else:
                 self.allocator.free(allocation)
         if peer_alive:
             self.transport.cancel(
-                req.rid, epoch if in_flight else NO_EPOCH, incarnation=req.incarnation
+                req.rid, req.epoch if quarantined else NO_EPOCH, incarnation=req.incarnation
             )
         if self.observer is not None:
             self.observer.request_failed(req.rid, reason)
