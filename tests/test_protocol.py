@@ -919,3 +919,29 @@ def test_allocation_repr_names_everything() -> None:
         f"Allocation(generation=0, owner='owner', blocks={list(a.blocks)}, "
         f"capacity_tokens={2 * BS})"
     )
+
+
+@pytest.mark.parametrize("pool_blocks", [3, 64])  # resumes after the free; early ones
+def test_every_round_is_allocated_to_its_request(pool_blocks: int) -> None:
+    p = pair(pool_blocks=pool_blocks, default_allocate=2 * BS, max_resume_tokens=2 * BS)
+    p.add("r", 20 * BS)
+    owners: set[Hashable] = set()
+    rounds = 0
+    for _ in range(200):
+        if not p.live():
+            break
+        p.step()
+        owners |= {a.owner for a in p.allocator.outstanding()}
+        rounds = p.receiver.record("r").epoch
+    assert owners == {"r"} and rounds == 9
+    finish(p)
+
+
+def test_unknown_and_unhashable_ids() -> None:
+    p = pair()
+    assert "zzz" not in p.receiver and ["a list"] not in p.receiver
+    with pytest.raises(UnknownRequestError) as error:
+        p.receiver.poll("zzz")
+    assert str(error.value) == "unknown request 'zzz'"
+    with pytest.raises(UnknownRequestError):
+        p.receiver.poll(["a list"])  # type: ignore[arg-type]
