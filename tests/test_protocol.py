@@ -945,3 +945,28 @@ def test_unknown_and_unhashable_ids() -> None:
     assert str(error.value) == "unknown request 'zzz'"
     with pytest.raises(UnknownRequestError):
         p.receiver.poll(["a list"])  # type: ignore[arg-type]
+
+
+def test_round_0_past_the_total_is_refused_even_when_not_final() -> None:
+    p = pair(pool_blocks=512)
+    p.add("r", 100)
+    p.receiver.step()  # round 0: 8192 tokens of room for a 100-token embedding
+    p.transport.inject(landed_for(p, "r", tokens=200, final=False))
+    p.receiver.step()
+    result = p.receiver.take("r")
+    assert result.state is S.Failed
+    assert result.reason is not None and "past the total" in result.reason
+
+
+def test_a_life_that_ends_again_is_the_newest_tombstone() -> None:
+    p = Loopback(pool_blocks=64, block_size=BS, hidden=8)
+    sender = EmbeddingSender(p.transport, max_tombstones=2)
+    for rid, incarnation in (("x", 1), ("y", 1), ("x", 2), ("z", 1)):
+        p.transport.cancel(rid, -1, incarnation=incarnation)
+    sender.step()
+    stale = sender.stale_posts
+    # x (refreshed by life 2) and z are remembered; y, the oldest, was evicted.
+    p.transport.cancel("x", -1, incarnation=2)
+    p.transport.cancel("y", -1, incarnation=1)
+    sender.step()
+    assert sender.stale_posts == stale + 1
