@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import itertools
 import random
@@ -970,3 +971,39 @@ def test_a_life_that_ends_again_is_the_newest_tombstone() -> None:
     p.transport.cancel("y", -1, incarnation=1)
     sender.step()
     assert sender.stale_posts == stale + 1
+
+
+def _sender_with_round_0_posted() -> tuple[Loopback, RoundPost]:
+    p = pair(pool_blocks=512)
+    p.add("r", 20_000)
+    p.receiver.step()
+    [post] = [x for x in p.transport.posts if isinstance(x, RoundPost)]
+    return p, post
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"epoch": 2}, "round 2 posted before round 0"),
+        ({"sent": 5}, "round 0 resumes at token 5; 0 were sent"),
+        ({"capacity_tokens": 0}, "round 0 offers 0 tokens"),
+        ({"expect_tokens": 9}, "round 0 would carry 8192 tokens; the receiver expects 9"),
+    ],
+)
+def test_the_sender_refuses_a_round_it_cannot_serve(changes: dict[str, int], reason: str) -> None:
+    p, post = _sender_with_round_0_posted()
+    p.transport.posts.clear()
+    p.transport.posts.append(dataclasses.replace(post, **changes))  # type: ignore[arg-type]
+    p.sender.step()
+    assert p.sender.rounds_served == 0
+    [refusal] = p.transport.in_flight
+    assert refusal == SenderError("r", changes.get("epoch", 0), reason, incarnation=1)
+    assert "r" not in p.sender  # the refused life is over here
+
+
+def test_every_repeated_post_is_counted() -> None:
+    p, post = _sender_with_round_0_posted()
+    p.sender.step()
+    p.transport.posts.extend([post, post])
+    p.sender.step()
+    assert p.sender.repeated_posts == 2 and p.sender.rounds_served == 1
