@@ -1007,3 +1007,18 @@ def test_every_repeated_post_is_counted() -> None:
     p.transport.posts.extend([post, post])
     p.sender.step()
     assert p.sender.repeated_posts == 2 and p.sender.rounds_served == 1
+
+
+def test_no_room_for_the_output_fails_that_request_with_the_reason(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    p = pair(pool_blocks=512)
+    p.add("r", 20_000)
+
+    def no_memory(total: int) -> None:
+        raise MemoryError
+
+    monkeypatch.setattr(p.buffers, "new_output", no_memory)
+    p.run(5)
+    result = p.receiver.take("r")
+    assert result.reason == "protocol error: no room for the output of 20000 tokens (MemoryError)"
