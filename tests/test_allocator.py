@@ -428,6 +428,12 @@ def owner_index_holds_another(a: BlockAllocator, x: Allocation, y: Allocation) -
 
 
 @corruption
+def owner_not_indexed(a: BlockAllocator, x: Allocation, y: Allocation) -> str:
+    del a._by_owner["y"]
+    return "generation 1 missing from its owner's index"
+
+
+@corruption
 def wrong_capacity(a: BlockAllocator, x: Allocation, y: Allocation) -> str:
     y._capacity_tokens = 8
     return "generation 1 has a wrong capacity"

@@ -1022,3 +1022,10 @@ def test_no_room_for_the_output_fails_that_request_with_the_reason(
     p.run(5)
     result = p.receiver.take("r")
     assert result.reason == "protocol error: no room for the output of 20000 tokens (MemoryError)"
+
+
+def test_every_round_served_is_counted() -> None:
+    p = pair(pool_blocks=64, default_allocate=BS, max_resume_tokens=BS)
+    p.add("r", 3 * BS)
+    finish(p)
+    assert p.sender.rounds_served == 3
