@@ -1029,3 +1029,31 @@ def test_every_round_served_is_counted() -> None:
     p.add("r", 3 * BS)
     finish(p)
     assert p.sender.rounds_served == 3
+
+
+@pytest.mark.parametrize("epoch", [0, 1])
+def test_a_status_while_a_resume_waits_for_blocks(
+    monkeypatch: pytest.MonkeyPatch, epoch: int
+) -> None:
+    """A late copy of round 0 is stale; one for the round not yet posted is an error."""
+    p = pair(pool_blocks=64)
+    p.add("r", 20_000)
+    p.receiver.step()
+    p.sender.step()
+    squeeze(p, monkeypatch)
+    for _ in range(3):
+        p.step()
+    rec = p.receiver.record("r")
+    assert rec.state is S.Transferring and rec.allocation is None and rec.epoch == 1
+    p.transport.inject(Landed("r", epoch, 8192, 20_000, False, incarnation=rec.incarnation))
+    p.receiver.step()
+    if epoch == 0:
+        assert rec.stale == 1 and p.receiver.poll("r") is S.Transferring
+        monkeypatch.undo()
+        finish(p)
+    else:
+        result = p.receiver.take("r")
+        in_flight = "but the round in flight is none"
+        assert result.reason == f"protocol error: status for round 1, {in_flight}"
+        quiet(p)  # the sender hears of it
+    assert_clean(p)
