@@ -37,8 +37,8 @@ BUGS: list[Bug] = [
         "an aborted round goes straight back to the pool",
         R,
         "_fail",
-        "in_flight = allocation is not None and peer_alive and written",
-        "in_flight = False",
+        "Event.FAIL, allocation is not None and peer_alive and written)",
+        "Event.FAIL, False)",
     ),
     Bug(
         "the epoch is not advanced after a round is consumed",
