@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import operator
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 from resumekit.errors import InvalidArgumentError
 
 
-def as_int(value: object, name: str, *, minimum: int | None = None) -> int:
-    """``value`` as an int (bools rejected), at least ``minimum`` when given."""
+def as_int(
+    value: object, name: str, *, minimum: int | None = None, maximum: int | None = None
+) -> int:
+    """``value`` as an int (bools rejected), within ``[minimum, maximum]`` where given."""
     if type(value) is int:
         result = value
     elif isinstance(value, bool):
@@ -23,6 +25,8 @@ def as_int(value: object, name: str, *, minimum: int | None = None) -> int:
             ) from None
     if minimum is not None and result < minimum:
         raise InvalidArgumentError(f"{name} must be >= {minimum}, got {result}")
+    if maximum is not None and result > maximum:
+        raise InvalidArgumentError(f"{name} must be <= {maximum:,}, got {result:,}")
     return result
 
 
@@ -33,3 +37,34 @@ def check_hashable(value: object, name: str) -> Hashable:
     except TypeError:
         raise InvalidArgumentError(f"{name} must be hashable, not {type(value).__name__}") from None
     return value
+
+
+def check_interface(value: object, name: str, kind: str, methods: tuple[str, ...]) -> None:
+    """Raise unless ``value`` has every method of ``methods`` (duck-typed protocols)."""
+    missing = [m for m in methods if not callable(getattr(value, m, None))]
+    if missing:
+        raise InvalidArgumentError(
+            f"{name} must be a {kind}; {type(value).__name__} has no {', '.join(missing)}"
+        )
+
+
+def check_bool(value: object, name: str) -> bool:
+    """``value`` itself, after proving it is a bool (1 and "no" are not)."""
+    if type(value) is not bool:
+        raise InvalidArgumentError(f"{name} must be a bool, not {type(value).__name__}")
+    return value
+
+
+def check_str(value: object, name: str) -> str:
+    """``value`` itself, after proving it is a str."""
+    if not isinstance(value, str):
+        raise InvalidArgumentError(f"{name} must be a str, not {type(value).__name__}")
+    return value
+
+
+def check_request_id(transport: object, rid: Hashable) -> None:
+    """Let a transport that cannot carry every id (ints only over torch.distributed)
+    refuse one before any block is taken for it."""
+    check: Callable[[Hashable], None] | None = getattr(transport, "check_request_id", None)
+    if check is not None:
+        check(rid)

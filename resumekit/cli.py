@@ -11,10 +11,11 @@ from dataclasses import replace
 from typing import Any, Final
 
 from resumekit import __version__
+from resumekit.allocator.block_allocator import MAX_BLOCK_SIZE, MAX_NUM_BLOCKS
 from resumekit.errors import ResumeKitError
 from resumekit.properties.explorer import STANDARD_BOUNDS, Exploration, explore
 from resumekit.properties.fuzz import DEFAULT_DATABASE, FuzzResult, fuzz, replay
-from resumekit.properties.harness import Bounds
+from resumekit.properties.harness import MAX_BOUND, Bounds
 from resumekit.properties.strategies import BROKEN, STRATEGIES, strategy
 from resumekit.properties.verify import (
     DEFAULT_BROKEN_EXAMPLES,
@@ -51,6 +52,7 @@ def _at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
 
 #: The largest seed torch's generator takes.
 MAX_SEED: Final = 2**63 - 1
+MAX_TOKENS: Final = 2**31 - 1  # token counts travel as int32
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -431,7 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("--max-rounds", STANDARD_BOUNDS.max_rounds, "rounds per request at most"),
         ("--default-blocks", STANDARD_BOUNDS.default_blocks, "blocks of round 0"),
     ):
-        chk.add_argument(flag, type=_at_least(1), default=value, help=what)
+        top = MAX_BOUND[flag[2:].replace("-", "_")]
+        chk.add_argument(flag, type=_at_least(1, top), default=value, help=f"{what} (1..{top})")
     chk.add_argument(
         "--reuse",
         choices=["lifo", "fifo", "both"],
@@ -459,27 +462,33 @@ def build_parser() -> argparse.ArgumentParser:
         "torch. Exit 0 when it arrives intact with nothing leaked.",
         formatter_class=_HelpFormatter,
     )
-    sim.add_argument("--tokens", type=_at_least(1), default=50_000, help="embedding length")
+    sim.add_argument(
+        "--tokens", type=_at_least(1, MAX_TOKENS), default=50_000, help="embedding length"
+    )
     sim.add_argument(
         "--default-allocate",
-        type=_at_least(1),
+        type=_at_least(1, MAX_TOKENS),
         default=None,
         help="tokens of round 0 (default: $RESUMEKIT_DEFAULT_ALLOCATE_TOKENS, else 8192)",
     )
     sim.add_argument(
         "--pool-blocks",
-        type=_at_least(1),
+        type=_at_least(1, MAX_NUM_BLOCKS),
         default=None,
         help="blocks in the pool (default: enough for the whole embedding)",
     )
-    sim.add_argument("--block-size", type=_at_least(1), default=128, help="tokens per block")
-    sim.add_argument("--hidden", type=_at_least(1), default=64, help="hidden size of a token")
+    sim.add_argument(
+        "--block-size", type=_at_least(1, MAX_BLOCK_SIZE), default=128, help="tokens per block"
+    )
+    sim.add_argument(
+        "--hidden", type=_at_least(1, MAX_TOKENS), default=64, help="hidden size of a token"
+    )
     sim.add_argument(
         "--reuse", choices=["lifo", "fifo"], default="lifo", help="order freed blocks come back"
     )
     sim.add_argument(
         "--max-round-tokens",
-        type=_at_least(1),
+        type=_at_least(1, MAX_TOKENS),
         default=None,
         help="tokens each resume may allocate at most (default: no cap)",
     )

@@ -33,6 +33,10 @@ class CapacityExceededError(AllocatorError, InvalidArgumentError):
     """
 
 
+class DeviceMemoryError(ResumeKitError, MemoryError):
+    """The device could not provide the memory for buffers that would fit it when free."""
+
+
 class DoubleFreeError(AllocatorError):
     """The allocation was already freed."""
 

@@ -10,7 +10,7 @@ import torch
 
 from resumekit import InvalidArgumentError
 from resumekit.allocator import EmbeddingTensors
-from resumekit.properties.protocol_machine import bad_sources
+from resumekit.properties.protocol_machine import bad_sources, forged_tensors
 from resumekit.simulate import Loopback, random_source
 from resumekit.statemachine import (
     EmbeddingSender,
@@ -333,4 +333,4 @@ def test_mrope_delta_must_fit_int32() -> None:
 def test_the_total_must_fit_the_aux_row() -> None:
     big = torch.zeros(1, 1)
     with pytest.raises(InvalidArgumentError):
-        EmbeddingSender(pair().transport).add("r", EmbeddingTensors(big, big, big))  # type: ignore[arg-type]
+        EmbeddingSender(pair().transport).add("r", forged_tensors(big, big, big))

@@ -269,7 +269,7 @@ def test_forged_allocation(pool: BlockAllocator) -> None:
 
 @pytest.mark.parametrize("bad", [None, (0, 1), "alloc", 3])
 def test_free_rejects_non_allocations(pool: BlockAllocator, bad: object) -> None:
-    expected = f"expected an Allocation, got {type(bad).__name__}"
+    expected = f"allocation must be an Allocation, not {type(bad).__name__}"
     with unchanged(pool), pytest.raises(InvalidArgumentError, match=expected):
         pool.free(bad)  # type: ignore[arg-type]
 

@@ -12,6 +12,7 @@ from resumekit import (
     UseAfterFreeError,
 )
 from resumekit.allocator import Allocation
+from resumekit.properties.protocol_machine import forged_tensors
 
 HIDDEN = 8
 
@@ -174,15 +175,15 @@ def bad_sources() -> list[tuple[str, EmbeddingTensors]]:
         ("too many tokens", source(9)),
         ("empty", source(0)),
         ("hidden", source(6, hidden=HIDDEN + 1)),
-        ("dtype", EmbeddingTensors(good.embeddings.float(), good.fill_ids, good.mrope)),
-        ("fill dtype", EmbeddingTensors(good.embeddings, good.fill_ids.long(), good.mrope)),
-        ("fill length", EmbeddingTensors(good.embeddings, good.fill_ids[:5], good.mrope)),
-        ("mrope rows", EmbeddingTensors(good.embeddings, good.fill_ids, good.mrope[:2])),
-        ("mrope dtype", EmbeddingTensors(good.embeddings, good.fill_ids, good.mrope.long())),
-        ("1-D embeddings", EmbeddingTensors(good.fill_ids.bfloat16(), good.fill_ids, good.mrope)),
+        ("dtype", forged_tensors(good.embeddings.float(), good.fill_ids, good.mrope)),
+        ("fill dtype", forged_tensors(good.embeddings, good.fill_ids.long(), good.mrope)),
+        ("fill length", forged_tensors(good.embeddings, good.fill_ids[:5], good.mrope)),
+        ("mrope rows", forged_tensors(good.embeddings, good.fill_ids, good.mrope[:2])),
+        ("mrope dtype", forged_tensors(good.embeddings, good.fill_ids, good.mrope.long())),
+        ("1-D embeddings", forged_tensors(good.fill_ids.bfloat16(), good.fill_ids, good.mrope)),
         (
             "device",
-            EmbeddingTensors(good.embeddings.to("meta"), good.fill_ids, good.mrope),
+            forged_tensors(good.embeddings.to("meta"), good.fill_ids, good.mrope),
         ),
     ]
 
@@ -235,8 +236,8 @@ def test_read_into_validates(buf: BlockBuffers) -> None:
         (8, "out", 0),
         (4, EmbeddingTensors.empty(10, HIDDEN + 1), 0),
         (4, EmbeddingTensors.empty(10, HIDDEN, dtype=torch.float16), 0),
-        (4, EmbeddingTensors(out.embeddings, out.fill_ids[:9], out.mrope), 0),
-        (4, EmbeddingTensors(out.embeddings, out.fill_ids, out.mrope.long()), 0),
+        (4, forged_tensors(out.embeddings, out.fill_ids[:9], out.mrope), 0),
+        (4, forged_tensors(out.embeddings, out.fill_ids, out.mrope.long()), 0),
         (
             4,
             EmbeddingTensors(out.embeddings.t().contiguous().t(), out.fill_ids, out.mrope),

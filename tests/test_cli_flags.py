@@ -34,6 +34,16 @@ BAD_VALUES = [
     (["check", "--workers", "0"], "--workers"),
     (["check", "--default-blocks", "0"], "--default-blocks"),
     (["check", "--reuse", "mru"], "--reuse"),
+    (["check", "--requests", "100000000000"], "--requests"),
+    (["check", "--blocks", "65"], "--blocks"),
+    (["check", "--max-rounds", "1000"], "--max-rounds"),
+    (["check", "--default-blocks", "-2"], "--default-blocks"),
+    (["simulate", "--pool-blocks", "100000000"], "--pool-blocks"),
+    (["simulate", "--tokens", str(2**31)], "--tokens"),
+    (["simulate", "--hidden", str(2**40)], "--hidden"),
+    (["simulate", "--block-size", str(2**31)], "--block-size"),
+    (["simulate", "--default-allocate", str(2**31)], "--default-allocate"),
+    (["simulate", "--max-round-tokens", str(2**40)], "--max-round-tokens"),
 ]
 
 
@@ -52,8 +62,8 @@ def test_a_bad_value_exits_2_naming_the_flag(
 
 IMPOSSIBLE = [
     # Values each fine alone, impossible together: refused before anything is allocated.
-    (["--hidden", "1000000000000"], ["--tokens", "--hidden", "bytes"]),
-    (["--tokens", "10", "--hidden", str(2**40)], ["--hidden", "bytes"]),
+    (["--hidden", "1000000000"], ["--tokens", "--hidden", "bytes"]),
+    (["--tokens", "10", "--hidden", str(2**30)], ["--hidden", "bytes"]),
     (["--pool-blocks", "1", "--block-size", "16"], ["--default-allocate", "--pool-blocks"]),
     (
         ["--pool-blocks", "2", "--block-size", "8", "--default-allocate", "17"],

@@ -8,7 +8,7 @@ import pytest
 import torch.distributed as dist
 
 from resumekit.allocator import ReuseOrder
-from resumekit.errors import TransportError
+from resumekit.errors import InvalidArgumentError
 from resumekit.statemachine.distributed import _rid, runs
 from resumekit.twoprocess import PairConfig, Request, run_pair, simulate_distributed
 
@@ -28,8 +28,10 @@ def test_runs_merge_adjacent_full_blocks() -> None:
 
 def test_request_ids_must_be_ints() -> None:
     assert _rid(7) == 7
-    with pytest.raises(TransportError):
+    with pytest.raises(InvalidArgumentError, match="rid must be an int64"):
         _rid("seven")
+    with pytest.raises(InvalidArgumentError, match="rid must be an int64"):
+        _rid(2**63)
 
 
 def test_50k_tokens_capped_resumes_over_gloo() -> None:

@@ -54,19 +54,22 @@ def test_construction_rejects_bad_arguments(one_rank_group: None) -> None:
     threads = threading.active_count()
     with pytest.raises(InvalidArgumentError, match="match"):
         TorchDistributedTransport("receiver", 0, buffers=buffers, match="bytag")  # type: ignore[arg-type]
-    fake_cuda = SimpleNamespace(device=torch.device("cuda", 0), aux_size=16)
+    fake_cuda = BlockBuffers(BlockAllocator(4, 8), 16)
+    fake_cuda.device = torch.device("cuda", 0)
     with pytest.raises(InvalidArgumentError, match="NCCL data_group"):
-        TorchDistributedTransport("receiver", 0, buffers=fake_cuda)  # type: ignore[arg-type]
+        TorchDistributedTransport("receiver", 0, buffers=fake_cuda)
     with pytest.raises(InvalidArgumentError, match="timeout"):
         TorchDistributedTransport("sender", 0, timeout=0)
     with pytest.raises(InvalidArgumentError, match="role"):
         TorchDistributedTransport("encoder", 0)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match="peer must be another rank of the 1"):
+        TorchDistributedTransport("sender", 0)
     assert threading.active_count() == threads  # nothing was started
 
 
 def test_transport_needs_an_initialised_group() -> None:
     with pytest.raises(TransportError, match="not initialised"):
-        TorchDistributedTransport("sender", 0)
+        TorchDistributedTransport("sender", 1)
 
 
 def test_wait_wakes_on_delivery_and_times_out_otherwise() -> None:

@@ -27,6 +27,12 @@ ReuseOrder = Literal["lifo", "fifo"]
 
 _pool_ids: Final = itertools.count(1)
 
+MAX_NUM_BLOCKS: Final = 1 << 24
+"""The most blocks one pool may have: its free list costs ~36 bytes of host memory per block."""
+MAX_BLOCK_SIZE: Final = (1 << 31) - 1
+"""Token counts travel as int32 (the aux row, the wire), so a block holds fewer than 2**31."""
+_HOST_BYTES_PER_BLOCK: Final = 36
+
 
 class Allocation:
     """A set of blocks handed to one owner; immutable, identified by its generation.
@@ -154,7 +160,13 @@ class BlockAllocator:
 
     def __init__(self, num_blocks: int, block_size: int, *, reuse: ReuseOrder = "lifo") -> None:
         num_blocks = as_int(num_blocks, "num_blocks", minimum=1)
-        block_size = as_int(block_size, "block_size", minimum=1)
+        if num_blocks > MAX_NUM_BLOCKS:
+            raise CapacityExceededError(
+                f"num_blocks={num_blocks:,} exceeds the {MAX_NUM_BLOCKS:,} a pool may have: its "
+                f"free list alone would take {num_blocks * _HOST_BYTES_PER_BLOCK:,} bytes of "
+                "host memory (use larger blocks)"
+            )
+        block_size = as_int(block_size, "block_size", minimum=1, maximum=MAX_BLOCK_SIZE)
         free_list: _FreeList
         if reuse == "lifo":
             free_list = _LifoFreeList(num_blocks)
@@ -216,6 +228,10 @@ class BlockAllocator:
 
     def is_live(self, allocation: Allocation) -> bool:
         """Whether ``allocation`` was issued here and not yet freed."""
+        if not isinstance(allocation, Allocation):
+            raise InvalidArgumentError(
+                f"allocation must be an Allocation, not {type(allocation).__name__}"
+            )
         return self._live.get(allocation._generation) is allocation
 
     def check_live(self, allocation: object) -> Allocation:
@@ -241,7 +257,7 @@ class BlockAllocator:
         if n > self._num_free:
             if n > self._num_blocks:
                 raise CapacityExceededError(
-                    f"{num_tokens} tokens need {n} blocks; the pool has {self._num_blocks}"
+                    f"num_tokens={num_tokens} needs {n} blocks; the pool has {self._num_blocks}"
                 )
             check_hashable(owner, "owner")
             return None
@@ -336,7 +352,9 @@ class BlockAllocator:
         self, allocation: object, stale: type[DoubleFreeError] | type[UseAfterFreeError]
     ) -> NoReturn:
         if not isinstance(allocation, Allocation):
-            raise InvalidArgumentError(f"expected an Allocation, got {type(allocation).__name__}")
+            raise InvalidArgumentError(
+                f"allocation must be an Allocation, not {type(allocation).__name__}"
+            )
         generation = allocation._generation
         if allocation._pool_id != self._pool_id:
             raise ForeignAllocationError(

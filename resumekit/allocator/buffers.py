@@ -9,6 +9,7 @@ writes with every round, which resumekit itself never reads). Full blocks move w
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ import torch
 
 from resumekit._check import as_int
 from resumekit.allocator.block_allocator import Allocation, BlockAllocator
-from resumekit.errors import InvalidArgumentError
+from resumekit.errors import CapacityExceededError, DeviceMemoryError, InvalidArgumentError
 
 MROPE_ROWS = 3
 DEFAULT_AUX_SIZE = 16
@@ -47,13 +48,101 @@ def _normalize_device(device: torch.device | str | None) -> torch.device:
     return dev
 
 
+def device_memory_bytes(device: torch.device) -> int | None:
+    """Total memory of ``device`` (physical memory for CPU); ``None`` where unknown."""
+    if device.type == "cpu":
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return None
+
+
+def _zeros(
+    shapes: Sequence[tuple[tuple[int, ...], torch.dtype]],
+    device: torch.device,
+    what: str,
+    *,
+    fill: bool = True,
+) -> list[torch.Tensor]:
+    """Tensors of ``shapes``, refused up front with the size in bytes when ``device`` is smaller."""
+    needed = 0
+    for shape, dtype in shapes:
+        count = 1
+        for d in shape:
+            count *= d
+        needed += count * dtype.itemsize
+    total = device_memory_bytes(device)
+    if total is not None and needed > total:
+        raise CapacityExceededError(f"{what} need {needed:,} bytes; {device} has {total:,} in all")
+    make = torch.zeros if fill else torch.empty
+    try:
+        return [make(shape, dtype=dtype, device=device) for shape, dtype in shapes]
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and "alloc" not in str(exc):
+            raise
+        raise DeviceMemoryError(
+            f"{what} need {needed:,} bytes that {device} could not provide now: {exc}"
+        ) from None
+
+
+def _check_dtype(dtype: object, name: str = "dtype") -> torch.dtype:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise InvalidArgumentError(f"{name} must be a floating torch.dtype, got {dtype!r}")
+    return dtype
+
+
 @dataclass(frozen=True)
 class EmbeddingTensors:
-    """One embedding's tensors: ``embeddings`` (n, hidden), ``fill_ids`` (n,), ``mrope`` (3, n)."""
+    """One embedding's tensors: ``embeddings`` (n, hidden), ``fill_ids`` (n,), ``mrope`` (3, n).
+
+    Checked when built: embeddings floating point, fill ids and mRoPE positions
+    int32, one token count and one device, so a bad source fails where it is made.
+    """
 
     embeddings: torch.Tensor
     fill_ids: torch.Tensor
     mrope: torch.Tensor
+
+    def __post_init__(self) -> None:
+        emb, fill, mrope = self.embeddings, self.fill_ids, self.mrope
+        for name, t in (("embeddings", emb), ("fill_ids", fill), ("mrope", mrope)):
+            if not isinstance(t, torch.Tensor):
+                raise InvalidArgumentError(f"{name} must be a torch.Tensor, not {type(t).__name__}")
+        if emb.dim() != 2:
+            raise InvalidArgumentError(
+                f"embeddings must be 2-D (tokens, hidden), got shape {tuple(emb.shape)}"
+            )
+        n = int(emb.shape[0])
+        if tuple(fill.shape) != (n,):
+            raise InvalidArgumentError(
+                f"fill_ids must have shape ({n},) like embeddings' {n} tokens, "
+                f"got {tuple(fill.shape)}"
+            )
+        if tuple(mrope.shape) != (MROPE_ROWS, n):
+            raise InvalidArgumentError(
+                f"mrope must have shape ({MROPE_ROWS}, {n}) (rows first), got {tuple(mrope.shape)}"
+            )
+        if not emb.dtype.is_floating_point:
+            raise InvalidArgumentError(f"embeddings must be floating point, not {emb.dtype}")
+        for name, t in (("fill_ids", fill), ("mrope", mrope)):
+            if t.dtype != torch.int32:
+                raise InvalidArgumentError(f"{name} must be torch.int32, not {t.dtype}")
+        if not emb.device == fill.device == mrope.device:
+            raise InvalidArgumentError(
+                f"embeddings, fill_ids and mrope are on {emb.device}, {fill.device} and "
+                f"{mrope.device}; they must share one device"
+            )
+
+    @classmethod
+    def _trusted(
+        cls, embeddings: torch.Tensor, fill_ids: torch.Tensor, mrope: torch.Tensor
+    ) -> EmbeddingTensors:
+        """Views of checked tensors, built without checking them again."""
+        self = object.__new__(cls)
+        object.__setattr__(self, "embeddings", embeddings)
+        object.__setattr__(self, "fill_ids", fill_ids)
+        object.__setattr__(self, "mrope", mrope)
+        return self
 
     @property
     def num_tokens(self) -> int:
@@ -70,15 +159,23 @@ class EmbeddingTensors:
     ) -> EmbeddingTensors:
         """Uninitialised, contiguous tensors for ``num_tokens`` tokens."""
         n = as_int(num_tokens, "num_tokens", minimum=0)
-        return cls(
-            torch.empty(n, hidden_size, dtype=dtype, device=device),
-            torch.empty(n, dtype=torch.int32, device=device),
-            torch.empty(MROPE_ROWS, n, dtype=torch.int32, device=device),
+        hidden = as_int(hidden_size, "hidden_size", minimum=1)
+        dtype = _check_dtype(dtype)
+        dev = _normalize_device(device)
+        emb, fill, mrope = _zeros(
+            [((n, hidden), dtype), ((n,), torch.int32), ((MROPE_ROWS, n), torch.int32)],
+            dev,
+            f"{n:,} tokens of hidden_size {hidden:,}",
+            fill=False,
         )
+        return cls._trusted(emb, fill, mrope)
 
     def narrow(self, start: int, length: int) -> EmbeddingTensors:
-        """Views of tokens ``[start, start + length)``."""
-        return EmbeddingTensors(
+        """Views of tokens ``[start, start + length)``, which must lie inside these tensors."""
+        n = self.num_tokens
+        start = as_int(start, "start", minimum=0, maximum=n)
+        length = as_int(length, "length", minimum=0, maximum=n - start)
+        return EmbeddingTensors._trusted(
             self.embeddings[start : start + length],
             self.fill_ids[start : start + length],
             self.mrope[:, start : start + length],
@@ -86,6 +183,10 @@ class EmbeddingTensors:
 
     def equal(self, other: EmbeddingTensors) -> bool:
         """Bitwise equality of all three tensors."""
+        if not isinstance(other, EmbeddingTensors):
+            raise InvalidArgumentError(
+                f"other must be an EmbeddingTensors, not {type(other).__name__}"
+            )
         return (
             torch.equal(self.embeddings, other.embeddings)
             and torch.equal(self.fill_ids, other.fill_ids)
@@ -116,10 +217,21 @@ class BlockBuffers:
             )
         hidden_size = as_int(hidden_size, "hidden_size", minimum=1)
         aux_size = as_int(aux_size, "aux_size", minimum=2)
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise InvalidArgumentError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        dtype = _check_dtype(dtype)
         dev = _normalize_device(device)
         nb, bs = allocator.num_blocks, allocator.block_size
+        # Rows first for mrope, so a run of blocks is a (3, k, bs) view of a (3, k*bs) slice.
+        embeddings, fill_ids, mrope, aux = _zeros(
+            [
+                ((nb, bs, hidden_size), dtype),
+                ((nb, bs), torch.int32),
+                ((MROPE_ROWS, nb, bs), torch.int32),
+                ((nb, aux_size), torch.int32),
+            ],
+            dev,
+            f"{nb:,} blocks of {bs:,} tokens of hidden_size {hidden_size:,} "
+            f"and aux_size {aux_size:,}",
+        )
         self.allocator = allocator
         self.hidden_size = hidden_size
         self.dtype = dtype
@@ -127,11 +239,10 @@ class BlockBuffers:
         self.block_size = bs
         self.num_blocks = nb
         self.aux_size = aux_size
-        self.embeddings = torch.zeros(nb, bs, hidden_size, dtype=dtype, device=dev)
-        self.fill_ids = torch.zeros(nb, bs, dtype=torch.int32, device=dev)
-        # Rows first, so a run of blocks is a (3, k, bs) view of a (3, k*bs) slice.
-        self.mrope = torch.zeros(MROPE_ROWS, nb, bs, dtype=torch.int32, device=dev)
-        self.aux = torch.zeros(nb, aux_size, dtype=torch.int32, device=dev)
+        self.embeddings = embeddings
+        self.fill_ids = fill_ids
+        self.mrope = mrope
+        self.aux = aux
 
     def new_output(self, num_tokens: int) -> EmbeddingTensors:
         """Destination tensors for ``num_tokens`` tokens, matching these buffers."""
@@ -266,11 +377,15 @@ class BlockBuffers:
             if aux.dim() != 1 or aux.dtype != torch.int32:
                 raise InvalidArgumentError("aux must be a 1-D int32 tensor or a sequence of ints")
             row = aux.to(self.device)
-        else:
+        elif isinstance(aux, Sequence) and not isinstance(aux, str | bytes):
             values = [as_int(v, "aux value") for v in aux]
             if any(not -(2**31) <= v < 2**31 for v in values):
                 raise InvalidArgumentError("aux values must fit in int32")
             row = torch.tensor(values, dtype=torch.int32, device=self.device)
+        else:
+            raise InvalidArgumentError(
+                f"aux must be a 1-D int32 tensor or a sequence of ints, not {type(aux).__name__}"
+            )
         if not 1 <= row.shape[0] <= self.aux_size:
             raise InvalidArgumentError(
                 f"aux must hold 1 to {self.aux_size} values, got {row.shape[0]}"

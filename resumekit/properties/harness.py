@@ -50,6 +50,18 @@ CRASH: Final = "crash"  # the real code raised: reported like a violated invaria
 MROPE_BASE: Final = 1000  # life ``label`` announces mRoPE delta ``MROPE_BASE + label``
 
 
+# Far past what an exhaustive search finishes (the state space grows exponentially in
+# each), and small enough that nothing is built per unit of a bound before it starts.
+MAX_BOUND: Final = {
+    "blocks": 64,
+    "requests": 16,
+    "max_rounds": 64,
+    "default_blocks": 64,
+    "block_size": 64,
+}
+MAX_FAULTS: Final = 16
+
+
 @dataclass(frozen=True)
 class Bounds:
     """What the explorer enumerates: pool, requests, totals and the fault budget.
@@ -99,11 +111,13 @@ class Bounds:
             elif type(value) is not int:
                 raise InvalidBounds(f"{f.name} must be an int, not {type(value).__name__}")
         for name in ("blocks", "requests", "max_rounds", "default_blocks", "block_size"):
-            if getattr(self, name) < 1:
-                raise InvalidBounds(f"{name} must be >= 1, got {getattr(self, name)}")
+            if not 1 <= getattr(self, name) <= MAX_BOUND[name]:
+                raise InvalidBounds(
+                    f"{name} must be in 1..{MAX_BOUND[name]}, got {getattr(self, name)}"
+                )
         for name in FAULTS:
-            if getattr(self, name) < 0:
-                raise InvalidBounds(f"{name} must be >= 0, got {getattr(self, name)}")
+            if not 0 <= getattr(self, name) <= MAX_FAULTS:
+                raise InvalidBounds(f"{name} must be in 0..{MAX_FAULTS}, got {getattr(self, name)}")
         if self.default_blocks > self.blocks:
             raise InvalidBounds(
                 f"default_blocks ({self.default_blocks}) must not exceed blocks ({self.blocks})"

@@ -162,21 +162,33 @@ def labelled_source(tokens: int, label: int, *, hidden: int = HIDDEN) -> Embeddi
     return EmbeddingTensors(emb, fill, mrope)
 
 
+def forged_tensors(embeddings: object, fill_ids: object, mrope: object) -> EmbeddingTensors:
+    """An :class:`EmbeddingTensors` built past its own checks, as a caller that bypasses
+    them could; what receives it must still refuse it."""
+    forged = object.__new__(EmbeddingTensors)
+    object.__setattr__(forged, "embeddings", embeddings)
+    object.__setattr__(forged, "fill_ids", fill_ids)
+    object.__setattr__(forged, "mrope", mrope)
+    return forged
+
+
 def bad_sources(tokens: int) -> list[tuple[str, object]]:
-    """Sources the sender must refuse at :meth:`~EmbeddingSender.add`, by what is wrong."""
+    """Sources the sender must refuse at :meth:`~EmbeddingSender.add`, by what is wrong.
+
+    The malformed ones are forged: :class:`EmbeddingTensors` itself refuses them."""
     good = labelled_source(tokens, 0)
     emb, fill, mrope = good.embeddings, good.fill_ids, good.mrope
     return [
-        ("int64 fill ids", EmbeddingTensors(emb, fill.long(), mrope)),
-        ("integer embeddings", EmbeddingTensors(fill.unsqueeze(1), fill, mrope)),
-        ("mRoPE of another length", EmbeddingTensors(emb, fill, mrope[:, :-1])),
-        ("transposed mRoPE", EmbeddingTensors(emb, fill, mrope.t().contiguous())),
+        ("int64 fill ids", forged_tensors(emb, fill.long(), mrope)),
+        ("integer embeddings", forged_tensors(fill.unsqueeze(1), fill, mrope)),
+        ("mRoPE of another length", forged_tensors(emb, fill, mrope[:, :-1])),
+        ("transposed mRoPE", forged_tensors(emb, fill, mrope.t().contiguous())),
         (
             "embeddings that require grad",
             EmbeddingTensors(emb.float().requires_grad_(), fill, mrope),
         ),
         ("no embedding rows", EmbeddingTensors(emb[:0], fill[:0], mrope[:, :0])),
-        ("not tensors", EmbeddingTensors([1.0], [1], [[1], [2], [3]])),  # type: ignore[arg-type]
+        ("not tensors", forged_tensors([1.0], [1], [[1], [2], [3]])),
         ("not EmbeddingTensors", (emb, fill, mrope)),
     ]
 
@@ -721,6 +733,7 @@ __all__ = [
     "ProtocolConfig",
     "ProtocolMachineBase",
     "bad_sources",
+    "forged_tensors",
     "labelled_source",
     "protocol_configs",
     "protocol_machine",

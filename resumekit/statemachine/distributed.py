@@ -49,7 +49,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 import torch.distributed as dist
 
-from resumekit.allocator.buffers import MROPE_ROWS
+from resumekit._check import as_int, check_bool
+from resumekit.allocator.buffers import MROPE_ROWS, BlockBuffers
 from resumekit.errors import InvalidArgumentError, TransportError
 from resumekit.statemachine.messages import (
     Cancel,
@@ -63,7 +64,7 @@ from resumekit.statemachine.messages import (
 )
 
 if TYPE_CHECKING:
-    from resumekit.allocator.buffers import BlockBuffers, EmbeddingTensors
+    from resumekit.allocator.buffers import EmbeddingTensors
 
 HEADER = 10
 # Headers only on 1 and 2 (so heartbeats may interleave); their trailers on tags of their own.
@@ -72,6 +73,7 @@ FIRST_ROUND_TAG, ROUND_TAGS = 16, 1 << 30  # each round's payload has a tag of i
 POST, CANCEL, CLOSE, PING = 1, 2, 3, 4
 DATA, LANDED, CANCELLED, SENDER_ERROR, BYE = 10, 11, 12, 13, 14
 DEFAULT_TIMEOUT = 30.0
+MAX_TIMEOUT = 86_400.0  # a day: longer would overflow gloo's millisecond timeout
 _EMPTY: tuple[Any, ...] = ()
 
 Role = Literal["receiver", "sender"]
@@ -95,10 +97,75 @@ def runs(blocks: Sequence[int], tokens: int, block_size: int) -> list[tuple[int,
     return out
 
 
+_INT64 = 1 << 63
+
+
 def _rid(rid: Hashable) -> int:
-    if type(rid) is not int:
-        raise TransportError(f"TorchDistributedTransport carries int request ids, not {rid!r}")
+    if type(rid) is not int or not -_INT64 <= rid < _INT64:
+        raise InvalidArgumentError(
+            f"rid must be an int64 over TorchDistributedTransport, not {rid!r}"
+        )
     return rid
+
+
+def _wait_seconds(value: object, name: str) -> float:
+    """``value`` as a finite number of seconds >= 0 (how long to block)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidArgumentError(
+            f"{name} must be a number of seconds, not {type(value).__name__}"
+        )
+    if not 0 <= value < float("inf"):
+        raise InvalidArgumentError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def _seconds(value: object, name: str) -> float:
+    """``value`` as a finite, positive number of seconds."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidArgumentError(
+            f"{name} must be a number of seconds, not {type(value).__name__}"
+        )
+    seconds = float(value)
+    if not 0 < seconds <= MAX_TIMEOUT:
+        raise InvalidArgumentError(
+            f"{name} must be > 0 and <= {MAX_TIMEOUT:g} seconds, got {value!r}"
+        )
+    return seconds
+
+
+def _check_arguments(
+    role: Role,
+    peer: object,
+    buffers: object,
+    group: object,
+    data_group: object,
+    timeout: object,
+    aux_size: object,
+    owns_group: object,
+    match: object,
+) -> tuple[int, float, int]:
+    """The constructor's checks that need no process group: peer, timeout and aux_size."""
+    peer_rank = as_int(peer, "peer", minimum=0)
+    if buffers is None:
+        if role == "receiver":
+            raise InvalidArgumentError(
+                "buffers: the receiver end needs the BlockBuffers rounds land in"
+            )
+    elif not isinstance(buffers, BlockBuffers):
+        raise InvalidArgumentError(
+            f"buffers must be a BlockBuffers or None, not {type(buffers).__name__}"
+        )
+    seconds = _seconds(timeout, "timeout")
+    aux = as_int(aux_size, "aux_size", minimum=2, maximum=1 << 16)
+    check_bool(owns_group, "owns_group")
+    if match not in (None, "tag", "order"):
+        raise InvalidArgumentError(f"match must be 'tag', 'order' or None, not {match!r}")
+    for name, g in (("group", group), ("data_group", data_group)):
+        if g is not None and not isinstance(g, dist.ProcessGroup):
+            raise InvalidArgumentError(
+                f"{name} must be a torch.distributed ProcessGroup or None, not {type(g).__name__}"
+            )
+    return peer_rank, seconds, aux
 
 
 @dataclass
@@ -144,20 +211,22 @@ class TorchDistributedTransport:
     ) -> None:
         if role not in ("receiver", "sender"):
             raise InvalidArgumentError(f"role must be 'receiver' or 'sender', not {role!r}")
-        if role == "receiver" and buffers is None:
-            raise InvalidArgumentError("the receiver end needs the BlockBuffers rounds land in")
+        peer, timeout, aux_size = _check_arguments(
+            role, peer, buffers, group, data_group, timeout, aux_size, owns_group, match
+        )
         if not dist.is_available() or not dist.is_initialized():
             raise TransportError("torch.distributed is not initialised")
-        if not timeout > 0:
-            raise InvalidArgumentError(f"timeout must be > 0 seconds, got {timeout}")
-        if match not in (None, "tag", "order"):
-            raise InvalidArgumentError(f"match must be 'tag', 'order' or None, not {match!r}")
         data = data_group if data_group is not None else group
         backend = dist.get_backend(data)
         if buffers is not None and (buffers.device.type == "cuda") != (backend == "nccl"):
             raise InvalidArgumentError(
                 f"{buffers.device.type} buffers cannot take payloads over {backend}: CUDA "
                 "buffers need an NCCL data_group, CPU buffers a gloo one"
+            )
+        if peer >= dist.get_world_size() or peer == dist.get_rank():
+            raise InvalidArgumentError(
+                f"peer must be another rank of the {dist.get_world_size()}, got {peer} "
+                f"(this is rank {dist.get_rank()})"
             )
         self.role = role
         self.peer = peer
@@ -245,6 +314,10 @@ class TorchDistributedTransport:
         self._inbox.append(item)
         self._wake.set()
 
+    def check_request_id(self, rid: object) -> None:
+        """Refuse an id this transport cannot carry (it sends int64s), before any block is taken."""
+        _rid(rid)
+
     def wait(self, timeout: float) -> bool:
         """Block up to ``timeout`` seconds until the threads have delivered something.
 
@@ -253,8 +326,7 @@ class TorchDistributedTransport:
         no CPU meanwhile. Returns whether something is waiting (a lost peer
         counts once every thread has stopped). Polls never call this.
         """
-        if not (isinstance(timeout, int | float) and 0 <= timeout < float("inf")):
-            raise InvalidArgumentError(f"timeout must be a finite number >= 0, got {timeout!r}")
+        timeout = _wait_seconds(timeout, "timeout")
         if self._lost_reason is not None and not self.closed:
             # Losing the peer: PeerLost is due once the threads are out (what is left
             # in the inbox is dropped then), so wait for them, not for the inbox.
@@ -319,6 +391,7 @@ class TorchDistributedTransport:
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """End cleanly: the receiver says CLOSE, the sender answers BYE, sends drain, then close."""
+        timeout = _wait_seconds(timeout, "timeout")
         deadline = time.monotonic() + timeout
         if self.role == "receiver" and not self._closing:
             self.finish()
@@ -334,6 +407,8 @@ class TorchDistributedTransport:
         not): destroying a group while a thread is inside ``wait()`` aborts the
         process.
         """
+        if wait is not None:
+            wait = _wait_seconds(wait, "wait")
         if self.closed:
             return
         self._closing = True

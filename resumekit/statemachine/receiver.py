@@ -13,7 +13,15 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
-from resumekit._check import as_int, check_hashable
+from resumekit._check import (
+    as_int,
+    check_bool,
+    check_hashable,
+    check_interface,
+    check_request_id,
+    check_str,
+)
+from resumekit.allocator.block_allocator import BlockAllocator
 from resumekit.allocator.buffers import AUX_MROPE_DELTA, AUX_PROGRESS, AUX_TOTAL_TOKENS
 from resumekit.errors import (
     DuplicateRequestError,
@@ -43,6 +51,8 @@ if TYPE_CHECKING:
     from resumekit.allocator.block_allocator import Allocation
     from resumekit.allocator.buffers import BlockBuffers, EmbeddingTensors
     from resumekit.statemachine.transport import ReceiverTransport
+
+RECEIVER_TRANSPORT_METHODS: Final = ("post_round", "cancel", "poll_statuses")
 
 DEFAULT_ALLOCATE_TOKENS: Final = 8192
 ENV_DEFAULT_ALLOCATE_TOKENS: Final = "RESUMEKIT_DEFAULT_ALLOCATE_TOKENS"
@@ -120,6 +130,10 @@ class ReceiverObserver:
         """The request went to Failed."""
 
 
+def _unhashable(rid: object) -> UnknownRequestError:
+    return UnknownRequestError(f"unknown request {rid!r}: rid must be hashable to be added")
+
+
 def default_allocate_tokens_from_env() -> int:
     """``RESUMEKIT_DEFAULT_ALLOCATE_TOKENS`` when set, else 8192."""
     raw = os.environ.get(ENV_DEFAULT_ALLOCATE_TOKENS)
@@ -152,6 +166,20 @@ class ResumableReceiver:
         round_filter: RoundFilter | None = None,
         observer: ReceiverObserver | None = None,
     ) -> None:
+        # Duck-typed, so the explorer's token-cell stand-in drives the same code.
+        check_interface(buffers, "buffers", "BlockBuffers", ("new_output", "read_into", "read_aux"))
+        if not isinstance(getattr(buffers, "allocator", None), BlockAllocator):
+            raise InvalidArgumentError("buffers must be a BlockBuffers; its allocator is missing")
+        check_interface(transport, "transport", "ReceiverTransport", RECEIVER_TRANSPORT_METHODS)
+        if round_filter is not None:
+            check_interface(round_filter, "round_filter", "RoundFilter", ("judge", "remember"))
+        if observer is not None:
+            check_interface(
+                observer,
+                "observer",
+                "ReceiverObserver",
+                ("round_posted", "round_consumed", "request_failed"),
+            )
         if default_allocate_tokens is None:
             default_allocate_tokens = default_allocate_tokens_from_env()
         default_allocate_tokens = as_int(
@@ -195,6 +223,8 @@ class ResumableReceiver:
         an orphan and never touches the new one.
         """
         check_hashable(rid, "rid")
+        check_request_id(self.transport, rid)
+        check_bool(bootstrapped, "bootstrapped")
         if rid in self._records:
             raise DuplicateRequestError(f"request {rid!r} is already known")
         req = RequestRecord(rid, self._next_incarnation)
@@ -220,14 +250,17 @@ class ResumableReceiver:
         """The request's state: one dict lookup, for event loops that poll every request."""
         try:
             return self._records[rid].state
-        except (KeyError, TypeError):
+        except KeyError:
             raise UnknownRequestError(f"unknown request {rid!r}") from None
+        except TypeError:
+            raise _unhashable(rid) from None
 
     state = poll
 
     def abort(self, rid: Hashable, reason: str = "aborted by the engine") -> bool:
         """Fail ``rid`` now; ``False`` if it had already finished."""
         req = self._record(rid)
+        check_str(reason, "reason")
         if req.state.terminal:
             return False
         self._fail(req, reason, peer_alive=True)
@@ -639,8 +672,10 @@ class ResumableReceiver:
     def _record(self, rid: Hashable) -> RequestRecord:
         try:
             return self._records[rid]
-        except (KeyError, TypeError):
+        except KeyError:
             raise UnknownRequestError(f"unknown request {rid!r}") from None
+        except TypeError:
+            raise _unhashable(rid) from None
 
     @staticmethod
     def _in_flight_epoch(req: RequestRecord) -> str:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from resumekit._check import as_int, check_hashable
+from resumekit._check import as_int, check_hashable, check_interface, check_request_id
 from resumekit.allocator.buffers import MROPE_ROWS, EmbeddingTensors
 from resumekit.errors import InvalidArgumentError, LeakError, TransportError
 from resumekit.statemachine.messages import (
@@ -23,6 +23,8 @@ from resumekit.statemachine.messages import (
 
 if TYPE_CHECKING:
     from resumekit.statemachine.transport import SenderTransport
+
+SENDER_TRANSPORT_METHODS = ("poll_posts", "write_round", "report")
 
 
 class _Source:
@@ -56,8 +58,9 @@ class EmbeddingSender:
     """
 
     def __init__(self, transport: SenderTransport, *, max_tombstones: int = 65_536) -> None:
-        self.transport = transport
+        check_interface(transport, "transport", "SenderTransport", SENDER_TRANSPORT_METHODS)
         self.max_tombstones = as_int(max_tombstones, "max_tombstones", minimum=0)
+        self.transport = transport
         self._lives: dict[Hashable, list[_Source]] = {}  # per id, its sources in added order
         self._parked: dict[Hashable, deque[RoundPost]] = {}  # posts waiting for their source
         # Lives cancelled before an unnamed source arrived: that many such adds are dropped.
@@ -84,6 +87,7 @@ class EmbeddingSender:
         cancelled that life: the encoder finished after the language side gave up.
         """
         check_hashable(rid, "rid")
+        check_request_id(self.transport, rid)
         _check_source(source)
         mrope_delta = as_int(mrope_delta, "mrope_delta")
         if not -(2**31) <= mrope_delta < 2**31:

@@ -11,10 +11,13 @@ from __future__ import annotations
 import random
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
+from resumekit._check import as_int, check_str
+from resumekit.allocator.buffers import BlockBuffers, EmbeddingTensors
 from resumekit.errors import InvalidArgumentError, TransportError
 from resumekit.statemachine.messages import (
+    NO_EPOCH,
     Cancel,
     Cancelled,
     Landed,
@@ -24,10 +27,9 @@ from resumekit.statemachine.messages import (
     RoundPost,
     SenderError,
     Status,
+    malformed_post,
+    malformed_status,
 )
-
-if TYPE_CHECKING:
-    from resumekit.allocator.buffers import BlockBuffers, EmbeddingTensors
 
 _EMPTY: tuple[Status, ...] = ()
 _EVENTS = (PeerLost, PeerBack)
@@ -79,6 +81,10 @@ class InProcessTransport:
     """
 
     def __init__(self, buffers: BlockBuffers) -> None:
+        if not isinstance(buffers, BlockBuffers):
+            raise InvalidArgumentError(
+                f"buffers must be a BlockBuffers, not {type(buffers).__name__}"
+            )
         self.buffers = buffers
         self.posts: deque[Post] = deque()
         self.in_flight: list[Status] = []
@@ -95,11 +101,16 @@ class InProcessTransport:
     # -- receiver end ----------------------------------------------------------
 
     def post_round(self, post: RoundPost) -> None:
+        _check_message(post, "post", RoundPost, malformed_post)
         self.posted += 1
         self.posts.append(post)
 
     def cancel(self, rid: Hashable, epoch: int, *, incarnation: int) -> None:
-        self.posts.append(Cancel(rid, epoch, incarnation=incarnation))
+        as_int(epoch, "epoch", minimum=NO_EPOCH)
+        as_int(incarnation, "incarnation", minimum=1)
+        cancel = Cancel(rid, epoch, incarnation=incarnation)
+        _check_message(cancel, "rid", Cancel, malformed_post)
+        self.posts.append(cancel)
 
     def poll_statuses(self) -> Sequence[Status]:
         if self.loss_seen:
@@ -134,6 +145,11 @@ class InProcessTransport:
     def write_round(
         self, post: RoundPost, data: EmbeddingTensors, aux: Sequence[int] | None
     ) -> None:
+        _check_message(post, "post", RoundPost, malformed_post)
+        if not isinstance(data, EmbeddingTensors):
+            raise InvalidArgumentError(
+                f"data must be an EmbeddingTensors, not {type(data).__name__}"
+            )
         if not self.sender_alive:
             return
         if post.allocation is None:
@@ -145,6 +161,7 @@ class InProcessTransport:
             self.crash_sender("sender crashed after writing a round")
 
     def report(self, status: Landed | Cancelled | SenderError) -> None:
+        _check_message(status, "status", (Landed, Cancelled, SenderError), malformed_status)
         if self.sender_alive:
             self.in_flight.append(status)
 
@@ -159,7 +176,7 @@ class InProcessTransport:
 
     def duplicate(self, index: int = -1) -> None:
         """Send the status at ``index`` of ``in_flight`` twice (a connection event cannot be)."""
-        status = self._at(index)
+        status = self._at(as_int(index, "index"))
         if type(status) is PeerLost or type(status) is PeerBack:
             raise InvalidArgumentError(f"{type(status).__name__} is reported once, not duplicated")
         self.in_flight.append(status)
@@ -170,7 +187,11 @@ class InProcessTransport:
         Connection events (:class:`PeerLost`, :class:`PeerBack`) keep their order,
         as on a real link: they only trade places with statuses.
         """
-        if sorted(order) != list(range(len(self.in_flight))):
+        if (
+            not isinstance(order, Sequence)
+            or not all(type(i) is int for i in order)
+            or sorted(order) != list(range(len(self.in_flight)))
+        ):
             raise InvalidArgumentError(
                 f"order must be a permutation of range({len(self.in_flight)})"
             )
@@ -180,6 +201,8 @@ class InProcessTransport:
 
     def shuffle(self, rng: random.Random) -> None:
         """Shuffle ``in_flight``; connection events keep their order."""
+        if not isinstance(rng, random.Random):
+            raise InvalidArgumentError(f"rng must be a random.Random, not {type(rng).__name__}")
         events = [s for s in self.in_flight if type(s) in _EVENTS]
         rng.shuffle(self.in_flight)
         self._restore(events)
@@ -196,6 +219,7 @@ class InProcessTransport:
 
     def crash_sender(self, reason: str = "sender crashed") -> None:
         """The sender dies: it processes nothing more; statuses already sent still arrive."""
+        check_str(reason, "reason")
         if not self.sender_alive:
             return
         self.sender_alive = False
@@ -210,6 +234,7 @@ class InProcessTransport:
         before it saw the loss went to the dead sender. The engine makes the new
         :class:`~resumekit.statemachine.EmbeddingSender` on this transport.
         """
+        check_str(reason, "reason")
         if not self.sender_alive:
             return
         self.crash_sender(reason)
@@ -222,6 +247,24 @@ class InProcessTransport:
             raise InvalidArgumentError(
                 f"no status at index {index}; {len(self.in_flight)} in flight"
             ) from None
+
+
+def _check_message(
+    message: object,
+    name: str,
+    kind: type | tuple[type, ...],
+    malformed: Callable[[object], str | None],
+) -> None:
+    """Refuse what is not a well-formed message of ``kind`` before it is sent."""
+    if not isinstance(message, kind):
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        raise InvalidArgumentError(
+            f"{name} must be a {' or '.join(k.__name__ for k in kinds)}, "
+            f"not {type(message).__name__}"
+        )
+    problem = malformed(message)
+    if problem is not None:
+        raise InvalidArgumentError(f"{name} is malformed: {problem}")
 
 
 __all__ = ["InProcessTransport", "ReceiverTransport", "SenderTransport", "StatusFilter"]

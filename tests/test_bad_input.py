@@ -1,0 +1,838 @@
+"""Every public entry point answers a bad value with a typed error that names the
+argument, and changes nothing: one table of cases over a world with requests in
+every phase (finished, in flight, a held and a freed allocation)."""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+
+from resumekit import (
+    Allocation,
+    BlockAllocator,
+    BlockBuffers,
+    CapacityExceededError,
+    DoubleFreeError,
+    DuplicateRequestError,
+    EmbeddingTensors,
+    ForeignAllocationError,
+    InvalidArgumentError,
+    RequestNotFinishedError,
+    ResumeKitError,
+    UnknownRequestError,
+    UseAfterFreeError,
+)
+from resumekit.properties.protocol_machine import forged_tensors
+from resumekit.statemachine import (
+    ENV_DEFAULT_ALLOCATE_TOKENS,
+    EmbeddingSender,
+    InProcessTransport,
+    Landed,
+    PeerLost,
+    ResumableReceiver,
+    RoundPost,
+    TransferState,
+)
+from resumekit.statemachine.distributed import TorchDistributedTransport
+
+HIDDEN = 8
+
+
+def source(n: int, *, seed: int = 0) -> EmbeddingTensors:
+    g = torch.Generator().manual_seed(seed)
+    return EmbeddingTensors(
+        torch.randn(n, HIDDEN, generator=g).to(torch.bfloat16),
+        torch.arange(n, dtype=torch.int32),
+        torch.arange(3 * n, dtype=torch.int32).view(3, n),
+    )
+
+
+@dataclass
+class World:
+    """A receiver and sender mid-flight: one request finished, one with round 0 posted."""
+
+    allocator: BlockAllocator
+    buffers: BlockBuffers
+    transport: InProcessTransport
+    receiver: ResumableReceiver
+    sender: EmbeddingSender
+    held: Allocation
+    freed: Allocation
+    foreign: Allocation
+    post: RoundPost
+
+    def snapshot(self) -> tuple[Any, ...]:
+        a, r, s, t = self.allocator, self.receiver, self.sender, self.transport
+        return (
+            tuple(a._free.snapshot()),
+            tuple((x.generation, x.blocks, x.owner) for x in a.outstanding()),
+            a.next_generation,
+            a.num_free_blocks,
+            tuple(
+                (rid, q.state, q.epoch, q.sent, q.total, q.rounds, q.reason, id(q.allocation))
+                for rid, q in r._records.items()
+            ),
+            tuple(r.quarantined()),
+            (r.stale_statuses, r.orphan_statuses, r.malformed_statuses, r.peer_lost),
+            (len(r._admissions), len(r._resumes), r._next_incarnation),
+            (len(s), s.rounds_served, s.repeated_posts, s.stale_posts, s.malformed_posts),
+            tuple(sorted(map(repr, s._lives))),
+            (tuple(t.posts), tuple(t.in_flight), t.posted, t.delivered, t.sender_alive),
+        )
+
+    def tensors(self) -> list[torch.Tensor]:
+        b = self.buffers
+        return [x.clone() for x in (b.embeddings, b.fill_ids, b.mrope, b.aux)]
+
+
+def make_world() -> World:
+    allocator = BlockAllocator(32, 4)
+    buffers = BlockBuffers(allocator, HIDDEN, device="cpu")
+    transport = InProcessTransport(buffers)
+    receiver = ResumableReceiver(buffers, transport, 16)
+    sender = EmbeddingSender(transport)
+    receiver.add("done")
+    sender.add("done", source(12, seed=1))
+    for _ in range(4):
+        sender.step()
+        receiver.step()
+    assert receiver.poll("done") is TransferState.Success
+    receiver.add("busy")  # round 0 posted, its source not yet added
+    receiver.step()
+    post = transport.posts[0]
+    assert isinstance(post, RoundPost)
+    held = allocator.allocate(4, "engine")
+    freed = allocator.allocate(4, "engine")
+    assert held is not None and freed is not None
+    allocator.free(freed)
+    foreign = BlockAllocator(4, 4).allocate(4, "elsewhere")
+    assert foreign is not None
+    return World(allocator, buffers, transport, receiver, sender, held, freed, foreign, post)
+
+
+class _Forged:
+    """Quacks like nothing resumekit knows."""
+
+
+def good_args(n: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    src = source(n)
+    return src.embeddings, src.fill_ids, src.mrope
+
+
+Case = tuple[str, Callable[[World], object], type[BaseException], str]
+E = InvalidArgumentError
+EMB, FILL, MROPE = good_args(4)
+
+ALLOCATOR: list[Case] = [
+    ("BlockAllocator num_blocks 0", lambda w: BlockAllocator(0, 4), E, "num_blocks"),
+    ("BlockAllocator num_blocks -1", lambda w: BlockAllocator(-1, 4), E, "num_blocks"),
+    (
+        "BlockAllocator num_blocks 2**62",
+        lambda w: BlockAllocator(2**62, 64),
+        CapacityExceededError,
+        "num_blocks",
+    ),
+    (
+        "BlockAllocator num_blocks 10**30",
+        lambda w: BlockAllocator(10**30, 64),
+        CapacityExceededError,
+        "bytes",
+    ),
+    ("BlockAllocator num_blocks float", lambda w: BlockAllocator(4.0, 4), E, "num_blocks"),  # type: ignore[arg-type]
+    ("BlockAllocator num_blocks str", lambda w: BlockAllocator("4", 4), E, "num_blocks"),  # type: ignore[arg-type]
+    ("BlockAllocator num_blocks bool", lambda w: BlockAllocator(True, 4), E, "num_blocks"),
+    ("BlockAllocator num_blocks None", lambda w: BlockAllocator(None, 4), E, "num_blocks"),  # type: ignore[arg-type]
+    ("BlockAllocator block_size 0", lambda w: BlockAllocator(4, 0), E, "block_size"),
+    ("BlockAllocator block_size 2**31", lambda w: BlockAllocator(4, 2**31), E, "block_size"),
+    ("BlockAllocator block_size 10**30", lambda w: BlockAllocator(4, 10**30), E, "block_size"),
+    ("BlockAllocator block_size float", lambda w: BlockAllocator(4, 4.5), E, "block_size"),  # type: ignore[arg-type]
+    ("BlockAllocator reuse LIFO", lambda w: BlockAllocator(4, 4, reuse="LIFO"), E, "reuse"),  # type: ignore[arg-type]
+    ("BlockAllocator reuse None", lambda w: BlockAllocator(4, 4, reuse=None), E, "reuse"),  # type: ignore[arg-type]
+    ("BlockAllocator reuse list", lambda w: BlockAllocator(4, 4, reuse=[]), E, "reuse"),  # type: ignore[arg-type]
+    ("allocate 0 tokens", lambda w: w.allocator.allocate(0, "o"), E, "num_tokens"),
+    ("allocate -3 tokens", lambda w: w.allocator.allocate(-3, "o"), E, "num_tokens"),
+    ("allocate float tokens", lambda w: w.allocator.allocate(1.5, "o"), E, "num_tokens"),  # type: ignore[arg-type]
+    ("allocate str tokens", lambda w: w.allocator.allocate("8", "o"), E, "num_tokens"),  # type: ignore[arg-type]
+    ("allocate None tokens", lambda w: w.allocator.allocate(None, "o"), E, "num_tokens"),  # type: ignore[arg-type]
+    ("allocate bool tokens", lambda w: w.allocator.allocate(True, "o"), E, "num_tokens"),
+    (
+        "allocate more than the pool",
+        lambda w: w.allocator.allocate(10**9, "o"),
+        CapacityExceededError,
+        "num_tokens",
+    ),
+    ("allocate list owner", lambda w: w.allocator.allocate(4, []), E, "owner"),
+    ("allocate dict owner", lambda w: w.allocator.allocate(4, {}), E, "owner"),
+    (
+        "allocate list owner when full",
+        lambda w: w.allocator.allocate(10**2, []),
+        E,
+        "owner",
+    ),
+    ("allocate_up_to 0 tokens", lambda w: w.allocator.allocate_up_to(0, "o"), E, "num_tokens"),
+    ("allocate_up_to min 0", lambda w: w.allocator.allocate_up_to(4, "o", 0), E, "min_tokens"),
+    ("allocate_up_to min > num", lambda w: w.allocator.allocate_up_to(4, "o", 8), E, "min_tokens"),
+    ("allocate_up_to min str", lambda w: w.allocator.allocate_up_to(4, "o", "1"), E, "min_tokens"),  # type: ignore[arg-type]
+    (
+        "allocate_up_to min beyond the pool",
+        lambda w: w.allocator.allocate_up_to(10**9, "o", 10**9),
+        CapacityExceededError,
+        "min_tokens",
+    ),
+    ("allocate_up_to list owner", lambda w: w.allocator.allocate_up_to(4, []), E, "owner"),
+    ("free None", lambda w: w.allocator.free(None), E, "allocation"),  # type: ignore[arg-type]
+    ("free object", lambda w: w.allocator.free(_Forged()), E, "allocation"),  # type: ignore[arg-type]
+    ("free str", lambda w: w.allocator.free("blocks"), E, "allocation"),  # type: ignore[arg-type]
+    ("free twice", lambda w: w.allocator.free(w.freed), DoubleFreeError, "allocation"),
+    ("free foreign", lambda w: w.allocator.free(w.foreign), ForeignAllocationError, "allocation"),
+    (
+        "free a copy",
+        lambda w: w.allocator.free(
+            Allocation(w.held.blocks, w.held.capacity_tokens, w.held.owner, w.held.generation)
+        ),
+        ForeignAllocationError,
+        "allocation",
+    ),
+    ("free_owner list", lambda w: w.allocator.free_owner([]), E, "owner"),
+    ("outstanding_of list", lambda w: w.allocator.outstanding_of([]), E, "owner"),
+    ("is_live None", lambda w: w.allocator.is_live(None), E, "allocation"),  # type: ignore[arg-type]
+    ("is_live str", lambda w: w.allocator.is_live("x"), E, "allocation"),  # type: ignore[arg-type]
+    ("check_live None", lambda w: w.allocator.check_live(None), E, "allocation"),
+    (
+        "check_live freed",
+        lambda w: w.allocator.check_live(w.freed),
+        UseAfterFreeError,
+        "allocation",
+    ),
+    ("blocks_for -1", lambda w: w.allocator.blocks_for(-1), E, "num_tokens"),
+    ("blocks_for str", lambda w: w.allocator.blocks_for("1"), E, "num_tokens"),  # type: ignore[arg-type]
+    ("blocks_for float", lambda w: w.allocator.blocks_for(1.0), E, "num_tokens"),  # type: ignore[arg-type]
+]
+
+BUFFERS: list[Case] = [
+    ("BlockBuffers allocator None", lambda w: BlockBuffers(None, 8), E, "allocator"),  # type: ignore[arg-type]
+    ("BlockBuffers allocator str", lambda w: BlockBuffers("a", 8), E, "allocator"),  # type: ignore[arg-type]
+    ("BlockBuffers hidden 0", lambda w: BlockBuffers(w.allocator, 0), E, "hidden_size"),
+    ("BlockBuffers hidden -1", lambda w: BlockBuffers(w.allocator, -1), E, "hidden_size"),
+    ("BlockBuffers hidden str", lambda w: BlockBuffers(w.allocator, "8"), E, "hidden_size"),  # type: ignore[arg-type]
+    ("BlockBuffers hidden float", lambda w: BlockBuffers(w.allocator, 8.0), E, "hidden_size"),  # type: ignore[arg-type]
+    (
+        "BlockBuffers hidden 2**50",
+        lambda w: BlockBuffers(w.allocator, 2**50),
+        CapacityExceededError,
+        "bytes",
+    ),
+    (
+        "BlockBuffers too big for the machine",
+        lambda w: BlockBuffers(BlockAllocator(1 << 20, 64), 1 << 20),
+        CapacityExceededError,
+        "hidden_size",
+    ),
+    (
+        "BlockBuffers dtype int",
+        lambda w: BlockBuffers(w.allocator, 8, dtype=torch.int32),
+        E,
+        "dtype",
+    ),
+    ("BlockBuffers dtype str", lambda w: BlockBuffers(w.allocator, 8, dtype="bf16"), E, "dtype"),  # type: ignore[arg-type]
+    ("BlockBuffers dtype None", lambda w: BlockBuffers(w.allocator, 8, dtype=None), E, "dtype"),  # type: ignore[arg-type]
+    ("BlockBuffers device tpu", lambda w: BlockBuffers(w.allocator, 8, device="tpu"), E, "device"),
+    (
+        "BlockBuffers device object",
+        lambda w: BlockBuffers(w.allocator, 8, device=_Forged()),  # type: ignore[arg-type]
+        E,
+        "device",
+    ),
+    ("BlockBuffers aux_size 1", lambda w: BlockBuffers(w.allocator, 8, aux_size=1), E, "aux_size"),
+    (
+        "BlockBuffers aux_size str",
+        lambda w: BlockBuffers(w.allocator, 8, aux_size="16"),  # type: ignore[arg-type]
+        E,
+        "aux_size",
+    ),
+    (
+        "BlockBuffers aux_size 2**40",
+        lambda w: BlockBuffers(w.allocator, 8, aux_size=2**40),
+        CapacityExceededError,
+        "aux_size",
+    ),
+    ("new_output -1", lambda w: w.buffers.new_output(-1), E, "num_tokens"),
+    ("new_output str", lambda w: w.buffers.new_output("4"), E, "num_tokens"),  # type: ignore[arg-type]
+    ("new_output 2**50", lambda w: w.buffers.new_output(2**50), CapacityExceededError, "bytes"),
+    ("write None allocation", lambda w: w.buffers.write(None, *good_args()), E, "allocation"),  # type: ignore[arg-type]
+    (
+        "write freed allocation",
+        lambda w: w.buffers.write(w.freed, *good_args()),
+        UseAfterFreeError,
+        "allocation",
+    ),
+    (
+        "write foreign allocation",
+        lambda w: w.buffers.write(w.foreign, *good_args()),
+        ForeignAllocationError,
+        "allocation",
+    ),
+    (
+        "write list embeddings",
+        lambda w: w.buffers.write(w.held, [[0.0]], FILL, MROPE),
+        E,
+        "embeddings",
+    ),  # type: ignore[arg-type]
+    (
+        "write wrong hidden",
+        lambda w: w.buffers.write(w.held, EMB[:, :4].contiguous(), FILL, MROPE),
+        E,
+        "embeddings",
+    ),
+    ("write float32", lambda w: w.buffers.write(w.held, EMB.float(), FILL, MROPE), E, "embeddings"),
+    ("write int64 fill", lambda w: w.buffers.write(w.held, EMB, FILL.long(), MROPE), E, "fill_ids"),
+    ("write short fill", lambda w: w.buffers.write(w.held, EMB, FILL[:3], MROPE), E, "fill_ids"),
+    ("write transposed mrope", lambda w: w.buffers.write(w.held, EMB, FILL, MROPE.t()), E, "mrope"),
+    ("write 2-row mrope", lambda w: w.buffers.write(w.held, EMB, FILL, MROPE[:2]), E, "mrope"),
+    ("write too many tokens", lambda w: w.buffers.write(w.held, *good_args(5)), E, "tokens"),
+    ("write no tokens", lambda w: w.buffers.write(w.held, *good_args(0)), E, "token"),
+    ("write aux int", lambda w: w.buffers.write(w.held, *good_args(), aux=5), E, "aux"),  # type: ignore[arg-type]
+    ("write aux str", lambda w: w.buffers.write(w.held, *good_args(), aux="ab"), E, "aux"),
+    ("write aux too long", lambda w: w.buffers.write(w.held, *good_args(), aux=[1] * 17), E, "aux"),
+    ("write aux empty", lambda w: w.buffers.write(w.held, *good_args(), aux=[]), E, "aux"),
+    ("write aux 2**31", lambda w: w.buffers.write(w.held, *good_args(), aux=[2**31]), E, "aux"),
+    ("write aux floats", lambda w: w.buffers.write(w.held, *good_args(), aux=[1.5]), E, "aux"),  # type: ignore[list-item]
+    (
+        "write aux float tensor",
+        lambda w: w.buffers.write(w.held, *good_args(), aux=torch.zeros(2)),
+        E,
+        "aux",
+    ),
+    ("read_into n 0", lambda w: w.buffers.read_into(w.held, 0, w.buffers.new_output(4), 0), E, "n"),
+    (
+        "read_into n str",
+        lambda w: w.buffers.read_into(w.held, "1", w.buffers.new_output(4), 0),  # type: ignore[arg-type]
+        E,
+        "n",
+    ),
+    (
+        "read_into beyond capacity",
+        lambda w: w.buffers.read_into(w.held, 5, w.buffers.new_output(8), 0),
+        E,
+        "capacity",
+    ),
+    (
+        "read_into offset -1",
+        lambda w: w.buffers.read_into(w.held, 1, w.buffers.new_output(4), -1),
+        E,
+        "offset",
+    ),
+    (
+        "read_into past the destination",
+        lambda w: w.buffers.read_into(w.held, 4, w.buffers.new_output(4), 1),
+        E,
+        "offset",
+    ),
+    ("read_into out str", lambda w: w.buffers.read_into(w.held, 1, "out", 0), E, "out"),  # type: ignore[arg-type]
+    (
+        "read_into out of another hidden",
+        lambda w: w.buffers.read_into(w.held, 1, EmbeddingTensors.empty(4, 3), 0),
+        E,
+        "out.embeddings",
+    ),
+    (
+        "read_into out float16",
+        lambda w: w.buffers.read_into(
+            w.held, 1, EmbeddingTensors.empty(4, HIDDEN, dtype=torch.float16), 0
+        ),
+        E,
+        "out.embeddings",
+    ),
+    (
+        "read_into out not contiguous",
+        lambda w: w.buffers.read_into(
+            w.held,
+            1,
+            EmbeddingTensors(
+                torch.zeros(HIDDEN, 4, dtype=torch.bfloat16).t(),
+                torch.zeros(4, dtype=torch.int32),
+                torch.zeros(3, 4, dtype=torch.int32),
+            ),
+            0,
+        ),
+        E,
+        "contiguous",
+    ),
+    (
+        "read_into freed",
+        lambda w: w.buffers.read_into(w.freed, 1, w.buffers.new_output(4), 0),
+        UseAfterFreeError,
+        "allocation",
+    ),
+    ("read_aux None", lambda w: w.buffers.read_aux(None), E, "allocation"),  # type: ignore[arg-type]
+    ("read_aux freed", lambda w: w.buffers.read_aux(w.freed), UseAfterFreeError, "allocation"),
+]
+
+TENSORS: list[Case] = [
+    (
+        "EmbeddingTensors embeddings None",
+        lambda w: EmbeddingTensors(None, FILL, MROPE),
+        E,
+        "embeddings",
+    ),  # type: ignore[arg-type]
+    ("EmbeddingTensors fill_ids None", lambda w: EmbeddingTensors(EMB, None, MROPE), E, "fill_ids"),  # type: ignore[arg-type]
+    ("EmbeddingTensors mrope list", lambda w: EmbeddingTensors(EMB, FILL, [[0]]), E, "mrope"),  # type: ignore[arg-type]
+    (
+        "EmbeddingTensors 1-D embeddings",
+        lambda w: EmbeddingTensors(EMB[0], FILL, MROPE),
+        E,
+        "embeddings",
+    ),
+    (
+        "EmbeddingTensors 3-D embeddings",
+        lambda w: EmbeddingTensors(EMB.unsqueeze(0), FILL, MROPE),
+        E,
+        "embeddings",
+    ),
+    (
+        "EmbeddingTensors short fill",
+        lambda w: EmbeddingTensors(EMB, FILL[:3], MROPE),
+        E,
+        "fill_ids",
+    ),
+    (
+        "EmbeddingTensors 2-D fill",
+        lambda w: EmbeddingTensors(EMB, FILL.view(1, 4), MROPE),
+        E,
+        "fill_ids",
+    ),
+    (
+        "EmbeddingTensors transposed mrope",
+        lambda w: EmbeddingTensors(EMB, FILL, MROPE.t()),
+        E,
+        "mrope",
+    ),
+    ("EmbeddingTensors 2-row mrope", lambda w: EmbeddingTensors(EMB, FILL, MROPE[:2]), E, "mrope"),
+    (
+        "EmbeddingTensors int64 fill",
+        lambda w: EmbeddingTensors(EMB, FILL.long(), MROPE),
+        E,
+        "fill_ids",
+    ),
+    (
+        "EmbeddingTensors float fill",
+        lambda w: EmbeddingTensors(EMB, FILL.float(), MROPE),
+        E,
+        "fill_ids",
+    ),
+    (
+        "EmbeddingTensors int64 mrope",
+        lambda w: EmbeddingTensors(EMB, FILL, MROPE.long()),
+        E,
+        "mrope",
+    ),
+    (
+        "EmbeddingTensors integer embeddings",
+        lambda w: EmbeddingTensors(EMB.int(), FILL, MROPE),
+        E,
+        "embeddings",
+    ),
+    (
+        "EmbeddingTensors two devices",
+        lambda w: EmbeddingTensors(EMB.to("meta"), FILL, MROPE),
+        E,
+        "device",
+    ),
+    ("empty num_tokens -1", lambda w: EmbeddingTensors.empty(-1, 8), E, "num_tokens"),
+    ("empty num_tokens str", lambda w: EmbeddingTensors.empty("4", 8), E, "num_tokens"),  # type: ignore[arg-type]
+    ("empty hidden 0", lambda w: EmbeddingTensors.empty(4, 0), E, "hidden_size"),
+    ("empty hidden -1", lambda w: EmbeddingTensors.empty(4, -1), E, "hidden_size"),
+    ("empty hidden str", lambda w: EmbeddingTensors.empty(4, "x"), E, "hidden_size"),  # type: ignore[arg-type]
+    ("empty dtype int64", lambda w: EmbeddingTensors.empty(4, 8, dtype=torch.int64), E, "dtype"),
+    ("empty dtype str", lambda w: EmbeddingTensors.empty(4, 8, dtype="x"), E, "dtype"),  # type: ignore[arg-type]
+    ("empty device tpu", lambda w: EmbeddingTensors.empty(4, 8, device="tpu"), E, "device"),
+    (
+        "empty too big",
+        lambda w: EmbeddingTensors.empty(2**40, 2**20),
+        CapacityExceededError,
+        "bytes",
+    ),
+    ("narrow start -1", lambda w: source(4).narrow(-1, 2), E, "start"),
+    ("narrow start past the end", lambda w: source(4).narrow(5, 0), E, "start"),
+    ("narrow length past the end", lambda w: source(4).narrow(2, 3), E, "length"),
+    ("narrow length -1", lambda w: source(4).narrow(0, -1), E, "length"),
+    ("narrow start str", lambda w: source(4).narrow("0", 1), E, "start"),  # type: ignore[arg-type]
+    ("equal None", lambda w: source(4).equal(None), E, "other"),  # type: ignore[arg-type]
+    ("equal tuple", lambda w: source(4).equal((EMB, FILL, MROPE)), E, "other"),  # type: ignore[arg-type]
+]
+
+
+def _receiver(w: World, *args: Any, **kwargs: Any) -> ResumableReceiver:
+    return ResumableReceiver(*args, **kwargs)
+
+
+RECEIVER: list[Case] = [
+    (
+        "ResumableReceiver buffers None",
+        lambda w: ResumableReceiver(None, w.transport),
+        E,
+        "buffers",
+    ),  # type: ignore[arg-type]
+    ("ResumableReceiver buffers str", lambda w: ResumableReceiver("b", w.transport), E, "buffers"),  # type: ignore[arg-type]
+    (
+        "ResumableReceiver buffers allocator",
+        lambda w: ResumableReceiver(w.allocator, w.transport),  # type: ignore[arg-type]
+        E,
+        "buffers",
+    ),
+    (
+        "ResumableReceiver transport None",
+        lambda w: ResumableReceiver(w.buffers, None),
+        E,
+        "transport",
+    ),  # type: ignore[arg-type]
+    (
+        "ResumableReceiver transport object",
+        lambda w: ResumableReceiver(w.buffers, _Forged()),  # type: ignore[arg-type]
+        E,
+        "transport",
+    ),
+    (
+        "ResumableReceiver default 0",
+        lambda w: ResumableReceiver(w.buffers, w.transport, 0),
+        E,
+        "default_allocate_tokens",
+    ),
+    (
+        "ResumableReceiver default -5",
+        lambda w: ResumableReceiver(w.buffers, w.transport, -5),
+        E,
+        "default_allocate_tokens",
+    ),
+    (
+        "ResumableReceiver default str",
+        lambda w: ResumableReceiver(w.buffers, w.transport, "16"),  # type: ignore[arg-type]
+        E,
+        "default_allocate_tokens",
+    ),
+    (
+        "ResumableReceiver default float",
+        lambda w: ResumableReceiver(w.buffers, w.transport, 8.5),  # type: ignore[arg-type]
+        E,
+        "default_allocate_tokens",
+    ),
+    (
+        "ResumableReceiver default beyond the pool",
+        lambda w: ResumableReceiver(w.buffers, w.transport, 10**6),
+        E,
+        "default_allocate_tokens",
+    ),
+    (
+        "ResumableReceiver max_resume_tokens 0",
+        lambda w: ResumableReceiver(w.buffers, w.transport, 16, max_resume_tokens=0),
+        E,
+        "max_resume_tokens",
+    ),
+    (
+        "ResumableReceiver max_resume_tokens str",
+        lambda w: ResumableReceiver(w.buffers, w.transport, 16, max_resume_tokens="8"),  # type: ignore[arg-type]
+        E,
+        "max_resume_tokens",
+    ),
+    (
+        "ResumableReceiver round_filter object",
+        lambda w: ResumableReceiver(w.buffers, w.transport, 16, round_filter=_Forged()),  # type: ignore[arg-type]
+        E,
+        "round_filter",
+    ),
+    (
+        "ResumableReceiver observer int",
+        lambda w: ResumableReceiver(w.buffers, w.transport, 16, observer=3),  # type: ignore[arg-type]
+        E,
+        "observer",
+    ),
+    ("add list", lambda w: w.receiver.add([]), E, "rid"),  # type: ignore[arg-type]
+    ("add dict", lambda w: w.receiver.add({}), E, "rid"),  # type: ignore[arg-type]
+    ("add a known id", lambda w: w.receiver.add("busy"), DuplicateRequestError, "busy"),
+    ("add a finished id", lambda w: w.receiver.add("done"), DuplicateRequestError, "done"),
+    ("add bootstrapped str", lambda w: w.receiver.add("n", bootstrapped="no"), E, "bootstrapped"),  # type: ignore[arg-type]
+    ("add bootstrapped 1", lambda w: w.receiver.add("n", bootstrapped=1), E, "bootstrapped"),  # type: ignore[arg-type]
+    ("poll unknown", lambda w: w.receiver.poll("nope"), UnknownRequestError, "nope"),
+    ("poll list", lambda w: w.receiver.poll([]), UnknownRequestError, "rid"),  # type: ignore[arg-type]
+    ("abort unknown", lambda w: w.receiver.abort("nope"), UnknownRequestError, "nope"),
+    ("abort list", lambda w: w.receiver.abort([]), UnknownRequestError, "rid"),  # type: ignore[arg-type]
+    ("abort reason int", lambda w: w.receiver.abort("busy", reason=5), E, "reason"),  # type: ignore[arg-type]
+    ("abort reason None", lambda w: w.receiver.abort("busy", reason=None), E, "reason"),  # type: ignore[arg-type]
+    ("take unknown", lambda w: w.receiver.take("nope"), UnknownRequestError, "nope"),
+    ("take list", lambda w: w.receiver.take([]), UnknownRequestError, "rid"),  # type: ignore[arg-type]
+    ("take in flight", lambda w: w.receiver.take("busy"), RequestNotFinishedError, "busy"),
+    ("record unknown", lambda w: w.receiver.record("nope"), UnknownRequestError, "nope"),
+    (
+        "bootstrapped unknown",
+        lambda w: w.receiver.bootstrapped("nope"),
+        UnknownRequestError,
+        "nope",
+    ),
+    ("bootstrapped twice", lambda w: w.receiver.bootstrapped("busy"), E, "busy"),
+    ("bootstrapped finished", lambda w: w.receiver.bootstrapped("done"), E, "done"),
+]
+
+SENDER: list[Case] = [
+    ("EmbeddingSender transport None", lambda w: EmbeddingSender(None), E, "transport"),  # type: ignore[arg-type]
+    ("EmbeddingSender transport object", lambda w: EmbeddingSender(_Forged()), E, "transport"),  # type: ignore[arg-type]
+    (
+        "EmbeddingSender transport is the buffers",
+        lambda w: EmbeddingSender(w.buffers),  # type: ignore[arg-type]
+        E,
+        "transport",
+    ),
+    (
+        "EmbeddingSender max_tombstones -1",
+        lambda w: EmbeddingSender(w.transport, max_tombstones=-1),
+        E,
+        "max_tombstones",
+    ),
+    (
+        "EmbeddingSender max_tombstones str",
+        lambda w: EmbeddingSender(w.transport, max_tombstones="5"),  # type: ignore[arg-type]
+        E,
+        "max_tombstones",
+    ),
+    ("sender add list rid", lambda w: w.sender.add([], source(4)), E, "rid"),  # type: ignore[arg-type]
+    ("sender add None source", lambda w: w.sender.add("busy", None), E, "source"),  # type: ignore[arg-type]
+    ("sender add tuple source", lambda w: w.sender.add("busy", (EMB, FILL, MROPE)), E, "source"),  # type: ignore[arg-type]
+    (
+        "sender add forged transposed mrope",
+        lambda w: w.sender.add("busy", forged_tensors(EMB, FILL, MROPE.t())),
+        E,
+        "source",
+    ),
+    (
+        "sender add forged int64 fill",
+        lambda w: w.sender.add("busy", forged_tensors(EMB, FILL.long(), MROPE)),
+        E,
+        "source",
+    ),
+    (
+        "sender add forged lists",
+        lambda w: w.sender.add("busy", forged_tensors([1.0], [1], [[1], [2], [3]])),
+        E,
+        "source",
+    ),
+    (
+        "sender add requires grad",
+        lambda w: w.sender.add("busy", EmbeddingTensors(EMB.float().requires_grad_(), FILL, MROPE)),
+        E,
+        "source",
+    ),
+    ("sender add empty source", lambda w: w.sender.add("busy", source(0)), E, "source"),
+    (
+        "sender add mrope_delta 2**31",
+        lambda w: w.sender.add("busy", source(4), mrope_delta=2**31),
+        E,
+        "mrope_delta",
+    ),
+    (
+        "sender add mrope_delta str",
+        lambda w: w.sender.add("busy", source(4), mrope_delta="1"),  # type: ignore[arg-type]
+        E,
+        "mrope_delta",
+    ),
+    (
+        "sender add mrope_delta float",
+        lambda w: w.sender.add("busy", source(4), mrope_delta=1.5),  # type: ignore[arg-type]
+        E,
+        "mrope_delta",
+    ),
+    (
+        "sender add incarnation 0",
+        lambda w: w.sender.add("busy", source(4), incarnation=0),
+        E,
+        "incarnation",
+    ),
+    (
+        "sender add incarnation str",
+        lambda w: w.sender.add("busy", source(4), incarnation="2"),  # type: ignore[arg-type]
+        E,
+        "incarnation",
+    ),
+    (
+        "sender add incarnation bool",
+        lambda w: w.sender.add("busy", source(4), incarnation=True),
+        E,
+        "incarnation",
+    ),
+]
+
+
+def _valid_post(w: World) -> RoundPost:
+    return RoundPost(
+        "busy", 0, w.post.blocks, w.post.capacity_tokens, 0, w.post.allocation, incarnation=2
+    )
+
+
+TRANSPORT: list[Case] = [
+    ("InProcessTransport None", lambda w: InProcessTransport(None), E, "buffers"),  # type: ignore[arg-type]
+    ("InProcessTransport allocator", lambda w: InProcessTransport(w.allocator), E, "buffers"),  # type: ignore[arg-type]
+    ("post_round str", lambda w: w.transport.post_round("x"), E, "post"),  # type: ignore[arg-type]
+    (
+        "post_round str epoch",
+        lambda w: w.transport.post_round(RoundPost("r", "0", (1,), 4, 0, incarnation=1)),  # type: ignore[arg-type]
+        E,
+        "post",
+    ),
+    (
+        "post_round list blocks",
+        lambda w: w.transport.post_round(RoundPost("r", 0, [1], 4, 0, incarnation=1)),  # type: ignore[arg-type]
+        E,
+        "post",
+    ),
+    ("cancel list rid", lambda w: w.transport.cancel([], 0, incarnation=1), E, "rid"),  # type: ignore[arg-type]
+    ("cancel str epoch", lambda w: w.transport.cancel("r", "0", incarnation=1), E, "epoch"),  # type: ignore[arg-type]
+    ("cancel epoch -2", lambda w: w.transport.cancel("r", -2, incarnation=1), E, "epoch"),
+    ("cancel incarnation 0", lambda w: w.transport.cancel("r", 0, incarnation=0), E, "incarnation"),
+    ("report str", lambda w: w.transport.report("x"), E, "status"),  # type: ignore[arg-type]
+    (
+        "report str tokens",
+        lambda w: w.transport.report(Landed("busy", 0, "4", 4, True, incarnation=2)),  # type: ignore[arg-type]
+        E,
+        "status",
+    ),
+    ("report PeerLost", lambda w: w.transport.report(PeerLost("gone")), E, "status"),  # type: ignore[arg-type]
+    ("write_round str post", lambda w: w.transport.write_round("x", source(4), None), E, "post"),  # type: ignore[arg-type]
+    (
+        "write_round tuple data",
+        lambda w: w.transport.write_round(_valid_post(w), (EMB, FILL, MROPE), None),  # type: ignore[arg-type]
+        E,
+        "data",
+    ),
+    ("duplicate 99", lambda w: w.transport.duplicate(99), E, "index"),
+    ("duplicate str", lambda w: w.transport.duplicate("0"), E, "index"),  # type: ignore[arg-type]
+    ("reorder 5", lambda w: w.transport.reorder([5]), E, "order"),
+    ("reorder str", lambda w: w.transport.reorder("ab"), E, "order"),  # type: ignore[arg-type]
+    ("reorder None", lambda w: w.transport.reorder(None), E, "order"),  # type: ignore[arg-type]
+    ("shuffle None", lambda w: w.transport.shuffle(None), E, "rng"),  # type: ignore[arg-type]
+    ("shuffle seed", lambda w: w.transport.shuffle(42), E, "rng"),  # type: ignore[arg-type]
+    ("crash_sender int reason", lambda w: w.transport.crash_sender(5), E, "reason"),  # type: ignore[arg-type]
+    ("restart_sender None reason", lambda w: w.transport.restart_sender(None), E, "reason"),  # type: ignore[arg-type]
+]
+
+
+def _torch(*args: Any, **kwargs: Any) -> Callable[[World], object]:
+    return lambda w: TorchDistributedTransport(*args, **kwargs)
+
+
+def _torch_receiver(**kwargs: Any) -> Callable[[World], object]:
+    return lambda w: TorchDistributedTransport("receiver", 1, buffers=w.buffers, **kwargs)
+
+
+TORCH: list[Case] = [
+    ("torch role", _torch("encoder", 1), E, "role"),
+    ("torch peer -1", _torch("sender", -1), E, "peer"),
+    ("torch peer str", _torch("sender", "1"), E, "peer"),
+    ("torch receiver without buffers", _torch("receiver", 1), E, "buffers"),
+    ("torch buffers str", _torch("receiver", 1, buffers="x"), E, "buffers"),
+    ("torch timeout 0", _torch_receiver(timeout=0), E, "timeout"),
+    ("torch timeout -1", _torch_receiver(timeout=-1), E, "timeout"),
+    ("torch timeout inf", _torch_receiver(timeout=math.inf), E, "timeout"),
+    ("torch timeout nan", _torch_receiver(timeout=math.nan), E, "timeout"),
+    ("torch timeout str", _torch_receiver(timeout="5"), E, "timeout"),
+    ("torch timeout bool", _torch_receiver(timeout=True), E, "timeout"),
+    ("torch timeout 10**9", _torch_receiver(timeout=10**9), E, "timeout"),
+    ("torch aux_size 1", _torch("sender", 1, aux_size=1), E, "aux_size"),
+    ("torch aux_size str", _torch("sender", 1, aux_size="16"), E, "aux_size"),
+    ("torch owns_group str", _torch("sender", 1, owns_group="yes"), E, "owns_group"),
+    ("torch match", _torch("sender", 1, match="bytag"), E, "match"),
+    ("torch group str", _torch("sender", 1, group="world"), E, "group"),
+    ("torch data_group int", _torch("sender", 1, data_group=5), E, "data_group"),
+    (
+        "torch transport refuses a str id at add",
+        lambda w: _IntIdsTransport(w.buffers).receiver_for(w).add("a"),
+        E,
+        "rid",
+    ),
+    (
+        "torch transport refuses an id past int64 at add",
+        lambda w: _IntIdsTransport(w.buffers).receiver_for(w).add(2**63),
+        E,
+        "rid",
+    ),
+    (
+        "torch sender refuses a str id at add",
+        lambda w: EmbeddingSender(_IntIdsTransport(w.buffers)).add("a", source(4)),
+        E,
+        "rid",
+    ),
+]
+
+
+class _IntIdsTransport(InProcessTransport):
+    """An in-process transport that carries ids as TorchDistributedTransport does."""
+
+    check_request_id = TorchDistributedTransport.check_request_id
+
+    def receiver_for(self, w: World) -> ResumableReceiver:
+        return ResumableReceiver(w.buffers, self, 16)
+
+
+CASES = ALLOCATOR + BUFFERS + TENSORS + RECEIVER + SENDER + TRANSPORT + TORCH
+
+
+def test_there_are_at_least_150_distinct_cases() -> None:
+    names = [name for name, *_ in CASES]
+    assert len(set(names)) == len(names) >= 150
+
+
+@pytest.fixture
+def world() -> Iterator[World]:
+    w = make_world()
+    threads = threading.active_count()
+    yield w
+    assert threading.active_count() == threads  # nothing was left running
+    w.allocator.check_invariants()
+
+
+@pytest.mark.parametrize(("name", "call", "error", "names"), CASES, ids=[c[0] for c in CASES])
+def test_a_bad_value_is_refused_typed_named_and_changes_nothing(
+    world: World,
+    name: str,
+    call: Callable[[World], object],
+    error: type[BaseException],
+    names: str,
+) -> None:
+    before, tensors = world.snapshot(), world.tensors()
+    with pytest.raises(error) as info:
+        call(world)
+    assert isinstance(info.value, ResumeKitError), f"{name}: {type(info.value).__name__}"
+    assert names in str(info.value), f"{name}: {info.value}"
+    assert world.snapshot() == before, f"{name} changed the world"
+    after = world.tensors()
+    assert all(torch.equal(x, y) for x, y in zip(tensors, after, strict=True))
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-5", "1.5", "8192 tokens"])
+def test_a_bad_environment_default_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch, world: World, value: str
+) -> None:
+    monkeypatch.setenv(ENV_DEFAULT_ALLOCATE_TOKENS, value)
+    with pytest.raises(InvalidArgumentError, match=ENV_DEFAULT_ALLOCATE_TOKENS):
+        ResumableReceiver(world.buffers, world.transport)
+
+
+def test_the_world_still_works_after_every_refusal(world: World) -> None:
+    """The refusals above leave a receiver and sender that finish what they hold."""
+    for _name, call, error, _names in CASES:
+        with pytest.raises(error):
+            call(world)
+    rng = random.Random(0)
+    world.sender.add("busy", source(40, seed=2))
+    for _ in range(20):
+        world.transport.shuffle(rng)
+        world.sender.step()
+        world.receiver.step()
+    assert world.receiver.take("busy").ok and world.receiver.take("done").ok
+    world.allocator.free(world.held)
+    world.receiver.check_quiescent()
+    world.sender.check_quiescent()
