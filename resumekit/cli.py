@@ -84,27 +84,37 @@ class Progress:
         self.done = 0
         self.tty = sys.stderr.isatty()
         self._last = 0.0
+        self._text = ""
+        self._shown = -1  # ``done`` when a plain line was last printed
+
+    def _line(self) -> str:
+        width = 24
+        filled = min(width, int(width * self.done / self.total)) if self.total else width
+        return f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {self._text}"
 
     def show(self, text: str, *, force: bool = False) -> None:
-        width = 24
-        filled = int(width * self.done / self.total) if self.total else width
-        line = f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {text}"
+        self._text = text
         now = time.monotonic()
         if self.tty:
-            sys.stderr.write("\r" + line[:110].ljust(110))
+            sys.stderr.write("\r" + self._line()[:110].ljust(110))
             sys.stderr.flush()
         elif force or now - self._last >= 10:
-            print(line, file=sys.stderr, flush=True)
+            print(self._line(), file=sys.stderr, flush=True)
             self._last = now
+            self._shown = self.done
 
     def step(self, text: str) -> None:
         self.done += 1
-        self.show(text, force=self.done < self.total)
+        self.show(text, force=True)
 
     def close(self) -> None:
+        """Clear the bar; without a terminal, print where it ended if that was not shown."""
         if self.tty:
             sys.stderr.write("\r" + " " * 110 + "\r")
             sys.stderr.flush()
+        elif self._text and self._shown != self.done:
+            print(self._line(), file=sys.stderr, flush=True)
+            self._shown = self.done
 
 
 def _explore_both(
@@ -121,6 +131,8 @@ def _explore_both(
                 progress.show(f"explore {name} ({order}): {before + n:,} states")
 
         run = explore(b, strategy(name), workers=workers, progress=show)
+        if progress is not None:
+            progress.step(f"explored {name} ({order}): {states + run.states:,} states")
         states += run.states
         seconds += run.seconds
         complete = complete and run.complete
@@ -254,7 +266,7 @@ def _check(args: argparse.Namespace) -> int:
         default_blocks=args.default_blocks,
         **args.faults,
     )
-    progress = Progress(1)
+    progress = Progress(2 if args.reuse == "both" else 1)
     states, seconds, run, complete = _explore_both(
         args.strategy, bounds, args.reuse, progress, args.workers
     )

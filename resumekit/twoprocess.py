@@ -91,6 +91,7 @@ class PairReport:
     quarantined: int
     records_left: int
     seconds: float
+    steps: int = 0  # the receiver's event-loop iterations until every request finished
     receiver_exit: int | None = None
     sender_exit: int | None = None
 
@@ -158,6 +159,7 @@ def simulate_distributed(
         reason=outcome.reason,
         intact=outcome.intact,
         leaked_blocks=pair.leaked_blocks,
+        steps=pair.steps,
     )
 
 
@@ -202,8 +204,10 @@ def _receiver_main(cfg: PairConfig, port: int, queue: Any) -> None:
         receiver.add(r.rid)
     deadline = start + cfg.deadline
     live = {r.rid for r in cfg.requests}
+    steps = 0
     while live and time.monotonic() < deadline:
         finished = receiver.step()
+        steps += 1
         live.difference_update(finished)
         for rid, epoch in cfg.aborts:
             if rid in live:
@@ -236,6 +240,7 @@ def _receiver_main(cfg: PairConfig, port: int, queue: Any) -> None:
             quarantined=len(receiver.quarantined()),
             records_left=len(receiver),
             seconds=time.monotonic() - start,
+            steps=steps,
         )
     )
     transport.shutdown()  # owns the group: destroys it

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
@@ -128,3 +129,21 @@ def test_every_flag_has_help_and_shows_its_default(name: str) -> None:
             assert "default" in (action.help % {"default": action.default}) or (
                 f"(default: {action.default})" in " ".join(text.split())
             ), f"{name} {flag} does not show its default"
+
+
+@pytest.mark.parametrize(
+    ("args", "end"),
+    [
+        (["check", "--blocks", "3", "--requests", "1", "--max-rounds", "3"], "2/2 explored"),
+        (["check", "--blocks", "3", "--requests", "1", "--reuse", "fifo"], "1/1 explored"),
+        (["fuzz", "--max-examples", "3"], "3/3 fuzz"),
+    ],
+)
+def test_progress_without_a_terminal_ends_where_the_run_ended(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, args: list[str], end: str
+) -> None:
+    if args[0] == "fuzz":
+        args = [*args, "--database", str(tmp_path)]
+    assert main(args) == 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert end in lines[-1], lines
