@@ -11,6 +11,7 @@ from resumekit.allocator import Allocation, BlockAllocator, BlockBuffers, Embedd
 from resumekit.errors import (
     AllocatorError,
     CapacityExceededError,
+    DeviceMemoryError,
     DoubleFreeError,
     DuplicateRequestError,
     ForeignAllocationError,
@@ -33,6 +34,7 @@ __all__ = [
     "BlockAllocator",
     "BlockBuffers",
     "CapacityExceededError",
+    "DeviceMemoryError",
     "DoubleFreeError",
     "DuplicateRequestError",
     "EmbeddingTensors",
