@@ -14,7 +14,9 @@ import pytest
 
 from resumekit import (
     BlockAllocator,
+    BlockBuffers,
     DuplicateRequestError,
+    EmbeddingTensors,
     InvalidArgumentError,
     LeakError,
     RequestNotFinishedError,
@@ -26,6 +28,7 @@ from resumekit.statemachine import (
     Cancel,
     Cancelled,
     EmbeddingSender,
+    InProcessTransport,
     Landed,
     ReceiverObserver,
     ResumableReceiver,
@@ -1057,3 +1060,128 @@ def test_a_status_while_a_resume_waits_for_blocks(
         assert result.reason == f"protocol error: status for round 1, {in_flight}"
         quiet(p)  # the sender hears of it
     assert_clean(p)
+
+
+# -- what the mutation run showed no test looked at ------------------------------------------
+
+
+def test_take_hands_over_the_id_and_the_round_count() -> None:
+    p = pair(pool_blocks=64)
+    p.add("r", 20_000)  # 8192 + 8192 + 3616: three rounds
+    p.run(64)
+    result = p.receiver.take("r")
+    assert result.ok and result.rid == "r" and result.rounds == 3
+
+
+def test_a_malformed_status_fails_its_request_naming_the_problem() -> None:
+    p = pair()
+    p.add("r", 100)
+    p.add("other", 100)
+    p.receiver.step()
+    incarnation = p.receiver.record("r").incarnation
+    p.transport.inject(Landed("r", 0, "100", 100, True, incarnation=incarnation))  # type: ignore[arg-type]
+    p.receiver.step()
+    result = p.receiver.take("r")
+    assert result.state is S.Failed
+    assert result.reason == "protocol error: malformed status (tokens and total must be ints)"
+    assert p.receiver.malformed_statuses == 1
+    finish(p, "other")
+
+
+def test_a_post_delivered_as_a_status_fails_the_request_it_names() -> None:
+    p = pair()
+    p.add("r", 100)
+    p.receiver.step()
+    post = p.transport.posts[0]
+    p.transport.inject(post)  # type: ignore[arg-type]
+    p.receiver.step()
+    result = p.receiver.take("r")
+    assert result.state is S.Failed
+    assert result.reason == "protocol error: malformed status (RoundPost is not a status)"
+
+
+class _PoisonedBuffers(BlockBuffers):
+    """Buffers whose reads fail for one owner: a bad value past every earlier check."""
+
+    poisoned: Hashable = None
+
+    def read_into(self, allocation: Allocation, n: int, out: EmbeddingTensors, offset: int) -> None:
+        if allocation.owner == self.poisoned:
+            raise InvalidArgumentError("poisoned read")
+        super().read_into(allocation, n, out, offset)
+
+
+@pytest.mark.parametrize(
+    ("pool_blocks", "tokens"),
+    [(256, 20_000), (128, 20_000), (256, 100)],
+    ids=["next-round-already-posted", "no-room-to-post-early", "single-round"],
+)
+def test_an_error_past_the_checks_fails_that_request_alone_and_cancels_it(
+    pool_blocks: int, tokens: int
+) -> None:
+    allocator = BlockAllocator(pool_blocks, BS)
+    buffers = _PoisonedBuffers(allocator, 8, device="cpu")
+    buffers.poisoned = "bad"
+    transport = InProcessTransport(buffers)
+    observer = Rounds()
+    receiver = ResumableReceiver(buffers, transport, observer=observer)
+    sender = EmbeddingSender(transport)
+    sources = {"bad": random_source(tokens, 8, seed=1), "good": random_source(tokens, 8, seed=2)}
+    for rid, src in sources.items():
+        receiver.add(rid)
+        sender.add(rid, src)
+    for _ in range(40):
+        sender.step()
+        receiver.step()
+    bad, good = receiver.take("bad"), receiver.take("good")
+    assert bad.state is S.Failed and bad.reason == "protocol error: poisoned read"
+    assert observer.failed == [("bad", "protocol error: poisoned read")]
+    assert good.ok and good.output is not None and good.output.equal(sources["good"])
+    receiver.check_quiescent()
+    sender.check_quiescent()  # the sender was told: it holds nothing of "bad"
+
+
+def test_a_malformed_post_is_refused_naming_the_problem() -> None:
+    p = pair()
+    p.sender.add("r", random_source(100, 8), incarnation=1)
+    p.transport.posts.append(RoundPost("r", 0, [0], BS, 0, incarnation=1))  # type: ignore[arg-type]
+    p.sender.step()
+    [status] = p.transport.in_flight
+    assert status == SenderError(
+        "r", 0, "malformed post: blocks must be a tuple of ints", incarnation=1
+    )
+    assert p.sender.malformed_posts == 1 and len(p.sender) == 0
+
+
+def test_every_stale_post_is_counted() -> None:
+    p = pair()
+    p.transport.cancel("r", -1, incarnation=1)
+    p.sender.step()  # life 1 of "r" ended here before its source came
+    for _ in range(2):
+        p.transport.posts.append(RoundPost("r", 0, (0,), BS, 0, incarnation=1))
+    p.sender.step()
+    assert p.sender.stale_posts == 2
+
+
+def test_a_post_of_a_newer_life_ends_the_older_named_ones() -> None:
+    p = pair()
+    p.sender.add("r", random_source(100, 8, seed=1), incarnation=1)
+    p.sender.add("r", random_source(100, 8, seed=2), incarnation=2)
+    allocation = p.allocator.allocate(BS, "r")
+    assert allocation is not None
+    p.transport.posts.append(RoundPost("r", 0, allocation.blocks, BS, 0, allocation, incarnation=2))
+    p.sender.step()
+    [status] = p.transport.in_flight
+    assert status == Landed("r", 0, 100, 100, True, incarnation=2)
+    assert len(p.sender) == 0  # life 1's source went with life 2's first post
+    p.transport.posts.append(RoundPost("r", 0, allocation.blocks, BS, 0, incarnation=1))
+    p.sender.step()
+    assert p.sender.stale_posts == 1
+
+
+def test_a_post_of_a_newer_life_waits_once_the_older_source_is_gone() -> None:
+    p = pair()
+    p.sender.add("r", random_source(100, 8, seed=1), incarnation=1)
+    p.transport.posts.append(RoundPost("r", 0, (0,), BS, 0, incarnation=2))
+    p.sender.step()  # ends life 1; life 2 has no source yet: the post waits for it
+    assert len(p.sender) == 0 and "r" in p.sender and not p.transport.in_flight

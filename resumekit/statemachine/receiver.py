@@ -355,10 +355,12 @@ class ResumableReceiver:
                 else:
                     self._on_refused(req, s)  # type: ignore[arg-type]
             except (InvalidArgumentError, TransportError) as error:
-                # Bad values that got past the checks: this request's problem alone.
+                # Bad values that got past the checks: this request's problem alone. A
+                # status about the round in flight means the sender writes it no more.
                 if req.state.terminal:
                     raise
-                self._fail(req, f"protocol error: {error}", peer_alive=True)
+                done = req.allocation is not None and s.epoch == req.epoch
+                self._fail(req, f"protocol error: {error}", peer_alive=True, written=not done)
         elif kind is PeerLost:
             self._on_peer_lost(status)  # type: ignore[arg-type]
         elif kind is PeerBack:
@@ -530,7 +532,8 @@ class ResumableReceiver:
         if row is None:
             raise InvariantError(f"event {event.value!r} is illegal in state {req.state.name}")
         dest, action = row.if_true if guard else row.if_false
-        req.state = dest
+        if action is not Action.FINISH:  # FINISH: Success once the last round is copied out
+            req.state = dest
         if action is Action.IGNORE:
             return action
         if action is Action.POST_ROUND:
@@ -551,6 +554,7 @@ class ResumableReceiver:
                 resumed = not self._resumes and self._try_resume(req, early=True)
             self._consume(req, status, landed, offset)
             if action is Action.FINISH:
+                req.state = dest
                 self._finished.append(req.rid)
             elif not resumed:
                 if self._resumes:
@@ -588,7 +592,15 @@ class ResumableReceiver:
     ) -> None:
         """Copy the landed round out at ``offset`` and free its blocks, once."""
         assert req.output is not None  # made when round 0 was checked
-        self.buffers.read_into(allocation, status.tokens, req.output, offset)
+        try:
+            self.buffers.read_into(allocation, status.tokens, req.output, offset)
+        except BaseException:
+            # The round landed, so nothing writes its blocks any more: they go back
+            # before the request fails (an early resume may already be in flight).
+            if req.allocation is allocation:
+                req.allocation = None
+            self.allocator.free(allocation)
+            raise
         if self.observer is not None:
             self.observer.round_consumed(req.rid, status.epoch, status.tokens, allocation)
         self.allocator.free(allocation)
