@@ -255,8 +255,6 @@ class ResumableReceiver:
         except TypeError:
             raise _unhashable(rid) from None
 
-    state = poll
-
     def abort(self, rid: Hashable, reason: str = "aborted by the engine") -> bool:
         """Fail ``rid`` now; ``False`` if it had already finished."""
         req = self._record(rid)
