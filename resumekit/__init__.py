@@ -25,9 +25,19 @@ from resumekit.errors import (
     UnknownRequestError,
     UseAfterFreeError,
 )
+from resumekit.statemachine import (
+    EmbeddingSender,
+    InProcessTransport,
+    ReceiverObserver,
+    ResumableReceiver,
+    TransferResult,
+    TransferState,
+)
+from resumekit.statemachine.distributed import TorchDistributedTransport
 
 __version__ = "0.1.0"
 
+# What an engine needs, in one import: from resumekit import ResumableReceiver, ...
 __all__ = [
     "Allocation",
     "AllocatorError",
@@ -37,14 +47,21 @@ __all__ = [
     "DeviceMemoryError",
     "DoubleFreeError",
     "DuplicateRequestError",
+    "EmbeddingSender",
     "EmbeddingTensors",
     "ForeignAllocationError",
+    "InProcessTransport",
     "InvalidArgumentError",
     "InvariantError",
     "LeakError",
+    "ReceiverObserver",
     "RequestError",
     "RequestNotFinishedError",
+    "ResumableReceiver",
     "ResumeKitError",
+    "TorchDistributedTransport",
+    "TransferResult",
+    "TransferState",
     "TransportError",
     "UnknownRequestError",
     "UseAfterFreeError",
