@@ -20,11 +20,11 @@ from hypothesis.stateful import run_state_machine_as_test
 
 from resumekit.errors import InvalidArgumentError
 from resumekit.properties.invariants import InvariantViolation
+from resumekit.properties.profiles import DEFAULT_DATABASE
 from resumekit.properties.protocol_machine import ProtocolMachineBase, protocol_machine
 
 BATCH = 25  # examples per Hypothesis run: the cap is checked between runs
 STEPS = 50  # steps per example
-DEFAULT_DATABASE = ".resumekit/examples"
 
 
 @dataclass

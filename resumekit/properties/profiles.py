@@ -1,6 +1,9 @@
 """Hypothesis profiles: ``ci`` (deterministic, bounded; the default) and ``fuzz`` (long).
 
-``HYPOTHESIS_PROFILE`` picks one; :func:`load_profile` applies it.
+``HYPOTHESIS_PROFILE`` picks one; :func:`load_profile` applies it. ``fuzz`` keeps
+what it finds in the example database at ``DEFAULT_DATABASE`` (the one
+``resumekit fuzz`` uses), and is the profile HypoFuzz can collect: it fuzzes
+only tests that are not derandomized and share the default database.
 """
 
 from __future__ import annotations
@@ -8,9 +11,11 @@ from __future__ import annotations
 import os
 
 from hypothesis import HealthCheck, settings
+from hypothesis.database import DirectoryBasedExampleDatabase
 
 CI = "ci"
 FUZZ = "fuzz"
+DEFAULT_DATABASE = ".resumekit/examples"
 
 settings.register_profile(
     CI,
@@ -27,6 +32,7 @@ settings.register_profile(
     max_examples=20_000,
     stateful_step_count=100,
     deadline=None,
+    database=DirectoryBasedExampleDatabase(DEFAULT_DATABASE),
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow],
 )
