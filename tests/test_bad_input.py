@@ -710,9 +710,6 @@ TRANSPORT: list[Case] = [
     ),
     ("duplicate 99", lambda w: w.transport.duplicate(99), E, "index"),
     ("duplicate str", lambda w: w.transport.duplicate("0"), E, "index"),  # type: ignore[arg-type]
-    ("reorder 5", lambda w: w.transport.reorder([5]), E, "order"),
-    ("reorder str", lambda w: w.transport.reorder("ab"), E, "order"),  # type: ignore[arg-type]
-    ("reorder None", lambda w: w.transport.reorder(None), E, "order"),  # type: ignore[arg-type]
     ("shuffle None", lambda w: w.transport.shuffle(None), E, "rng"),  # type: ignore[arg-type]
     ("shuffle seed", lambda w: w.transport.shuffle(42), E, "rng"),  # type: ignore[arg-type]
     ("crash_sender int reason", lambda w: w.transport.crash_sender(5), E, "reason"),  # type: ignore[arg-type]

@@ -72,7 +72,7 @@ class InProcessTransport:
     """Both ends in one process over shared :class:`BlockBuffers`, driven step by step.
 
     Adversary hooks act on the statuses in flight (``in_flight``): ``hold`` /
-    ``release`` delay them, ``duplicate``, ``reorder`` and ``shuffle`` rearrange
+    ``release`` delay them, ``duplicate`` and ``shuffle`` rearrange
     them, ``inject`` forges one, ``crash_sender`` kills the sender (optionally
     right after its next write, before it reports), ``restart_sender`` kills it
     and connects a fresh one once the receiver has seen the loss, and
@@ -92,7 +92,6 @@ class InProcessTransport:
         self.sender_alive = True
         self.crash_after_next_write = False
         self.adversary: StatusFilter | None = None
-        self.on_write: Callable[[RoundPost, int], None] | None = None
         self.restarting = False  # a restart waits for the receiver to see the loss
         self.loss_seen = False  # ... and to have handled it (the poll after)
         self.posted = 0
@@ -155,8 +154,6 @@ class InProcessTransport:
         if post.allocation is None:
             raise TransportError("an in-process round post must carry its allocation")
         self.buffers.write(post.allocation, data.embeddings, data.fill_ids, data.mrope, aux=aux)
-        if self.on_write is not None:
-            self.on_write(post, data.num_tokens)
         if self.crash_after_next_write:
             self.crash_sender("sender crashed after writing a round")
 
@@ -180,24 +177,6 @@ class InProcessTransport:
         if type(status) is PeerLost or type(status) is PeerBack:
             raise InvalidArgumentError(f"{type(status).__name__} is reported once, not duplicated")
         self.in_flight.append(status)
-
-    def reorder(self, order: Sequence[int]) -> None:
-        """Rearrange ``in_flight`` to ``[in_flight[i] for i in order]`` (a permutation).
-
-        Connection events (:class:`PeerLost`, :class:`PeerBack`) keep their order,
-        as on a real link: they only trade places with statuses.
-        """
-        if (
-            not isinstance(order, Sequence)
-            or not all(type(i) is int for i in order)
-            or sorted(order) != list(range(len(self.in_flight)))
-        ):
-            raise InvalidArgumentError(
-                f"order must be a permutation of range({len(self.in_flight)})"
-            )
-        events = [s for s in self.in_flight if type(s) in _EVENTS]
-        self.in_flight = [self.in_flight[i] for i in order]
-        self._restore(events)
 
     def shuffle(self, rng: random.Random) -> None:
         """Shuffle ``in_flight``; connection events keep their order."""
