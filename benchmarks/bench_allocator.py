@@ -22,6 +22,7 @@ from _timing import (
 )  # benchmarks/ is on sys.path as the script's dir
 
 from resumekit import BlockAllocator, BlockBuffers, EmbeddingTensors
+from resumekit.allocator.buffers import default_device
 
 BLOCKS = 64
 BLOCK_SIZE = 128
@@ -73,15 +74,15 @@ def bench_allocator() -> list[Row]:
     return rows
 
 
-def bench_read_into(hidden: int) -> list[Row]:
+def bench_read_into(hidden: int, device: torch.device) -> list[Row]:
     rows = []
     for layout in ("fresh", "scattered"):
-        r = read_into_ratio(hidden, scattered=layout == "scattered")
+        r = read_into_ratio(hidden, device, scattered=layout == "scattered")
         rows.append((f"read_into / copy_ bandwidth, {layout} (>= 0.6)", r, r >= 0.6))
     return rows
 
 
-def read_into_ratio(hidden: int, *, scattered: bool) -> float:
+def read_into_ratio(hidden: int, device: torch.device, *, scattered: bool) -> float:
     """Bandwidth of read_into as a fraction of one contiguous copy_ of the same bytes."""
     pool = BlockAllocator(4 * BLOCKS, BLOCK_SIZE, reuse="fifo")
     if scattered:
@@ -89,22 +90,24 @@ def read_into_ratio(hidden: int, *, scattered: bool) -> float:
         random.Random(0).shuffle(held)
         for h in held:
             pool.free(h)  # type: ignore[arg-type]
-    buf = BlockBuffers(pool, hidden, device="cpu")
+    buf = BlockBuffers(pool, hidden, device=device)
     n = BLOCKS * BLOCK_SIZE
     a = pool.allocate(n, "r")
     assert a is not None
     src = EmbeddingTensors(
-        torch.randn(n, hidden).to(torch.bfloat16),
-        torch.arange(n, dtype=torch.int32),
-        torch.arange(3 * n, dtype=torch.int32).view(3, n),
+        torch.randn(n, hidden).to(torch.bfloat16).to(device),
+        torch.arange(n, dtype=torch.int32, device=device),
+        torch.arange(3 * n, dtype=torch.int32, device=device).view(3, n),
     )
+    # CUDA copies are asynchronous: each timed call waits for its own to finish.
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     buf.write(a, src.embeddings, src.fill_ids, src.mrope)
     out = buf.new_output(n)
     dst = torch.empty_like(src.embeddings)
     t = interleaved_medians(
         {
-            "copy_": lambda: dst.copy_(src.embeddings),
-            "read_into": lambda: buf.read_into(a, n, out, 0),
+            "copy_": lambda: (dst.copy_(src.embeddings), sync()),
+            "read_into": lambda: (buf.read_into(a, n, out, 0), sync()),
         },
         inner=3,
         rounds=15,
@@ -112,7 +115,7 @@ def read_into_ratio(hidden: int, *, scattered: bool) -> float:
     assert out.equal(src)
     gbps = {k: n * hidden * 2 / v / 1e9 for k, v in t.items()}
     print(
-        f"read_into {BLOCKS} x {BLOCK_SIZE} x {hidden} bf16, "
+        f"read_into {BLOCKS} x {BLOCK_SIZE} x {hidden} bf16 on {device.type}, "
         f"{'scattered' if scattered else 'fresh'} blocks: "
         f"read_into {gbps['read_into']:.2f} GB/s, copy_ {gbps['copy_']:.2f} GB/s"
     )
@@ -123,9 +126,23 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
     parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default=default_device().type,
+        help="where the buffers live (default: cuda when present)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads: one by default, so a busy neighbour process cannot "
+        "turn the copies into many times slower ones",
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    rows = bench_allocator() + bench_read_into(args.hidden)
+    rows = bench_allocator() + bench_read_into(args.hidden, torch.device(args.device))
     return report(rows, args.check)
 
 

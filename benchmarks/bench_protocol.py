@@ -25,6 +25,7 @@ from _timing import (
     report,
 )  # benchmarks/ is on sys.path as the script's dir
 
+from resumekit.allocator.buffers import default_device
 from resumekit.simulate import Loopback, random_source
 from resumekit.statemachine import (
     TABLE,
@@ -142,15 +143,18 @@ def _queued_bytes(pair: Loopback) -> int:
     return sum(sys.getsizeof(p) + sys.getsizeof(p.blocks) for p in pair.transport.posts)
 
 
-def bench_receive(tokens: int, hidden: int) -> list[Row]:
+def bench_receive(tokens: int, hidden: int, device: torch.device) -> list[Row]:
     pair = Loopback(
         pool_blocks=8192 // 128,
         block_size=128,
         hidden=hidden,
         default_allocate=8192,
         max_resume_tokens=8192,
+        device=device,
     )
-    source = random_source(tokens, hidden)
+    source = random_source(tokens, hidden, device=device)
+    # CUDA copies are asynchronous: each timing waits for its own work to finish.
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def receive_once(rid: int) -> float:
         pair.receiver.add(rid)
@@ -159,6 +163,7 @@ def bench_receive(tokens: int, hidden: int) -> list[Row]:
         while not pair.receiver.poll(rid).terminal:
             start = time.perf_counter()
             pair.receiver.step()
+            sync()
             spent += time.perf_counter() - start
             pair.sender.step()
         result = pair.receiver.take(rid)
@@ -169,6 +174,7 @@ def bench_receive(tokens: int, hidden: int) -> list[Row]:
         start = time.perf_counter()
         dst = torch.empty_like(source.embeddings)
         dst.copy_(source.embeddings)
+        sync()
         return time.perf_counter() - start
 
     receive_once(-1)
@@ -181,7 +187,8 @@ def bench_receive(tokens: int, hidden: int) -> list[Row]:
     gbytes = tokens * hidden * 2 / 1e9
     ratio = copy / receive
     print(
-        f"receive {tokens} x {hidden} bf16 in 8192-token rounds: {gbytes / receive:.2f} GB/s "
+        f"receive {tokens} x {hidden} bf16 on {device.type} in 8192-token rounds: "
+        f"{gbytes / receive:.2f} GB/s "
         f"(receiver steps only); one contiguous copy: {gbytes / copy:.2f} GB/s"
     )
     return [("receive / contiguous copy bandwidth (>= 0.5)", ratio, ratio >= 0.5)]
@@ -192,10 +199,24 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
     parser.add_argument("--hidden", type=int, default=3584)
     parser.add_argument("--tokens", type=int, default=50_000)
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default=default_device().type,
+        help="where the blocks live for the receive benchmark (default: cuda when present)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads: one by default, so a busy neighbour process cannot "
+        "turn the copies into many times slower ones",
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     rows = bench_idle_poll() + bench_transition() + bench_record()
-    rows += bench_receive(args.tokens, args.hidden)
+    rows += bench_receive(args.tokens, args.hidden, torch.device(args.device))
     return report(rows, args.check)
 
 

@@ -10,8 +10,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, Final
 
+import torch
+
 from resumekit import __version__
 from resumekit.allocator.block_allocator import MAX_BLOCK_SIZE, MAX_NUM_BLOCKS
+from resumekit.allocator.buffers import default_device, device_memory_bytes
 from resumekit.errors import ResumeKitError
 from resumekit.properties.explorer import STANDARD_BOUNDS, Exploration, explore
 from resumekit.properties.fuzz import DEFAULT_DATABASE, FuzzResult, fuzz, replay
@@ -25,7 +28,13 @@ from resumekit.properties.verify import (
     verify,
 )
 from resumekit.properties.verify import format_report as format_verify
-from resumekit.simulate import check_reuse, default_pool_blocks, format_report, simulate
+from resumekit.simulate import (
+    SimulationReport,
+    check_reuse,
+    default_pool_blocks,
+    format_report,
+    simulate,
+)
 from resumekit.statemachine import diagram
 from resumekit.statemachine.receiver import (
     ENV_DEFAULT_ALLOCATE_TOKENS,
@@ -293,14 +302,23 @@ def _simulate_problem(args: argparse.Namespace, default_allocate: int) -> str | 
             f"round 0's {default_allocate} tokens ({source}) need more blocks of --block-size "
             f"{args.block_size} than --pool-blocks {pool_blocks}: it could never be allocated"
         )
+    if args.device is None:
+        args.device = "cpu" if args.transport == "torch" else default_device().type
+    elif args.device == "cuda" and args.transport == "torch":
+        return (
+            "--device cuda with --transport torch needs NCCL between two GPUs; this "
+            "simulation runs its two processes over gloo (--device cpu)"
+        )
+    elif args.device == "cuda" and not torch.cuda.is_available():
+        return "--device cuda: CUDA is not available on this machine"
     # bf16 source and output, and the pool's blocks.
     needed = (2 * args.tokens + pool_blocks * args.block_size) * args.hidden * 2
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if needed > memory:
+    memory = device_memory_bytes(torch.device(args.device))
+    if memory is not None and needed > memory:
         return (
             f"--tokens {args.tokens}, --hidden {args.hidden} and a pool of {pool_blocks} blocks "
-            f"of --block-size {args.block_size} need {needed:,} bytes, more than this "
-            f"machine's {memory:,}"
+            f"of --block-size {args.block_size} need {needed:,} bytes, more than the "
+            f"{memory:,} of --device {args.device}"
         )
     return None
 
@@ -315,8 +333,8 @@ def _simulate(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"resumekit simulate: {problem}", file=sys.stderr)
         return 2
-    run = simulate
-    extra: dict[str, float] = {}
+    run: Callable[..., SimulationReport] = simulate
+    extra: dict[str, Any] = {"device": args.device}
     if args.transport == "torch":
         from resumekit.twoprocess import simulate_distributed  # noqa: PLC0415 - starts torch.distributed
 
@@ -506,6 +524,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument(
         "--seed", type=_at_least(0, MAX_SEED), default=0, help="seed of the random embedding"
+    )
+    sim.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default=None,
+        help="where the blocks live (default: cuda when present, else cpu; cpu with "
+        "--transport torch)",
     )
     sim.add_argument("--json", action="store_true", help="print a JSON report")
     sim.add_argument(

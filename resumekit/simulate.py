@@ -53,13 +53,18 @@ class SimulationReport:
         return json.dumps(data)
 
 
-def random_source(num_tokens: int, hidden: int, *, seed: int = 0) -> EmbeddingTensors:
-    """A reproducible embedding with distinct fill ids and mRoPE positions per token."""
+def random_source(
+    num_tokens: int, hidden: int, *, seed: int = 0, device: torch.device | str = "cpu"
+) -> EmbeddingTensors:
+    """A reproducible embedding with distinct fill ids and mRoPE positions per token.
+
+    Drawn on the CPU (the same values for a seed on every device), then moved to ``device``.
+    """
     g = torch.Generator().manual_seed(seed)
     return EmbeddingTensors(
-        torch.randn(num_tokens, hidden, generator=g).to(torch.bfloat16),
-        torch.randint(0, 2**31 - 1, (num_tokens,), generator=g, dtype=torch.int32),
-        torch.randint(0, 2**31 - 1, (3, num_tokens), generator=g, dtype=torch.int32),
+        torch.randn(num_tokens, hidden, generator=g).to(torch.bfloat16).to(device),
+        torch.randint(0, 2**31 - 1, (num_tokens,), generator=g, dtype=torch.int32).to(device),
+        torch.randint(0, 2**31 - 1, (3, num_tokens), generator=g, dtype=torch.int32).to(device),
     )
 
 
@@ -100,9 +105,10 @@ class Loopback:
         round_filter: RoundFilter | None = None,
         allocator_type: type[BlockAllocator] = BlockAllocator,
         transport_type: type[InProcessTransport] = InProcessTransport,
+        device: torch.device | str | None = "cpu",
     ) -> None:
         self.allocator = allocator_type(pool_blocks, block_size, reuse=reuse)
-        self.buffers = BlockBuffers(self.allocator, hidden, device="cpu")
+        self.buffers = BlockBuffers(self.allocator, hidden, device=device)
         self.transport = transport_type(self.buffers)
         self.receiver = ResumableReceiver(
             self.buffers,
@@ -117,7 +123,9 @@ class Loopback:
 
     def add(self, rid: Hashable, tokens: int, *, seed: int = 0, mrope_delta: int = 0) -> None:
         """Start ``rid`` on both sides with a random ``tokens``-long source."""
-        source = random_source(tokens, self.buffers.hidden_size, seed=seed)
+        source = random_source(
+            tokens, self.buffers.hidden_size, seed=seed, device=self.buffers.device
+        )
         self.receiver.add(rid)
         self.sender.add(rid, source, mrope_delta=mrope_delta)
         self.sources[rid] = source
@@ -175,11 +183,13 @@ def simulate(
     reuse: ReuseOrder = "lifo",
     max_round_tokens: int | None = None,
     seed: int = 0,
+    device: torch.device | str | None = None,
 ) -> SimulationReport:
     """Move a random ``tokens``-long embedding through the protocol and report every round.
 
     ``pool_blocks`` defaults to a pool that holds the whole embedding (and the
-    default allocation); ``max_round_tokens`` caps each resume's allocation.
+    default allocation); ``max_round_tokens`` caps each resume's allocation; the
+    buffers live on ``device`` (CUDA when present, else CPU).
     """
     tokens = as_int(tokens, "tokens", minimum=1)
     block_size = as_int(block_size, "block_size", minimum=1)
@@ -195,6 +205,7 @@ def simulate(
         default_allocate=default_allocate,
         max_resume_tokens=max_round_tokens,
         observer=log,
+        device=device,
     )
     rid = "request-0"
     pair.add(rid, tokens, seed=seed)

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 import pytest
+import torch
 
 from resumekit import __version__
 from resumekit.cli import build_parser, main
@@ -66,6 +67,7 @@ IMPOSSIBLE = [
     (["--hidden", "1000000000"], ["--tokens", "--hidden", "bytes"]),
     (["--tokens", "10", "--hidden", str(2**30)], ["--hidden", "bytes"]),
     (["--pool-blocks", "1", "--block-size", "16"], ["--default-allocate", "--pool-blocks"]),
+    (["--transport", "torch", "--device", "cuda"], ["--transport", "--device cuda", "NCCL"]),
     (
         ["--pool-blocks", "2", "--block-size", "8", "--default-allocate", "17"],
         ["--default-allocate", "--pool-blocks", "--block-size"],
@@ -147,3 +149,10 @@ def test_progress_without_a_terminal_ends_where_the_run_ended(
     assert main(args) == 0
     lines = capsys.readouterr().err.strip().splitlines()
     assert end in lines[-1], lines
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA answer")
+def test_simulate_on_cuda_without_cuda_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["simulate", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["resumekit simulate: --device cuda: CUDA is not available on this machine"]
