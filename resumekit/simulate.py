@@ -60,7 +60,9 @@ def random_source(
 
     Drawn on the CPU (the same values for a seed on every device), then moved to ``device``.
     """
-    g = torch.Generator().manual_seed(seed)
+    num_tokens = as_int(num_tokens, "num_tokens", minimum=0)
+    hidden = as_int(hidden, "hidden", minimum=1)
+    g = torch.Generator().manual_seed(as_int(seed, "seed"))
     return EmbeddingTensors(
         torch.randn(num_tokens, hidden, generator=g).to(torch.bfloat16).to(device),
         torch.randint(0, 2**31 - 1, (num_tokens,), generator=g, dtype=torch.int32).to(device),

@@ -29,16 +29,25 @@ from resumekit import (
     UnknownRequestError,
     UseAfterFreeError,
 )
-from resumekit.properties.protocol_machine import forged_tensors
+from resumekit.properties.allocator_machine import allocator_machine, resumekit_allocator_machine
+from resumekit.properties.explorer import explore
+from resumekit.properties.fuzz import fuzz
+from resumekit.properties.harness import Bounds, InvalidBounds
+from resumekit.properties.protocol_machine import forged_tensors, protocol_machine
+from resumekit.properties.strategies import strategy
+from resumekit.properties.verify import verify
+from resumekit.simulate import random_source, simulate
 from resumekit.statemachine import (
     ENV_DEFAULT_ALLOCATE_TOKENS,
     EmbeddingSender,
+    Event,
     InProcessTransport,
     Landed,
     PeerLost,
     ResumableReceiver,
     RoundPost,
     TransferState,
+    next_state,
 )
 from resumekit.statemachine.distributed import TorchDistributedTransport
 
@@ -774,7 +783,67 @@ class _IntIdsTransport(InProcessTransport):
         return ResumableReceiver(w.buffers, self, 16)
 
 
-CASES = ALLOCATOR + BUFFERS + TENSORS + RECEIVER + SENDER + TRANSPORT + TORCH
+PROPERTIES: list[Case] = [
+    ("Bounds blocks 0", lambda w: Bounds(blocks=0), InvalidBounds, "blocks"),
+    ("Bounds blocks str", lambda w: Bounds(blocks="3"), InvalidBounds, "blocks"),  # type: ignore[arg-type]
+    ("Bounds requests 100", lambda w: Bounds(requests=100), InvalidBounds, "requests"),
+    ("Bounds duplicates -1", lambda w: Bounds(duplicates=-1), InvalidBounds, "duplicates"),
+    ("Bounds reuse", lambda w: Bounds(reuse="mru"), InvalidBounds, "reuse"),
+    (
+        "Bounds default > blocks",
+        lambda w: Bounds(blocks=2, default_blocks=3),
+        InvalidBounds,
+        "default_blocks",
+    ),
+    ("explore str bounds", lambda w: explore("std", strategy("epoch")), E, "bounds"),  # type: ignore[arg-type]
+    ("explore str filter", lambda w: explore(Bounds(), "epoch"), E, "round_filter"),  # type: ignore[arg-type]
+    ("explore workers 0", lambda w: explore(Bounds(), strategy("epoch"), workers=0), E, "workers"),
+    (
+        "explore max_states 0",
+        lambda w: explore(Bounds(), strategy("epoch"), max_states=0),
+        E,
+        "max_states",
+    ),
+    ("strategy unknown", lambda w: strategy("nope"), E, "nope"),
+    ("fuzz unknown strategy", lambda w: fuzz("nope", max_examples=1), E, "nope"),
+    ("fuzz max_examples 0", lambda w: fuzz("epoch", max_examples=0), E, "max_examples"),
+    ("fuzz cap -1", lambda w: fuzz("epoch", max_examples=1, cap_seconds=-1), E, "cap_seconds"),
+    (
+        "fuzz start_seed str",
+        lambda w: fuzz("epoch", max_examples=1, start_seed="a"),
+        E,
+        "start_seed",
+    ),  # type: ignore[arg-type]
+    ("verify examples 0", lambda w: verify(examples=0), E, "examples"),
+    ("verify broken_examples 0", lambda w: verify(broken_examples=0), E, "broken_examples"),
+    ("verify cap 0", lambda w: verify(cap_seconds=0), E, "cap_seconds"),
+    ("verify workers 0", lambda w: verify(workers=0), E, "workers"),
+    ("verify seed -1", lambda w: verify(seed=-1), E, "seed"),
+    ("allocator_machine None", lambda w: allocator_machine(None), E, "make_adapter"),  # type: ignore[arg-type]
+    (
+        "resumekit_allocator_machine 0 blocks",
+        lambda w: resumekit_allocator_machine(0),
+        E,
+        "num_blocks",
+    ),
+    (
+        "resumekit_allocator_machine reuse",
+        lambda w: resumekit_allocator_machine(reuse="mru"),
+        E,
+        "reuse",
+    ),  # type: ignore[arg-type]
+    ("protocol_machine unknown", lambda w: protocol_machine("nope"), E, "nope"),
+    ("next_state str state", lambda w: next_state("Success", Event.LANDED), E, "state"),  # type: ignore[arg-type]
+    ("next_state str event", lambda w: next_state(TransferState.Success, "landed"), E, "event"),  # type: ignore[arg-type]
+    ("simulate tokens 0", lambda w: simulate(0), E, "tokens"),
+    ("simulate hidden 0", lambda w: simulate(10, hidden=0), E, "hidden_size"),
+    ("simulate pool 0", lambda w: simulate(10, pool_blocks=0), E, "num_blocks"),
+    ("simulate device tpu", lambda w: simulate(10, device="tpu"), E, "device"),
+    ("random_source -1 tokens", lambda w: random_source(-1, 4), E, "num_tokens"),
+    ("random_source hidden 0", lambda w: random_source(4, 0), E, "hidden"),
+]
+
+CASES = ALLOCATOR + BUFFERS + TENSORS + RECEIVER + SENDER + TRANSPORT + TORCH + PROPERTIES
 
 
 def test_there_are_at_least_150_distinct_cases() -> None:

@@ -389,6 +389,11 @@ def allocator_machine(
     make_adapter: Callable[[], AllocatorAdapter[Any]], name: str = "AllocatorMachine"
 ) -> type[AllocatorMachineBase[Any]]:
     """A state machine class checking the allocators ``make_adapter`` builds."""
+    if not callable(make_adapter):
+        raise InvalidArgumentError(
+            f"make_adapter must be a callable returning an AllocatorAdapter, "
+            f"not {type(make_adapter).__name__}"
+        )
     return type(name, (AllocatorMachineBase,), {"make_adapter": staticmethod(make_adapter)})
 
 
@@ -399,6 +404,11 @@ def resumekit_allocator_machine(
     allocator_type: type[BlockAllocator] = BlockAllocator,
 ) -> type[AllocatorMachineBase[Any]]:
     """The machine for resumekit's own allocator (or a subclass, e.g. with a planted bug)."""
+    if not (isinstance(allocator_type, type) and issubclass(allocator_type, BlockAllocator)):
+        raise InvalidArgumentError(
+            f"allocator_type must be BlockAllocator or a subclass, not {allocator_type!r}"
+        )
+    allocator_type(num_blocks, block_size, reuse=reuse)  # the arguments' own checks, now
 
     def make() -> AllocatorAdapter[Any]:
         return ResumeKitAllocatorAdapter(allocator_type(num_blocks, block_size, reuse=reuse))

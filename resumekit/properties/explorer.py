@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
+from resumekit._check import as_int, check_interface
+from resumekit.errors import InvalidArgumentError
 from resumekit.properties.forking import fork_pool
 from resumekit.properties.harness import CRASH, Bounds, Harness, World, action_text
 from resumekit.properties.invariants import LIVENESS, InvariantViolation
@@ -83,6 +85,13 @@ def explore(
     ``max_states`` caps each partition, ``deadline`` (a ``time.perf_counter()``
     value) the whole run between partitions; a capped run is not complete.
     """
+    if not isinstance(bounds, Bounds):
+        raise InvalidArgumentError(f"bounds must be a Bounds, not {type(bounds).__name__}")
+    check_interface(round_filter, "round_filter", "RoundFilter", ("judge", "remember"))
+    if workers is not None:
+        workers = as_int(workers, "workers", minimum=1)
+    if max_states is not None:
+        max_states = as_int(max_states, "max_states", minimum=1)
     harness = Harness(bounds, round_filter)
     seeds = list(harness.initial_totals())
     start = time.perf_counter()

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, Phase, seed, settings
 from hypothesis.database import DirectoryBasedExampleDatabase
 from hypothesis.stateful import run_state_machine_as_test
 
+from resumekit._check import as_int
 from resumekit.errors import InvalidArgumentError
 from resumekit.properties.invariants import InvariantViolation
 from resumekit.properties.profiles import DEFAULT_DATABASE
@@ -96,6 +97,7 @@ def fuzz(
         raise InvalidArgumentError(f"max_examples must be an int >= 1, got {max_examples!r}")
     if cap_seconds is not None and not cap_seconds > 0:
         raise InvalidArgumentError(f"cap_seconds must be > 0, got {cap_seconds!r}")
+    as_int(start_seed, "start_seed", minimum=0)
     machine = protocol_machine(strategy_name)
     db = None if database is None else str(database)
     result = FuzzResult(strategy_name, start_seed)

@@ -17,6 +17,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Final
 
+from resumekit._check import as_int
 from resumekit.errors import InvalidArgumentError
 from resumekit.properties.explorer import (
     ADVERSARY_BOUNDS,
@@ -137,6 +138,9 @@ def verify(
             )
     if cap_seconds is not None and not cap_seconds > 0:
         raise InvalidArgumentError(f"cap_seconds must be > 0, got {cap_seconds!r}")
+    if workers is not None:
+        as_int(workers, "workers", minimum=1)
+    as_int(seed, "seed", minimum=0)
     start = time.perf_counter()
     deadline = None if cap_seconds is None else start + cap_seconds
     report = VerifyReport([], examples, broken_examples, cap_seconds, quick)

@@ -15,6 +15,8 @@ from typing import Any, Final
 
 from transitions import Machine
 
+from resumekit.errors import InvalidArgumentError
+
 
 class TransferState(IntEnum):
     """A request's state on the receiver; values match SGLang's ``KVPoll``."""
@@ -154,6 +156,10 @@ TABLE: Final = compile_table()
 
 def next_state(state: TransferState, event: Event, guard: bool = True) -> Outcome | None:
     """(dest, action) for ``event`` in ``state`` with the guard's outcome; ``None`` if illegal."""
+    if not isinstance(state, TransferState):
+        raise InvalidArgumentError(f"state must be a TransferState, not {state!r}")
+    if not isinstance(event, Event):
+        raise InvalidArgumentError(f"event must be an Event, not {event!r}")
     row = TABLE[state].get(event)
     if row is None:
         return None
