@@ -34,12 +34,9 @@ from resumekit.statemachine import (
     ResumableReceiver,
     RoundPost,
 )
-from resumekit.statemachine.distributed import (
-    DATA,
-    TAG_DATA,
-    TAG_TO_RECEIVER,
-    TorchDistributedTransport,
-)
+from resumekit.statemachine.distributed import TorchDistributedTransport
+from resumekit.statemachine.torch_sender import TorchSenderEnd
+from resumekit.statemachine.wire import DATA, TAG_DATA, TAG_TO_RECEIVER
 
 if TYPE_CHECKING:
     from resumekit.allocator import EmbeddingTensors
@@ -246,7 +243,7 @@ def _receiver_main(cfg: PairConfig, port: int, queue: Any) -> None:
     transport.shutdown()  # owns the group: destroys it
 
 
-class _FailingSenderTransport(TorchDistributedTransport):
+class _FailingSenderTransport(TorchSenderEnd):
     """Fails inside round ``fault_round`` after the header and half the payload: it kills
     its process (``die``) or stays alive and silent (``hang``)."""
 

@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from resumekit.allocator import ReuseOrder
 from resumekit.errors import InvalidArgumentError
-from resumekit.statemachine.distributed import _rid, runs
+from resumekit.statemachine.wire import runs, wire_rid
 from resumekit.twoprocess import PairConfig, Request, run_pair, simulate_distributed
 
 pytestmark = pytest.mark.skipif(not dist.is_gloo_available(), reason="needs gloo")
@@ -27,11 +27,11 @@ def test_runs_merge_adjacent_full_blocks() -> None:
 
 
 def test_request_ids_must_be_ints() -> None:
-    assert _rid(7) == 7
+    assert wire_rid(7) == 7
     with pytest.raises(InvalidArgumentError, match="rid must be an int64"):
-        _rid("seven")
+        wire_rid("seven")
     with pytest.raises(InvalidArgumentError, match="rid must be an int64"):
-        _rid(2**63)
+        wire_rid(2**63)
 
 
 def test_50k_tokens_capped_resumes_over_gloo() -> None:

@@ -19,6 +19,8 @@ from resumekit.errors import InvalidArgumentError, TransportError
 from resumekit.statemachine import RoundPost
 from resumekit.statemachine.distributed import TorchDistributedTransport
 from resumekit.statemachine.messages import Cancelled, Landed, SenderError
+from resumekit.statemachine.torch_receiver import TorchReceiverEnd
+from resumekit.statemachine.torch_sender import TorchSenderEnd
 
 pytestmark = pytest.mark.skipif(not dist.is_gloo_available(), reason="needs gloo")
 
@@ -33,9 +35,9 @@ def one_rank_group() -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def _bare(**attrs: Any) -> TorchDistributedTransport:
-    """A transport with no threads or group: just the state the method under test reads."""
-    t = TorchDistributedTransport.__new__(TorchDistributedTransport)
+def _bare(end: type[TorchDistributedTransport] = TorchReceiverEnd, **attrs: Any) -> Any:
+    """An end with no threads or group: just the state the method under test reads."""
+    t = object.__new__(end)
     defaults: dict[str, Any] = {
         "_inbox": deque(),
         "_wake": threading.Event(),
@@ -127,7 +129,7 @@ def test_cuda_completion_is_polled_within_the_timeout() -> None:
 
 
 def test_cuda_sources_need_an_nccl_data_group() -> None:
-    t = _bare(role="sender", _closing=False, _nccl=False)
+    t = _bare(TorchSenderEnd, _closing=False, _nccl=False)
     data = SimpleNamespace(
         num_tokens=4, embeddings=SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
     )
@@ -139,7 +141,7 @@ def test_cuda_sources_need_an_nccl_data_group() -> None:
 def test_sender_forgets_the_tags_of_rounds_it_will_never_write() -> None:
     sent: list[tuple[int, ...]] = []
     tags = {(1, 1, 0): 16, (1, 1, 1): 17, (2, 1, 0): 18}  # (rid, incarnation, epoch): tag
-    t = _bare(role="sender", _closing=False, _tags=tags)
+    t = _bare(TorchSenderEnd, _closing=False, _tags=tags)
     t._send_header = lambda tag, *values: sent.append(values)  # type: ignore[method-assign]
     t._send = lambda tensor, tag, group=None: None  # type: ignore[method-assign]
     t.report(Landed(1, 1, 8, 16, False, incarnation=1))  # written: write_round took its tag
@@ -148,3 +150,29 @@ def test_sender_forgets_the_tags_of_rounds_it_will_never_write() -> None:
     t.report(SenderError(2, 0, "round 0 offers 0 tokens", incarnation=1))
     assert t._tags == {(1, 1, 1): 17}
     assert [v[0] for v in sent] == [11, 12, 13]  # LANDED, CANCELLED, SENDER_ERROR
+
+
+def test_the_role_picks_the_end() -> None:
+    for role, end in (("receiver", TorchReceiverEnd), ("sender", TorchSenderEnd)):
+        t = TorchDistributedTransport.__new__(TorchDistributedTransport, role)  # type: ignore[arg-type]
+        assert type(t) is end and isinstance(t, TorchDistributedTransport) and t.role == role
+
+
+def test_a_call_of_the_other_end_is_a_transport_error() -> None:
+    sender, receiver = _bare(TorchSenderEnd), _bare(TorchReceiverEnd)
+    post = RoundPost(0, 0, (0,), 8, 0, incarnation=1)
+    for call in (
+        lambda: sender.post_round(post),
+        lambda: sender.cancel(0, 0, incarnation=1),
+        sender.finish,
+        sender.poll_statuses,
+    ):
+        with pytest.raises(TransportError, match="this is the sender end; that call belongs"):
+            call()
+    for call in (
+        receiver.poll_posts,
+        lambda: receiver.write_round(post, None, None),
+        lambda: receiver.report(Cancelled(0, 0, incarnation=1)),
+    ):
+        with pytest.raises(TransportError, match="this is the receiver end; that call belongs"):
+            call()

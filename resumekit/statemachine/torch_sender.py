@@ -1,0 +1,167 @@
+"""The sender's end of :class:`~resumekit.statemachine.distributed.TorchDistributedTransport`:
+reads posts and cancels, writes each round's payload straight into the
+receiver's blocks, and reports what became of each round."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+
+from resumekit.allocator.buffers import MROPE_ROWS, EmbeddingTensors
+from resumekit.errors import InvalidArgumentError, TransportError
+from resumekit.statemachine.distributed import (
+    Closed,
+    Lost,
+    PostArrived,
+    Role,
+    TorchDistributedTransport,
+)
+from resumekit.statemachine.messages import (
+    Cancel,
+    Cancelled,
+    Landed,
+    Post,
+    RoundPost,
+    SenderError,
+)
+from resumekit.statemachine.wire import (
+    BYE,
+    CANCEL,
+    CANCELLED,
+    CLOSE,
+    DATA,
+    LANDED,
+    POST,
+    SENDER_ERROR,
+    TAG_BLOCKS,
+    TAG_DATA,
+    TAG_REASON,
+    TAG_TO_RECEIVER,
+    TAG_TO_SENDER,
+    Key,
+    encode_reason,
+    header,
+    runs,
+    wire_rid,
+)
+
+_EMPTY: tuple[Post, ...] = ()
+
+
+class TorchSenderEnd(TorchDistributedTransport):
+    """The encode side's end: ``TorchDistributedTransport("sender", peer)``."""
+
+    role: ClassVar[Role] = "sender"
+    _control_tag: ClassVar[int] = TAG_TO_SENDER
+    _heartbeat_tag: ClassVar[int] = TAG_TO_RECEIVER
+
+    def __init__(self, role: Role, peer: int, **kwargs: Any) -> None:
+        self._tags: dict[Key, int] = {}  # each posted round's payload tag
+        super().__init__(role, peer, **kwargs)
+
+    # -- the event loop's calls ----------------------------------------------------------
+
+    def poll_posts(self) -> Sequence[Post]:
+        inbox = self._inbox
+        if not inbox:
+            return _EMPTY
+        out: list[Post] = []
+        while inbox:
+            item = inbox.popleft()
+            kind = type(item)
+            if kind is PostArrived:
+                out.append(item.post)  # type: ignore[union-attr]
+            elif kind is Closed:
+                self.finished = True
+            elif kind is Lost:
+                self.peer_lost = item.reason  # type: ignore[union-attr]
+                self.finished = True
+        return out
+
+    def write_round(
+        self, post: RoundPost, data: EmbeddingTensors, aux: Sequence[int] | None
+    ) -> None:
+        if self._closing:
+            return
+        n = data.num_tokens
+        if data.embeddings.is_cuda != self._nccl:
+            raise InvalidArgumentError(
+                f"{data.embeddings.device.type} tensors cannot go over this data group: CUDA "
+                "sources need an NCCL data_group, CPU ones a gloo one"
+            )
+        if not post.blocks or post.capacity_tokens % len(post.blocks):
+            raise TransportError(f"round {post.epoch} post has an inconsistent capacity")
+        bs = post.capacity_tokens // len(post.blocks)
+        rid = wire_rid(post.rid)
+        tag = self._tags.pop((rid, post.incarnation, post.epoch), TAG_DATA)
+        self._send_header(TAG_TO_RECEIVER, DATA, rid, post.incarnation, post.epoch, n, tag)
+        group = self.data_group
+        offset = 0
+        for _first, count in runs(post.blocks, n, bs):
+            end = offset + count
+            self._send(data.embeddings[offset:end].contiguous(), tag, group)
+            self._send(data.fill_ids[offset:end].contiguous(), tag, group)
+            for r in range(MROPE_ROWS):
+                self._send(data.mrope[r, offset:end].contiguous(), tag, group)
+            offset = end
+        row = torch.zeros(self.aux_size, dtype=torch.int32, device=data.embeddings.device)
+        if aux:
+            row[: len(aux)] = torch.tensor(list(aux), dtype=torch.int32)
+        self._send(row, tag, group)
+
+    def report(self, status: Landed | Cancelled | SenderError) -> None:
+        if self._closing:
+            return
+        rid = wire_rid(status.rid)
+        inc = status.incarnation
+        if isinstance(status, Landed):
+            final = int(status.final)
+            self._send_header(
+                TAG_TO_RECEIVER, LANDED, rid, inc, status.epoch, status.tokens, status.total, final
+            )
+            return
+        # A round cancelled or refused before it was written never uses its tag.
+        self._tags.pop((rid, inc, status.epoch), None)
+        if isinstance(status, Cancelled):
+            self._send_header(TAG_TO_RECEIVER, CANCELLED, rid, inc, status.epoch)
+        else:
+            reason = encode_reason(status.reason)
+            self._send_header(TAG_TO_RECEIVER, SENDER_ERROR, rid, inc, status.epoch, len(reason))
+            self._send(torch.tensor(list(reason), dtype=torch.uint8), TAG_REASON)
+
+    # -- the control thread --------------------------------------------------------------
+
+    def _on_header(self, h: tuple[int, ...]) -> bool:
+        if h[0] == POST:
+            _, rid, inc, epoch, sent, capacity, n, tag, expect, _ = h
+            blocks = torch.zeros(n, dtype=torch.int64)
+            self._wait(self._recv(blocks, TAG_BLOCKS))
+            self._tags[(rid, inc, epoch)] = tag
+            post = RoundPost(
+                rid,
+                epoch,
+                tuple(blocks.tolist()),
+                capacity,
+                sent,
+                None,
+                None if expect < 0 else expect,
+                incarnation=inc,
+            )
+            self._deliver(PostArrived(post))
+        elif h[0] == CANCEL:
+            self._deliver(PostArrived(Cancel(h[1], h[3], incarnation=h[2])))
+        elif h[0] == CLOSE:
+            bye = header(BYE)
+            self._wait(dist.isend(bye, dst=self.peer, group=self.group, tag=TAG_TO_RECEIVER))
+            self._closing = True  # the receiver is done: the heartbeat stops too
+            self._deliver(Closed())
+            return False
+        else:
+            raise TransportError(f"unknown control message {h}")
+        return True
+
+
+__all__ = ["TorchSenderEnd"]
