@@ -5,6 +5,12 @@ incarnation: the receiver decides "already handled?" by epoch alone, never by
 block indices or buffer contents, and a message from an earlier life of a
 request id (the id was taken or aborted and then added again) by incarnation.
 The incarnation is keyword-only and required, so no message can omit it.
+
+Constructing a message checks nothing: a message is what arrived, so the end
+that receives it checks each one (:func:`malformed_status`,
+:func:`malformed_post`; a malformed item fails at most its own request), and a
+transport's sending calls (``post_round``, ``cancel``, ``report``) refuse a
+malformed one with :class:`~resumekit.errors.InvalidArgumentError`.
 """
 
 from __future__ import annotations
