@@ -50,6 +50,8 @@ from resumekit.statemachine import (
     next_state,
 )
 from resumekit.statemachine.distributed import TorchDistributedTransport
+from resumekit.statemachine.torch_receiver import TorchReceiverEnd
+from resumekit.statemachine.torch_sender import TorchSenderEnd
 
 HIDDEN = 8
 
@@ -753,6 +755,20 @@ TORCH: list[Case] = [
     ("torch match", _torch("sender", 1, match="bytag"), E, "match"),
     ("torch group str", _torch("sender", 1, group="world"), E, "group"),
     ("torch data_group int", _torch("sender", 1, data_group=5), E, "data_group"),
+    ("torch post_round str", lambda w: _end(TorchReceiverEnd).post_round("x"), E, "post"),
+    (
+        "torch cancel epoch -5",
+        lambda w: _end(TorchReceiverEnd).cancel(1, -5, incarnation=1),
+        E,
+        "epoch",
+    ),
+    ("torch report str", lambda w: _end(TorchSenderEnd).report("x"), E, "status"),
+    (
+        "torch write_round tuple data",
+        lambda w: _end(TorchSenderEnd).write_round(_valid_post(w), (EMB, FILL, MROPE), None),
+        E,
+        "data",
+    ),
     (
         "torch transport refuses a str id at add",
         lambda w: _IntIdsTransport(w.buffers).receiver_for(w).add("a"),
@@ -772,6 +788,11 @@ TORCH: list[Case] = [
         "rid",
     ),
 ]
+
+
+def _end(end: type[TorchDistributedTransport]) -> Any:
+    """An end of the torch transport that never connected: its sending calls check first."""
+    return object.__new__(end)
 
 
 class _IntIdsTransport(InProcessTransport):

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from resumekit.allocator import BlockAllocator, BlockBuffers
 from resumekit.errors import InvalidArgumentError, TransportError
+from resumekit.properties.protocol_machine import forged_tensors
 from resumekit.statemachine import RoundPost
 from resumekit.statemachine.distributed import TorchDistributedTransport
 from resumekit.statemachine.messages import Cancelled, Landed, SenderError
@@ -130,9 +131,8 @@ def test_cuda_completion_is_polled_within_the_timeout() -> None:
 
 def test_cuda_sources_need_an_nccl_data_group() -> None:
     t = _bare(TorchSenderEnd, _closing=False, _nccl=False)
-    data = SimpleNamespace(
-        num_tokens=4, embeddings=SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
-    )
+    cuda = SimpleNamespace(shape=(4, 8), is_cuda=True, device=torch.device("cuda", 0))
+    data = forged_tensors(cuda, None, None)  # what a CUDA source looks like to write_round
     post = RoundPost(0, 0, (0,), 8, 0, incarnation=1)
     with pytest.raises(InvalidArgumentError, match="NCCL data_group"):
         t.write_round(post, data, None)  # type: ignore[arg-type]

@@ -15,9 +15,12 @@ malformed one with :class:`~resumekit.errors.InvalidArgumentError`.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from resumekit._check import as_int
+from resumekit.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
     from resumekit.allocator.block_allocator import Allocation
@@ -159,6 +162,44 @@ def malformed_post(post: object) -> str | None:
     return None
 
 
+def _require(
+    message: object,
+    name: str,
+    kind: type | tuple[type, ...],
+    malformed: Callable[[object], str | None],
+) -> None:
+    if not isinstance(message, kind):
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        raise InvalidArgumentError(
+            f"{name} must be a {' or '.join(k.__name__ for k in kinds)}, "
+            f"not {type(message).__name__}"
+        )
+    problem = malformed(message)
+    if problem is not None:
+        raise InvalidArgumentError(f"{name} is malformed: {problem}")
+
+
+def require_post(post: object) -> RoundPost:
+    """``post`` itself, once proven a well-formed :class:`RoundPost` (for sending calls)."""
+    _require(post, "post", RoundPost, malformed_post)
+    return post  # type: ignore[return-value]
+
+
+def require_cancel(rid: Hashable, epoch: int, incarnation: int) -> Cancel:
+    """The :class:`Cancel` a ``cancel(rid, epoch, incarnation=...)`` call sends."""
+    as_int(epoch, "epoch", minimum=NO_EPOCH)
+    as_int(incarnation, "incarnation", minimum=1)
+    cancel = Cancel(rid, epoch, incarnation=incarnation)
+    _require(cancel, "rid", Cancel, malformed_post)
+    return cancel
+
+
+def require_status(status: object) -> Landed | Cancelled | SenderError:
+    """``status`` itself, once proven a well-formed round status (for ``report``)."""
+    _require(status, "status", ROUND_STATUSES, malformed_status)
+    return status  # type: ignore[return-value]
+
+
 __all__ = [
     "NO_EPOCH",
     "ROUND_STATUSES",
@@ -173,4 +214,7 @@ __all__ = [
     "Status",
     "malformed_post",
     "malformed_status",
+    "require_cancel",
+    "require_post",
+    "require_status",
 ]

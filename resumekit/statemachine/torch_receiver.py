@@ -34,6 +34,8 @@ from resumekit.statemachine.messages import (
     RoundPost,
     SenderError,
     Status,
+    require_cancel,
+    require_post,
 )
 from resumekit.statemachine.wire import (
     BYE,
@@ -106,6 +108,7 @@ class TorchReceiverEnd(TorchDistributedTransport):
     # -- the event loop's calls ----------------------------------------------------------
 
     def post_round(self, post: RoundPost) -> None:
+        require_post(post)
         if self._closing:
             return  # the peer is gone: PeerLost is (about to be) reported
         rid = wire_rid(post.rid)
@@ -140,6 +143,7 @@ class TorchReceiverEnd(TorchDistributedTransport):
         self._send(torch.tensor(post.blocks, dtype=torch.int64), TAG_BLOCKS)
 
     def cancel(self, rid: Hashable, epoch: int, *, incarnation: int) -> None:
+        require_cancel(rid, epoch, incarnation)
         if not self._closing:
             self._send_header(TAG_TO_SENDER, CANCEL, wire_rid(rid), incarnation, epoch)
 

@@ -26,6 +26,8 @@ from resumekit.statemachine.messages import (
     Post,
     RoundPost,
     SenderError,
+    require_post,
+    require_status,
 )
 from resumekit.statemachine.wire import (
     BYE,
@@ -84,6 +86,11 @@ class TorchSenderEnd(TorchDistributedTransport):
     def write_round(
         self, post: RoundPost, data: EmbeddingTensors, aux: Sequence[int] | None
     ) -> None:
+        require_post(post)
+        if not isinstance(data, EmbeddingTensors):
+            raise InvalidArgumentError(
+                f"data must be an EmbeddingTensors, not {type(data).__name__}"
+            )
         if self._closing:
             return
         n = data.num_tokens
@@ -113,6 +120,7 @@ class TorchSenderEnd(TorchDistributedTransport):
         self._send(row, tag, group)
 
     def report(self, status: Landed | Cancelled | SenderError) -> None:
+        require_status(status)
         if self._closing:
             return
         rid = wire_rid(status.rid)

@@ -17,8 +17,6 @@ from resumekit._check import as_int, check_str
 from resumekit.allocator.buffers import BlockBuffers, EmbeddingTensors
 from resumekit.errors import InvalidArgumentError, TransportError
 from resumekit.statemachine.messages import (
-    NO_EPOCH,
-    Cancel,
     Cancelled,
     Landed,
     PeerBack,
@@ -27,8 +25,9 @@ from resumekit.statemachine.messages import (
     RoundPost,
     SenderError,
     Status,
-    malformed_post,
-    malformed_status,
+    require_cancel,
+    require_post,
+    require_status,
 )
 
 _EMPTY: tuple[Status, ...] = ()
@@ -100,16 +99,12 @@ class InProcessTransport:
     # -- receiver end ----------------------------------------------------------
 
     def post_round(self, post: RoundPost) -> None:
-        _check_message(post, "post", RoundPost, malformed_post)
+        require_post(post)
         self.posted += 1
         self.posts.append(post)
 
     def cancel(self, rid: Hashable, epoch: int, *, incarnation: int) -> None:
-        as_int(epoch, "epoch", minimum=NO_EPOCH)
-        as_int(incarnation, "incarnation", minimum=1)
-        cancel = Cancel(rid, epoch, incarnation=incarnation)
-        _check_message(cancel, "rid", Cancel, malformed_post)
-        self.posts.append(cancel)
+        self.posts.append(require_cancel(rid, epoch, incarnation))
 
     def poll_statuses(self) -> Sequence[Status]:
         if self.loss_seen:
@@ -144,7 +139,7 @@ class InProcessTransport:
     def write_round(
         self, post: RoundPost, data: EmbeddingTensors, aux: Sequence[int] | None
     ) -> None:
-        _check_message(post, "post", RoundPost, malformed_post)
+        require_post(post)
         if not isinstance(data, EmbeddingTensors):
             raise InvalidArgumentError(
                 f"data must be an EmbeddingTensors, not {type(data).__name__}"
@@ -158,7 +153,7 @@ class InProcessTransport:
             self.crash_sender("sender crashed after writing a round")
 
     def report(self, status: Landed | Cancelled | SenderError) -> None:
-        _check_message(status, "status", (Landed, Cancelled, SenderError), malformed_status)
+        require_status(status)
         if self.sender_alive:
             self.in_flight.append(status)
 
@@ -226,24 +221,6 @@ class InProcessTransport:
             raise InvalidArgumentError(
                 f"no status at index {index}; {len(self.in_flight)} in flight"
             ) from None
-
-
-def _check_message(
-    message: object,
-    name: str,
-    kind: type | tuple[type, ...],
-    malformed: Callable[[object], str | None],
-) -> None:
-    """Refuse what is not a well-formed message of ``kind`` before it is sent."""
-    if not isinstance(message, kind):
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        raise InvalidArgumentError(
-            f"{name} must be a {' or '.join(k.__name__ for k in kinds)}, "
-            f"not {type(message).__name__}"
-        )
-    problem = malformed(message)
-    if problem is not None:
-        raise InvalidArgumentError(f"{name} is malformed: {problem}")
 
 
 __all__ = ["InProcessTransport", "ReceiverTransport", "SenderTransport", "StatusFilter"]
