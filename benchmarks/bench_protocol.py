@@ -27,14 +27,14 @@ from _timing import (
 
 from resumekit.allocator.buffers import default_device
 from resumekit.simulate import Loopback, random_source
-from resumekit.statemachine import (
+from resumekit.statemachine.declaration import (
     TABLE,
     Event,
     Guard,
+    ReferenceModel,
     TransferState,
     reference_machine,
 )
-from resumekit.statemachine.declaration import ReferenceModel
 
 IN_FLIGHT = 1000
 

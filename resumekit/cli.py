@@ -35,7 +35,7 @@ from resumekit.simulate import (
     format_report,
     simulate,
 )
-from resumekit.statemachine import diagram
+from resumekit.statemachine.declaration import diagram
 from resumekit.statemachine.receiver import (
     ENV_DEFAULT_ALLOCATE_TOKENS,
     default_allocate_tokens_from_env,

@@ -17,8 +17,8 @@ from resumekit.statemachine import (
     InProcessTransport,
     ReceiverObserver,
     ResumableReceiver,
-    RoundFilter,
 )
+from resumekit.statemachine.dedup import RoundFilter
 
 if TYPE_CHECKING:
     from resumekit.allocator import Allocation

@@ -40,15 +40,14 @@ from resumekit.simulate import random_source, simulate
 from resumekit.statemachine import (
     ENV_DEFAULT_ALLOCATE_TOKENS,
     EmbeddingSender,
-    Event,
     InProcessTransport,
     Landed,
     PeerLost,
     ResumableReceiver,
     RoundPost,
     TransferState,
-    next_state,
 )
+from resumekit.statemachine.declaration import Event, next_state
 from resumekit.statemachine.distributed import TorchDistributedTransport
 from resumekit.statemachine.torch_receiver import TorchReceiverEnd
 from resumekit.statemachine.torch_sender import TorchSenderEnd

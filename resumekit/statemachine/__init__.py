@@ -1,23 +1,20 @@
-"""The resumable transfer protocol: states, events, guards, receiver and sender drivers."""
+"""The resumable transfer protocol, as an engine uses it: states, messages, the receiver
+and sender drivers and the transports.
 
-from resumekit.statemachine.declaration import (
-    TABLE,
-    TRANSITIONS,
-    Action,
-    Event,
-    Guard,
-    TransferState,
-    Transition,
-    diagram,
-    next_state,
-    reference_machine,
-)
-from resumekit.statemachine.dedup import EpochFilter, Observation, RoundFilter, Verdict
+The protocol's declaration (events, guards, the compiled table, the reference
+``transitions`` machine, the Mermaid diagram) is in
+:mod:`resumekit.statemachine.declaration`; the round filters the checkers swap in
+are in :mod:`resumekit.statemachine.dedup`.
+"""
+
+from resumekit.statemachine.declaration import TransferState
+from resumekit.statemachine.distributed import TorchDistributedTransport
 from resumekit.statemachine.messages import (
     NO_EPOCH,
     Cancel,
     Cancelled,
     Landed,
+    PeerBack,
     PeerLost,
     RoundPost,
     SenderError,
@@ -42,33 +39,22 @@ __all__ = [
     "DEFAULT_ALLOCATE_TOKENS",
     "ENV_DEFAULT_ALLOCATE_TOKENS",
     "NO_EPOCH",
-    "TABLE",
-    "TRANSITIONS",
-    "Action",
     "Cancel",
     "Cancelled",
     "EmbeddingSender",
-    "EpochFilter",
-    "Event",
-    "Guard",
     "InProcessTransport",
     "Landed",
-    "Observation",
+    "PeerBack",
     "PeerLost",
     "ReceiverObserver",
     "ReceiverTransport",
     "RequestRecord",
     "ResumableReceiver",
-    "RoundFilter",
     "RoundPost",
     "SenderError",
     "SenderTransport",
     "Status",
+    "TorchDistributedTransport",
     "TransferResult",
     "TransferState",
-    "Transition",
-    "Verdict",
-    "diagram",
-    "next_state",
-    "reference_machine",
 ]
