@@ -922,3 +922,28 @@ def test_the_world_still_works_after_every_refusal(world: World) -> None:
     world.allocator.free(world.held)
     world.receiver.check_quiescent()
     world.sender.check_quiescent()
+
+
+def test_the_messages_name_the_argument_exactly(world: World) -> None:
+    """The table above checks that each message names its argument; these pin the words."""
+    cases: list[tuple[Callable[[], object], str]] = [
+        (lambda: world.allocator.is_live("x"), "allocation must be an Allocation, not str"),  # type: ignore[arg-type]
+        (
+            lambda: world.receiver.poll(["a"]),  # type: ignore[arg-type]
+            "unknown request ['a']: rid must be hashable to be added",
+        ),
+        (
+            lambda: world.receiver.take(["a"]),  # type: ignore[arg-type]
+            "unknown request ['a']: rid must be hashable to be added",
+        ),
+        (lambda: world.receiver.abort("busy", reason=5), "reason must be a str, not int"),  # type: ignore[arg-type]
+        (lambda: world.receiver.add("n", bootstrapped=1), "bootstrapped must be a bool, not int"),  # type: ignore[arg-type]
+        (
+            lambda: world.allocator.allocate(10**9, "o"),
+            "num_tokens=1000000000 needs 250000000 blocks; the pool has 32",
+        ),
+    ]
+    for call, message in cases:
+        with pytest.raises(ResumeKitError) as info:
+            call()
+        assert str(info.value) == message
