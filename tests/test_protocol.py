@@ -1185,3 +1185,83 @@ def test_a_post_of_a_newer_life_waits_once_the_older_source_is_gone() -> None:
     p.transport.posts.append(RoundPost("r", 0, (0,), BS, 0, incarnation=2))
     p.sender.step()  # ends life 1; life 2 has no source yet: the post waits for it
     assert len(p.sender) == 0 and "r" in p.sender and not p.transport.in_flight
+
+
+def test_a_landed_status_of_a_negative_epoch_is_a_protocol_error() -> None:
+    p = pair()
+    p.add("r", 100)
+    p.receiver.step()
+    incarnation = p.receiver.record("r").incarnation
+    p.transport.inject(Landed("r", -1, 100, 100, True, incarnation=incarnation))
+    p.receiver.step()
+    result = p.receiver.take("r")
+    assert result.state is S.Failed
+    assert result.reason == "protocol error: status for round -1, but the round in flight is 0"
+
+
+def test_a_resume_post_says_how_many_tokens_to_expect() -> None:
+    rounds = Rounds()
+    p = pair(pool_blocks=64, observer=rounds)
+    p.add("r", 20_000)
+    p.run(64)
+    assert p.receiver.take("r").ok
+    expected = [(0, None), (1, 8192), (2, 20_000 - 2 * 8192)]
+    assert [(post.epoch, post.expect_tokens) for post in rounds.posts] == expected
+
+
+def test_sender_step_counts_the_rounds_of_that_step() -> None:
+    p = pair(pool_blocks=128)
+    p.add("a", 20_000)
+    counts = []
+    for _ in range(8):
+        p.receiver.step()
+        counts.append(p.sender.step())
+    assert counts[:2] == [1, 1] and set(counts) == {0, 1}
+    assert sum(counts) == 2 == p.sender.rounds_served
+
+
+def test_an_aborted_admission_at_the_head_does_not_hold_up_the_next() -> None:
+    p = pair(pool_blocks=128)  # room for two default rounds
+    for rid in ("a", "b", "c", "d"):
+        p.receiver.add(rid)
+    p.receiver.step()
+    assert [p.receiver.poll(r) for r in "abcd"] == [S.Transferring] * 2 + [S.WaitingForInput] * 2
+    assert p.receiver.abort("c") and p.receiver.abort("a")  # a's round goes to quarantine
+    p.sender.step()  # the sender cancels a's round: its blocks may be reused
+    p.receiver.step()
+    assert p.receiver.poll("d") is S.Transferring  # admitted in that same step
+
+
+class _PoisonedAux(BlockBuffers):
+    """Buffers whose aux reads fail for one owner, before its round is consumed."""
+
+    poisoned: Hashable = None
+
+    def read_aux(self, allocation: Allocation) -> tuple[int, ...]:
+        if allocation.owner == self.poisoned:
+            raise InvalidArgumentError("poisoned aux")
+        return super().read_aux(allocation)
+
+
+def test_an_error_reading_a_landed_round_releases_it_at_once() -> None:
+    """The sender reported the round landed: it writes those blocks no more, so they go
+    straight back to the pool, not to a quarantine nothing would release."""
+    allocator = BlockAllocator(128, BS)
+    buffers = _PoisonedAux(allocator, 8, device="cpu")
+    buffers.poisoned = "bad"
+    transport = InProcessTransport(buffers)
+    receiver = ResumableReceiver(buffers, transport)
+    sender = EmbeddingSender(transport)
+    receiver.add("bad")
+    sender.add("bad", random_source(100, 8))
+    receiver.step()  # round 0 posted
+    sender.step()  # written, reported landed
+    receiver.step()  # reading its aux fails
+    assert receiver.poll("bad") is S.Failed
+    assert receiver.quarantined() == {} and allocator.num_free_blocks == 128
+    sender.step()
+    receiver.step()
+    result = receiver.take("bad")
+    assert result.state is S.Failed and result.reason == "protocol error: poisoned aux"
+    receiver.check_quiescent()
+    sender.check_quiescent()
