@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -892,7 +893,8 @@ def test_a_bad_value_is_refused_typed_named_and_changes_nothing(
     with pytest.raises(error) as info:
         call(world)
     assert isinstance(info.value, ResumeKitError), f"{name}: {type(info.value).__name__}"
-    assert names in str(info.value), f"{name}: {info.value}"
+    # A whole word: "XXridXX must be hashable" does not name rid.
+    assert re.search(rf"(?<!\w){re.escape(names)}(?!\w)", str(info.value)), f"{name}: {info.value}"
     assert world.snapshot() == before, f"{name} changed the world"
     after = world.tensors()
     assert all(torch.equal(x, y) for x, y in zip(tensors, after, strict=True))
@@ -942,8 +944,56 @@ def test_the_messages_name_the_argument_exactly(world: World) -> None:
             lambda: world.allocator.allocate(10**9, "o"),
             "num_tokens=1000000000 needs 250000000 blocks; the pool has 32",
         ),
+        (
+            lambda: _IntIdsTransport(world.buffers).receiver_for(world).add("a"),
+            "rid must be an int64 over TorchDistributedTransport, not 'a'",
+        ),
+        (
+            lambda: EmbeddingSender(_IntIdsTransport(world.buffers)).add("a", source(4)),
+            "rid must be an int64 over TorchDistributedTransport, not 'a'",
+        ),
+        (
+            lambda: world.sender.add("x", (EMB, FILL, MROPE)),  # type: ignore[arg-type]
+            "source must be EmbeddingTensors, not tuple",
+        ),
+        (
+            lambda: world.sender.add("x", forged_tensors([1.0], [1], [[1], [2], [3]])),
+            "source fields must be torch tensors",
+        ),
+        (
+            lambda: world.sender.add("x", forged_tensors(EMB, FILL.to("meta"), MROPE)),
+            "source tensors are on cpu, meta and cpu; they must share one device",
+        ),
+        (
+            lambda: world.sender.add("x", source(4), mrope_delta=2**31),
+            "mrope_delta must fit in int32",
+        ),
     ]
     for call, message in cases:
         with pytest.raises(ResumeKitError) as info:
             call()
         assert str(info.value) == message
+
+
+def test_a_source_must_count_its_tokens_in_int32(world: World) -> None:
+    """Meta tensors have a shape and no storage: 2**31 tokens cost nothing to describe."""
+
+    def huge(n: int) -> EmbeddingTensors:
+        return EmbeddingTensors(
+            torch.empty(n, 1, dtype=torch.bfloat16, device="meta"),
+            torch.empty(n, dtype=torch.int32, device="meta"),
+            torch.empty(3, n, dtype=torch.int32, device="meta"),
+        )
+
+    with pytest.raises(InvalidArgumentError) as info:
+        world.sender.add("x", huge(2**31))
+    assert str(info.value) == "source has 2147483648 tokens; the total must fit in int32"
+    assert world.sender.add("x", huge(2**31 - 1))  # the most there can be
+
+
+def test_the_mrope_delta_may_be_any_int32(world: World) -> None:
+    for delta in (-(2**31) - 1, 2**31):
+        with pytest.raises(InvalidArgumentError, match="mrope_delta must fit in int32"):
+            world.sender.add("x", source(4), mrope_delta=delta)
+    assert world.sender.add("x", source(4), mrope_delta=-(2**31))
+    assert world.sender.add("y", source(4), mrope_delta=2**31 - 1)

@@ -1265,3 +1265,48 @@ def test_an_error_reading_a_landed_round_releases_it_at_once() -> None:
     assert result.state is S.Failed and result.reason == "protocol error: poisoned aux"
     receiver.check_quiescent()
     sender.check_quiescent()
+
+
+def test_step_returns_the_ids_that_finished_and_results_start_clean() -> None:
+    p = pair()
+    p.add("ok", 100)
+    p.receiver.add("early")
+    p.receiver.abort("early")  # failed before any round landed
+    finished: list[Hashable] = []
+    for _ in range(4):
+        finished += p.step()
+    assert sorted(finished, key=str) == ["early", "ok"]
+    ok, early = p.receiver.take("ok"), p.receiver.take("early")
+    assert ok.ok and ok.reason is None and ok.mrope_delta == 0
+    assert early.state is S.Failed and early.mrope_delta == 0 and early.output is None
+
+
+def test_an_add_after_the_peer_is_lost_sends_one_cancel() -> None:
+    p = pair()
+    p.transport.crash_sender()
+    p.receiver.step()
+    assert p.receiver.peer_lost is not None
+    p.receiver.add("late")
+    assert p.receiver.poll("late") is S.Failed
+    assert [type(post) for post in p.transport.posts] == [Cancel]
+
+
+@pytest.mark.parametrize(("aborted", "other"), [("a", "b"), ("b", "a")])
+def test_an_aborted_resume_at_the_head_does_not_hold_up_the_next(
+    monkeypatch: pytest.MonkeyPatch, aborted: str, other: str
+) -> None:
+    """Whichever of the two waits at the head, aborting it lets the other resume at once."""
+    p = pair(pool_blocks=128)
+    p.add("a", 20_000)
+    p.add("b", 20_000)
+    p.receiver.step()
+    p.sender.step()
+    squeeze(p, monkeypatch)
+    for _ in range(3):
+        p.step()
+    waiting = p.receiver.record(other)
+    assert p.receiver.record(aborted).allocation is None and waiting.allocation is None
+    assert p.receiver.abort(aborted)
+    monkeypatch.undo()
+    p.receiver.step()
+    assert waiting.allocation is not None  # resumed in that same step
