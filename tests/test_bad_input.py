@@ -795,6 +795,14 @@ def _end(end: type[TorchDistributedTransport]) -> Any:
     return object.__new__(end)
 
 
+class _NoAllocator:
+    """Has the buffers' methods but no allocator."""
+
+    def new_output(self) -> None: ...
+    def read_into(self) -> None: ...
+    def read_aux(self) -> None: ...
+
+
 class _IntIdsTransport(InProcessTransport):
     """An in-process transport that carries ids as TorchDistributedTransport does."""
 
@@ -968,6 +976,39 @@ def test_the_messages_name_the_argument_exactly(world: World) -> None:
             lambda: world.sender.add("x", source(4), mrope_delta=2**31),
             "mrope_delta must fit in int32",
         ),
+        (
+            lambda: ResumableReceiver(None, world.transport),  # type: ignore[arg-type]
+            "buffers must be a BlockBuffers; NoneType has no new_output, read_into, read_aux",
+        ),
+        (
+            lambda: ResumableReceiver(_NoAllocator(), world.transport),  # type: ignore[arg-type]
+            "buffers must be a BlockBuffers; its allocator is missing",
+        ),
+        (
+            lambda: ResumableReceiver(world.buffers, None),  # type: ignore[arg-type]
+            "transport must be a ReceiverTransport; NoneType has no post_round, cancel, "
+            "poll_statuses",
+        ),
+        (
+            lambda: ResumableReceiver(world.buffers, world.transport, 16, round_filter=_Forged()),  # type: ignore[arg-type]
+            "round_filter must be a RoundFilter; _Forged has no judge, remember",
+        ),
+        (
+            lambda: ResumableReceiver(world.buffers, world.transport, 16, observer=3),  # type: ignore[arg-type]
+            "observer must be a ReceiverObserver; int has no round_posted, round_consumed, "
+            "request_failed",
+        ),
+        (
+            lambda: EmbeddingSender(None),  # type: ignore[arg-type]
+            "transport must be a SenderTransport; NoneType has no poll_posts, write_round, report",
+        ),
+        (
+            lambda: world.sender.add(
+                "x", EmbeddingTensors(EMB.float().requires_grad_(), FILL, MROPE)
+            ),
+            "source.embeddings requires grad; pass embeddings.detach() (the transfer copies "
+            "bytes and must not join an autograd graph)",
+        ),
     ]
     for call, message in cases:
         with pytest.raises(ResumeKitError) as info:
@@ -997,3 +1038,10 @@ def test_the_mrope_delta_may_be_any_int32(world: World) -> None:
             world.sender.add("x", source(4), mrope_delta=delta)
     assert world.sender.add("x", source(4), mrope_delta=-(2**31))
     assert world.sender.add("y", source(4), mrope_delta=2**31 - 1)
+
+
+def test_the_smallest_good_values_are_accepted(world: World) -> None:
+    assert world.allocator.blocks_for(0) == 0 and world.allocator.blocks_for(5) == 2
+    receiver = ResumableReceiver(world.buffers, world.transport, 1, max_resume_tokens=1)
+    assert receiver.max_resume_tokens == 1 and receiver.default_allocate_tokens == 1
+    assert EmbeddingSender(world.transport, max_tombstones=0).max_tombstones == 0
