@@ -976,6 +976,14 @@ def test_the_messages_name_the_argument_exactly(world: World) -> None:
             lambda: world.sender.add("x", source(4), mrope_delta=2**31),
             "mrope_delta must fit in int32",
         ),
+        (lambda: world.allocator.allocate_up_to(0, "o"), "num_tokens must be >= 1, got 0"),
+        (lambda: world.allocator.allocate_up_to(4, "o", 0), "min_tokens must be >= 1, got 0"),
+        (
+            lambda: world.allocator.allocate_up_to(10**9, "o", 10**9),
+            "min_tokens=1000000000 needs 250000000 blocks; the pool has 32",
+        ),
+        (lambda: world.allocator.allocate_up_to(4, []), "owner must be hashable, not list"),  # type: ignore[arg-type]
+        (lambda: world.allocator.allocate_up_to(10**4, []), "owner must be hashable, not list"),  # type: ignore[arg-type]
         (
             lambda: ResumableReceiver(None, world.transport),  # type: ignore[arg-type]
             "buffers must be a BlockBuffers; NoneType has no new_output, read_into, read_aux",
