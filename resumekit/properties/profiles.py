@@ -17,8 +17,13 @@ CI = "ci"
 FUZZ = "fuzz"
 DEFAULT_DATABASE = ".resumekit/examples"
 
+# Hypothesis loads its own ``ci`` profile at import when a ``CI`` variable is set;
+# both profiles name their parent so neither inherits from whichever was loaded.
+_BASE = settings.get_profile("default")
+
 settings.register_profile(
     CI,
+    parent=_BASE,
     max_examples=100,
     stateful_step_count=50,
     derandomize=True,
@@ -29,8 +34,10 @@ settings.register_profile(
 )
 settings.register_profile(
     FUZZ,
+    parent=_BASE,
     max_examples=20_000,
     stateful_step_count=100,
+    derandomize=False,
     deadline=None,
     database=DirectoryBasedExampleDatabase(DEFAULT_DATABASE),
     print_blob=True,
