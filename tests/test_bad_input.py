@@ -30,6 +30,7 @@ from resumekit import (
     UnknownRequestError,
     UseAfterFreeError,
 )
+from resumekit.allocator.block_allocator import MAX_NUM_BLOCKS
 from resumekit.properties.allocator_machine import allocator_machine, resumekit_allocator_machine
 from resumekit.properties.explorer import explore
 from resumekit.properties.fuzz import fuzz
@@ -975,6 +976,15 @@ def test_the_messages_name_the_argument_exactly(world: World) -> None:
         (
             lambda: world.sender.add("x", source(4), mrope_delta=2**31),
             "mrope_delta must fit in int32",
+        ),
+        (lambda: world.allocator.allocate(0, "o"), "num_tokens must be >= 1, got 0"),
+        (lambda: world.allocator.allocate("3", "o"), "num_tokens must be an int, not str"),  # type: ignore[arg-type]
+        (lambda: world.allocator.allocate(4, []), "owner must be hashable, not list"),  # type: ignore[arg-type]
+        (lambda: world.allocator.allocate(128, []), "owner must be hashable, not list"),  # type: ignore[arg-type]
+        (
+            lambda: BlockAllocator(MAX_NUM_BLOCKS + 1, 1),
+            "num_blocks=16,777,217 exceeds the 16,777,216 a pool may have: its free list alone "
+            "would take 603,979,812 bytes of host memory (use larger blocks)",
         ),
         (lambda: world.allocator.allocate_up_to(0, "o"), "num_tokens must be >= 1, got 0"),
         (lambda: world.allocator.allocate_up_to(4, "o", 0), "min_tokens must be >= 1, got 0"),
