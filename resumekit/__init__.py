@@ -22,6 +22,7 @@ from resumekit.errors import (
     RequestNotFinishedError,
     ResumeKitError,
     TransportError,
+    TransportUnavailableError,
     UnknownRequestError,
     UseAfterFreeError,
 )
@@ -34,6 +35,7 @@ from resumekit.statemachine import (
     TransferState,
 )
 from resumekit.statemachine.distributed import TorchDistributedTransport
+from resumekit.statemachine.mooncake import MooncakeTransport
 
 __version__ = "0.1.0"
 
@@ -54,6 +56,7 @@ __all__ = [
     "InvalidArgumentError",
     "InvariantError",
     "LeakError",
+    "MooncakeTransport",
     "ReceiverObserver",
     "RequestError",
     "RequestNotFinishedError",
@@ -63,6 +66,7 @@ __all__ = [
     "TransferResult",
     "TransferState",
     "TransportError",
+    "TransportUnavailableError",
     "UnknownRequestError",
     "UseAfterFreeError",
     "__version__",

@@ -303,11 +303,16 @@ def _simulate_problem(args: argparse.Namespace, default_allocate: int) -> str | 
             f"{args.block_size} than --pool-blocks {pool_blocks}: it could never be allocated"
         )
     if args.device is None:
-        args.device = "cpu" if args.transport == "torch" else default_device().type
+        args.device = "cpu" if args.transport != "inprocess" else default_device().type
     elif args.device == "cuda" and args.transport == "torch":
         return (
             "--device cuda with --transport torch needs NCCL between two GPUs; this "
             "simulation runs its two processes over gloo (--device cpu)"
+        )
+    elif args.device == "cuda" and args.transport == "mooncake":
+        return (
+            "--device cuda with --transport mooncake needs the CUDA build of the transfer "
+            "engine; this simulation runs its two processes on the CPU (--device cpu)"
         )
     elif args.device == "cuda" and not torch.cuda.is_available():
         return "--device cuda: CUDA is not available on this machine"
@@ -335,11 +340,11 @@ def _simulate(args: argparse.Namespace) -> int:
         return 2
     run: Callable[..., SimulationReport] = simulate
     extra: dict[str, Any] = {"device": args.device}
-    if args.transport == "torch":
+    if args.transport != "inprocess":
         from resumekit.twoprocess import simulate_distributed  # noqa: PLC0415 - starts torch.distributed
 
         run = simulate_distributed
-        extra = {"timeout": args.timeout}
+        extra = {"timeout": args.timeout, "transport": args.transport}
     report = run(
         args.tokens,
         default_allocate=default_allocate,
@@ -488,8 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
         "simulate",
         help="one transfer, round by round",
         description="Move one random embedding through the receiver, sender and allocator and "
-        "print every round: in one process, or in two over torch.distributed with --transport "
-        "torch. Exit 0 when it arrives intact with nothing leaked.",
+        "print every round: in one process, or in two over torch.distributed (--transport "
+        "torch) or the Mooncake transfer engine (--transport mooncake). Exit 0 when it arrives "
+        "intact with nothing leaked.",
         formatter_class=_HelpFormatter,
     )
     sim.add_argument(
@@ -530,20 +536,22 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["cpu", "cuda"],
         default=None,
         help="where the blocks live (default: cuda when present, else cpu; cpu with "
-        "--transport torch)",
+        "--transport torch or mooncake)",
     )
     sim.add_argument("--json", action="store_true", help="print a JSON report")
     sim.add_argument(
         "--transport",
-        choices=["inprocess", "torch"],
+        choices=["inprocess", "torch", "mooncake"],
         default="inprocess",
-        help="torch: sender and receiver in two processes over torch.distributed (gloo)",
+        help="torch: sender and receiver in two processes over torch.distributed (gloo); "
+        "mooncake: over the Mooncake transfer engine (TCP), control over ZMQ",
     )
     sim.add_argument(
         "--timeout",
         type=_seconds,
         default=30.0,
-        help="(--transport torch) seconds without progress before the peer counts as lost",
+        help="(--transport torch or mooncake) seconds without progress before the peer counts "
+        "as lost",
     )
     sim.set_defaults(func=_simulate)
 

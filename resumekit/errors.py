@@ -96,3 +96,7 @@ class RequestNotFinishedError(RequestError):
 
 class TransportError(ResumeKitError):
     """A transport was misused or delivered something that is not a protocol message."""
+
+
+class TransportUnavailableError(TransportError):
+    """A transport's optional dependencies (a pip extra, a system library) are missing."""

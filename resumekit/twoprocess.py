@@ -1,7 +1,8 @@
-"""Sender and receiver in two processes on loopback, over :class:`TorchDistributedTransport`.
+"""Sender and receiver in two processes on loopback, over :class:`TorchDistributedTransport`
+(gloo) or :class:`~resumekit.statemachine.mooncake.MooncakeTransport` (TCP).
 
-The engine of ``resumekit simulate --transport torch`` and of the two-process
-tests. Both processes are started with ``torch.multiprocessing`` (spawn) and
+The engine of ``resumekit simulate --transport torch|mooncake`` and of the
+two-process tests. Both processes are started with ``torch.multiprocessing`` (spawn) and
 regenerate each request's source from its seed, so the receiver checks its
 output against the very tensors the sender sent. Every loop has a deadline.
 """
@@ -12,6 +13,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
@@ -21,7 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from resumekit.allocator import BlockAllocator, BlockBuffers, ReuseOrder
-from resumekit.errors import TransportError
+from resumekit.errors import InvalidArgumentError, TransportError
 from resumekit.simulate import (
     RoundLog,
     RoundRow,
@@ -31,10 +33,12 @@ from resumekit.simulate import (
 )
 from resumekit.statemachine import (
     EmbeddingSender,
+    InProcessTransport,
     ResumableReceiver,
     RoundPost,
 )
 from resumekit.statemachine.distributed import TorchDistributedTransport
+from resumekit.statemachine.mooncake import MooncakeSenderEnd, MooncakeTransport, load_mooncake
 from resumekit.statemachine.torch_sender import TorchSenderEnd
 from resumekit.statemachine.wire import DATA, TAG_DATA, TAG_TO_RECEIVER
 
@@ -69,6 +73,8 @@ class PairConfig:
     aborts: tuple[tuple[int, int], ...] = ()
     # "ordered": payloads on a second gloo group, matched by order as over NCCL
     payload: Literal["shared", "ordered"] = "shared"
+    # "inprocess": both ends in this process (run_pair calls run_in_process)
+    transport: Literal["inprocess", "torch", "mooncake"] = "torch"
 
 
 @dataclass
@@ -95,12 +101,21 @@ class PairReport:
 
 def run_pair(cfg: PairConfig) -> PairReport:
     """Run one receiver and one sender process; return what the receiver saw."""
+    if cfg.transport == "inprocess":
+        return run_in_process(cfg)
+    if cfg.transport == "mooncake":
+        load_mooncake()  # what to install, before any process starts
     port = _free_port()
+    control = (_zmq(_free_port()), _zmq(_free_port()))  # (receiver's, sender's) endpoints
+    while control[0] == control[1]:
+        control = (control[0], _zmq(_free_port()))
     ctx = mp.get_context("spawn")
     queue: Any = ctx.SimpleQueue()
     procs = [
-        ctx.Process(target=_receiver_main, args=(cfg, port, queue), name="resumekit-receiver"),
-        ctx.Process(target=_sender_main, args=(cfg, port), name="resumekit-sender"),
+        ctx.Process(
+            target=_receiver_main, args=(cfg, port, control, queue), name="resumekit-receiver"
+        ),
+        ctx.Process(target=_sender_main, args=(cfg, port, control), name="resumekit-sender"),
     ]
     for p in procs:
         p.start()
@@ -132,8 +147,10 @@ def simulate_distributed(
     max_round_tokens: int | None = None,
     seed: int = 0,
     timeout: float = 30.0,
+    transport: Literal["torch", "mooncake"] = "torch",
 ) -> SimulationReport:
-    """``resumekit simulate --transport torch``: one transfer, two processes, the same report."""
+    """``resumekit simulate --transport torch|mooncake``: one transfer, two processes, the
+    same report."""
     if pool_blocks is None:
         pool_blocks = default_pool_blocks(tokens, default_allocate, block_size)
     pair = run_pair(
@@ -146,6 +163,7 @@ def simulate_distributed(
             default_allocate,
             max_round_tokens,
             timeout,
+            transport=transport,
         )
     )
     [outcome] = pair.outcomes
@@ -169,6 +187,8 @@ def _init(rank: int, port: int, cfg: PairConfig) -> dict[str, Any]:
     # Two processes on one machine: each takes its share of the cores, or torch's
     # spinning threads starve gloo's I/O threads (seen here: 1.4x slower).
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    if cfg.transport == "mooncake":
+        return {}
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
@@ -181,14 +201,20 @@ def _init(rank: int, port: int, cfg: PairConfig) -> dict[str, Any]:
     return {}
 
 
-def _receiver_main(cfg: PairConfig, port: int, queue: Any) -> None:
+def _receiver_main(cfg: PairConfig, port: int, control: tuple[str, str], queue: Any) -> None:
     start = time.monotonic()
     payload = _init(0, port, cfg)
     allocator = BlockAllocator(cfg.pool_blocks, cfg.block_size, reuse=cfg.reuse)
     buffers = BlockBuffers(allocator, cfg.hidden, device="cpu")
-    transport = TorchDistributedTransport(
-        "receiver", 1, buffers=buffers, timeout=cfg.timeout, owns_group=True, **payload
-    )
+    transport: TorchDistributedTransport | MooncakeTransport
+    if cfg.transport == "mooncake":
+        transport = MooncakeTransport(
+            "receiver", listen=control[0], peer=control[1], buffers=buffers, timeout=cfg.timeout
+        )
+    else:
+        transport = TorchDistributedTransport(
+            "receiver", 1, buffers=buffers, timeout=cfg.timeout, owns_group=True, **payload
+        )
     rounds = RoundLog()
     receiver = ResumableReceiver(
         buffers,
@@ -197,6 +223,25 @@ def _receiver_main(cfg: PairConfig, port: int, queue: Any) -> None:
         max_resume_tokens=cfg.max_round_tokens,
         observer=rounds,
     )
+
+    def idle(finished: Sequence[Hashable]) -> None:
+        if not finished:
+            transport.wait(IDLE_WAIT)
+
+    queue.put(_drive(cfg, receiver, rounds, start, idle, lambda: transport.closed))
+    transport.shutdown()  # owns the group: destroys it
+
+
+def _drive(
+    cfg: PairConfig,
+    receiver: ResumableReceiver,
+    rounds: RoundLog,
+    start: float,
+    idle: Callable[[Sequence[Hashable]], None],
+    closed: Callable[[], bool],
+) -> PairReport:
+    """The engine's loop on the receiver side until every request ends; what it saw."""
+    allocator = receiver.allocator
     for r in cfg.requests:
         receiver.add(r.rid)
     deadline = start + cfg.deadline
@@ -211,8 +256,7 @@ def _receiver_main(cfg: PairConfig, port: int, queue: Any) -> None:
                 rec = receiver.record(rid)
                 if rec.epoch == epoch and rec.allocation is not None:
                     receiver.abort(rid)
-        if not finished:
-            transport.wait(IDLE_WAIT)
+        idle(finished)
     outcomes = []
     for r in cfg.requests:
         state, intact = "Transferring", False
@@ -227,20 +271,68 @@ def _receiver_main(cfg: PairConfig, port: int, queue: Any) -> None:
         )
     # Late answers (to cancels) release the quarantine; give them a moment.
     settle = time.monotonic() + min(cfg.timeout, 5.0)
-    while receiver.quarantined() and time.monotonic() < settle and not transport.closed:
+    while receiver.quarantined() and time.monotonic() < settle and not closed():
         receiver.step()
-        transport.wait(IDLE_WAIT)
-    queue.put(
-        PairReport(
-            outcomes,
-            leaked_blocks=allocator.num_blocks - allocator.num_free_blocks,
-            quarantined=len(receiver.quarantined()),
-            records_left=len(receiver),
-            seconds=time.monotonic() - start,
-            steps=steps,
-        )
+        idle([])
+    return PairReport(
+        outcomes,
+        leaked_blocks=allocator.num_blocks - allocator.num_free_blocks,
+        quarantined=len(receiver.quarantined()),
+        records_left=len(receiver),
+        seconds=time.monotonic() - start,
+        steps=steps,
     )
-    transport.shutdown()  # owns the group: destroys it
+
+
+def run_in_process(cfg: PairConfig) -> PairReport:
+    """The same scenario with both ends in this process over :class:`InProcessTransport`:
+    the sender steps whenever the receiver does; a killed sender is ``crash_sender``."""
+    if cfg.fault_round is not None and cfg.fault != "die":
+        raise InvalidArgumentError(
+            "fault: the in-process transport has no clock, so a silent sender is never "
+            "declared lost there; only 'die' applies"
+        )
+    start = time.monotonic()
+    allocator = BlockAllocator(cfg.pool_blocks, cfg.block_size, reuse=cfg.reuse)
+    buffers = BlockBuffers(allocator, cfg.hidden, device="cpu")
+    transport = _FailingInProcess(buffers, cfg.fault_round)
+    rounds = RoundLog()
+    receiver = ResumableReceiver(
+        buffers,
+        transport,
+        cfg.default_allocate,
+        max_resume_tokens=cfg.max_round_tokens,
+        observer=rounds,
+    )
+    sender = EmbeddingSender(transport)
+    for r in cfg.requests:
+        sender.add(r.rid, random_source(r.tokens, cfg.hidden, seed=r.seed))
+
+    def idle(finished: Sequence[Hashable]) -> None:
+        sender.step()
+
+    report = _drive(cfg, receiver, rounds, start, idle, lambda: not transport.sender_alive)
+    report.receiver_exit = 0
+    report.sender_exit = -9 if not transport.sender_alive else 0
+    return report
+
+
+class _FailingInProcess(InProcessTransport):
+    """Kills the sender inside round ``fault_round`` (from 1), before it reports."""
+
+    def __init__(self, buffers: BlockBuffers, fault_round: int | None) -> None:
+        super().__init__(buffers)
+        self.fault_round = fault_round
+        self.rounds_written = 0
+
+    def write_round(
+        self, post: RoundPost, data: EmbeddingTensors, aux: Sequence[int] | None
+    ) -> None:
+        self.rounds_written += 1
+        if self.rounds_written == self.fault_round:
+            self.crash_sender("sender killed mid-round")
+            return
+        super().write_round(post, data, aux)
 
 
 class _FailingSenderTransport(TorchSenderEnd):
@@ -271,11 +363,19 @@ class _FailingSenderTransport(TorchSenderEnd):
         self.finished = True  # hang: serve nothing more, keep the connection open
 
 
-def _sender_main(cfg: PairConfig, port: int) -> None:
+def _sender_main(cfg: PairConfig, port: int, control: tuple[str, str]) -> None:
     start = time.monotonic()
     payload = _init(1, port, cfg)
-    transport: TorchDistributedTransport
-    if cfg.fault_round is not None:
+    transport: TorchDistributedTransport | MooncakeTransport
+    if cfg.transport == "mooncake":
+        ends: dict[str, Any] = {"listen": control[1], "peer": control[0], "timeout": cfg.timeout}
+        if cfg.fault_round is not None:
+            transport = _FailingMooncakeSender(
+                "sender", fault_round=cfg.fault_round, fault=cfg.fault, **ends
+            )
+        else:
+            transport = MooncakeTransport("sender", **ends)
+    elif cfg.fault_round is not None:
         transport = _FailingSenderTransport(
             "sender", 0, fault_round=cfg.fault_round, fault=cfg.fault, owns_group=True, **payload
         )
@@ -289,6 +389,36 @@ def _sender_main(cfg: PairConfig, port: int) -> None:
         if not sender.step():
             transport.wait(IDLE_WAIT)
     transport.shutdown()  # owns the group: destroys it
+
+
+class _FailingMooncakeSender(MooncakeSenderEnd):
+    """Fails inside round ``fault_round`` after writing half of its first piece: it kills
+    its process (``die``) or stays alive and silent (``hang``)."""
+
+    def __init__(self, *args: Any, fault_round: int, fault: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fault_round = fault_round
+        self.fault = fault
+        self.rounds_written = 0
+
+    def write_round(self, post: RoundPost, data: EmbeddingTensors, aux: Any) -> None:
+        self.rounds_written += 1
+        if self.rounds_written != self.fault_round:
+            super().write_round(post, data, aux)
+            return
+        dst = self._dst.pop((post.rid, post.incarnation, post.epoch))
+        half = data.embeddings[: max(1, data.num_tokens // 2)].contiguous()
+        assert self._target is not None
+        self.engine.batch_transfer_sync_write(
+            self._target, [half.data_ptr()], [dst[0][0]], [half.numel() * half.element_size()]
+        )
+        if self.fault == "die":
+            os.kill(os.getpid(), signal.SIGKILL)
+        self.finished = True  # hang: serve nothing more, keep the connection open
+
+
+def _zmq(port: int) -> str:
+    return f"tcp://127.0.0.1:{port}"
 
 
 def _drain(transport: TorchDistributedTransport, until: float) -> None:
@@ -308,6 +438,7 @@ __all__ = [
     "PairReport",
     "Request",
     "RequestOutcome",
+    "run_in_process",
     "run_pair",
     "simulate_distributed",
 ]

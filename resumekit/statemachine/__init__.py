@@ -20,6 +20,7 @@ from resumekit.statemachine.messages import (
     SenderError,
     Status,
 )
+from resumekit.statemachine.mooncake import MooncakeTransport
 from resumekit.statemachine.receiver import (
     DEFAULT_ALLOCATE_TOKENS,
     ENV_DEFAULT_ALLOCATE_TOKENS,
@@ -44,6 +45,7 @@ __all__ = [
     "EmbeddingSender",
     "InProcessTransport",
     "Landed",
+    "MooncakeTransport",
     "PeerBack",
     "PeerLost",
     "ReceiverObserver",

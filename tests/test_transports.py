@@ -1,21 +1,39 @@
-"""The protocol across two real processes on 127.0.0.1 over gloo; every run has a deadline."""
+"""One conformance suite for every transport: the same scenarios, each with a deadline,
+in one process (in-process), and across two real processes on 127.0.0.1 over
+torch.distributed (gloo, payloads matched by tag or by order) and over Mooncake."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any
 
 import pytest
 import torch.distributed as dist
 
-from resumekit.allocator import ReuseOrder
-from resumekit.errors import InvalidArgumentError
+from resumekit.errors import InvalidArgumentError, TransportUnavailableError
+from resumekit.statemachine.mooncake import load_mooncake
 from resumekit.statemachine.wire import runs, wire_rid
 from resumekit.twoprocess import PairConfig, Request, run_pair, simulate_distributed
 
-pytestmark = pytest.mark.skipif(not dist.is_gloo_available(), reason="needs gloo")
-
 DEADLINE = 60.0
-Payload = Literal["shared", "ordered"]
+
+
+def _mooncake_missing() -> str | None:
+    try:
+        load_mooncake()
+    except TransportUnavailableError as error:
+        return str(error)
+    return None
+
+
+MOONCAKE_MISSING = _mooncake_missing()
+GLOO = pytest.mark.skipif(not dist.is_gloo_available(), reason="needs gloo")
+MOONCAKE = pytest.mark.skipif(MOONCAKE_MISSING is not None, reason=str(MOONCAKE_MISSING))
+TWO_PROCESS = [
+    pytest.param({"transport": "torch"}, id="torch", marks=GLOO),
+    pytest.param({"transport": "torch", "payload": "ordered"}, id="torch-ordered", marks=GLOO),
+    pytest.param({"transport": "mooncake"}, id="mooncake", marks=MOONCAKE),
+]
+EVERY = [pytest.param({"transport": "inprocess"}, id="inprocess"), *TWO_PROCESS]
 
 
 def test_runs_merge_adjacent_full_blocks() -> None:
@@ -34,31 +52,31 @@ def test_request_ids_must_be_ints() -> None:
         wire_rid(2**63)
 
 
-def test_50k_tokens_capped_resumes_over_gloo() -> None:
-    report = simulate_distributed(50_000, max_round_tokens=16_384, hidden=64)
+@pytest.mark.parametrize("over", [p for p in TWO_PROCESS if p.id != "torch-ordered"])
+def test_50k_tokens_capped_resumes(over: dict[str, Any]) -> None:
+    report = simulate_distributed(50_000, max_round_tokens=16_384, hidden=64, **over)
     assert report.state == "Success" and report.intact
     assert [r.tokens for r in report.rounds] == [8192, 16_384, 16_384, 9040]
     assert report.resumes == 3 and report.leaked_blocks == 0
     assert report.steps >= len(report.rounds)  # the receiver loop's iterations, as in-process
 
 
-# "ordered": payloads on a group of their own, received in the order they are sent
-# (NCCL has no tags), here over gloo.
-@pytest.mark.parametrize(
-    ("reuse", "payload"), [("lifo", "shared"), ("fifo", "shared"), ("fifo", "ordered")]
-)
-def test_concurrent_requests_on_a_small_pool(reuse: ReuseOrder, payload: Payload) -> None:
+# "torch-ordered": payloads on a group of their own, received in the order they are
+# sent (NCCL has no tags), here over gloo.
+@pytest.mark.parametrize("reuse", ["lifo", "fifo"])
+@pytest.mark.parametrize("over", EVERY)
+def test_concurrent_requests_on_a_small_pool(reuse: str, over: dict[str, Any]) -> None:
     requests = [Request(i, 3000 * (i + 1) + 17 * i, seed=i) for i in range(6)]
     report = run_pair(
         PairConfig(
             requests,
             pool_blocks=48,
             hidden=32,
-            reuse=reuse,
+            reuse=reuse,  # type: ignore[arg-type]
             default_allocate=2048,
             max_round_tokens=2048,
             deadline=DEADLINE,
-            payload=payload,
+            **over,
         )
     )
     for outcome in report.outcomes:
@@ -68,8 +86,8 @@ def test_concurrent_requests_on_a_small_pool(reuse: ReuseOrder, payload: Payload
     assert (report.receiver_exit, report.sender_exit) == (0, 0)
 
 
-@pytest.mark.parametrize("payload", ["shared", "ordered"])
-def test_sender_killed_mid_round(payload: Payload) -> None:
+@pytest.mark.parametrize("over", EVERY)
+def test_sender_killed_mid_round(over: dict[str, Any]) -> None:
     requests = [Request(0, 40_000, 1), Request(1, 30_000, 2)]
     report = run_pair(
         PairConfig(
@@ -81,7 +99,7 @@ def test_sender_killed_mid_round(payload: Payload) -> None:
             deadline=DEADLINE,
             fault_round=3,
             fault="die",
-            payload=payload,
+            **over,
         )
     )
     for outcome in report.outcomes:
@@ -92,7 +110,8 @@ def test_sender_killed_mid_round(payload: Payload) -> None:
     assert report.receiver_exit == 0 and report.sender_exit == -9
 
 
-def test_silent_sender_is_declared_lost_after_the_timeout() -> None:
+@pytest.mark.parametrize("over", TWO_PROCESS)
+def test_silent_sender_is_declared_lost_after_the_timeout(over: dict[str, Any]) -> None:
     report = run_pair(
         PairConfig(
             [Request(0, 40_000, 1)],
@@ -103,6 +122,7 @@ def test_silent_sender_is_declared_lost_after_the_timeout() -> None:
             deadline=DEADLINE,
             fault_round=2,
             fault="hang",
+            **over,
         )
     )
     [outcome] = report.outcomes
@@ -113,7 +133,8 @@ def test_silent_sender_is_declared_lost_after_the_timeout() -> None:
     assert report.receiver_exit == 0
 
 
-def test_abort_with_a_round_in_flight_quarantines_until_it_lands() -> None:
+@pytest.mark.parametrize("over", EVERY)
+def test_abort_with_a_round_in_flight_quarantines_until_it_lands(over: dict[str, Any]) -> None:
     requests = [Request(0, 40_000, 1), Request(1, 20_000, 2)]
     report = run_pair(
         PairConfig(
@@ -123,6 +144,7 @@ def test_abort_with_a_round_in_flight_quarantines_until_it_lands() -> None:
             max_round_tokens=8192,
             deadline=DEADLINE,
             aborts=((0, 2),),
+            **over,
         )
     )
     aborted, other = report.outcomes
@@ -133,18 +155,21 @@ def test_abort_with_a_round_in_flight_quarantines_until_it_lands() -> None:
     assert (report.receiver_exit, report.sender_exit) == (0, 0)
 
 
-def test_simulate_cli_prints_the_same_table_over_torch(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("over", [p for p in TWO_PROCESS if p.id != "torch-ordered"])
+def test_simulate_cli_prints_the_same_table(
+    over: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
     from resumekit.cli import main
 
     args = ["simulate", "--tokens", "30000", "--max-round-tokens", "8192", "--pool-blocks", "96"]
     assert main(args) == 0
     in_process = capsys.readouterr().out
-    assert main([*args, "--transport", "torch", "--timeout", "20"]) == 0
+    assert main([*args, "--transport", over["transport"], "--timeout", "20"]) == 0
     assert capsys.readouterr().out == in_process
 
 
-@pytest.mark.parametrize("payload", ["shared", "ordered"])
-def test_aborts_mid_transfer_on_a_tight_pool(payload: Payload) -> None:
+@pytest.mark.parametrize("over", EVERY)
+def test_aborts_mid_transfer_on_a_tight_pool(over: dict[str, Any]) -> None:
     """Aborts at different rounds while other requests wait for blocks: the aborted
     fail, the rest arrive intact, and every block comes back."""
     requests = [Request(i, 5000 + 1500 * i + 7 * i, seed=10 + i) for i in range(8)]
@@ -158,7 +183,7 @@ def test_aborts_mid_transfer_on_a_tight_pool(payload: Payload) -> None:
             max_round_tokens=2048,
             deadline=DEADLINE,
             aborts=aborts,
-            payload=payload,
+            **over,
         )
     )
     aborted = {rid for rid, _ in aborts}

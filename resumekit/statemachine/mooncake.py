@@ -1,0 +1,829 @@
+"""The protocol across two processes over the Mooncake TransferEngine, control over ZMQ.
+
+The receiver registers its whole :class:`~resumekit.allocator.BlockBuffers`
+with the engine once, at start, and posts with each round the addresses of its
+blocks; the sender writes the round straight into them (one transfer per run of
+adjacent blocks and tensor, in one batch) and only then sends the round's
+status. Posts, cancels, statuses and heartbeats are JSON over two ZMQ PUSH/PULL
+connections: each end binds ``listen`` and connects to ``peer``.
+
+Each end runs a send thread (it owns the PUSH socket and sends a heartbeat when
+idle for a quarter ``timeout``) and a control thread (it owns the PULL socket,
+reads messages and watches the connection); the sender adds a writer thread
+that performs each round's writes, then passes on its status, in the order the
+event loop called ``write_round`` and ``report``. The event loop never blocks,
+locks or waits. The peer is lost when its connection drops, when nothing comes
+from it for ``timeout``, or when a posted round gets no status for ``timeout``;
+the receiver then unregisters its buffers (the engine refuses any later write
+into them) before it reports :class:`~resumekit.statemachine.messages.PeerLost`.
+
+Messages (``t`` names the kind; ``inc`` is the request's incarnation):
+``hello {session}`` (receiver, first: where the sender writes), ``post {rid, inc,
+epoch, sent, cap, expect, blocks, dst}`` (``dst``: per block, the addresses of
+its embeddings, fill ids, three mRoPE rows and aux row), ``cancel {rid, inc,
+epoch}``, ``close``; back: ``landed {rid, inc, epoch, tokens, total, final}``,
+``cancelled``, ``error {..., reason}``, ``bye``; ``ping`` both ways.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal
+
+import torch
+
+from resumekit._check import as_int, check_str
+from resumekit.allocator.buffers import MROPE_ROWS, BlockBuffers, EmbeddingTensors
+from resumekit.errors import InvalidArgumentError, TransportError, TransportUnavailableError
+from resumekit.statemachine.distributed import (
+    DEFAULT_TIMEOUT,
+    Arrived,
+    Closed,
+    Delivery,
+    Lost,
+    PostArrived,
+    Role,
+    _seconds,
+    _wait_seconds,
+)
+from resumekit.statemachine.messages import (
+    Cancel,
+    Cancelled,
+    Landed,
+    PeerLost,
+    Post,
+    RoundPost,
+    SenderError,
+    Status,
+    require_cancel,
+    require_post,
+    require_status,
+)
+from resumekit.statemachine.wire import MAX_REASON_BYTES
+
+if TYPE_CHECKING:
+    import zmq
+
+INSTALL_HINT: Final = (
+    "pip install 'resumekit[mooncake]' (the transfer engine and pyzmq), and the system "
+    "packages libibverbs1 and librdmacm1 (apt-get install libibverbs1 librdmacm1)"
+)
+MAX_RID_CHARS: Final = 1024
+_INT64: Final = 1 << 63
+_POLL_MS: Final = 100  # how often a thread looks at the closing flag
+_EMPTY_STATUSES: tuple[Status, ...] = ()
+_EMPTY_POSTS: tuple[Post, ...] = ()
+
+Key = tuple[Hashable, int, int]  # (rid, incarnation, epoch)
+
+
+def load_mooncake() -> tuple[Any, Any]:
+    """``(mooncake.engine.TransferEngine, zmq)``, or the error that says what to install."""
+    try:
+        zmq = importlib.import_module("zmq")
+    except ImportError as error:
+        raise TransportUnavailableError(f"pyzmq is missing ({error}): {INSTALL_HINT}") from None
+    try:
+        engine = importlib.import_module("mooncake.engine")
+    except (ImportError, OSError) as error:
+        raise TransportUnavailableError(
+            f"the Mooncake transfer engine cannot be loaded ({error}): {INSTALL_HINT}"
+        ) from None
+    return engine.TransferEngine, zmq
+
+
+def wire_rid(rid: object) -> int | str:
+    """``rid`` as it travels in JSON: an int64 or a str, or the error that names it."""
+    if type(rid) is int and -_INT64 <= rid < _INT64:
+        return rid
+    if type(rid) is str and len(rid) <= MAX_RID_CHARS:
+        return rid
+    raise InvalidArgumentError(
+        f"rid must be an int64 or a str of at most {MAX_RID_CHARS} characters over "
+        f"MooncakeTransport, not {rid!r}"
+    )
+
+
+def _endpoint(value: object, name: str) -> str:
+    value = check_str(value, name)
+    if "://" not in value:
+        raise InvalidArgumentError(f"{name} must be a ZMQ endpoint such as tcp://host:port")
+    return value
+
+
+@dataclass
+class _Write:
+    """(sender) One round to write: where each piece goes, and the tensors it comes from."""
+
+    key: Key
+    session: str
+    sources: list[torch.Tensor]
+    targets: list[int]
+    aux: list[int]
+    aux_target: int
+
+
+def _check_arguments(
+    role: Role,
+    listen: object,
+    peer: object,
+    buffers: object,
+    engine: object,
+    session: object,
+    hostname: object,
+    protocol: object,
+    timeout: object,
+    aux_size: object,
+) -> tuple[str, str, str, float, int]:
+    """The constructor's checks that need neither the engine nor a socket."""
+    listen = _endpoint(listen, "listen")
+    peer = _endpoint(peer, "peer")
+    hostname = check_str(hostname, "hostname")
+    if protocol not in ("tcp", "rdma"):
+        raise InvalidArgumentError(f"protocol must be 'tcp' or 'rdma', not {protocol!r}")
+    seconds = _seconds(timeout, "timeout")
+    aux = as_int(aux_size, "aux_size", minimum=2, maximum=1 << 16)
+    if buffers is None:
+        if role == "receiver":
+            raise InvalidArgumentError(
+                "buffers: the receiver end needs the BlockBuffers rounds land in"
+            )
+    elif not isinstance(buffers, BlockBuffers):
+        raise InvalidArgumentError(
+            f"buffers must be a BlockBuffers or None, not {type(buffers).__name__}"
+        )
+    if engine is not None and session is None:
+        raise InvalidArgumentError(
+            "session: with an engine of your own, say how peers name it (host:rpc_port)"
+        )
+    if session is not None:
+        check_str(session, "session")
+    return listen, peer, hostname, seconds, aux
+
+
+def _runs(
+    data: EmbeddingTensors, dst: list[list[int]], n: int, bs: int
+) -> tuple[list[torch.Tensor], list[int]]:
+    """The pieces of ``n`` tokens of ``data`` and where each goes: one per run of blocks
+    whose addresses follow on, per tensor (embeddings, fill ids, three mRoPE rows)."""
+    rows = [data.embeddings, data.fill_ids, *(data.mrope[r] for r in range(MROPE_ROWS))]
+    sources: list[torch.Tensor] = []
+    targets: list[int] = []
+    for k, src in enumerate(rows):
+        per_token = src[:1].numel() * src.element_size()
+        start = 0  # the current run: tokens [start, end) to target
+        end = 0
+        target = following = -1
+        for i in range(-(-n // bs)):
+            count = min(bs, n - end)
+            at = dst[i][k]
+            if at != following:
+                if end > start:
+                    sources.append(src[start:end])
+                    targets.append(target)
+                start, target = end, at
+            end += count
+            following = at + count * per_token
+        sources.append(src[start:end])
+        targets.append(target)
+    return sources, targets
+
+
+class MooncakeTransport:
+    """One end of the protocol over a Mooncake ``TransferEngine``; ``role`` says which.
+
+    ``listen``: the ZMQ endpoint this end binds (``tcp://host:port``); ``peer``:
+    the one the other end binds. ``engine``: an initialised ``TransferEngine``
+    the process already has (with ``session``, its ``host:rpc_port`` as peers
+    name it); without one, the transport starts its own on ``hostname`` over
+    ``protocol`` (``"tcp"``, or ``"rdma"`` on a cluster). The receiver end needs
+    the ``buffers`` its rounds land in. Request ids are int64s or strs. Call it
+    from one event loop.
+
+    ``MooncakeTransport("receiver", ...)`` is a :class:`MooncakeReceiverEnd`,
+    ``"sender"`` a :class:`MooncakeSenderEnd`; a call that belongs to the other
+    end raises :class:`TransportError`.
+    """
+
+    role: ClassVar[Role]
+    _ends: ClassVar[dict[str, type[MooncakeTransport]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "role" in cls.__dict__:
+            MooncakeTransport._ends.setdefault(cls.role, cls)
+
+    def __new__(cls, role: Role, *args: Any, **kwargs: Any) -> MooncakeTransport:
+        end = cls
+        if cls is MooncakeTransport:
+            try:
+                end = MooncakeTransport._ends[role]
+            except (KeyError, TypeError):
+                raise InvalidArgumentError(
+                    f"role must be 'receiver' or 'sender', not {role!r}"
+                ) from None
+        return super().__new__(end)
+
+    def __init__(
+        self,
+        role: Role,
+        *,
+        listen: str,
+        peer: str,
+        buffers: BlockBuffers | None = None,
+        engine: Any = None,
+        session: str | None = None,
+        hostname: str = "127.0.0.1",
+        protocol: Literal["tcp", "rdma"] = "tcp",
+        timeout: float = DEFAULT_TIMEOUT,
+        aux_size: int = 16,
+    ) -> None:
+        if role != self.role:
+            raise InvalidArgumentError(f"role must be {self.role!r} for {type(self).__name__}")
+        listen, peer, hostname, timeout, aux_size = _check_arguments(
+            role, listen, peer, buffers, engine, session, hostname, protocol, timeout, aux_size
+        )
+        self.timeout = timeout
+        transfer_engine, self._zmq = load_mooncake()
+        if engine is None:
+            engine = transfer_engine()
+            if engine.initialize(hostname, "P2PHANDSHAKE", protocol, "") != 0:
+                raise TransportError(f"the transfer engine did not start on {hostname}")
+            session = f"{hostname}:{engine.get_rpc_port()}"
+        self.engine = engine
+        self.session: str = session  # type: ignore[assignment]
+        self.buffers = buffers
+        self.aux_size = buffers.aux_size if buffers is not None else aux_size
+        self.listen = listen
+        self.peer = peer
+        self.closed = False
+        self.finished = False  # (sender) the receiver said close, or is gone
+        self.peer_lost: str | None = None
+        self.posted = 0
+        self.delivered = 0
+        self._registered: list[int] = []  # addresses this end registered with the engine
+        self._inbox: deque[Delivery] = deque()
+        self._wake = threading.Event()
+        self._sends: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._closing = False
+        self._context = self._zmq.Context()
+        # Bind here, so a bad endpoint is refused by the constructor, not by a thread.
+        self._pull = self._socket(self._zmq.PULL)
+        try:
+            self._pull.bind(listen)
+        except self._zmq.ZMQError as error:
+            self._pull.close(0)
+            self._context.term()
+            raise InvalidArgumentError(f"listen: cannot bind {listen}: {error}") from None
+        self._monitor = self._pull.get_monitor_socket(self._zmq.EVENT_DISCONNECTED)
+        self._heard = time.monotonic()
+        try:
+            self._prepare()
+        except BaseException:
+            self._release_memory()
+            self._monitor.close(0)
+            self._pull.close(0)
+            self._context.term()
+            raise
+        self._threads = [
+            threading.Thread(target=self._send_loop, name=f"resumekit-{role}-send", daemon=True),
+            threading.Thread(
+                target=self._control_loop, name=f"resumekit-{role}-control", daemon=True
+            ),
+            *self._more_threads(),
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _socket(self, kind: int) -> zmq.Socket[bytes]:
+        s: zmq.Socket[bytes] = self._context.socket(kind)
+        s.setsockopt(self._zmq.LINGER, 0)
+        return s
+
+    # -- what each end provides ----------------------------------------------------------
+
+    def _prepare(self) -> None:
+        """What this end sets up before its threads start."""
+
+    def _more_threads(self) -> list[threading.Thread]:
+        return []
+
+    def _on_message(self, m: dict[str, Any]) -> bool:
+        """(control thread) One message from the peer; ``False`` ends the loop."""
+        raise NotImplementedError
+
+    def _release_memory(self) -> None:
+        """Unregister what this end registered with the engine: nothing more lands there."""
+        for address in self._registered:
+            self.engine.unregister_memory(address)
+        self._registered.clear()
+
+    # -- the other end's calls -----------------------------------------------------------
+
+    def _belongs_to(self, role: Role) -> TransportError:
+        return TransportError(f"this is the {self.role} end; that call belongs to the {role}")
+
+    def post_round(self, post: RoundPost) -> None:
+        raise self._belongs_to("receiver")
+
+    def cancel(self, rid: Hashable, epoch: int, *, incarnation: int) -> None:
+        raise self._belongs_to("receiver")
+
+    def finish(self) -> None:
+        """Tell the sender this receiver is done; it answers bye and stops."""
+        raise self._belongs_to("receiver")
+
+    def poll_statuses(self) -> Sequence[Status]:
+        raise self._belongs_to("receiver")
+
+    def poll_posts(self) -> Sequence[Post]:
+        raise self._belongs_to("sender")
+
+    def write_round(
+        self, post: RoundPost, data: EmbeddingTensors, aux: Sequence[int] | None
+    ) -> None:
+        raise self._belongs_to("sender")
+
+    def report(self, status: Landed | Cancelled | SenderError) -> None:
+        raise self._belongs_to("sender")
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def check_request_id(self, rid: object) -> None:
+        """Refuse an id this transport cannot carry, before any block is taken."""
+        wire_rid(rid)
+
+    def _send(self, **message: Any) -> None:
+        self._sends.put(json.dumps(message, separators=(",", ":")).encode())
+
+    def _deliver(self, item: Delivery) -> None:
+        self._inbox.append(item)
+        self._wake.set()
+
+    def _lost(self, reason: str) -> None:
+        if not self._closing:
+            self._deliver(Lost(reason))
+
+    def _losing(self) -> bool:
+        return False
+
+    def wait(self, timeout: float) -> bool:
+        """Block up to ``timeout`` seconds until something arrived; polls never call this."""
+        timeout = _wait_seconds(timeout, "timeout")
+        if self._losing() and not self.closed:
+            limit = time.monotonic() + timeout
+            for t in self._threads:
+                t.join(max(0.0, limit - time.monotonic()))
+            return not self._threads_alive()
+        if self._inbox:
+            return True
+        self._wake.clear()
+        if self._inbox:
+            return True
+        return self._wake.wait(timeout)
+
+    def _send_loop(self) -> None:
+        push = self._socket(self._zmq.PUSH)
+        push.setsockopt(self._zmq.LINGER, int(self.timeout * 1000))
+        push.connect(self.peer)
+        ping = b'{"t":"ping"}'
+        try:
+            while True:
+                try:
+                    item = self._sends.get(timeout=self.timeout / 4)
+                except queue.Empty:
+                    item = ping
+                if item is None:
+                    return
+                push.send(item)
+        finally:
+            # Lingers (at most the timeout) so the last messages, a bye, still go out.
+            push.close()
+
+    def _control_loop(self) -> None:
+        zmq = self._zmq
+        poller = zmq.Poller()
+        poller.register(self._pull, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
+        try:
+            while not self._closing:
+                ready = dict(poller.poll(_POLL_MS))
+                now = time.monotonic()
+                if self._monitor in ready:
+                    self._monitor.recv_multipart()
+                    self._lost("connection lost: the peer disconnected")
+                    return
+                if self._pull not in ready:
+                    if now - self._heard > self.timeout:
+                        self._lost(f"the peer made no progress for {self.timeout:g} s")
+                        return
+                    continue
+                self._heard = now
+                try:
+                    message = json.loads(self._pull.recv())
+                    if message["t"] != "ping" and not self._on_message(message):
+                        return
+                except (ValueError, KeyError, TypeError) as error:
+                    self._lost(f"malformed control message: {error!r}")
+                    return
+        finally:
+            self._pull.disable_monitor()
+            self._monitor.close(0)
+            self._pull.close(0)
+
+    def _stop_threads(self) -> None:
+        self._closing = True
+        self._sends.put(None)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """End cleanly: the receiver says close, the sender answers bye, then both close."""
+        timeout = _wait_seconds(timeout, "timeout")
+        deadline = time.monotonic() + timeout
+        self._say_goodbye()
+        self._threads[1].join(max(0.0, deadline - time.monotonic()))
+        self.close(wait=max(0.0, deadline - time.monotonic()))
+
+    def _say_goodbye(self) -> None:
+        """What this end sends when it shuts down cleanly."""
+
+    def close(self, wait: float | None = None) -> None:
+        """Stop the threads, unregister this end's memory and close its sockets; never hangs."""
+        if wait is not None:
+            wait = _wait_seconds(wait, "wait")
+        if self.closed:
+            return
+        self._stop_threads()
+        limit = self.timeout + 1.0 if wait is None else wait
+        deadline = time.monotonic() + limit
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(max(0.0, deadline - time.monotonic()))
+        self.closed = True
+        if not self._threads_alive():
+            self._release_memory()
+            self._context.term()
+
+    def _threads_alive(self) -> bool:
+        return any(t.is_alive() for t in self._threads if t is not threading.current_thread())
+
+
+# -- the receiver ------------------------------------------------------------------------
+
+
+class MooncakeReceiverEnd(MooncakeTransport):
+    """The language side's end: ``MooncakeTransport("receiver", listen=, peer=, buffers=)``."""
+
+    role: ClassVar[Role] = "receiver"
+
+    def _prepare(self) -> None:
+        self._lost_reason: str | None = None
+        self._rounds: dict[Key, float] = {}  # posted rounds with no status yet: when posted
+        self._next_check = 0.0
+        buffers = self.buffers
+        assert buffers is not None
+        tensors = (buffers.embeddings, buffers.fill_ids, buffers.mrope, buffers.aux)
+        for t in tensors:
+            address = t.data_ptr()
+            if self.engine.register_memory(address, t.numel() * t.element_size()) != 0:
+                self._release_memory()
+                raise TransportError("the transfer engine refused to register the block buffers")
+            self._registered.append(address)
+        nb, bs = buffers.num_blocks, buffers.block_size
+        self._strides = (
+            bs * buffers.hidden_size * buffers.embeddings.element_size(),
+            bs * buffers.fill_ids.element_size(),
+            bs * buffers.mrope.element_size(),
+            nb * bs * buffers.mrope.element_size(),  # one mRoPE row to the next
+            buffers.aux_size * buffers.aux.element_size(),
+        )
+        self._send(t="hello", session=self.session)
+
+    def _losing(self) -> bool:
+        return self._lost_reason is not None
+
+    def _say_goodbye(self) -> None:
+        if not self._closing:
+            self.finish()
+
+    def _addresses(self, blocks: Sequence[int]) -> list[list[int]]:
+        """Per block: where its embeddings, fill ids, three mRoPE rows and aux row start."""
+        emb, fill, mrope, aux = self._registered
+        s_emb, s_fill, s_mrope, s_row, s_aux = self._strides
+        return [
+            [
+                emb + b * s_emb,
+                fill + b * s_fill,
+                *(mrope + r * s_row + b * s_mrope for r in range(MROPE_ROWS)),
+                aux + b * s_aux,
+            ]
+            for b in blocks
+        ]
+
+    def post_round(self, post: RoundPost) -> None:
+        require_post(post)
+        if self._closing:
+            return  # the peer is gone: PeerLost is (about to be) reported
+        rid = wire_rid(post.rid)
+        allocation = post.allocation
+        if allocation is not None and self.buffers is not None:
+            self.buffers.allocator.check_live(allocation)
+        self._rounds[(rid, post.incarnation, post.epoch)] = time.monotonic()
+        self.posted += 1
+        self._send(
+            t="post",
+            rid=rid,
+            inc=post.incarnation,
+            epoch=post.epoch,
+            sent=post.sent,
+            cap=post.capacity_tokens,
+            expect=post.expect_tokens,
+            blocks=list(post.blocks),
+            dst=self._addresses(post.blocks),
+        )
+
+    def cancel(self, rid: Hashable, epoch: int, *, incarnation: int) -> None:
+        require_cancel(rid, epoch, incarnation)
+        if not self._closing:
+            self._send(t="cancel", rid=wire_rid(rid), inc=incarnation, epoch=epoch)
+
+    def finish(self) -> None:
+        """Tell the sender this receiver is done; it answers bye and stops."""
+        if not self._closing:
+            self._send(t="close")
+
+    def poll_statuses(self) -> Sequence[Status]:
+        inbox = self._inbox
+        if self._lost_reason is not None:
+            return self._report_lost()
+        if not inbox and (not self._rounds or time.monotonic() < self._next_check):
+            return _EMPTY_STATUSES
+        out: list[Status] = []
+        now = time.monotonic()
+        while inbox:
+            item = inbox.popleft()
+            if type(item) is Arrived:
+                self._rounds.pop(item.key, None)
+                out.append(item.status)
+            elif type(item) is Lost:
+                self._begin_losing(item.reason)
+                return self._report_lost()
+        if self._rounds and now >= self._next_check:
+            self._next_check = now + min(1.0, self.timeout / 4)
+            for (rid, _, epoch), posted in self._rounds.items():
+                if now - posted > self.timeout:
+                    self._begin_losing(
+                        f"round {epoch} of request {rid} made no progress for {self.timeout:g} s"
+                    )
+                    return self._report_lost()
+        if not out:
+            return _EMPTY_STATUSES
+        self.delivered += len(out)
+        return out
+
+    def _begin_losing(self, reason: str) -> None:
+        self._lost_reason = reason
+        self._stop_threads()
+
+    def _report_lost(self) -> Sequence[Status]:
+        """``[PeerLost]`` once the threads are out and the buffers unregistered: from
+        then on the engine refuses any write into the blocks."""
+        if self.closed or self._threads_alive():
+            return _EMPTY_STATUSES
+        self.closed = True
+        self._release_memory()
+        self._context.term()
+        self.peer_lost = self._lost_reason
+        self._rounds.clear()
+        self.delivered += 1
+        return [PeerLost(self._lost_reason or "peer lost")]
+
+    def _on_message(self, m: dict[str, Any]) -> bool:
+        kind = m["t"]
+        if kind == "bye":
+            self._deliver(Closed())
+            return False
+        rid, inc, epoch = m["rid"], int(m["inc"]), int(m["epoch"])
+        key = (rid, inc, epoch)
+        status: Status
+        if kind == "landed":
+            status = Landed(
+                rid, epoch, int(m["tokens"]), int(m["total"]), bool(m["final"]), incarnation=inc
+            )
+        elif kind == "cancelled":
+            status = Cancelled(rid, epoch, incarnation=inc)
+        elif kind == "error":
+            status = SenderError(rid, epoch, str(m["reason"]), incarnation=inc)
+        else:
+            raise ValueError(f"unknown message {kind!r}")
+        self._deliver(Arrived(key, status))
+        return True
+
+
+# -- the sender --------------------------------------------------------------------------
+
+
+class MooncakeSenderEnd(MooncakeTransport):
+    """The encode side's end: ``MooncakeTransport("sender", listen=..., peer=...)``."""
+
+    role: ClassVar[Role] = "sender"
+
+    def _prepare(self) -> None:
+        self._target: str | None = None  # the receiver's session, from its hello
+        self._dst: dict[Key, list[list[int]]] = {}  # each posted round's block addresses
+        self._jobs: queue.SimpleQueue[_Write | Status | None] = queue.SimpleQueue()
+        self._failed: dict[Key, str] = {}  # (writer) rounds whose write failed: why
+        self._sources: dict[int, tuple[torch.Tensor, set[Hashable]]] = {}
+        self._aux_stage = torch.zeros(self.aux_size, dtype=torch.int32)
+        address = self._aux_stage.data_ptr()
+        if self.engine.register_memory(address, self.aux_size * 4) != 0:
+            raise TransportError("the transfer engine refused to register the aux row")
+        self._registered.append(address)
+
+    def _more_threads(self) -> list[threading.Thread]:
+        return [threading.Thread(target=self._write_loop, name="resumekit-write", daemon=True)]
+
+    def _stop_threads(self) -> None:
+        super()._stop_threads()
+        self._jobs.put(None)
+
+    def _release_memory(self) -> None:
+        for address in self._sources:
+            self.engine.unregister_memory(address)
+        self._sources.clear()
+        super()._release_memory()
+
+    # -- the event loop's calls ----------------------------------------------------------
+
+    def poll_posts(self) -> Sequence[Post]:
+        inbox = self._inbox
+        if not inbox:
+            return _EMPTY_POSTS
+        out: list[Post] = []
+        while inbox:
+            item = inbox.popleft()
+            if type(item) is PostArrived:
+                out.append(item.post)
+            elif type(item) is Closed:
+                self.finished = True
+            elif type(item) is Lost:
+                self.peer_lost = item.reason
+                self.finished = True
+        return out
+
+    def write_round(
+        self, post: RoundPost, data: EmbeddingTensors, aux: Sequence[int] | None
+    ) -> None:
+        require_post(post)
+        if not isinstance(data, EmbeddingTensors):
+            raise InvalidArgumentError(
+                f"data must be an EmbeddingTensors, not {type(data).__name__}"
+            )
+        if self._closing:
+            return
+        key = (wire_rid(post.rid), post.incarnation, post.epoch)
+        dst = self._dst.pop(key, None)
+        if dst is None:
+            raise TransportError(f"round {post.epoch} of request {post.rid} was never posted")
+        n = data.num_tokens
+        if not post.blocks or post.capacity_tokens % len(post.blocks):
+            raise TransportError(f"round {post.epoch} post has an inconsistent capacity")
+        bs = post.capacity_tokens // len(post.blocks)
+        if n > post.capacity_tokens or len(dst) != len(post.blocks):
+            raise TransportError(f"round {post.epoch} does not fit the blocks it was posted")
+        sources, targets = _runs(data, dst, n, bs)
+        row = [0] * self.aux_size
+        for i, v in enumerate(aux or ()):
+            row[i] = int(v)
+        assert self._target is not None  # the hello precedes every post
+        self._jobs.put(_Write(key, self._target, sources, targets, row, dst[0][5]))
+
+    def report(self, status: Landed | Cancelled | SenderError) -> None:
+        require_status(status)
+        wire_rid(status.rid)
+        if not self._closing:
+            self._jobs.put(status)  # after the round's writes, in the writer thread
+
+    # -- the threads ---------------------------------------------------------------------
+
+    def _on_message(self, m: dict[str, Any]) -> bool:
+        kind = m["t"]
+        if kind == "hello":
+            self._target = str(m["session"])
+        elif kind == "post":
+            rid, inc, epoch = m["rid"], int(m["inc"]), int(m["epoch"])
+            expect = m["expect"]
+            self._dst[(rid, inc, epoch)] = [[int(a) for a in block] for block in m["dst"]]
+            post = RoundPost(
+                rid,
+                epoch,
+                tuple(int(b) for b in m["blocks"]),
+                int(m["cap"]),
+                int(m["sent"]),
+                None,
+                None if expect is None else int(expect),
+                incarnation=inc,
+            )
+            self._deliver(PostArrived(post))
+        elif kind == "cancel":
+            self._deliver(PostArrived(Cancel(m["rid"], int(m["epoch"]), incarnation=int(m["inc"]))))
+        elif kind == "close":
+            self._send(t="bye")
+            self._closing = True  # the receiver is done: the heartbeat stops too
+            self._sends.put(None)
+            self._jobs.put(None)
+            self._deliver(Closed())
+            return False
+        else:
+            raise ValueError(f"unknown message {kind!r}")
+        return True
+
+    def _write_loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            if isinstance(job, _Write):
+                self._write(job)
+            else:
+                self._pass_on(job)
+
+    def _write(self, job: _Write) -> None:
+        """Write one round in one batch; a failure turns the round's status into an error."""
+        rid = job.key[0]
+        try:
+            locals_: list[int] = []
+            lengths: list[int] = []
+            for piece in job.sources:
+                t = piece if piece.is_contiguous() else piece.contiguous()
+                self._register(t, rid)
+                locals_.append(t.data_ptr())
+                lengths.append(t.numel() * t.element_size())
+            self._aux_stage.copy_(torch.tensor(job.aux, dtype=torch.int32))
+            locals_.append(self._aux_stage.data_ptr())
+            lengths.append(self.aux_size * 4)
+            targets = [*job.targets, job.aux_target]
+            rc = self.engine.batch_transfer_sync_write(job.session, locals_, targets, lengths)
+            if rc != 0:
+                self._failed[job.key] = f"the transfer engine failed to write the round ({rc})"
+        except Exception as error:
+            self._failed[job.key] = f"the round could not be written: {error}"
+
+    def _register(self, t: torch.Tensor, rid: Hashable) -> None:
+        """Register the storage under ``t`` once; it stays registered until ``rid`` ends."""
+        storage = t.untyped_storage()
+        address = storage.data_ptr()
+        known = self._sources.get(address)
+        if known is None:
+            if self.engine.register_memory(address, storage.nbytes()) != 0:
+                raise TransportError("the transfer engine refused to register a source")
+            whole = torch.empty(0, dtype=torch.uint8).set_(storage)  # keeps it alive
+            self._sources[address] = (whole, {rid})
+        else:
+            known[1].add(rid)
+
+    def _pass_on(self, status: Status) -> None:
+        assert isinstance(status, Landed | Cancelled | SenderError)
+        rid = wire_rid(status.rid)
+        inc, epoch = status.incarnation, status.epoch
+        failed = self._failed.pop((rid, inc, epoch), None)
+        if isinstance(status, Landed) and failed is None:
+            self._send(
+                t="landed",
+                rid=rid,
+                inc=inc,
+                epoch=epoch,
+                tokens=status.tokens,
+                total=status.total,
+                final=status.final,
+            )
+        elif isinstance(status, Cancelled):
+            self._send(t="cancelled", rid=rid, inc=inc, epoch=epoch)
+        else:
+            reason = failed if failed is not None else getattr(status, "reason", "")
+            reason = reason.encode()[:MAX_REASON_BYTES].decode("utf-8", "ignore") or "?"
+            self._send(t="error", rid=rid, inc=inc, epoch=epoch, reason=reason)
+        ends = not isinstance(status, Landed) or status.final or failed is not None
+        if ends:
+            self._forget(rid)
+
+    def _forget(self, rid: Hashable) -> None:
+        """Unregister the sources only ``rid`` used."""
+        for address, (_, users) in list(self._sources.items()):
+            users.discard(rid)
+            if not users:
+                self.engine.unregister_memory(address)
+                del self._sources[address]
+
+
+__all__ = [
+    "INSTALL_HINT",
+    "MooncakeReceiverEnd",
+    "MooncakeSenderEnd",
+    "MooncakeTransport",
+    "load_mooncake",
+    "wire_rid",
+]
