@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import queue
 import threading
 import time
@@ -85,11 +86,16 @@ Key = tuple[Hashable, int, int]  # (rid, incarnation, epoch)
 
 
 def load_mooncake() -> tuple[Any, Any]:
-    """``(mooncake.engine.TransferEngine, zmq)``, or the error that says what to install."""
+    """``(mooncake.engine.TransferEngine, zmq)``, or the error that says what to install.
+
+    Sets ``GLOG_minloglevel=1`` unless set: the engine logs each connection at INFO.
+    """
     try:
         zmq = importlib.import_module("zmq")
     except ImportError as error:
         raise TransportUnavailableError(f"pyzmq is missing ({error}): {INSTALL_HINT}") from None
+    # The engine logs every connection at INFO on stderr; warnings and errors stay.
+    os.environ.setdefault("GLOG_minloglevel", "1")
     try:
         engine = importlib.import_module("mooncake.engine")
     except (ImportError, OSError) as error:
@@ -640,6 +646,7 @@ class MooncakeSenderEnd(MooncakeTransport):
         self._jobs: queue.SimpleQueue[_Write | Status | None] = queue.SimpleQueue()
         self._failed: dict[Key, str] = {}  # (writer) rounds whose write failed: why
         self._sources: dict[int, tuple[torch.Tensor, set[Hashable]]] = {}
+        self._foreign: set[int] = set()  # registered by someone else: written as it is
         self._aux_stage = torch.zeros(self.aux_size, dtype=torch.int32)
         address = self._aux_stage.data_ptr()
         if self.engine.register_memory(address, self.aux_size * 4) != 0:
@@ -773,17 +780,23 @@ class MooncakeSenderEnd(MooncakeTransport):
             self._failed[job.key] = f"the round could not be written: {error}"
 
     def _register(self, t: torch.Tensor, rid: Hashable) -> None:
-        """Register the storage under ``t`` once; it stays registered until ``rid`` ends."""
+        """Register the storage under ``t`` once; it stays registered until ``rid`` ends.
+
+        Memory the engine will not register again (the engine's owner registered it,
+        as an encoder's output pool is) is written as it is, and never unregistered.
+        """
         storage = t.untyped_storage()
         address = storage.data_ptr()
+        if address in self._foreign:
+            return
         known = self._sources.get(address)
-        if known is None:
-            if self.engine.register_memory(address, storage.nbytes()) != 0:
-                raise TransportError("the transfer engine refused to register a source")
+        if known is not None:
+            known[1].add(rid)
+        elif self.engine.register_memory(address, storage.nbytes()) != 0:
+            self._foreign.add(address)
+        else:
             whole = torch.empty(0, dtype=torch.uint8).set_(storage)  # keeps it alive
             self._sources[address] = (whole, {rid})
-        else:
-            known[1].add(rid)
 
     def _pass_on(self, status: Status) -> None:
         assert isinstance(status, Landed | Cancelled | SenderError)

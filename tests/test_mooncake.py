@@ -1,0 +1,237 @@
+"""MooncakeTransport's own contract: what it refuses, what it says when it cannot load,
+how it lays a round over the blocks, and both ends in one process on loopback."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from resumekit import (
+    BlockAllocator,
+    BlockBuffers,
+    EmbeddingSender,
+    InvalidArgumentError,
+    ResumableReceiver,
+    TransferState,
+    TransportError,
+    TransportUnavailableError,
+)
+from resumekit.simulate import random_source
+from resumekit.statemachine.messages import PeerLost
+from resumekit.statemachine.mooncake import (
+    MooncakeReceiverEnd,
+    MooncakeSenderEnd,
+    MooncakeTransport,
+    _runs,
+    load_mooncake,
+    wire_rid,
+)
+
+try:
+    load_mooncake()
+    MISSING = None
+except TransportUnavailableError as error:
+    MISSING = str(error)
+needs_mooncake = pytest.mark.skipif(
+    MISSING is not None and os.environ.get("RESUMEKIT_REQUIRE_MOONCAKE") != "1",
+    reason=str(MISSING),
+)
+
+
+def endpoint() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def buffers(num_blocks: int = 16, block_size: int = 8, hidden: int = 4) -> BlockBuffers:
+    return BlockBuffers(BlockAllocator(num_blocks, block_size), hidden, device="cpu")
+
+
+# -- without the engine ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("module", "error"),
+    [("zmq", ImportError("No module named 'zmq'")), ("mooncake.engine", OSError("libibverbs"))],
+)
+def test_a_missing_dependency_names_the_extra_and_the_system_packages(
+    monkeypatch: pytest.MonkeyPatch, module: str, error: Exception
+) -> None:
+    real = importlib.import_module
+
+    def fake(name: str, *args: Any) -> Any:
+        if name == module:
+            raise error
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", fake)
+    with pytest.raises(TransportUnavailableError) as caught:
+        MooncakeTransport("sender", listen=endpoint(), peer=endpoint())
+    text = str(caught.value)
+    assert "pip install 'resumekit[mooncake]'" in text
+    assert "libibverbs1" in text and "librdmacm1" in text
+    assert str(error) in text
+    assert isinstance(caught.value, TransportError)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"role": "both"}, "role must be 'receiver' or 'sender'"),
+        ({"listen": "127.0.0.1:5"}, "listen must be a ZMQ endpoint"),
+        ({"listen": 5}, "listen must be a str"),
+        ({"peer": ""}, "peer must be a ZMQ endpoint"),
+        ({"protocol": "udp"}, "protocol must be 'tcp' or 'rdma'"),
+        ({"timeout": 0}, "timeout must be > 0"),
+        ({"timeout": float("nan")}, "timeout must be > 0"),
+        ({"aux_size": 1}, "aux_size must be >= 2"),
+        ({"engine": object()}, "session: with an engine of your own"),
+        ({"buffers": "x"}, "buffers must be a BlockBuffers or None, not str"),
+        ({"role": "receiver"}, "buffers: the receiver end needs the BlockBuffers"),
+    ],
+)
+def test_bad_arguments_are_refused_before_anything_starts(
+    kwargs: dict[str, Any], message: str
+) -> None:
+    args: dict[str, Any] = {"role": "sender", "listen": endpoint(), "peer": endpoint()}
+    args |= kwargs
+    role = args.pop("role")
+    with pytest.raises(InvalidArgumentError, match=message):
+        MooncakeTransport(role, **args)
+
+
+def test_request_ids_travel_as_int64s_or_strs() -> None:
+    assert wire_rid(7) == 7 and wire_rid("req-7") == "req-7"
+    for bad in (2**63, 1.0, ("a",), "x" * 1025, True):
+        with pytest.raises(InvalidArgumentError, match="rid must be an int64 or a str"):
+            wire_rid(bad)
+
+
+def test_a_round_goes_out_in_one_piece_per_run_of_following_blocks() -> None:
+    data = random_source(20, 4)  # 20 tokens in blocks of 8: 8 + 8 + 4
+    emb, row = 4 * 2, 4  # bytes per token: bf16 x 4, int32
+
+    def at(block: int) -> list[int]:
+        return [1000 + block * 8 * emb, 5000 + block * 8 * row, 7000 + block * 8 * row]
+
+    # Blocks 3 and 4 follow on, block 9 does not.
+    dst = [[*at(b)[:2], at(b)[2], at(b)[2] + 900, at(b)[2] + 1800, 0] for b in (3, 4, 9)]
+    sources, targets = _runs(data, dst, 20, 8)
+    assert len(sources) == 5 * 2  # five tensors, two runs each
+    assert targets[:2] == [at(3)[0], at(9)[0]]
+    assert [s.shape[0] for s in sources[:2]] == [16, 4]
+    assert torch.equal(sources[1], data.embeddings[16:20])
+    assert torch.equal(sources[6], data.mrope[1, :16])  # emb, fill, mRoPE rows 0, 1, 2
+
+
+# -- both ends in this process ---------------------------------------------------------
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[MooncakeReceiverEnd, MooncakeSenderEnd, BlockBuffers]]:
+    if MISSING is not None and os.environ.get("RESUMEKIT_REQUIRE_MOONCAKE") != "1":
+        pytest.skip(MISSING)
+    bufs = buffers()
+    a, b = endpoint(), endpoint()
+    receiver = MooncakeTransport("receiver", listen=a, peer=b, buffers=bufs, timeout=5.0)
+    sender = MooncakeTransport("sender", listen=b, peer=a, timeout=5.0)
+    assert isinstance(receiver, MooncakeReceiverEnd) and isinstance(sender, MooncakeSenderEnd)
+    yield receiver, sender, bufs
+    for end in (sender, receiver):
+        end.close(wait=5.0)
+
+
+def run(receiver: ResumableReceiver, sender: EmbeddingSender, rid: str, limit: float) -> None:
+    deadline = time.monotonic() + limit
+    while not receiver.poll(rid).terminal and time.monotonic() < deadline:
+        receiver.step()
+        sender.step()
+        time.sleep(0.001)
+
+
+@needs_mooncake
+def test_a_transfer_resumes_through_the_engine_and_lands_intact(
+    pair: tuple[MooncakeReceiverEnd, MooncakeSenderEnd, BlockBuffers],
+) -> None:
+    end_r, end_s, bufs = pair
+    receiver = ResumableReceiver(bufs, end_r, 24, max_resume_tokens=40)
+    sender = EmbeddingSender(end_s)
+    source = random_source(100, 4, seed=3)
+    receiver.add("req-1")
+    sender.add("req-1", source, mrope_delta=-7)
+    run(receiver, sender, "req-1", 20.0)
+    result = receiver.take("req-1")
+    assert result.state is TransferState.Success, result.reason
+    assert result.output is not None and result.output.equal(source)
+    assert result.mrope_delta == -7
+    assert bufs.allocator.num_free_blocks == bufs.num_blocks
+    assert end_r.posted >= 3  # 24 + 40 + 36 tokens
+
+
+@needs_mooncake
+def test_each_call_belongs_to_one_end(
+    pair: tuple[MooncakeReceiverEnd, MooncakeSenderEnd, BlockBuffers],
+) -> None:
+    end_r, end_s, _ = pair
+    with pytest.raises(TransportError, match="this is the receiver end"):
+        end_r.poll_posts()
+    with pytest.raises(TransportError, match="this is the sender end"):
+        end_s.poll_statuses()
+    with pytest.raises(InvalidArgumentError, match="rid must be an int64 or a str"):
+        ResumableReceiver(pair[2], end_r, 8).add(("a", 1))
+    assert pair[2].allocator.num_free_blocks == pair[2].num_blocks
+
+
+@needs_mooncake
+def test_a_bound_endpoint_is_refused_by_the_constructor() -> None:
+    a = endpoint()
+    first = MooncakeTransport("sender", listen=a, peer=endpoint(), timeout=1.0)
+    try:
+        with pytest.raises(InvalidArgumentError, match="listen: cannot bind"):
+            MooncakeTransport("sender", listen=a, peer=endpoint(), timeout=1.0)
+    finally:
+        first.close()
+
+
+@needs_mooncake
+def test_a_peer_that_never_comes_is_lost_and_its_writes_are_refused_after() -> None:
+    bufs = buffers()
+    end = MooncakeTransport(
+        "receiver", listen=endpoint(), peer=endpoint(), buffers=bufs, timeout=1.0
+    )
+    start = time.monotonic()
+    statuses: list[Any] = []
+    while not statuses and time.monotonic() - start < 10:
+        statuses = list(end.poll_statuses())
+        end.wait(0.05)
+    assert [type(s) for s in statuses] == [PeerLost]
+    assert "made no progress for 1 s" in statuses[0].reason
+    assert 1.0 <= time.monotonic() - start < 5.0
+    # The buffers are unregistered: the engine refuses a write into them now.
+    engine_type, _ = load_mooncake()
+    other = engine_type()
+    assert other.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == 0
+    src = torch.ones(16, dtype=torch.uint8)
+    rc = other.transfer_sync_write(end.session, src.data_ptr(), bufs.fill_ids.data_ptr(), 16)
+    assert rc != 0
+    assert not bool(bufs.fill_ids.any())
+    started = time.monotonic()
+    end.close()
+    assert time.monotonic() - started < 2.0
+
+
+@needs_mooncake
+def test_closing_never_hangs_when_the_peer_never_answered() -> None:
+    end = MooncakeTransport("receiver", listen=endpoint(), peer=endpoint(), buffers=buffers())
+    started = time.monotonic()
+    end.shutdown(timeout=1.0)  # says close to a peer that is not there
+    assert time.monotonic() - started < 3.0
+    assert end.closed
