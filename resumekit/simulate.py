@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Hashable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -101,7 +101,7 @@ class Loopback:
         block_size: int = 128,
         hidden: int = 64,
         reuse: ReuseOrder = "lifo",
-        default_allocate: int | None = 8192,
+        default_allocate: int | Literal["auto"] | None = 8192,
         max_resume_tokens: int | None = None,
         observer: ReceiverObserver | None = None,
         round_filter: RoundFilter | None = None,

@@ -61,6 +61,7 @@ from resumekit.statemachine import (
     TransferState,
 )
 from resumekit.statemachine import messages as msg
+from resumekit.statemachine.sizing import AutoSizer
 
 if TYPE_CHECKING:
     from resumekit.statemachine import RequestRecord
@@ -128,6 +129,7 @@ class ProtocolConfig:
     default_tokens: int
     max_resume_tokens: int | None
     reuse: ReuseOrder
+    auto: bool = False  # round 0 sized by the receiver's AutoSizer, learning from 1 size
 
 
 @st.composite
@@ -149,6 +151,7 @@ def protocol_configs(draw: st.DrawFn) -> ProtocolConfig:
         default_tokens=default_blocks * block_size,
         max_resume_tokens=None if cap is None else cap * default_blocks * block_size,
         reuse=draw(st.sampled_from(["lifo", "fifo"]), label="reuse"),
+        auto=draw(st.sampled_from([False, False, False, True]), label="auto round-0 size"),
     )
 
 
@@ -268,13 +271,24 @@ class ProtocolMachineBase(RuleBasedStateMachine):
             block_size=cfg.block_size,
             hidden=HIDDEN,
             reuse=cfg.reuse,
-            default_allocate=cfg.default_tokens,
+            default_allocate="auto" if cfg.auto else cfg.default_tokens,
             max_resume_tokens=cfg.max_resume_tokens,
             observer=self.ledger,  # type: ignore[arg-type]
             round_filter=strategy(self.strategy_name),
             allocator_type=CheckedAllocator,
             transport_type=CheckedTransport,
         )
+        receiver = self.p.receiver
+        if receiver.sizer is not None:
+            # Learn from every size at once, so the examples meet chosen sizes too.
+            receiver.sizer = AutoSizer(
+                self.p.allocator.block_size,
+                receiver.sizer.max_tokens,
+                fallback=cfg.default_tokens,
+                resume_tokens=cfg.max_resume_tokens,
+                min_samples=1,
+                refresh=1,
+            )
         self.ledger.allocator = self.p.allocator
         self.allocator.ledger = self.ledger
         self.allocator.grabbed = self.pressure

@@ -461,6 +461,7 @@ _RECEIVER_ATOMS: Final = frozenset(
     {
         "default_allocate_tokens",
         "max_resume_tokens",
+        "sizer",  # only when None (a fixed round 0); a learning one is cloned
         "round_filter",
         "observer",
         "stale_statuses",
@@ -511,6 +512,7 @@ def copy_world(w: Any) -> Any:
     rd, sd, ad = receiver.__dict__, sender.__dict__, allocator.__dict__
     if (
         rd.keys() != _RECEIVER_SHAPE
+        or rd["sizer"] is not None
         or sd.keys() != _SENDER_SHAPE
         or ad.keys() - _ALLOCATOR_EXTRAS != _ALLOCATOR_SHAPE
     ):

@@ -11,7 +11,7 @@ import os
 from collections import deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Literal
 
 from resumekit._check import (
     as_int,
@@ -46,6 +46,7 @@ from resumekit.statemachine.messages import (
     Status,
     malformed_status,
 )
+from resumekit.statemachine.sizing import DEFAULT_WASTE, AutoSizer
 
 if TYPE_CHECKING:
     from resumekit.allocator.block_allocator import Allocation
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
 RECEIVER_TRANSPORT_METHODS: Final = ("post_round", "cancel", "poll_statuses")
 
 DEFAULT_ALLOCATE_TOKENS: Final = 8192
+AUTO: Final = "auto"
 ENV_DEFAULT_ALLOCATE_TOKENS: Final = "RESUMEKIT_DEFAULT_ALLOCATE_TOKENS"
 
 S = TransferState
@@ -68,6 +70,7 @@ class RequestRecord:
         "__weakref__",
         "allocation",
         "epoch",
+        "hint",
         "incarnation",
         "memo",
         "mrope_delta",
@@ -95,6 +98,7 @@ class RequestRecord:
         self.rounds = 0
         self.stale = 0
         self.memo: object = None  # the round filter's per-request memory
+        self.hint: Hashable = None  # the engine's size hint (auto round-0 sizing)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,19 +156,22 @@ class ResumableReceiver:
     """Receives embeddings over ``transport`` into blocks of ``buffers``.
 
     ``default_allocate_tokens`` sizes round 0 (default: the environment
-    variable ``RESUMEKIT_DEFAULT_ALLOCATE_TOKENS``, else 8192);
-    ``max_resume_tokens`` caps what each resume allocates.
+    variable ``RESUMEKIT_DEFAULT_ALLOCATE_TOKENS``, else 8192); ``"auto"``
+    learns it per size hint (:class:`~resumekit.statemachine.sizing.AutoSizer`,
+    at most ``auto_waste`` expected over-allocation); ``max_resume_tokens`` caps
+    what each resume allocates.
     """
 
     def __init__(
         self,
         buffers: BlockBuffers,
         transport: ReceiverTransport,
-        default_allocate_tokens: int | None = None,
+        default_allocate_tokens: int | Literal["auto"] | None = None,
         *,
         max_resume_tokens: int | None = None,
         round_filter: RoundFilter | None = None,
         observer: ReceiverObserver | None = None,
+        auto_waste: float = DEFAULT_WASTE,
     ) -> None:
         # Duck-typed, so the explorer's token-cell stand-in drives the same code.
         check_interface(buffers, "buffers", "BlockBuffers", ("new_output", "read_into", "read_aux"))
@@ -180,12 +187,19 @@ class ResumableReceiver:
                 "ReceiverObserver",
                 ("round_posted", "round_consumed", "request_failed"),
             )
-        if default_allocate_tokens is None:
+        allocator = buffers.allocator
+        auto = default_allocate_tokens == AUTO or (
+            default_allocate_tokens is None and os.environ.get(ENV_DEFAULT_ALLOCATE_TOKENS) == AUTO
+        )
+        if auto:
+            default_allocate_tokens = min(
+                DEFAULT_ALLOCATE_TOKENS, allocator.num_blocks * allocator.block_size
+            )
+        elif default_allocate_tokens is None:
             default_allocate_tokens = default_allocate_tokens_from_env()
         default_allocate_tokens = as_int(
             default_allocate_tokens, "default_allocate_tokens", minimum=1
         )
-        allocator = buffers.allocator
         if allocator.blocks_for(default_allocate_tokens) > allocator.num_blocks:
             raise InvalidArgumentError(
                 f"default_allocate_tokens={default_allocate_tokens} needs more blocks than "
@@ -193,6 +207,18 @@ class ResumableReceiver:
             )
         if max_resume_tokens is not None:
             max_resume_tokens = as_int(max_resume_tokens, "max_resume_tokens", minimum=1)
+        # Learns round 0's size; at most a quarter of the pool, so one admission never takes it.
+        self.sizer = (
+            AutoSizer(
+                allocator.block_size,
+                max(allocator.block_size, allocator.num_blocks * allocator.block_size // 4),
+                fallback=default_allocate_tokens,
+                resume_tokens=max_resume_tokens,
+                waste=auto_waste,
+            )
+            if auto
+            else None
+        )
         self.buffers = buffers
         self.allocator = allocator
         self.transport = transport
@@ -213,8 +239,11 @@ class ResumableReceiver:
 
     # -- engine API --------------------------------------------------------------
 
-    def add(self, rid: Hashable, *, bootstrapped: bool = True) -> int:
+    def add(self, rid: Hashable, *, bootstrapped: bool = True, size_hint: Hashable = None) -> int:
         """Start receiving ``rid``; ``bootstrapped=False`` waits for :meth:`bootstrapped`.
+
+        ``size_hint`` (the modality, say) groups requests of like sizes for
+        ``default_allocate_tokens="auto"``; it changes nothing else.
 
         Returns the incarnation of this life of ``rid``, never given before; an
         engine that knows it passes it to the sender's ``add``. An id may be added
@@ -225,9 +254,11 @@ class ResumableReceiver:
         check_hashable(rid, "rid")
         check_request_id(self.transport, rid)
         check_bool(bootstrapped, "bootstrapped")
+        check_hashable(size_hint, "size_hint")
         if rid in self._records:
             raise DuplicateRequestError(f"request {rid!r} is already known")
         req = RequestRecord(rid, self._next_incarnation)
+        req.hint = size_hint
         self._next_incarnation += 1
         self._records[rid] = req
         if self.peer_lost is not None:
@@ -461,6 +492,8 @@ class ResumableReceiver:
             except (RuntimeError, MemoryError, InvalidArgumentError) as error:
                 return f"no room for the output of {total} tokens ({type(error).__name__})"
             req.total = total
+            if self.sizer is not None:
+                self.sizer.observe(req.hint, total)
             req.mrope_delta = aux[AUX_MROPE_DELTA]
             req.output = output
             return None
@@ -626,7 +659,9 @@ class ResumableReceiver:
         return allocation is not None
 
     def _try_admit(self, req: RequestRecord) -> bool:
-        req.allocation = self.allocator.allocate(self.default_allocate_tokens, req.rid)
+        sizer = self.sizer
+        tokens = self.default_allocate_tokens if sizer is None else sizer.choose(req.hint)
+        req.allocation = self.allocator.allocate(tokens, req.rid)
         self._fire(req, Event.ADMIT, req.allocation is not None)
         return req.allocation is not None
 
