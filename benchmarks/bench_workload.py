@@ -1,0 +1,189 @@
+"""One request trace on a virtual clock against each landing-buffer design.
+
+    python benchmarks/bench_workload.py [--check] [--json FILE] [--plot FILE.png]
+        [--requests 400] [--load 0.7] [--sweep 0.3,0.5,0.7,0.9,1.1] [--seed 0]
+        [--pool-tokens 131072] [--block-size 128]
+        [--rtt-us 200] [--link-gbs 25] [--copy-gbs 500] [--round-us 50] [--hidden 3584]
+
+Designs: ``resumekit`` (the real receiver, sender and allocator, 8192-token round
+0), ``resumekit-auto`` (the same, round 0 learned per modality), ``size-first``
+(upstream SGLang: ask the size, allocate exact bytes first-fit, wait on full, fail
+on oversize) and ``one-resume`` (default buffer, then the whole rest at once,
+holding round 0 while it waits). Traces (seeded): image-heavy, video-mixed (a
+heavy tail to 200k tokens, some larger than the pool), adversarial (each size
+just above the default); Poisson arrivals at ``--load`` times the link. See
+``resumekit/workload.py`` for the cost model. Prints the cost model, a table per
+trace, p99 and throughput against load, and the issue's targets with what was
+measured; ``--plot`` needs matplotlib (the ``plots`` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from typing import Any
+
+from _timing import Row, report  # benchmarks/ is on sys.path as the script's dir
+
+from resumekit.workload import DESIGNS, TRACES, CostModel, Result, quantile, run
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1e3:9.2f}"
+
+
+def _common_p99(results: list[Result]) -> dict[str, float | None]:
+    """p99 of each design over the requests every design completed."""
+    common = set.intersection(*(set(r.latencies) for r in results))
+    return {r.design: quantile(sorted(r.latencies[i] for i in common), 0.99) for r in results}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
+    parser.add_argument("--json", metavar="FILE", help="write every result as JSON")
+    parser.add_argument("--plot", metavar="FILE", help="latency CDFs and p99 against load (PNG)")
+    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--load", type=float, default=0.7, help="offered load, x the link")
+    parser.add_argument("--sweep", default="0.3,0.5,0.7,0.9,1.1", help="loads for p99 vs load")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pool-tokens", type=int, default=131_072)
+    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--rtt-us", type=float, default=200.0)
+    parser.add_argument("--link-gbs", type=float, default=25.0, help="GB/s")
+    parser.add_argument("--copy-gbs", type=float, default=500.0, help="GB/s")
+    parser.add_argument("--round-us", type=float, default=50.0)
+    parser.add_argument("--hidden", type=int, default=3584, help="bf16 values per token")
+    args = parser.parse_args()
+    if args.requests < 10 or args.load <= 0:
+        parser.error("--requests must be >= 10 and --load > 0")
+    cost = CostModel(
+        rtt=args.rtt_us * 1e-6,
+        link=args.link_gbs * 1e9,
+        copy=args.copy_gbs * 1e9,
+        round_overhead=args.round_us * 1e-6,
+        bytes_per_token=args.hidden * 2 + 16,
+    )
+    sweep = [float(x) for x in args.sweep.split(",") if x]
+    common = {"requests": args.requests, "cost": cost, "seed": args.seed}
+    common |= {"pool_tokens": args.pool_tokens, "block_size": args.block_size}
+    print(
+        f"cost model: rtt {args.rtt_us:g} us, link {args.link_gbs:g} GB/s, copy-out "
+        f"{args.copy_gbs:g} GB/s, {args.round_us:g} us per round, {cost.bytes_per_token} "
+        f"bytes per token; pool {args.pool_tokens:,} tokens "
+        f"({args.pool_tokens * cost.bytes_per_token / 2**30:.2f} GiB) for every design; "
+        f"{args.requests} requests per trace, seed {args.seed}"
+    )
+    main_results: dict[str, dict[str, Result]] = {}
+    for trace in TRACES:
+        results: dict[str, Result] = {d: run(d, trace, load=args.load, **common) for d in DESIGNS}
+        main_results[trace] = results
+        both = _common_p99(list(results.values()))
+        print(f"\n{trace} at load {args.load:g}")
+        print(
+            f"  {'design':15s} {'done':>5s} {'fail':>5s} {'stuck':>5s} {'p50 ms':>9s} "
+            f"{'p99 ms':>9s} {'max ms':>9s} {'p99*':>9s} {'tok/s':>10s} {'occ':>5s} "
+            f"{'waste':>5s} {'frag':>5s} {'rounds':>6s} {'wait99':>9s}"
+        )
+        for d, r in results.items():
+            print(
+                f"  {d:15s} {r.completed:5d} {r.failed:5d} {r.stuck:5d} {_ms(r.p50)} "
+                f"{_ms(r.p99)} {_ms(r.max)} {_ms(both[d])} {r.throughput:10.3g} "
+                f"{r.occupancy:5.2f} {r.waste:5.2f} {r.fragmentation:5.2f} {r.rounds:6.2f} "
+                f"{_ms(r.wait_p99)}"
+            )
+        for d, r in results.items():
+            if r.failures:
+                print(f"  {d} failures: {r.failures}")
+    inside = {d: run(d, "video-mixed", load=args.load, within_pool=True, **common) for d in DESIGNS}
+    print("\nvideo-mixed without the requests larger than the pool (diagnostic, every design)")
+    for d, r in inside.items():
+        print(
+            f"  {d:15s} {r.completed:5d} done, p50 {_ms(r.p50).strip()} ms, p99 "
+            f"{_ms(r.p99).strip()} ms, rounds {r.rounds:.2f}, occupancy {r.occupancy:.2f}"
+        )
+    print("\n  p99*: over the requests every design completed. occ: mean fraction of the pool")
+    print("  allocated; waste: allocated but never written; frag: 1 - largest free run / free")
+    sweeps: dict[str, dict[str, list[Result]]] = {}
+    print("\np99 ms (throughput, tokens/s) against load")
+    for trace in TRACES:
+        sweeps[trace] = {d: [run(d, trace, load=x, **common) for x in sweep] for d in DESIGNS}
+        print(f"  {trace}: loads {', '.join(f'{x:g}' for x in sweep)}")
+        for name, rs in sweeps[trace].items():
+            cells = ", ".join(f"{_ms(r.p99).strip()} ({r.throughput:.3g})" for r in rs)
+            best = max(r.throughput for r in rs)
+            print(f"    {name:15s} {cells}; at saturation {best:.3g} tok/s")
+    rows = _targets(main_results, args.requests)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "cost": asdict(cost),
+                    "load": args.load,
+                    "results": {
+                        t: {d: r.to_dict() for d, r in rs.items()} for t, rs in main_results.items()
+                    },
+                    "sweep": {
+                        t: {d: [r.to_dict() for r in rs] for d, rs in ds.items()}
+                        for t, ds in sweeps.items()
+                    },
+                },
+                f,
+            )
+    if args.plot:
+        _plot(args.plot, main_results, sweeps, sweep)
+    return report(rows, args.check)
+
+
+def _targets(results: dict[str, dict[str, Result]], n: int) -> list[Row]:
+    video, image = results["video-mixed"], results["image-heavy"]
+    rows: list[Row] = []
+    least = min(r["resumekit"].completed for r in results.values())
+    rows.append(("resumekit completes every request, fewest of any trace", least, least == n))
+    ours, theirs = video["resumekit"].p99 or 0.0, video["size-first"].p99 or 0.0
+    rows.append(("video-mixed p99: resumekit / size-first (< 1)", ours / theirs, ours < theirs))
+    p50 = (image["resumekit"].p50 or 0.0) / (image["size-first"].p50 or 1.0)
+    rows.append(("image-heavy p50: resumekit / size-first (<= 1.10)", p50, p50 <= 1.10))
+    fixed, auto = video["resumekit"], video["resumekit-auto"]
+    fewer = 1 - auto.rounds / fixed.rounds
+    rows.append(("video-mixed rounds: 1 - auto / fixed (>= 0.30)", fewer, fewer >= 0.30))
+    occ = auto.occupancy / fixed.occupancy if fixed.occupancy else 0.0
+    rows.append(("video-mixed occupancy: auto / fixed (<= 1.25)", occ, occ <= 1.25))
+    return rows
+
+
+def _plot(
+    path: str,
+    results: dict[str, dict[str, Result]],
+    sweeps: dict[str, dict[str, list[Result]]],
+    loads: list[float],
+) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        print("--plot needs matplotlib: pip install 'resumekit[plots]'", file=sys.stderr)
+        return
+    fig, axes = plt.subplots(2, len(TRACES), figsize=(5 * len(TRACES), 8))
+    for col, trace in enumerate(TRACES):
+        ax: Any = axes[0][col]
+        for d, r in results[trace].items():
+            lat = sorted(v * 1e3 for v in r.latencies.values())
+            ax.plot(lat, [(i + 1) / len(lat) for i in range(len(lat))], label=d)
+        ax.set(xscale="log", xlabel="latency ms", ylabel="fraction done", title=trace)
+        ax.legend(fontsize=8)
+        ax = axes[1][col]
+        for d, rs in sweeps[trace].items():
+            ax.plot(loads, [(r.p99 or float("nan")) * 1e3 for r in rs], marker="o", label=d)
+        ax.set(yscale="log", xlabel="offered load (x link)", ylabel="p99 ms")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    print(f"plot: {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
