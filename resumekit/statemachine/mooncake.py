@@ -88,14 +88,13 @@ Key = tuple[Hashable, int, int]  # (rid, incarnation, epoch)
 def load_mooncake() -> tuple[Any, Any]:
     """``(mooncake.engine.TransferEngine, zmq)``, or the error that says what to install.
 
-    Sets ``GLOG_minloglevel=1`` unless set: the engine logs each connection at INFO.
+    Sets ``MC_LOG_LEVEL=WARNING`` unless set: the engine logs each connection at INFO.
     """
     try:
         zmq = importlib.import_module("zmq")
     except ImportError as error:
         raise TransportUnavailableError(f"pyzmq is missing ({error}): {INSTALL_HINT}") from None
-    # The engine logs every connection at INFO on stderr; warnings and errors stay.
-    os.environ.setdefault("GLOG_minloglevel", "1")
+    os.environ.setdefault("MC_LOG_LEVEL", "WARNING")  # read when the engine starts
     try:
         engine = importlib.import_module("mooncake.engine")
     except (ImportError, OSError) as error:
