@@ -235,3 +235,139 @@ def test_closing_never_hangs_when_the_peer_never_answered() -> None:
     end.shutdown(timeout=1.0)  # says close to a peer that is not there
     assert time.monotonic() - started < 3.0
     assert end.closed
+
+
+# -- the writer and the engine ------------------------------------------------------------
+
+
+class ScriptedEngine:
+    """A real engine whose async writes can be refused, failed or slowed, call by call."""
+
+    def __init__(self) -> None:
+        engine_type, _ = load_mooncake()
+        self.engine = engine_type()
+        assert self.engine.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == 0
+        self.session = f"127.0.0.1:{self.engine.get_rpc_port()}"
+        self.refuse_write: int | None = None  # this submission (0-based) is refused
+        self.fail: set[int] = set()  # these batches report failure once the engine is done
+        self.hold = 0.0  # seconds each batch reports pending before it is looked at
+        self.submitted: list[int] = []
+        self.resolved: list[int] = []
+        self.checks = 0
+        self._first_check: dict[int, float] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+    def batch_transfer_async_write(self, *args: Any) -> int:
+        # This engine's transfer_check_status looks at a batch's first transfer only.
+        assert len(args[1]) == 1, "a batch of more than one transfer cannot be waited for"
+        if len(self.submitted) == self.refuse_write:
+            self.submitted.append(0)
+            return 0
+        batch = int(self.engine.batch_transfer_async_write(*args))
+        self.submitted.append(batch)
+        return batch
+
+    def transfer_check_status(self, batch: int) -> int:
+        self.checks += 1
+        first = self._first_check.setdefault(batch, time.monotonic())
+        if time.monotonic() - first < self.hold:
+            return 0
+        status = int(self.engine.transfer_check_status(batch))
+        if status in (1, -1):
+            self.resolved.append(batch)
+            if batch in self.fail:
+                return -1
+        return status
+
+
+@pytest.fixture
+def scripted() -> Iterator[tuple[ResumableReceiver, EmbeddingSender, ScriptedEngine, BlockBuffers]]:
+    if MISSING is not None and os.environ.get("RESUMEKIT_REQUIRE_MOONCAKE") != "1":
+        pytest.skip(MISSING)
+    bufs = buffers()
+    engine = ScriptedEngine()
+    a, b = endpoint(), endpoint()
+    end_r = MooncakeTransport("receiver", listen=a, peer=b, buffers=bufs, timeout=5.0)
+    end_s = MooncakeTransport(
+        "sender", listen=b, peer=a, engine=engine, session=engine.session, timeout=5.0
+    )
+    receiver = ResumableReceiver(bufs, end_r, 24, max_resume_tokens=40)
+    yield receiver, EmbeddingSender(end_s), engine, bufs
+    for end in (end_s, end_r):
+        end.close(wait=5.0)
+
+
+@needs_mooncake
+def test_a_piece_the_engine_will_not_start_fails_that_request_after_the_rest_landed(
+    scripted: tuple[ResumableReceiver, EmbeddingSender, ScriptedEngine, BlockBuffers],
+) -> None:
+    receiver, sender, engine, bufs = scripted
+    engine.refuse_write = 2  # round 0: embeddings and fill ids start, the first mRoPE row not
+    receiver.add("a")
+    sender.add("a", random_source(100, 4, seed=1))
+    run(receiver, sender, "a", 20.0)
+    result = receiver.take("a")
+    assert result.state is TransferState.Failed
+    assert result.reason == "sender error: the transfer engine refused to start the round's write"
+    # The status went out only after both started writes were done.
+    assert engine.submitted[2] == 0 and sorted(engine.resolved) == sorted(engine.submitted[:2])
+    assert bufs.allocator.num_free_blocks == bufs.num_blocks
+    # The engine and the transport go on: the next request lands intact.
+    source = random_source(100, 4, seed=2)
+    receiver.add("b")
+    sender.add("b", source)
+    run(receiver, sender, "b", 20.0)
+    result = receiver.take("b")
+    assert result.state is TransferState.Success, result.reason
+    assert result.output is not None and result.output.equal(source)
+
+
+@needs_mooncake
+def test_a_write_the_engine_reports_failed_fails_that_request_only(
+    scripted: tuple[ResumableReceiver, EmbeddingSender, ScriptedEngine, BlockBuffers],
+) -> None:
+    receiver, sender, engine, bufs = scripted
+    receiver.add("a")
+    sender.add("a", random_source(100, 4, seed=1))
+    run(receiver, sender, "a", 20.0)
+    assert receiver.take("a").state is TransferState.Success
+    engine.fail = {-1}  # nothing yet; the next round's aux write fails
+    original = engine.batch_transfer_async_write
+
+    def failing_aux(*args: Any) -> int:
+        batch = original(*args)
+        if args[3] == [bufs.aux_size * 4]:
+            engine.fail.add(batch)
+        return batch
+
+    engine.batch_transfer_async_write = failing_aux  # type: ignore[method-assign]
+    receiver.add("b")
+    sender.add("b", random_source(30, 4, seed=2))
+    run(receiver, sender, "b", 20.0)
+    result = receiver.take("b")
+    assert result.state is TransferState.Failed
+    assert result.reason == "sender error: the transfer engine failed to write the round"
+    assert bufs.allocator.num_free_blocks == bufs.num_blocks
+
+
+@needs_mooncake
+def test_the_writer_sleeps_while_a_write_is_in_flight(
+    scripted: tuple[ResumableReceiver, EmbeddingSender, ScriptedEngine, BlockBuffers],
+) -> None:
+    receiver, sender, engine, _ = scripted
+    engine.hold = 0.3  # every batch looks pending for 0.3 s
+    source = random_source(20, 4, seed=3)  # one round: six pieces
+    receiver.add("a")
+    sender.add("a", source)
+    started = time.monotonic()
+    run(receiver, sender, "a", 20.0)
+    took = time.monotonic() - started
+    result = receiver.take("a")
+    assert result.state is TransferState.Success, result.reason
+    assert result.output is not None and result.output.equal(source)
+    assert took >= 0.3
+    # Each look but the last is followed by a sleep of at least 0.1 ms: a spinning
+    # wait would look millions of times in the same time.
+    assert engine.checks <= took / 1e-4 + len(engine.submitted)

@@ -3,15 +3,17 @@
 The receiver registers its whole :class:`~resumekit.allocator.BlockBuffers`
 with the engine once, at start, and posts with each round the addresses of its
 blocks; the sender writes the round straight into them (one transfer per run of
-adjacent blocks and tensor, in one batch) and only then sends the round's
-status. Posts, cancels, statuses and heartbeats are JSON over two ZMQ PUSH/PULL
+adjacent blocks and tensor, all submitted before any is waited on) and only then
+sends the round's status. Posts, cancels, statuses and heartbeats are JSON over two ZMQ PUSH/PULL
 connections: each end binds ``listen`` and connects to ``peer``.
 
 Each end runs a send thread (it owns the PUSH socket and sends a heartbeat when
 idle for a quarter ``timeout``) and a control thread (it owns the PULL socket,
 reads messages and watches the connection); the sender adds a writer thread
 that performs each round's writes, then passes on its status, in the order the
-event loop called ``write_round`` and ``report``. The event loop never blocks,
+event loop called ``write_round`` and ``report``. It submits the transfers
+asynchronously and sleeps between looks at them: the engine's synchronous calls
+spin a CPU until a batch completes. The event loop never blocks,
 locks or waits. The peer is lost when its connection drops, when nothing comes
 from it for ``timeout``, or when a posted round gets no status for ``timeout``;
 the receiver then unregisters its buffers (the engine refuses any later write
@@ -79,6 +81,13 @@ INSTALL_HINT: Final = (
 MAX_RID_CHARS: Final = 1024
 _INT64: Final = 1 << 63
 _POLL_MS: Final = 100  # how often a thread looks at the closing flag
+# How long the writer sleeps between looks at a batch in flight. The engine's own
+# synchronous calls spin on the batch's status instead: on a host whose CPUs also
+# move the bytes (TCP) the spin takes a CPU from the transfer and the copy-out.
+_WRITE_POLL_S: Final = 1e-4
+_DONE: Final = 1  # transfer_check_status: the batch completed (the engine freed it)
+_FAILED: Final = -1  # it failed (freed too); 0 pending, -2 timed out (still the engine's)
+_NO_BATCH: Final = (0, -1, 2**64 - 1)  # batch_transfer_async_write could not start it
 _EMPTY_STATUSES: tuple[Status, ...] = ()
 _EMPTY_POSTS: tuple[Post, ...] = ()
 
@@ -758,25 +767,54 @@ class MooncakeSenderEnd(MooncakeTransport):
                 self._pass_on(job)
 
     def _write(self, job: _Write) -> None:
-        """Write one round in one batch; a failure turns the round's status into an error."""
+        """Write one round; a failure turns the round's status into an error.
+
+        Every piece (each run of blocks per tensor, then the aux row) is submitted
+        before any is waited on, each as a batch of one: this engine's
+        ``transfer_check_status`` reads a batch's first transfer only, and frees
+        the batch when that one is done.
+        """
         rid = job.key[0]
+        started: list[int] = []
+        problem: str | None = None
         try:
-            locals_: list[int] = []
-            lengths: list[int] = []
-            for piece in job.sources:
-                t = piece if piece.is_contiguous() else piece.contiguous()
-                self._register(t, rid)
-                locals_.append(t.data_ptr())
-                lengths.append(t.numel() * t.element_size())
             self._aux_stage.copy_(torch.tensor(job.aux, dtype=torch.int32))
-            locals_.append(self._aux_stage.data_ptr())
-            lengths.append(self.aux_size * 4)
+            pieces = [(t if t.is_contiguous() else t.contiguous()) for t in job.sources]
+            for t in pieces:
+                self._register(t, rid)
             targets = [*job.targets, job.aux_target]
-            rc = self.engine.batch_transfer_sync_write(job.session, locals_, targets, lengths)
-            if rc != 0:
-                self._failed[job.key] = f"the transfer engine failed to write the round ({rc})"
+            for t, target in zip([*pieces, self._aux_stage], targets, strict=True):
+                nbytes = t.numel() * t.element_size()
+                batch = self.engine.batch_transfer_async_write(
+                    job.session, [t.data_ptr()], [target], [nbytes]
+                )
+                if batch in _NO_BATCH:
+                    problem = "the transfer engine refused to start the round's write"
+                    break
+                started.append(batch)
         except Exception as error:
-            self._failed[job.key] = f"the round could not be written: {error}"
+            problem = f"the round could not be written: {error}"
+        # What was started is waited for even when a later piece failed to start.
+        for batch in started:
+            if self._finish(batch) != _DONE and problem is None:
+                problem = "the transfer engine failed to write the round"
+        if problem is not None:
+            self._failed[job.key] = problem
+
+    def _finish(self, batch: int) -> int:
+        """Wait, sleeping, until the engine says ``batch`` completed or failed.
+
+        Only the engine's word ends the wait: a round reported failed while its
+        bytes may still be moving could land in blocks the receiver reuses. An
+        engine that never answers leaves the round without a status, and the
+        receiver declares the peer lost (and unregisters its buffers) after its
+        timeout; the thread then stays alive, so :meth:`close` keeps this end's
+        memory registered and alive for the engine.
+        """
+        check = self.engine.transfer_check_status
+        while (status := check(batch)) != _DONE and status != _FAILED:
+            time.sleep(_WRITE_POLL_S)
+        return int(status)
 
     def _register(self, t: torch.Tensor, rid: Hashable) -> None:
         """Register the storage under ``t`` once; it stays registered until ``rid`` ends.
