@@ -6,19 +6,31 @@
 Moves ``tokens`` x ``hidden`` bf16 embeddings (plus fill ids and mRoPE rows) from a
 sender process to a receiver process through :class:`MooncakeTransport` in
 8192-token rounds, and, between the same two processes and engines in the same run,
-the same embedding bytes with one raw batched ``batch_transfer_sync_write`` into a
-buffer the receiver registered beforehand. Ratio = raw time / protocol time (1.0 =
-no overhead); target >= 0.85. The protocol over :class:`TorchDistributedTransport`
-(gloo) runs in the same pairs and is printed beside it, against the same raw time.
+the same embedding bytes raw, in round-sized pieces into a buffer the receiver
+registered beforehand, two ways: one ``batch_transfer_sync_write`` (the engine
+spins on the batch's status) and, as the transport writes, one
+``batch_transfer_async_write`` per piece, all submitted, then polled with the
+transport's sleep between looks. Ratio = raw time / protocol time (1.0 = no
+overhead), per pair, against each raw way; target >= 0.85. The protocol over
+:class:`TorchDistributedTransport` (gloo) runs in the same pairs and is printed
+beside it, against the same raw time.
 
-Each pair runs the three paths, rotating which goes first; the first pair warms
+Each pair runs the four paths, rotating which goes first; the first pair warms
 up. The median of the per-pair ratios is reported with its quartiles.
+
+Each path's CPU time (both processes, every thread: the engine's, ZMQ's, gloo's)
+is measured too. No run can take less wall time than its CPU time over the
+machine's CPUs, so ``raw time x CPUs / protocol CPU`` is a ceiling on the ratio
+that this machine allows; it is printed beside the ratio. The receiver's copy-out
+of one round is also timed alone, into fresh and into touched memory: the
+difference is the first touch of the output's pages.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import sys
 import time
@@ -34,11 +46,39 @@ from resumekit.allocator import BlockAllocator, BlockBuffers
 from resumekit.simulate import random_source
 from resumekit.statemachine import EmbeddingSender, ResumableReceiver
 from resumekit.statemachine.distributed import TorchDistributedTransport
-from resumekit.statemachine.mooncake import MooncakeTransport, load_mooncake
+from resumekit.statemachine.mooncake import _WRITE_POLL_S, MooncakeTransport, load_mooncake
 from resumekit.twoprocess import IDLE_WAIT, _free_port
 
 ROUND = 8192
-PATHS = ("raw", "mooncake", "gloo")
+PATHS = ("raw", "raw-polled", "mooncake", "gloo")
+RAWS = PATHS[:2]
+
+
+def _cpu() -> float:
+    """CPU seconds this process has used, all its threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _copy_out_ms(hidden: int) -> tuple[float, float]:
+    """Median ms to copy one landed round out, into a fresh output and into touched memory."""
+    allocator = BlockAllocator(ROUND // 128, 128)
+    buffers = BlockBuffers(allocator, hidden, device="cpu")
+    allocation = allocator.allocate(ROUND, "copy-out")
+    assert allocation is not None
+    touched = buffers.new_output(ROUND)
+    touched.embeddings.zero_()
+    fresh: list[float] = []
+    warm: list[float] = []
+    for _ in range(9):
+        out = buffers.new_output(ROUND)
+        start = time.perf_counter()
+        buffers.read_into(allocation, ROUND, out, 0)
+        fresh.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        buffers.read_into(allocation, ROUND, touched, 0)
+        warm.append(time.perf_counter() - start)
+    return statistics.median(fresh) * 1e3, statistics.median(warm) * 1e3
 
 
 def _main(  # noqa: PLR0915 - one process's whole benchmark, in order
@@ -57,7 +97,7 @@ def _main(  # noqa: PLR0915 - one process's whole benchmark, in order
     ends: dict[str, Any] = {}
     if rank == 0:
         receivers = {}
-        for path in PATHS[1:]:
+        for path in PATHS[2:]:
             allocator = BlockAllocator(args.pool_rounds * ROUND // 128, 128)
             buffers = BlockBuffers(allocator, args.hidden, device="cpu")
             if path == "mooncake":
@@ -76,7 +116,7 @@ def _main(  # noqa: PLR0915 - one process's whole benchmark, in order
     else:
         ends["mooncake"] = MooncakeTransport("sender", listen=zmq[1], peer=zmq[0], timeout=120)
         ends["gloo"] = TorchDistributedTransport("sender", 0, timeout=120)
-        senders = {path: EmbeddingSender(ends[path]) for path in PATHS[1:]}
+        senders = {path: EmbeddingSender(ends[path]) for path in PATHS[2:]}
         where = torch.zeros(2, dtype=torch.int64)
         dist.recv(where, src=0)
         engine = ends["mooncake"].engine
@@ -88,24 +128,38 @@ def _main(  # noqa: PLR0915 - one process's whole benchmark, in order
         offsets = list(range(0, nbytes, step))
         lengths = [min(step, nbytes - o) for o in offsets]
 
-    def run_raw() -> float:
+    def run_raw(polled: bool) -> float:
         dist.barrier()
+        cpu[0] = _cpu()
         if rank == 1:
             start = time.perf_counter()
             base, dst = source.embeddings.data_ptr(), int(where[0])
-            rc = engine.batch_transfer_sync_write(
-                target, [base + o for o in offsets], [dst + o for o in offsets], lengths
-            )
-            assert rc == 0, rc
+            locals_, remotes = [base + o for o in offsets], [dst + o for o in offsets]
+            if polled:  # one batch per piece: transfer_check_status sees a batch's first only
+                batches = [
+                    engine.batch_transfer_async_write(target, [a], [b], [n])
+                    for a, b, n in zip(locals_, remotes, lengths, strict=True)
+                ]
+                for batch in batches:
+                    assert batch not in (0, 2**64 - 1)
+                    while (rc := engine.transfer_check_status(batch)) == 0:
+                        time.sleep(_WRITE_POLL_S)
+                    assert rc == 1, rc
+            else:
+                rc = engine.batch_transfer_sync_write(target, locals_, remotes, lengths)
+                assert rc == 0, rc
             took = time.perf_counter() - start
+            cpu[1] = _cpu()
             dist.send(torch.tensor([took], dtype=torch.float64), dst=0)
             return 0.0
         sent = torch.zeros(1, dtype=torch.float64)
         dist.recv(sent, src=1)
+        cpu[1] = _cpu()
         return float(sent[0])
 
     def run_protocol(path: str, rid: int) -> float:
         dist.barrier()
+        cpu[0] = _cpu()
         transport = ends[path]
         if rank == 1:
             sender = senders[path]
@@ -113,6 +167,7 @@ def _main(  # noqa: PLR0915 - one process's whole benchmark, in order
             while rid in sender:
                 if not sender.step():
                     transport.wait(IDLE_WAIT)
+            cpu[1] = _cpu()
             return 0.0
         receiver = receivers[path]
         start = time.perf_counter()
@@ -122,32 +177,44 @@ def _main(  # noqa: PLR0915 - one process's whole benchmark, in order
                 transport.wait(IDLE_WAIT)
         result = receiver.take(rid)
         took = time.perf_counter() - start
+        cpu[1] = _cpu()
         assert result.output is not None and result.output.equal(source), result.reason
         return took
 
+    cpu = [0.0, 0.0]  # this process's CPU seconds when the path began and ended
     times: dict[str, list[float]] = {p: [] for p in PATHS}
+    cpus: dict[str, list[float]] = {p: [] for p in PATHS}
     for i in range(args.pairs + 1):
-        order = PATHS[i % 3 :] + PATHS[: i % 3]  # rotate which path goes first
-        got = {p: run_raw() if p == "raw" else run_protocol(p, i) for p in order}
-        if i:
-            for p in PATHS:
-                times[p].append(got[p])
-    dist.barrier()
-    if rank == 0:
+        k = i % len(PATHS)
+        for p in PATHS[k:] + PATHS[:k]:  # rotate which path goes first
+            took = run_raw(p == "raw-polled") if p in RAWS else run_protocol(p, i)
+            if i:
+                times[p].append(took)
+                cpus[p].append(cpu[1] - cpu[0])
+    mine = torch.tensor([cpus[p] for p in PATHS], dtype=torch.float64)
+    if rank == 1:
+        dist.send(mine, dst=0)
+    else:
+        theirs = torch.zeros_like(mine)
+        dist.recv(theirs, src=1)
+        both = (mine + theirs).tolist()
         assert raw.equal(source.embeddings)  # the raw path moved the same bytes
-        out.put(times)
+        out.put((times, {p: both[k] for k, p in enumerate(PATHS)}))
     for end in ends.values():
         end.shutdown()
     dist.destroy_process_group()
 
 
-def _summary(name: str, raw: list[float], path: list[float]) -> tuple[float, str]:
+def _summary(
+    name: str, raw: list[float], path: list[float], cpu: list[float], cpus: int
+) -> tuple[float, str]:
     ratios = [r / p for r, p in zip(raw, path, strict=True)]
+    ceilings = [r * cpus / c for r, c in zip(raw, cpu, strict=True)]
     q1, _, q3 = statistics.quantiles(ratios, n=4)
     return statistics.median(ratios), (
-        f"  {name:9s} median {statistics.median(path) * 1e3:7.0f} ms; raw / it per pair: "
-        f"median {statistics.median(ratios):.2f}, quartiles {q1:.2f} .. {q3:.2f}, "
-        f"range {min(ratios):.2f} .. {max(ratios):.2f}"
+        f"  {name:24s} median {statistics.median(ratios):.2f}, quartiles {q1:.2f} .. {q3:.2f}, "
+        f"range {min(ratios):.2f} .. {max(ratios):.2f}; "
+        f"ceiling on {cpus} CPUs {statistics.median(ceilings):.2f}"
     )
 
 
@@ -163,9 +230,17 @@ def main() -> int:
     parser.add_argument(
         "--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2), help="torch threads"
     )
+    parser.add_argument(
+        "--thp",
+        action="store_true",
+        help="THP_MEM_ALLOC_ENABLE=1 in both processes: torch backs big CPU tensors "
+        "with huge pages, so the first touch of a fresh output costs less",
+    )
     args = parser.parse_args()
     if args.pairs < 3:
         parser.error("--pairs must be at least 3")
+    if args.thp:
+        os.environ["THP_MEM_ALLOC_ENABLE"] = "1"  # the spawned processes read it at start
     load_mooncake()  # what to install, before any process starts
     ctx = mp.get_context("spawn")
     out = ctx.SimpleQueue()
@@ -178,19 +253,41 @@ def main() -> int:
     if out.empty():
         print("bench_mooncake: a process failed", file=sys.stderr)
         return 1
-    times: dict[str, list[float]] = out.get()
+    times, cpu = out.get()
     gbytes = args.tokens * args.hidden * 2 / 1e9
-    raw = statistics.median(times["raw"])
+    cpus = len(os.sched_getaffinity(0))
+    thp = os.environ.get("THP_MEM_ALLOC_ENABLE", "unset")
     print(
         f"{args.tokens} x {args.hidden} bf16 ({gbytes:.2f} GB), two processes on loopback, "
-        f"{args.pairs} pairs, {args.threads} torch threads each; raw batched engine write "
-        f"median {raw * 1e3:.0f} ms ({gbytes / raw:.2f} GB/s); protocol in {ROUND}-token "
-        f"rounds, pool of {args.pool_rounds}:"
+        f"{cpus} CPUs, {args.pairs} pairs, {args.threads} torch threads each, "
+        f"THP_MEM_ALLOC_ENABLE {thp}. Median time and CPU (both processes) per path:"
     )
-    ratio, line = _summary("mooncake", times["raw"], times["mooncake"])
-    print(line)
-    print(_summary("gloo", times["raw"], times["gloo"])[1])
-    rows: list[Row] = [("raw / Mooncake protocol, median of pairs (>= 0.85)", ratio, ratio >= 0.85)]
+    how = {
+        "raw": "one batch_transfer_sync_write of round-sized pieces (the engine spins)",
+        "raw-polled": "one async write per piece, all in flight at once, polled with sleeps",
+        "mooncake": f"the protocol in {ROUND}-token rounds, pool of {args.pool_rounds}",
+        "gloo": "the same protocol over TorchDistributedTransport",
+    }
+    for name in PATHS:
+        took = statistics.median(times[name])
+        print(
+            f"  {name:10s} {took * 1e3:4.0f} ms ({gbytes / took:.2f} GB/s), "
+            f"CPU {statistics.median(cpu[name]) * 1e3:4.0f} ms: {how[name]}"
+        )
+    print("raw / protocol per pair:")
+    rows: list[Row] = []
+    for path in PATHS[2:]:
+        for raw in RAWS:
+            ratio, line = _summary(f"{raw} / {path}", times[raw], times[path], cpu[path], cpus)
+            print(line)
+            if path == "mooncake":
+                rows.append((f"{raw} / Mooncake protocol, median (>= 0.85)", ratio, ratio >= 0.85))
+    torch.set_num_threads(args.threads)
+    fresh, warm = _copy_out_ms(args.hidden)
+    print(
+        f"  copy-out of one {ROUND}-token round alone: {fresh:.1f} ms into a fresh output, "
+        f"{warm:.1f} ms into touched memory"
+    )
     return report(rows, args.check)
 
 
