@@ -627,9 +627,8 @@ class ResumableReceiver:
             self.buffers.read_into(allocation, status.tokens, req.output, offset)
         except BaseException:
             # The round landed, so nothing writes its blocks any more: they go back
-            # before the request fails (an early resume may already be in flight).
-            if req.allocation is allocation:
-                req.allocation = None
+            # before the request fails (an early resume may already be in flight;
+            # _fire took the landed allocation off the request before this call).
             self.allocator.free(allocation)
             raise
         if self.observer is not None:
