@@ -6,7 +6,14 @@ import itertools
 
 import pytest
 
-from resumekit import BlockAllocator, BlockBuffers, EmbeddingTensors, InvalidArgumentError
+from resumekit import (
+    BlockAllocator,
+    BlockBuffers,
+    EmbeddingTensors,
+    InProcessTransport,
+    InvalidArgumentError,
+    ResumableReceiver,
+)
 from resumekit.simulate import Loopback
 from resumekit.statemachine.sizing import MIN_SAMPLES, AutoSizer
 from resumekit.workload import DESIGNS, CostModel, make_trace, quantile, run
@@ -52,6 +59,77 @@ def test_a_heavy_tail_is_covered_only_as_far_as_the_waste_bound_allows() -> None
     assert sizer().best([40_000] * 20) == 8192  # two rounds either way: the smaller
     assert sizer(resume_tokens=8192).best([40_000] * 20) == 32_768  # 2 rounds, not 5: capped
     assert sizer(waste=0.0).best(sizes) == 8192  # no waste allowed: what the default does
+
+
+def test_the_bound_and_the_round_count_on_small_cases() -> None:
+    # The fixed default's own over-allocation bounds the waste: 12,000 in one round
+    # would waste more; 8192 saves a capped resume over 384 and stays within it.
+    assert sizer(resume_tokens=8192).best([300, 12_000]) == 8192
+    # No waste allowed beyond the default's: the smallest round 0 that does as well.
+    assert sizer(waste=0.0).best([8000, 20_000]) == 8064
+    # Whole resumes are counted: 8064 and 8192 both leave 4 resumes for 40,000.
+    assert sizer(waste=0.0, resume_tokens=8192).best([8000, 40_000]) == 8064
+    # A round 0 that wastes nothing is always allowed, even with no waste allowed.
+    assert sizer(waste=0.0, resume_tokens=4096).best([40_000]) == 32_768
+    # An embedding exactly the size of round 0 lands in one round.
+    assert sizer(waste=0.0).best([1024]) == 1024
+    # No waste at all when none is allowed and the default wastes none: 8319 tokens
+    # stay at two rounds rather than take 8320 for one.
+    assert sizer(waste=0.0, resume_tokens=8192).best([8319]) == 8192
+    # The cap is whole blocks.
+    capped = AutoSizer(128, 1000, fallback=8192).best([5000] * 20)
+    assert capped == 896 and type(capped) is int
+
+
+def test_a_hint_is_chosen_again_every_refresh_sizes_from_its_window() -> None:
+    s = sizer(min_samples=4, refresh=4, window=4)
+    for size, before, after in ((300, 8192, 384), (1000, 384, 1024), (300, 1024, 384)):
+        for _ in range(3):
+            s.observe("image", size)
+            assert s.choose("image") == before  # not yet: fewer than refresh new sizes
+        s.observe("image", size)
+        assert s.choose("image") == after  # from the window: the last four sizes only
+
+
+def test_the_receiver_configures_its_sizer(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RESUMEKIT_DEFAULT_ALLOCATE_TOKENS", raising=False)
+    buffers = BlockBuffers(BlockAllocator(256, 128), 4, device="cpu")
+    receiver = ResumableReceiver(
+        buffers,
+        InProcessTransport(buffers),
+        "auto",
+        max_resume_tokens=4096,
+        auto_waste=0.5,
+    )
+    assert receiver.sizer is not None
+    assert receiver.sizer.waste == 0.5
+    assert receiver.sizer.resume_tokens == 4096
+    assert receiver.sizer.max_tokens == 256 * 128 // 4  # one admission: a quarter of the pool
+    assert receiver.sizer.fallback == 8192
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"block_size": 0}, "block_size must be >= 1, got 0"),
+        ({"max_tokens": 0}, "max_tokens must be >= 1, got 0"),
+        ({"resume_tokens": 0}, "resume_tokens must be >= 1, got 0"),
+        ({"refresh": 0}, "refresh must be >= 1, got 0"),
+        ({"window": 15}, "window must be >= 16, got 15"),
+        ({"window": 65_537}, "window must be <= 65,536, got 65,537"),
+        ({"waste": 10.5}, "waste must be a number in"),
+    ],
+)
+def test_each_sizer_argument_is_refused_by_name(kwargs: dict[str, object], message: str) -> None:
+    args: dict[str, object] = {"block_size": 128, "max_tokens": 32_768, "fallback": 8192}
+    with pytest.raises(InvalidArgumentError) as info:
+        AutoSizer(**(args | kwargs))  # type: ignore[arg-type]
+    assert str(info.value).startswith(message)
+
+
+def test_the_widest_sizer_arguments_are_accepted() -> None:
+    s = AutoSizer(128, 32_768, fallback=8192, waste=10, window=65_536)
+    assert (s.waste, s.window) == (10.0, 65_536)
 
 
 @pytest.mark.parametrize(
