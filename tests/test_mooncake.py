@@ -250,11 +250,11 @@ class ScriptedEngine:
         self.session = f"127.0.0.1:{self.engine.get_rpc_port()}"
         self.refuse_write: int | None = None  # this submission (0-based) is refused
         self.fail: set[int] = set()  # these batches report failure once the engine is done
-        self.hold = 0.0  # seconds each batch reports pending before it is looked at
+        self.hold = 0.0  # seconds each batch reports pending after it was submitted
         self.submitted: list[int] = []
         self.resolved: list[int] = []
         self.checks = 0
-        self._first_check: dict[int, float] = {}
+        self._at: dict[int, float] = {}
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.engine, name)
@@ -267,12 +267,12 @@ class ScriptedEngine:
             return 0
         batch = int(self.engine.batch_transfer_async_write(*args))
         self.submitted.append(batch)
+        self._at[batch] = time.monotonic()
         return batch
 
     def transfer_check_status(self, batch: int) -> int:
         self.checks += 1
-        first = self._first_check.setdefault(batch, time.monotonic())
-        if time.monotonic() - first < self.hold:
+        if time.monotonic() - self._at[batch] < self.hold:
             return 0
         status = int(self.engine.transfer_check_status(batch))
         if status in (1, -1):
@@ -371,3 +371,33 @@ def test_the_writer_sleeps_while_a_write_is_in_flight(
     # Each look but the last is followed by a sleep of at least 0.1 ms: a spinning
     # wait would look millions of times in the same time.
     assert engine.checks <= took / 1e-4 + len(engine.submitted)
+
+
+@needs_mooncake
+def test_an_engine_that_does_not_answer_loses_the_peer_and_the_writer_slows_down() -> None:
+    bufs = buffers()
+    engine = ScriptedEngine()
+    engine.hold = 1.5  # longer than either end's timeout
+    a, b = endpoint(), endpoint()
+    end_r = MooncakeTransport("receiver", listen=a, peer=b, buffers=bufs, timeout=0.5)
+    end_s = MooncakeTransport(
+        "sender", listen=b, peer=a, engine=engine, session=engine.session, timeout=0.5
+    )
+    try:
+        receiver = ResumableReceiver(bufs, end_r, 24)
+        sender = EmbeddingSender(end_s)
+        receiver.add("a")
+        sender.add("a", random_source(20, 4, seed=4))
+        run(receiver, sender, "a", 10.0)
+        result = receiver.take("a")
+        assert result.state is TransferState.Failed
+        assert result.reason is not None and result.reason.startswith("peer lost")
+        deadline = time.monotonic() + 10.0
+        while len(engine.resolved) < len(engine.submitted) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(engine.resolved) == len(engine.submitted) == 6
+        # At most one look per 0.1 ms for the first 0.5 s, then one per 10 ms.
+        assert engine.checks <= 0.5 / 1e-4 + (engine.hold - 0.5) / 1e-2 + 6
+    finally:
+        for end in (end_s, end_r):
+            end.close(wait=5.0)

@@ -85,6 +85,7 @@ _POLL_MS: Final = 100  # how often a thread looks at the closing flag
 # synchronous calls spin on the batch's status instead: on a host whose CPUs also
 # move the bytes (TCP) the spin takes a CPU from the transfer and the copy-out.
 _WRITE_POLL_S: Final = 1e-4
+_STUCK_POLL_S: Final = 1e-2  # once a batch has been in flight for longer than ``timeout``
 _DONE: Final = 1  # transfer_check_status: the batch completed (the engine freed it)
 _FAILED: Final = -1  # it failed (freed too); 0 pending, -2 timed out (still the engine's)
 _NO_BATCH: Final = (0, -1, 2**64 - 1)  # batch_transfer_async_write could not start it
@@ -804,16 +805,20 @@ class MooncakeSenderEnd(MooncakeTransport):
     def _finish(self, batch: int) -> int:
         """Wait, sleeping, until the engine says ``batch`` completed or failed.
 
-        Only the engine's word ends the wait: a round reported failed while its
-        bytes may still be moving could land in blocks the receiver reuses. An
-        engine that never answers leaves the round without a status, and the
-        receiver declares the peer lost (and unregisters its buffers) after its
-        timeout; the thread then stays alive, so :meth:`close` keeps this end's
-        memory registered and alive for the engine.
+        Only the engine's word ends the wait (a timed-out batch, -2, is not
+        one): a round reported failed while its bytes may still be moving could
+        land in blocks the receiver reuses. An engine that never answers leaves
+        the round without a status, and the receiver declares the peer lost (and
+        unregisters its buffers) after its timeout; the thread then stays alive,
+        looking every 10 ms once ``timeout`` has passed, so :meth:`close` keeps
+        this end's memory registered and alive for the engine.
         """
         check = self.engine.transfer_check_status
+        nap, slow_after = _WRITE_POLL_S, time.monotonic() + self.timeout
         while (status := check(batch)) != _DONE and status != _FAILED:
-            time.sleep(_WRITE_POLL_S)
+            time.sleep(nap)
+            if nap == _WRITE_POLL_S and time.monotonic() > slow_after:
+                nap = _STUCK_POLL_S
         return int(status)
 
     def _register(self, t: torch.Tensor, rid: Hashable) -> None:
