@@ -4,10 +4,13 @@ how it lays a round over the blocks, and both ends in one process on loopback.""
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -24,7 +27,7 @@ from resumekit import (
     TransportUnavailableError,
 )
 from resumekit.simulate import random_source
-from resumekit.statemachine.messages import PeerLost
+from resumekit.statemachine.messages import PeerLost, SenderError
 from resumekit.statemachine.mooncake import (
     MooncakeReceiverEnd,
     MooncakeSenderEnd,
@@ -401,3 +404,190 @@ def test_an_engine_that_does_not_answer_loses_the_peer_and_the_writer_slows_down
     finally:
         for end in (end_s, end_r):
             end.close(wait=5.0)
+
+
+# -- what a peer may send ------------------------------------------------------------------
+
+
+@dataclass
+class Forged:
+    """A live pair: the receiver has "victim" (whose source never comes, so its round 0
+    stays posted) and "other" in flight; what the receiver end delivered; thread deaths;
+    and a third connection into each end's control socket, for bytes of the test's own."""
+
+    receiver: ResumableReceiver
+    sender: EmbeddingSender
+    bufs: BlockBuffers
+    seen: list[Any]
+    died: list[BaseException]
+    pushes: dict[str, Any]
+
+    def to_receiver(self, message: dict[str, Any] | bytes) -> None:
+        self._send("receiver", message)
+
+    def to_sender(self, message: dict[str, Any] | bytes) -> None:
+        self._send("sender", message)
+
+    def _send(self, end: str, message: dict[str, Any] | bytes) -> None:
+        raw = message if isinstance(message, bytes) else json.dumps(message).encode()
+        self.pushes[end].send(raw)
+
+
+@pytest.fixture
+def forged(
+    pair: tuple[MooncakeReceiverEnd, MooncakeSenderEnd, BlockBuffers],
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[Forged]:
+    end_r, end_s, bufs = pair
+    died: list[BaseException] = []
+    monkeypatch.setattr(threading, "excepthook", lambda a: died.append(a.exc_value))
+    seen: list[Any] = []
+    poll = end_r.poll_statuses
+
+    def spy() -> Any:
+        out = poll()
+        seen.extend(out)
+        return out
+
+    end_r.poll_statuses = spy  # type: ignore[method-assign]
+    _, zmq = load_mooncake()
+    context = zmq.Context()
+    pushes = {}
+    for name, end in (("receiver", end_r), ("sender", end_s)):
+        pushes[name] = context.socket(zmq.PUSH)
+        pushes[name].connect(end.listen)
+    receiver = ResumableReceiver(bufs, end_r, 24, max_resume_tokens=40)
+    receiver.add("victim")
+    receiver.add("other")
+    receiver.step()  # both round 0s posted
+    yield Forged(receiver, EmbeddingSender(end_s), bufs, seen, died, pushes)
+    for push in pushes.values():
+        push.close(0)
+    context.term()
+
+
+def settle(receiver: ResumableReceiver, sender: EmbeddingSender, limit: float = 20.0) -> None:
+    """Step both until every request ended and no round is quarantined."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        receiver.step()
+        sender.step()
+        done = all(receiver.poll(r).terminal for r in ("victim", "other"))
+        if done and not receiver.quarantined():
+            return
+        time.sleep(0.001)
+    raise AssertionError("did not settle")
+
+
+@needs_mooncake
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        ({"tokens": 2.7}, "tokens and total must be ints"),
+        ({"tokens": "8"}, "tokens and total must be ints"),
+        ({"total": 1e999}, "tokens and total must be ints"),
+        ({"final": "no"}, "final must be a bool"),
+    ],
+)
+def test_a_status_with_a_bad_body_fails_only_the_request_it_names(
+    forged: Forged, body: dict[str, Any], problem: str
+) -> None:
+    receiver, sender = forged.receiver, forged.sender
+    landed = {"t": "landed", "rid": "victim", "inc": 1, "epoch": 0}
+    forged.to_receiver({**landed, "tokens": 8, "total": 24, "final": False, **body})
+    source = random_source(100, 4, seed=5)
+    sender.add("other", source)
+    settle(receiver, sender)  # the victim's round comes back from quarantine: cancelled
+    victim, other = receiver.take("victim"), receiver.take("other")
+    assert victim.state is TransferState.Failed
+    assert victim.reason == f"protocol error: malformed status ({problem})"
+    assert other.state is TransferState.Success, other.reason
+    assert other.output is not None and other.output.equal(source)
+    assert receiver.peer_lost is None and not forged.died
+    assert forged.bufs.allocator.num_free_blocks == forged.bufs.num_blocks
+
+
+@needs_mooncake
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        (b"[" * 100_000, "not JSON (RecursionError)"),
+        (b"\xff\xfe", "not JSON (JSONDecodeError)"),
+        (b'{"t":"landed","rid":["victim"],"inc":1,"epoch":0}', "rid must be an int64 or a str"),
+        (b'{"t":"landed","rid":"victim","inc":true,"epoch":0}', "inc and epoch must be ints"),
+        (b'{"t":"what"}', "unknown message 'what'"),
+    ],
+)
+def test_a_message_that_cannot_be_read_loses_the_peer_and_nothing_raises(
+    forged: Forged, raw: bytes, why: str
+) -> None:
+    receiver = forged.receiver
+    forged.to_receiver(raw)
+    settle(receiver, forged.sender)
+    lost = [s for s in forged.seen if isinstance(s, PeerLost)]
+    assert len(lost) == 1 and lost[0].reason.startswith("malformed control message: ")
+    assert why in lost[0].reason
+    for rid in ("victim", "other"):
+        result = receiver.take(rid)
+        assert result.state is TransferState.Failed
+        assert result.reason == f"peer lost: {lost[0].reason}"
+    assert not forged.died  # the control thread ended by reporting, not by an exception
+    assert forged.bufs.allocator.num_free_blocks == forged.bufs.num_blocks
+
+
+@needs_mooncake
+@pytest.mark.parametrize(
+    "dst",
+    [[[1, 2, 3]], [[1, 2, 3, 4, 5, "6"]], "nowhere"],
+)
+def test_a_post_with_unusable_addresses_refuses_only_its_request(forged: Forged, dst: Any) -> None:
+    receiver, sender = forged.receiver, forged.sender
+    sender.add("stranger", random_source(8, 4, seed=6))
+    forged.to_sender(
+        {
+            "t": "post",
+            "rid": "stranger",
+            "inc": 1,
+            "epoch": 0,
+            "sent": 0,
+            "cap": 8,
+            "expect": None,
+            "blocks": [0],
+            "dst": dst,
+        }
+    )
+    source = random_source(100, 4, seed=7)
+    sender.add("other", source)
+    deadline = time.monotonic() + 20.0
+    while "stranger" in sender and time.monotonic() < deadline:
+        receiver.step()
+        sender.step()
+        time.sleep(0.001)
+    sender.add("victim", random_source(8, 4, seed=8))
+    settle(receiver, sender)
+    refusals = [s for s in forged.seen if getattr(s, "rid", None) == "stranger"]
+    assert len(refusals) == 1 and isinstance(refusals[0], SenderError)
+    assert refusals[0].reason.startswith("round 0 could not be written: round 0 cannot be written")
+    assert receiver.orphan_statuses == 1  # no life of the receiver's: nothing else changes
+    other = receiver.take("other")
+    assert other.state is TransferState.Success, other.reason
+    assert other.output is not None and other.output.equal(source)
+    assert receiver.take("victim").state is TransferState.Success
+    assert sender.malformed_posts == 0 and not forged.died
+    assert forged.bufs.allocator.num_free_blocks == forged.bufs.num_blocks
+
+
+@needs_mooncake
+def test_a_control_thread_that_fails_loses_the_peer_instead_of_dying_unheard(
+    pair: tuple[MooncakeReceiverEnd, MooncakeSenderEnd, BlockBuffers], forged: Forged
+) -> None:
+    def broken(m: dict[str, Any]) -> bool:
+        raise RuntimeError("a bug")
+
+    pair[0]._on_message = broken  # type: ignore[method-assign]
+    forged.sender.add("other", random_source(20, 4, seed=9))  # its status meets the bug
+    settle(forged.receiver, forged.sender)
+    lost = [s for s in forged.seen if isinstance(s, PeerLost)]
+    assert [s.reason for s in lost] == ["the control thread failed: RuntimeError('a bug')"]
+    assert forged.receiver.poll("other") is TransferState.Failed and not forged.died
+    assert forged.bufs.allocator.num_free_blocks == forged.bufs.num_blocks

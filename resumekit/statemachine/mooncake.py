@@ -24,7 +24,8 @@ Messages (``t`` names the kind; ``inc`` is the request's incarnation):
 epoch, sent, cap, expect, blocks, dst}`` (``dst``: per block, the addresses of
 its embeddings, fill ids, three mRoPE rows and aux row), ``cancel {rid, inc,
 epoch}``, ``close``; back: ``landed {rid, inc, epoch, tokens, total, final}``,
-``cancelled``, ``error {..., reason}``, ``bye``; ``ping`` both ways.
+``cancelled``, ``error {..., reason}``, ``bye``; ``ping`` both ways. How each is
+read, and what a message that cannot be read does: :mod:`~resumekit.statemachine.jsonwire`.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import torch
 from resumekit._check import as_int, check_str
 from resumekit.allocator.buffers import MROPE_ROWS, BlockBuffers, EmbeddingTensors
 from resumekit.errors import InvalidArgumentError, TransportError, TransportUnavailableError
+from resumekit.statemachine import jsonwire
 from resumekit.statemachine.distributed import (
     DEFAULT_TIMEOUT,
     Arrived,
@@ -56,8 +58,8 @@ from resumekit.statemachine.distributed import (
     _seconds,
     _wait_seconds,
 )
+from resumekit.statemachine.jsonwire import Key, MalformedMessage, wire_rid
 from resumekit.statemachine.messages import (
-    Cancel,
     Cancelled,
     Landed,
     PeerLost,
@@ -78,8 +80,6 @@ INSTALL_HINT: Final = (
     "pip install 'resumekit[mooncake]' (the transfer engine and pyzmq), and the system "
     "packages libibverbs1 and librdmacm1 (apt-get install libibverbs1 librdmacm1)"
 )
-MAX_RID_CHARS: Final = 1024
-_INT64: Final = 1 << 63
 _POLL_MS: Final = 100  # how often a thread looks at the closing flag
 # How long the writer sleeps between looks at a batch in flight. The engine's own
 # synchronous calls spin on the batch's status instead: on a host whose CPUs also
@@ -91,8 +91,6 @@ _FAILED: Final = -1  # it failed (freed too); 0 pending, -2 timed out (still the
 _NO_BATCH: Final = (0, -1, 2**64 - 1)  # batch_transfer_async_write could not start it
 _EMPTY_STATUSES: tuple[Status, ...] = ()
 _EMPTY_POSTS: tuple[Post, ...] = ()
-
-Key = tuple[Hashable, int, int]  # (rid, incarnation, epoch)
 
 
 def load_mooncake() -> tuple[Any, Any]:
@@ -112,18 +110,6 @@ def load_mooncake() -> tuple[Any, Any]:
             f"the Mooncake transfer engine cannot be loaded ({error}): {INSTALL_HINT}"
         ) from None
     return engine.TransferEngine, zmq
-
-
-def wire_rid(rid: object) -> int | str:
-    """``rid`` as it travels in JSON: an int64 or a str, or the error that names it."""
-    if type(rid) is int and -_INT64 <= rid < _INT64:
-        return rid
-    if type(rid) is str and len(rid) <= MAX_RID_CHARS:
-        return rid
-    raise InvalidArgumentError(
-        f"rid must be an int64 or a str of at most {MAX_RID_CHARS} characters over "
-        f"MooncakeTransport, not {rid!r}"
-    )
 
 
 def _endpoint(value: object, name: str) -> str:
@@ -442,12 +428,14 @@ class MooncakeTransport:
                     continue
                 self._heard = now
                 try:
-                    message = json.loads(self._pull.recv())
+                    message = jsonwire.read(self._pull.recv())
                     if message["t"] != "ping" and not self._on_message(message):
                         return
-                except (ValueError, KeyError, TypeError) as error:
-                    self._lost(f"malformed control message: {error!r}")
+                except MalformedMessage as error:
+                    self._lost(f"malformed control message: {error}")
                     return
+        except Exception as error:  # never die unheard: the event loop learns the peer is lost
+            self._lost(f"the control thread failed: {error!r}")
         finally:
             self._pull.disable_monitor()
             self._monitor.close(0)
@@ -620,23 +608,11 @@ class MooncakeReceiverEnd(MooncakeTransport):
         return [PeerLost(self._lost_reason or "peer lost")]
 
     def _on_message(self, m: dict[str, Any]) -> bool:
-        kind = m["t"]
-        if kind == "bye":
+        if m["t"] == "bye":
             self._deliver(Closed())
             return False
-        rid, inc, epoch = m["rid"], int(m["inc"]), int(m["epoch"])
-        key = (rid, inc, epoch)
-        status: Status
-        if kind == "landed":
-            status = Landed(
-                rid, epoch, int(m["tokens"]), int(m["total"]), bool(m["final"]), incarnation=inc
-            )
-        elif kind == "cancelled":
-            status = Cancelled(rid, epoch, incarnation=inc)
-        elif kind == "error":
-            status = SenderError(rid, epoch, str(m["reason"]), incarnation=inc)
-        else:
-            raise ValueError(f"unknown message {kind!r}")
+        status = jsonwire.status(m)
+        key: Any = (status.rid, status.incarnation, status.epoch)  # the rid may be a str here
         self._deliver(Arrived(key, status))
         return True
 
@@ -651,7 +627,8 @@ class MooncakeSenderEnd(MooncakeTransport):
 
     def _prepare(self) -> None:
         self._target: str | None = None  # the receiver's session, from its hello
-        self._dst: dict[Key, list[list[int]]] = {}  # each posted round's block addresses
+        # Each posted round's block addresses, or why the post's addresses are unusable.
+        self._dst: dict[Key, list[list[int]] | str] = {}
         self._jobs: queue.SimpleQueue[_Write | Status | None] = queue.SimpleQueue()
         self._failed: dict[Key, str] = {}  # (writer) rounds whose write failed: why
         self._sources: dict[int, tuple[torch.Tensor, set[Hashable]]] = {}
@@ -707,6 +684,8 @@ class MooncakeSenderEnd(MooncakeTransport):
         dst = self._dst.pop(key, None)
         if dst is None:
             raise TransportError(f"round {post.epoch} of request {post.rid} was never posted")
+        if isinstance(dst, str):
+            raise TransportError(f"round {post.epoch} cannot be written: {dst}")
         n = data.num_tokens
         if not post.blocks or post.capacity_tokens % len(post.blocks):
             raise TransportError(f"round {post.epoch} post has an inconsistent capacity")
@@ -731,24 +710,12 @@ class MooncakeSenderEnd(MooncakeTransport):
     def _on_message(self, m: dict[str, Any]) -> bool:
         kind = m["t"]
         if kind == "hello":
-            self._target = str(m["session"])
-        elif kind == "post":
-            rid, inc, epoch = m["rid"], int(m["inc"]), int(m["epoch"])
-            expect = m["expect"]
-            self._dst[(rid, inc, epoch)] = [[int(a) for a in block] for block in m["dst"]]
-            post = RoundPost(
-                rid,
-                epoch,
-                tuple(int(b) for b in m["blocks"]),
-                int(m["cap"]),
-                int(m["sent"]),
-                None,
-                None if expect is None else int(expect),
-                incarnation=inc,
-            )
+            self._target = jsonwire.hello(m)
+        elif kind in ("post", "cancel"):
+            post, dst = jsonwire.post(m)
+            if kind == "post":
+                self._dst[(post.rid, post.incarnation, post.epoch)] = dst
             self._deliver(PostArrived(post))
-        elif kind == "cancel":
-            self._deliver(PostArrived(Cancel(m["rid"], int(m["epoch"]), incarnation=int(m["inc"]))))
         elif kind == "close":
             self._send(t="bye")
             self._closing = True  # the receiver is done: the heartbeat stops too
@@ -757,7 +724,7 @@ class MooncakeSenderEnd(MooncakeTransport):
             self._deliver(Closed())
             return False
         else:
-            raise ValueError(f"unknown message {kind!r}")
+            raise MalformedMessage(f"unknown message {kind!r}")
         return True
 
     def _write_loop(self) -> None:

@@ -1,0 +1,147 @@
+"""How :class:`~resumekit.statemachine.mooncake.MooncakeTransport`'s JSON control messages are read.
+
+A message is an envelope (its kind ``t`` and, for a message about a round,
+``rid``, ``inc``, ``epoch``) and a body. An envelope this end cannot read means
+the link itself is broken: :class:`MalformedMessage`, and the transport
+declares the peer lost. A body travels as it came, never coerced (no ``2.7`` read
+as 2, no ``"no"`` as true), into the message the driver checks as it checks any
+in-process one: a malformed body fails at most the request it names.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Hashable
+from typing import Any, Final
+
+from resumekit.allocator.buffers import MROPE_ROWS
+from resumekit.errors import InvalidArgumentError, TransportError
+from resumekit.statemachine.messages import Cancel, Cancelled, Landed, RoundPost, SenderError
+
+MAX_RID_CHARS: Final = 1024
+ADDRESSES_PER_BLOCK: Final = 3 + MROPE_ROWS  # embeddings, fill ids, mRoPE rows, aux row
+_INT64: Final = 1 << 63
+_UINT64: Final = 1 << 64
+
+Key = tuple[Hashable, int, int]  # (rid, incarnation, epoch)
+
+
+class MalformedMessage(TransportError):
+    """A control message whose envelope this end cannot read: the link is broken."""
+
+
+def wire_rid(rid: object) -> int | str:
+    """``rid`` as it travels in JSON: an int64 or a str, or the error that names it."""
+    if type(rid) is int and -_INT64 <= rid < _INT64:
+        return rid
+    if type(rid) is str and len(rid) <= MAX_RID_CHARS:
+        return rid
+    raise InvalidArgumentError(
+        f"rid must be an int64 or a str of at most {MAX_RID_CHARS} characters over "
+        f"MooncakeTransport, not {rid!r}"
+    )
+
+
+def read(raw: bytes) -> dict[str, Any]:
+    """The JSON object in ``raw``, which names its kind in ``t``."""
+    try:
+        message = json.loads(raw)
+    except (ValueError, RecursionError) as error:  # not UTF-8 or JSON, or nested too deep
+        raise MalformedMessage(f"not JSON ({type(error).__name__})") from None
+    if type(message) is not dict or type(message.get("t")) is not str:
+        raise MalformedMessage("not a JSON object with a kind 't'")
+    return message
+
+
+def _field(m: dict[str, Any], name: str) -> Any:
+    try:
+        return m[name]
+    except KeyError:
+        raise MalformedMessage(f"{m['t']!r} without {name!r}") from None
+
+
+def key(m: dict[str, Any]) -> tuple[int | str, int, int]:
+    """The envelope of a message about a round: (rid, incarnation, epoch)."""
+    rid, inc, epoch = _field(m, "rid"), _field(m, "inc"), _field(m, "epoch")
+    try:
+        wire_rid(rid)
+    except InvalidArgumentError as error:
+        raise MalformedMessage(f"{m['t']!r}: {error}") from None
+    if type(inc) is not int or type(epoch) is not int:
+        raise MalformedMessage(f"{m['t']!r}: inc and epoch must be ints")
+    return rid, inc, epoch
+
+
+def hello(m: dict[str, Any]) -> str:
+    """(sender) The receiver's engine session, where every round is written."""
+    session = _field(m, "session")
+    if type(session) is not str or not session:
+        raise MalformedMessage("'hello': session must be a non-empty str")
+    return session
+
+
+def status(m: dict[str, Any]) -> Landed | Cancelled | SenderError:
+    """(receiver) A round's status; its body is checked by the receiver, per request."""
+    kind = m["t"]
+    if kind not in ("landed", "cancelled", "error"):
+        raise MalformedMessage(f"unknown message {kind!r}")
+    rid, inc, epoch = key(m)
+    if kind == "landed":
+        tokens, total, final = _field(m, "tokens"), _field(m, "total"), _field(m, "final")
+        return Landed(rid, epoch, tokens, total, final, incarnation=inc)
+    if kind == "cancelled":
+        return Cancelled(rid, epoch, incarnation=inc)
+    return SenderError(rid, epoch, _field(m, "reason"), incarnation=inc)
+
+
+def post(m: dict[str, Any]) -> tuple[RoundPost | Cancel, list[list[int]] | str]:
+    """(sender) A post, checked by the sender per request, and where its blocks are:
+    ``dst`` per block, or why the addresses cannot be used (a cancel has none)."""
+    kind = m["t"]
+    if kind not in ("post", "cancel"):
+        raise MalformedMessage(f"unknown message {kind!r}")
+    rid, inc, epoch = key(m)
+    if kind == "cancel":
+        return Cancel(rid, epoch, incarnation=inc), "a cancel has no blocks"
+    blocks, dst = _field(m, "blocks"), _field(m, "dst")
+    if type(blocks) is list:
+        blocks = tuple(blocks)  # JSON has no tuples; the items stay as they came
+    p = RoundPost(
+        rid,
+        epoch,
+        blocks,
+        _field(m, "cap"),
+        _field(m, "sent"),
+        None,
+        _field(m, "expect"),
+        incarnation=inc,
+    )
+    return p, _addresses(dst, blocks)
+
+
+def _addresses(dst: object, blocks: object) -> list[list[int]] | str:
+    """``dst`` if it holds one row of addresses per block, or why not."""
+    if type(dst) is not list or type(blocks) is not tuple or len(dst) != len(blocks):
+        return "the post's addresses do not match its blocks"
+    for row in dst:
+        if (
+            type(row) is not list
+            or len(row) != ADDRESSES_PER_BLOCK
+            or not all(type(a) is int and 0 <= a < _UINT64 for a in row)
+        ):
+            return f"each block needs {ADDRESSES_PER_BLOCK} addresses, uint64s"
+    return dst
+
+
+__all__ = [
+    "ADDRESSES_PER_BLOCK",
+    "MAX_RID_CHARS",
+    "Key",
+    "MalformedMessage",
+    "hello",
+    "key",
+    "post",
+    "read",
+    "status",
+    "wire_rid",
+]

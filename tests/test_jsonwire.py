@@ -1,0 +1,174 @@
+"""Reading MooncakeTransport's JSON control messages: an envelope that cannot be read
+is MalformedMessage (the link is broken), a body travels exactly as it came, and
+nothing else can come out of a message, whatever its bytes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from resumekit.statemachine.jsonwire import (
+    ADDRESSES_PER_BLOCK,
+    MalformedMessage,
+    key,
+    post,
+    read,
+    status,
+)
+from resumekit.statemachine.messages import (
+    Cancel,
+    Cancelled,
+    Landed,
+    RoundPost,
+    SenderError,
+    malformed_post,
+    malformed_status,
+)
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner),
+    max_leaves=12,
+)
+ENVELOPE = {"rid": "r1", "inc": 1, "epoch": 0}
+LANDED = {"t": "landed", **ENVELOPE, "tokens": 8, "total": 24, "final": False}
+POST = {
+    "t": "post",
+    **ENVELOPE,
+    "sent": 0,
+    "cap": 16,
+    "expect": None,
+    "blocks": [3, 4],
+    "dst": [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]],
+}
+
+
+def decode(raw: bytes) -> Any:
+    """What the receiver end's control thread makes of ``raw``."""
+    message = read(raw)
+    return "bye" if message["t"] in ("bye", "ping") else status(message)
+
+
+@given(st.binary(max_size=64))
+def test_any_bytes_are_a_message_or_malformed(raw: bytes) -> None:
+    try:
+        message = read(raw)
+    except MalformedMessage:
+        return
+    assert type(message) is dict and type(message["t"]) is str
+
+
+@given(st.dictionaries(st.sampled_from(sorted({*LANDED, *POST})), json_values), st.booleans())
+def test_any_object_is_a_status_or_post_or_malformed(fields: dict[str, Any], poster: bool) -> None:
+    """Whatever the fields hold: a message whose envelope is an int64-or-str rid and int
+    inc and epoch, or MalformedMessage; never another exception."""
+    fields.setdefault("t", "post" if poster else "landed")
+    raw = json.dumps(fields).encode()
+    try:
+        m = read(raw)
+        got = post(m)[0] if poster else status(m)
+    except MalformedMessage:
+        return
+    assert type(got.rid) in (int, str)
+    assert type(got.incarnation) is int and type(got.epoch) is int
+    # The driver's own check then judges the body, as for any in-process message.
+    (malformed_post if poster else malformed_status)(got)
+
+
+@given(st.sampled_from(["tokens", "total", "final"]), json_values)
+def test_a_landed_body_is_never_coerced(name: str, value: Any) -> None:
+    got = status(read(json.dumps({**LANDED, name: value}).encode()))
+    assert isinstance(got, Landed)
+    assert json.dumps(getattr(got, name)) == json.dumps(value)  # same type and value, NaN too
+    good = type(value) is bool if name == "final" else type(value) is int
+    assert (malformed_status(got) is None) == good
+
+
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        (b"[" * 100_000, "not JSON (RecursionError)"),
+        (b"\xff\xfe", "not JSON"),
+        (b"5", "not a JSON object with a kind 't'"),
+        (b'{"t": 5}', "not a JSON object with a kind 't'"),
+        (json.dumps({**LANDED, "rid": [1]}).encode(), "rid must be an int64 or a str"),
+        (json.dumps({**LANDED, "rid": 1.0}).encode(), "rid must be an int64 or a str"),
+        (json.dumps({**LANDED, "rid": 2**63}).encode(), "rid must be an int64 or a str"),
+        (json.dumps({**LANDED, "rid": "x" * 1025}).encode(), "rid must be an int64 or a str"),
+        (json.dumps({**LANDED, "inc": True}).encode(), "inc and epoch must be ints"),
+        (json.dumps({**LANDED, "epoch": 0.0}).encode(), "inc and epoch must be ints"),
+        (json.dumps({"t": "landed", "rid": "r1", "inc": 1}).encode(), "'landed' without 'epoch'"),
+        (json.dumps({**ENVELOPE, "t": "landed"}).encode(), "'landed' without 'tokens'"),
+        (json.dumps({**ENVELOPE, "t": "error"}).encode(), "'error' without 'reason'"),
+        (json.dumps({**LANDED, "t": "what"}).encode(), "unknown message 'what'"),
+    ],
+)
+def test_an_unreadable_envelope_is_malformed(raw: bytes, why: str) -> None:
+    with pytest.raises(MalformedMessage, match=why.replace("(", r"\(").replace(")", r"\)")):
+        decode(raw)
+
+
+@pytest.mark.parametrize(
+    ("fields", "problem"),
+    [
+        ({"tokens": 2.7}, "tokens and total must be ints"),
+        ({"tokens": "8"}, "tokens and total must be ints"),
+        ({"total": 1e999}, "tokens and total must be ints"),
+        ({"final": "no"}, "final must be a bool"),
+        ({"final": 0}, "final must be a bool"),
+    ],
+)
+def test_a_bad_landed_body_reaches_the_receiver_as_it_came(
+    fields: dict[str, Any], problem: str
+) -> None:
+    got = status(read(json.dumps({**LANDED, **fields}).encode()))
+    assert malformed_status(got) == problem
+
+
+def test_each_status_kind_reads_back_what_was_sent() -> None:
+    assert decode(json.dumps(LANDED).encode()) == Landed("r1", 0, 8, 24, False, incarnation=1)
+    assert decode(b'{"t":"cancelled","rid":7,"inc":2,"epoch":3}') == Cancelled(7, 3, incarnation=2)
+    got = decode(json.dumps({**ENVELOPE, "t": "error", "reason": {"a": 1}}).encode())
+    assert got == SenderError("r1", 0, {"a": 1}, incarnation=1)  # type: ignore[arg-type]
+    assert malformed_status(got) == "reason is not a str"
+    assert decode(b'{"t":"bye"}') == "bye"
+
+
+def test_a_post_reads_back_with_its_addresses() -> None:
+    got, dst = post(read(json.dumps(POST).encode()))
+    assert got == RoundPost("r1", 0, (3, 4), 16, 0, None, None, incarnation=1)
+    assert malformed_post(got) is None and dst == POST["dst"]
+    got, dst = post(read(b'{"t":"cancel","rid":"r1","inc":1,"epoch":-1}'))
+    assert got == Cancel("r1", -1, incarnation=1) and isinstance(dst, str)
+
+
+@pytest.mark.parametrize(
+    "dst",
+    [
+        None,
+        [[1, 2, 3, 4, 5, 6]],  # one row for two blocks
+        [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11]],  # a row one address short
+        [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, -1]],
+        [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 2**64]],
+        [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12.0]],
+        [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, True]],
+    ],
+)
+def test_unusable_addresses_say_why_instead_of_failing_the_link(dst: Any) -> None:
+    got, why = post(read(json.dumps({**POST, "dst": dst}).encode()))
+    assert malformed_post(got) is None  # the post itself is fine: its round is refused
+    assert isinstance(why, str) and (
+        "do not match its blocks" in why or f"{ADDRESSES_PER_BLOCK} addresses" in why
+    )
+
+
+def test_bad_blocks_reach_the_sender_as_they_came() -> None:
+    got, _ = post(read(json.dumps({**POST, "blocks": [3, "4"]}).encode()))
+    assert malformed_post(got) == "blocks must be a tuple of ints"
+    got, _ = post(read(json.dumps({**POST, "blocks": 5}).encode()))
+    assert malformed_post(got) == "blocks must be a tuple of ints"
+    assert key(read(json.dumps(POST).encode())) == ("r1", 1, 0)
