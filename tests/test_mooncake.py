@@ -591,3 +591,34 @@ def test_a_control_thread_that_fails_loses_the_peer_instead_of_dying_unheard(
     assert [s.reason for s in lost] == ["the control thread failed: RuntimeError('a bug')"]
     assert forged.receiver.poll("other") is TransferState.Failed and not forged.died
     assert forged.bufs.allocator.num_free_blocks == forged.bufs.num_blocks
+
+
+@needs_mooncake
+def test_a_writer_whose_engine_raises_ends_the_link_at_once(
+    scripted: tuple[ResumableReceiver, EmbeddingSender, ScriptedEngine, BlockBuffers],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    receiver, sender, engine, bufs = scripted
+    died: list[BaseException] = []
+    monkeypatch.setattr(threading, "excepthook", lambda a: died.append(a.exc_value))
+
+    def broken(batch: int) -> int:
+        raise RuntimeError("engine bug")
+
+    engine.transfer_check_status = broken  # type: ignore[method-assign]
+    receiver.add("a")
+    sender.add("a", random_source(20, 4, seed=10))
+    started = time.monotonic()
+    run(receiver, sender, "a", 20.0)
+    result = receiver.take("a")
+    assert result.state is TransferState.Failed
+    assert result.reason is not None and result.reason.startswith("peer lost: connection lost")
+    assert time.monotonic() - started < 3.0  # the disconnect, not the 5 s timeout
+    end: Any = sender.transport
+    deadline = time.monotonic() + 5.0
+    while end.peer_lost is None and time.monotonic() < deadline:
+        sender.step()
+        time.sleep(0.01)
+    assert end.peer_lost == "the writer thread failed: RuntimeError('engine bug')"
+    assert not died
+    assert bufs.allocator.num_free_blocks == bufs.num_blocks

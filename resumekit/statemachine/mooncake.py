@@ -728,11 +728,15 @@ class MooncakeSenderEnd(MooncakeTransport):
         return True
 
     def _write_loop(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            if isinstance(job, _Write):
-                self._write(job)
-            else:
-                self._pass_on(job)
+        try:
+            while (job := self._jobs.get()) is not None:
+                if isinstance(job, _Write):
+                    self._write(job)
+                else:
+                    self._pass_on(job)
+        except Exception as error:  # an engine call raised: the link goes, nobody waits on it
+            self._lost(f"the writer thread failed: {error!r}")
+            self._stop_threads()  # the receiver sees the disconnect
 
     def _write(self, job: _Write) -> None:
         """Write one round; a failure turns the round's status into an error.
