@@ -313,9 +313,11 @@ def main() -> int:
                 rows.append((f"{raw} / Mooncake protocol, median (>= 0.85)", ratio, ratio >= 0.85))
     torch.set_num_threads(args.threads)
     fresh, warm = _copy_out_ms(args.hidden)
+    pages = ROUND * args.hidden * 2 / resource.getpagesize()  # a round's bf16 embeddings
     print(
         f"  copy-out of one {ROUND}-token round alone: {fresh:.1f} ms into a fresh output, "
-        f"{warm:.1f} ms into touched memory"
+        f"{warm:.1f} ms into touched memory: {(fresh - warm) * 1e3 / pages:.2f} us per first "
+        f"touch of a {resource.getpagesize() // 1024} KiB page"
     )
     return report(rows, args.check)
 
