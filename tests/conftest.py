@@ -10,6 +10,7 @@ load_profile()
 # Cheapest files first, so a mutant that a unit test kills costs a second, not a
 # minute of exploration (test_mutation_check.py orders its own checks by cost).
 MUTATION_ORDER = (
+    "test_jsonwire.py",
     "test_bad_input.py",
     "test_allocator.py",
     "test_protocol.py",

@@ -94,15 +94,16 @@ def status(m: dict[str, Any]) -> Landed | Cancelled | SenderError:
     return SenderError(rid, epoch, _field(m, "reason"), incarnation=inc)
 
 
-def post(m: dict[str, Any]) -> tuple[RoundPost | Cancel, list[list[int]] | str]:
-    """(sender) A post, checked by the sender per request, and where its blocks are:
-    ``dst`` per block, or why the addresses cannot be used (a cancel has none)."""
-    kind = m["t"]
-    if kind not in ("post", "cancel"):
-        raise MalformedMessage(f"unknown message {kind!r}")
+def cancel(m: dict[str, Any]) -> Cancel:
+    """(sender) A cancel."""
     rid, inc, epoch = key(m)
-    if kind == "cancel":
-        return Cancel(rid, epoch, incarnation=inc), "a cancel has no blocks"
+    return Cancel(rid, epoch, incarnation=inc)
+
+
+def post(m: dict[str, Any]) -> tuple[RoundPost, list[list[int]] | str]:
+    """(sender) A post, checked by the sender per request, and where its blocks are:
+    ``dst`` per block, or why the addresses cannot be used."""
+    rid, inc, epoch = key(m)
     blocks, dst = _field(m, "blocks"), _field(m, "dst")
     if type(blocks) is list:
         blocks = tuple(blocks)  # JSON has no tuples; the items stay as they came
@@ -127,9 +128,9 @@ def _addresses(dst: object, blocks: object) -> list[list[int]] | str:
         if (
             type(row) is not list
             or len(row) != ADDRESSES_PER_BLOCK
-            or not all(type(a) is int and 0 <= a < _UINT64 for a in row)
+            or not all(type(a) is int and 0 < a < _UINT64 for a in row)
         ):
-            return f"each block needs {ADDRESSES_PER_BLOCK} addresses, uint64s"
+            return f"each block needs {ADDRESSES_PER_BLOCK} addresses, non-zero uint64s"
     return dst
 
 
@@ -138,6 +139,7 @@ __all__ = [
     "MAX_RID_CHARS",
     "Key",
     "MalformedMessage",
+    "cancel",
     "hello",
     "key",
     "post",

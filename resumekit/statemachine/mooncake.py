@@ -711,11 +711,12 @@ class MooncakeSenderEnd(MooncakeTransport):
         kind = m["t"]
         if kind == "hello":
             self._target = jsonwire.hello(m)
-        elif kind in ("post", "cancel"):
+        elif kind == "post":
             post, dst = jsonwire.post(m)
-            if kind == "post":
-                self._dst[(post.rid, post.incarnation, post.epoch)] = dst
+            self._dst[(post.rid, post.incarnation, post.epoch)] = dst
             self._deliver(PostArrived(post))
+        elif kind == "cancel":
+            self._deliver(PostArrived(jsonwire.cancel(m)))
         elif kind == "close":
             self._send(t="bye")
             self._closing = True  # the receiver is done: the heartbeat stops too
