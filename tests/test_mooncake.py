@@ -622,3 +622,35 @@ def test_a_writer_whose_engine_raises_ends_the_link_at_once(
     assert end.peer_lost == "the writer thread failed: RuntimeError('engine bug')"
     assert not died
     assert bufs.allocator.num_free_blocks == bufs.num_blocks
+
+
+@needs_mooncake
+def test_a_round_posted_for_a_source_that_never_came_is_dropped_with_its_life(
+    pair: tuple[MooncakeReceiverEnd, MooncakeSenderEnd, BlockBuffers],
+) -> None:
+    end_r, end_s, bufs = pair
+    receiver = ResumableReceiver(bufs, end_r, 24, max_resume_tokens=40)
+    sender = EmbeddingSender(end_s)
+    for i in range(3):  # the client goes away before the encoder finishes, three times
+        receiver.add(f"gone-{i}")
+    deadline = time.monotonic() + 10.0
+    while end_s.pending_posts < 3 and time.monotonic() < deadline:
+        receiver.step()
+        sender.step()
+        time.sleep(0.001)
+    assert end_s.pending_posts == 3
+    for i in range(3):
+        receiver.abort(f"gone-{i}")
+    source = random_source(60, 4, seed=11)
+    receiver.add("kept")
+    sender.add("kept", source)
+    deadline = time.monotonic() + 20.0
+    while (receiver.quarantined() or not receiver.poll("kept").terminal) and (
+        time.monotonic() < deadline
+    ):
+        receiver.step()
+        sender.step()
+        time.sleep(0.001)
+    assert receiver.take("kept").output.equal(source)  # type: ignore[union-attr]
+    assert end_s.pending_posts == 0  # nothing is kept for the lives that ended
+    assert bufs.allocator.num_free_blocks == bufs.num_blocks

@@ -701,7 +701,13 @@ class MooncakeSenderEnd(MooncakeTransport):
 
     def report(self, status: Landed | Cancelled | SenderError) -> None:
         require_status(status)
-        wire_rid(status.rid)
+        rid = wire_rid(status.rid)
+        if type(status) is not Landed or status.final:
+            # That life ends here: a round it posted and never had written (parked
+            # until a source that never came, then cancelled) is dropped with it.
+            life = (rid, status.incarnation)
+            for key in [k for k in list(self._dst) if k[:2] == life]:
+                self._dst.pop(key, None)
         if not self._closing:
             self._jobs.put(status)  # after the round's writes, in the writer thread
 
@@ -727,6 +733,11 @@ class MooncakeSenderEnd(MooncakeTransport):
         else:
             raise MalformedMessage(f"unknown message {kind!r}")
         return True
+
+    @property
+    def pending_posts(self) -> int:
+        """Rounds the receiver posted that were neither written nor ended here yet."""
+        return len(self._dst)
 
     def _write_loop(self) -> None:
         try:
