@@ -27,8 +27,10 @@ from resumekit import (
     TransportUnavailableError,
 )
 from resumekit.simulate import random_source
+from resumekit.statemachine.jsonwire import MAX_RID_CHARS
 from resumekit.statemachine.messages import PeerLost, SenderError
 from resumekit.statemachine.mooncake import (
+    MAX_STATUS_BYTES,
     MooncakeReceiverEnd,
     MooncakeSenderEnd,
     MooncakeTransport,
@@ -36,6 +38,7 @@ from resumekit.statemachine.mooncake import (
     load_mooncake,
     wire_rid,
 )
+from resumekit.statemachine.wire import MAX_REASON_BYTES
 
 try:
     load_mooncake()
@@ -654,3 +657,24 @@ def test_a_round_posted_for_a_source_that_never_came_is_dropped_with_its_life(
     assert receiver.take("kept").output.equal(source)  # type: ignore[union-attr]
     assert end_s.pending_posts == 0  # nothing is kept for the lives that ended
     assert bufs.allocator.num_free_blocks == bufs.num_blocks
+
+
+@needs_mooncake
+def test_a_message_too_big_for_a_status_loses_the_peer_unread(forged: Forged) -> None:
+    forged.to_receiver(b'{"t":"landed","rid":"' + b"x" * MAX_STATUS_BYTES + b'"}')
+    settle(forged.receiver, forged.sender)
+    lost = [s for s in forged.seen if isinstance(s, PeerLost)]
+    assert [s.reason for s in lost] == ["connection lost: the peer disconnected"]
+    assert forged.receiver.poll("victim") is TransferState.Failed and not forged.died
+    assert forged.bufs.allocator.num_free_blocks == forged.bufs.num_blocks
+
+
+def test_the_longest_status_fits_the_limit() -> None:
+    worst = {
+        "t": "error",
+        "rid": "\U0001f600" * MAX_RID_CHARS,  # escaped to 12 bytes a character
+        "inc": 2**63,
+        "epoch": 2**63,
+        "reason": "\U0001f600" * (MAX_REASON_BYTES // 4),
+    }
+    assert len(json.dumps(worst, separators=(",", ":")).encode()) < MAX_STATUS_BYTES // 16

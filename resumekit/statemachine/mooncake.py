@@ -89,6 +89,7 @@ _STUCK_POLL_S: Final = 1e-2  # once a batch has been in flight for longer than `
 _DONE: Final = 1  # transfer_check_status: the batch completed (the engine freed it)
 _FAILED: Final = -1  # it failed (freed too); 0 pending, -2 timed out (still the engine's)
 _NO_BATCH: Final = (0, -1, 2**64 - 1)  # batch_transfer_async_write could not start it
+MAX_STATUS_BYTES: Final = 1 << 20  # what the receiver end reads in one message at most
 _EMPTY_STATUSES: tuple[Status, ...] = ()
 _EMPTY_POSTS: tuple[Post, ...] = ()
 
@@ -215,6 +216,7 @@ class MooncakeTransport:
 
     role: ClassVar[Role]
     _ends: ClassVar[dict[str, type[MooncakeTransport]]] = {}
+    _max_message: ClassVar[int] = -1  # bytes; ZMQ drops a peer that sends more; -1: no limit
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -277,6 +279,7 @@ class MooncakeTransport:
         self._context = self._zmq.Context()
         # Bind here, so a bad endpoint is refused by the constructor, not by a thread.
         self._pull = self._socket(self._zmq.PULL)
+        self._pull.setsockopt(self._zmq.MAXMSGSIZE, self._max_message)
         try:
             self._pull.bind(listen)
         except self._zmq.ZMQError as error:
@@ -484,6 +487,9 @@ class MooncakeReceiverEnd(MooncakeTransport):
     """The language side's end: ``MooncakeTransport("receiver", listen=, peer=, buffers=)``."""
 
     role: ClassVar[Role] = "receiver"
+    # A status is at most a few dozen KiB (a 1024-character rid, a 4096-byte reason,
+    # both JSON-escaped): a peer that sends more is broken, not a reason to hold its bytes.
+    _max_message: ClassVar[int] = MAX_STATUS_BYTES
 
     def _prepare(self) -> None:
         self._lost_reason: str | None = None
