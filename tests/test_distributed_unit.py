@@ -3,6 +3,7 @@ in this process (a one-rank gloo group where one is needed)."""
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections import deque
@@ -18,9 +19,9 @@ from resumekit.allocator import BlockAllocator, BlockBuffers
 from resumekit.errors import InvalidArgumentError, TransportError
 from resumekit.properties.protocol_machine import forged_tensors
 from resumekit.statemachine import RoundPost
-from resumekit.statemachine.distributed import TorchDistributedTransport
-from resumekit.statemachine.messages import Cancelled, Landed, SenderError
-from resumekit.statemachine.torch_receiver import TorchReceiverEnd
+from resumekit.statemachine.distributed import Arrived, Lost, TorchDistributedTransport
+from resumekit.statemachine.messages import Cancelled, Landed, PeerLost, SenderError
+from resumekit.statemachine.torch_receiver import TorchReceiverEnd, _Round
 from resumekit.statemachine.torch_sender import TorchSenderEnd
 
 pytestmark = pytest.mark.skipif(not dist.is_gloo_available(), reason="needs gloo")
@@ -104,6 +105,28 @@ def test_wait_while_losing_the_peer_waits_for_the_threads() -> None:
     start = time.monotonic()
     assert t.wait(0.05) is False  # closed: nothing more comes, but the loop still rests
     assert time.monotonic() - start >= 0.04
+
+
+def test_statuses_that_came_before_the_loss_are_delivered_before_it() -> None:
+    """A round whose payload landed before the link dropped is the receiver's; a status
+    held for a payload still arriving goes with the peer."""
+    landed = Landed(1, 0, 20, 20, True, incarnation=1)
+    held = Landed(2, 0, 8, 30, False, incarnation=1)
+    arriving = _Round(RoundPost(2, 0, (0,), 8, 0, incarnation=1), 0.0, arriving=True)
+    t = _bare(
+        _inbox=deque([Arrived((1, 1, 0), landed), Arrived((2, 1, 0), held), Lost("gone")]),
+        _rounds={(2, 1, 0): arriving},
+        _next_check=0.0,
+        delivered=0,
+        owns_group=False,
+        peer_lost=None,
+        _closing=False,
+        _sends=queue.SimpleQueue(),
+        _payloads=queue.SimpleQueue(),
+    )
+    assert t.poll_statuses() == [landed, PeerLost("gone")]
+    assert t.delivered == 2 and t.peer_lost == "gone" and t._rounds == {}
+    assert t.poll_statuses() == ()  # reported once
 
 
 class _Work:

@@ -181,15 +181,21 @@ class TorchReceiverEnd(TorchDistributedTransport):
                         out.extend(rnd.after)
             elif kind is Lost:
                 self._begin_losing(item.reason)  # type: ignore[union-attr]
-                return self._report_lost()
-        if self._rounds and now >= self._next_check:
+                break
+        if self._rounds and now >= self._next_check and self._lost_reason is None:
             self._next_check = now + min(1.0, self.timeout / 4)
             for (rid, _, epoch), rnd in self._rounds.items():
                 if now - rnd.progress > self.timeout:
                     self._begin_losing(
                         f"round {epoch} of request {rid} made no progress for {self.timeout:g} s"
                     )
-                    return self._report_lost()
+                    break
+        if self._lost_reason is not None:
+            # Statuses passed before the loss still count (their payloads are in);
+            # those held for a payload still arriving are dropped with the peer.
+            self.delivered += len(out)
+            out.extend(self._report_lost())  # which counts its PeerLost
+            return out
         if not out:
             return _EMPTY
         self.delivered += len(out)
