@@ -3,6 +3,7 @@ how it lays a round over the blocks, and both ends in one process on loopback.""
 
 from __future__ import annotations
 
+import gc
 import importlib
 import json
 import os
@@ -678,3 +679,74 @@ def test_the_longest_status_fits_the_limit() -> None:
         "reason": "\U0001f600" * (MAX_REASON_BYTES // 4),
     }
     assert len(json.dumps(worst, separators=(",", ":")).encode()) < MAX_STATUS_BYTES // 16
+
+
+@needs_mooncake
+def test_a_last_round_that_landed_before_the_link_dropped_succeeds(
+    pair: tuple[MooncakeReceiverEnd, MooncakeSenderEnd, BlockBuffers],
+) -> None:
+    end_r, end_s, bufs = pair
+    receiver = ResumableReceiver(bufs, end_r, 24)
+    sender = EmbeddingSender(end_s)
+    source = random_source(20, 4, seed=12)
+    receiver.add("a")
+    receiver.step()
+    sender.add("a", source)
+    deadline = time.monotonic() + 10.0
+    while not end_r._inbox and time.monotonic() < deadline:
+        sender.step()  # the round is written and its status sent; the receiver does not look
+        time.sleep(0.001)
+    end_s.close(wait=5.0)  # then the sender goes away
+    while len(end_r._inbox) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [type(item).__name__ for item in end_r._inbox] == ["Arrived", "Lost"]
+    while receiver.peer_lost is None and time.monotonic() < deadline:
+        receiver.step()  # the status first, then the loss
+        end_r.wait(0.05)
+    result = receiver.take("a")
+    assert result.state is TransferState.Success, result.reason  # all its bytes were in
+    assert result.output is not None and result.output.equal(source)
+    assert receiver.peer_lost == "connection lost: the peer disconnected"
+    assert bufs.allocator.num_free_blocks == bufs.num_blocks
+
+
+@needs_mooncake
+def test_losing_the_peer_never_blocks_the_event_loop() -> None:
+    """The hello to a peer that never came cannot be delivered: the loss must not wait
+    for it (it used to wait out the linger, the timeout, inside poll_statuses)."""
+    end = MooncakeTransport(
+        "receiver", listen=endpoint(), peer=endpoint(), buffers=buffers(), timeout=2.0
+    )
+    start = time.monotonic()
+    longest = 0.0
+    statuses: list[Any] = []
+    while not statuses and time.monotonic() - start < 10:
+        polled = time.monotonic()
+        statuses = list(end.poll_statuses())
+        longest = max(longest, time.monotonic() - polled)
+        end.wait(0.05)
+    assert [type(s) for s in statuses] == [PeerLost]
+    assert 2.0 <= time.monotonic() - start < 3.5
+    assert longest < 0.5
+
+
+@needs_mooncake
+def test_an_end_closed_before_its_threads_left_is_collected_without_blocking() -> None:
+    gc.collect()  # what earlier tests left (their engines take a while to go)
+    end = MooncakeTransport(
+        "receiver", listen=endpoint(), peer=endpoint(), buffers=buffers(), timeout=3.0
+    )
+    context = end._context
+    end.close(wait=0.0)  # its threads are still in their loops; its hello lingers
+    deadline = time.monotonic() + 2.0
+    while end._threads_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not end._threads_alive()
+    del end
+    started = time.monotonic()
+    gc.collect()  # pyzmq ends a context it collects, waiting out the linger
+    assert time.monotonic() - started < 0.5
+    deadline = time.monotonic() + 5.0  # the last thread out ended it, in the background
+    while not context.closed and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert context.closed

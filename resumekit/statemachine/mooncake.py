@@ -37,7 +37,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal
 
@@ -276,6 +276,10 @@ class MooncakeTransport:
         self._wake = threading.Event()
         self._sends: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._closing = False
+        self._link_lost = False  # nothing queued can reach the peer: sockets close at once
+        self._release_lock = threading.Lock()
+        # Released yet; how many threads have left their loops (their sockets closed).
+        self._released, self._left_count = False, 0
         self._context = self._zmq.Context()
         # Bind here, so a bad endpoint is refused by the constructor, not by a thread.
         self._pull = self._socket(self._zmq.PULL)
@@ -297,10 +301,8 @@ class MooncakeTransport:
             self._context.term()
             raise
         self._threads = [
-            threading.Thread(target=self._send_loop, name=f"resumekit-{role}-send", daemon=True),
-            threading.Thread(
-                target=self._control_loop, name=f"resumekit-{role}-control", daemon=True
-            ),
+            self._thread(self._send_loop, f"resumekit-{role}-send"),
+            self._thread(self._control_loop, f"resumekit-{role}-control"),
             *self._more_threads(),
         ]
         for t in self._threads:
@@ -318,6 +320,40 @@ class MooncakeTransport:
 
     def _more_threads(self) -> list[threading.Thread]:
         return []
+
+    def _thread(self, loop: Callable[[], None], name: str) -> threading.Thread:
+        def run() -> None:
+            try:
+                loop()
+            finally:
+                self._leave()
+
+        return threading.Thread(target=run, name=name, daemon=True)
+
+    def _leave(self) -> None:
+        """(each thread, last) The last one out after :meth:`close` releases what it had to
+        leave: the memory a stuck write still used, and the ZMQ context."""
+        with self._release_lock:
+            self._left_count += 1
+            last = self._left_count == len(self._threads) and self.closed
+        if last:
+            self._release()
+
+    def _all_left(self) -> bool:
+        return self._left_count == len(self._threads)
+
+    def _release(self) -> None:
+        """Unregister this end's memory, then end its ZMQ context in the background; once.
+
+        Ending a context waits for what its sockets still linger to deliver: never on
+        the event loop, and never left to the garbage collector (pyzmq ends a context it
+        collects, blocking whichever thread collects it)."""
+        with self._release_lock:
+            if self._released:
+                return
+            self._released = True
+            self._release_memory()
+        threading.Thread(target=self._context.term, name="resumekit-zmq-term", daemon=True).start()
 
     def _on_message(self, m: dict[str, Any]) -> bool:
         """(control thread) One message from the peer; ``False`` ends the loop."""
@@ -373,6 +409,7 @@ class MooncakeTransport:
 
     def _lost(self, reason: str) -> None:
         if not self._closing:
+            self._link_lost = True
             self._deliver(Lost(reason))
 
     def _losing(self) -> bool:
@@ -408,8 +445,9 @@ class MooncakeTransport:
                     return
                 push.send(item)
         finally:
-            # Lingers (at most the timeout) so the last messages, a bye, still go out.
-            push.close()
+            # Lingers (at most the timeout) so the last messages, a bye, still go out;
+            # a lost peer takes nothing more.
+            push.close(0 if self._link_lost else None)
 
     def _control_loop(self) -> None:
         zmq = self._zmq
@@ -471,10 +509,11 @@ class MooncakeTransport:
         for t in self._threads:
             if t is not threading.current_thread():
                 t.join(max(0.0, deadline - time.monotonic()))
-        self.closed = True
-        if not self._threads_alive():
-            self._release_memory()
-            self._context.term()
+        with self._release_lock:
+            self.closed = True
+            everyone_left = self._all_left()
+        if everyone_left:
+            self._release()
 
     def _threads_alive(self) -> bool:
         return any(t.is_alive() for t in self._threads if t is not threading.current_thread())
@@ -582,15 +621,21 @@ class MooncakeReceiverEnd(MooncakeTransport):
                 out.append(item.status)
             elif type(item) is Lost:
                 self._begin_losing(item.reason)
-                return self._report_lost()
-        if self._rounds and now >= self._next_check:
+                break
+        if self._rounds and now >= self._next_check and self._lost_reason is None:
             self._next_check = now + min(1.0, self.timeout / 4)
             for (rid, _, epoch), posted in self._rounds.items():
                 if now - posted > self.timeout:
                     self._begin_losing(
                         f"round {epoch} of request {rid} made no progress for {self.timeout:g} s"
                     )
-                    return self._report_lost()
+                    break
+        if self._lost_reason is not None:
+            # What arrived before the loss still counts: a round that landed is the
+            # receiver's (its bytes are in), and only then is the peer lost.
+            self.delivered += len(out)
+            out.extend(self._report_lost())  # which counts its PeerLost
+            return out
         if not out:
             return _EMPTY_STATUSES
         self.delivered += len(out)
@@ -598,16 +643,17 @@ class MooncakeReceiverEnd(MooncakeTransport):
 
     def _begin_losing(self, reason: str) -> None:
         self._lost_reason = reason
+        self._link_lost = True
         self._stop_threads()
 
     def _report_lost(self) -> Sequence[Status]:
         """``[PeerLost]`` once the threads are out and the buffers unregistered: from
         then on the engine refuses any write into the blocks."""
-        if self.closed or self._threads_alive():
-            return _EMPTY_STATUSES
-        self.closed = True
-        self._release_memory()
-        self._context.term()
+        with self._release_lock:
+            if self.closed or not self._all_left():
+                return _EMPTY_STATUSES
+            self.closed = True
+        self._release()
         self.peer_lost = self._lost_reason
         self._rounds.clear()
         self.delivered += 1
@@ -646,7 +692,7 @@ class MooncakeSenderEnd(MooncakeTransport):
         self._registered.append(address)
 
     def _more_threads(self) -> list[threading.Thread]:
-        return [threading.Thread(target=self._write_loop, name="resumekit-write", daemon=True)]
+        return [self._thread(self._write_loop, "resumekit-write")]
 
     def _stop_threads(self) -> None:
         super()._stop_threads()
