@@ -205,7 +205,9 @@ class MooncakeTransport:
     the one the other end binds. ``engine``: an initialised ``TransferEngine``
     the process already has (with ``session``, its ``host:rpc_port`` as peers
     name it); without one, the transport starts its own on ``hostname`` over
-    ``protocol`` (``"tcp"``, or ``"rdma"`` on a cluster). The receiver end needs
+    ``protocol`` (``"tcp"``, or ``"rdma"`` on a cluster), whose teardown when the
+    transport is collected holds the GIL for about a second: a server passes the
+    engine it keeps for the life of the process. The receiver end needs
     the ``buffers`` its rounds land in. Request ids are int64s or strs. Call it
     from one event loop.
 
