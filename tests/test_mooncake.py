@@ -27,6 +27,7 @@ from resumekit import (
     TransportError,
     TransportUnavailableError,
 )
+from resumekit.allocator import EmbeddingTensors
 from resumekit.simulate import random_source
 from resumekit.statemachine.jsonwire import MAX_RID_CHARS
 from resumekit.statemachine.messages import PeerLost, SenderError
@@ -357,6 +358,146 @@ def test_a_write_the_engine_reports_failed_fails_that_request_only(
     assert result.state is TransferState.Failed
     assert result.reason == "sender error: the transfer engine failed to write the round"
     assert bufs.allocator.num_free_blocks == bufs.num_blocks
+
+
+# -- sources registered with an engine several ends share --------------------------------
+
+
+class KeyedEngine:
+    """A real engine that, as over RDMA (a write needs the source's local key), refuses
+    to start a write from memory nobody registered with it; it keeps what is registered."""
+
+    def __init__(self) -> None:
+        engine_type, _ = load_mooncake()
+        self.engine = engine_type()
+        assert self.engine.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == 0
+        self.session = f"127.0.0.1:{self.engine.get_rpc_port()}"
+        self.regions: dict[int, int] = {}  # address -> bytes
+        self.unkeyed: list[int] = []  # writes refused: their sources
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+    def register_memory(self, address: int, nbytes: int) -> int:
+        rc = int(self.engine.register_memory(address, nbytes))  # refuses an overlap
+        if rc == 0:
+            self.regions[address] = nbytes
+        return rc
+
+    def unregister_memory(self, address: int) -> int:
+        self.regions.pop(address, None)
+        return int(self.engine.unregister_memory(address))
+
+    def own(self, tensors: EmbeddingTensors) -> list[int]:
+        """Register ``tensors`` as their owner would (an encoder's output pool)."""
+        addresses = []
+        for t in (tensors.embeddings, tensors.fill_ids, tensors.mrope):
+            assert self.register_memory(t.data_ptr(), t.numel() * t.element_size()) == 0
+            addresses.append(t.data_ptr())
+        return addresses
+
+    def batch_transfer_async_write(
+        self, session: str, sources: list[int], targets: list[int], lengths: list[int]
+    ) -> int:
+        for at, n in zip(sources, lengths, strict=True):
+            if not any(r <= at and at + n <= r + k for r, k in self.regions.items()):
+                self.unkeyed.append(at)
+                return 0
+        return int(self.engine.batch_transfer_async_write(session, sources, targets, lengths))
+
+
+@dataclass
+class Line:
+    """One language-side peer of the encoder: its receiver, and the encoder's end to it."""
+
+    receiver: ResumableReceiver
+    sender: EmbeddingSender
+    ends: tuple[MooncakeReceiverEnd, MooncakeSenderEnd]
+
+    def until_sent(self, rid: str, tokens: int) -> None:
+        deadline = time.monotonic() + 20.0
+        while self.receiver.record(rid).sent < tokens and time.monotonic() < deadline:
+            self.receiver.step()
+            self.sender.step()
+            time.sleep(0.001)
+        assert self.receiver.record(rid).sent >= tokens
+
+
+@pytest.fixture
+def shared() -> Iterator[tuple[KeyedEngine, Line, Line]]:
+    """Two peers; the encoder's two ends share its one engine, as the README advises."""
+    if MISSING is not None and os.environ.get("RESUMEKIT_REQUIRE_MOONCAKE") != "1":
+        pytest.skip(MISSING)
+    engine = KeyedEngine()
+    lines = []
+    for _ in range(2):
+        bufs, a, b = buffers(), endpoint(), endpoint()
+        end_r = MooncakeTransport("receiver", listen=a, peer=b, buffers=bufs, timeout=5.0)
+        end_s = MooncakeTransport(
+            "sender", listen=b, peer=a, engine=engine, session=engine.session, timeout=5.0
+        )
+        assert isinstance(end_r, MooncakeReceiverEnd) and isinstance(end_s, MooncakeSenderEnd)
+        receiver = ResumableReceiver(bufs, end_r, 24, max_resume_tokens=24)
+        lines.append(Line(receiver, EmbeddingSender(end_s), (end_r, end_s)))
+    yield engine, lines[0], lines[1]
+    for line in lines:
+        for end in reversed(line.ends):
+            end.close(wait=5.0)
+
+
+def _aux_rows(engine: KeyedEngine) -> dict[int, int]:
+    return {a: n for a, n in engine.regions.items() if n == 16 * 4}
+
+
+@needs_mooncake
+@pytest.mark.parametrize("how", ["its request ends", "its end closes"])
+def test_a_storage_two_ends_write_from_stays_registered_until_both_are_done(
+    shared: tuple[KeyedEngine, Line, Line], how: str
+) -> None:
+    engine, first, second = shared
+    batch = random_source(200, 4, seed=11)  # one encoder batch: both requests' rows
+    first.receiver.add("a")
+    first.sender.add("a", batch.narrow(0, 60))
+    second.receiver.add("b")
+    second.sender.add("b", batch.narrow(60, 140))
+    first.until_sent("a", 24)  # the first end registered the batch's storages
+    second.until_sent("b", 24)  # the second writes from them too
+    if how == "its request ends":
+        run(first.receiver, first.sender, "a", 20.0)
+        assert first.receiver.take("a").state is TransferState.Success
+    else:
+        first.ends[1].close(wait=5.0)
+    run(second.receiver, second.sender, "b", 20.0)  # 116 tokens to go, in five rounds
+    result = second.receiver.take("b")
+    assert result.state is TransferState.Success, result.reason
+    assert result.output is not None and result.output.equal(batch.narrow(60, 140))
+    assert engine.unkeyed == []
+    if how == "its request ends":  # both requests are over: only the ends' aux rows stay
+        assert engine.regions == _aux_rows(engine) and len(engine.regions) == 2
+
+
+@needs_mooncake
+def test_a_source_its_owner_stopped_registering_is_registered_when_next_written(
+    shared: tuple[KeyedEngine, Line, Line],
+) -> None:
+    engine, line, _ = shared
+    source = random_source(100, 4, seed=12)
+    owned = engine.own(source)  # the engine refuses to register it again: written as it is
+    line.receiver.add("a")
+    line.sender.add("a", source)
+    run(line.receiver, line.sender, "a", 20.0)
+    assert line.receiver.take("a").state is TransferState.Success
+    assert all(a in engine.regions for a in owned)
+    for address in owned:  # the owner lets it go; the tensors live on
+        engine.unregister_memory(address)
+    line.receiver.add("b")
+    line.sender.add("b", source)
+    run(line.receiver, line.sender, "b", 20.0)
+    result = line.receiver.take("b")
+    assert result.state is TransferState.Success, result.reason
+    assert result.output is not None and result.output.equal(source)
+    assert engine.unkeyed == []
+    assert engine.regions == _aux_rows(engine)  # and unregistered when "b" ended
 
 
 @needs_mooncake

@@ -198,6 +198,69 @@ def _runs(
     return sources, targets
 
 
+_User = tuple[int, Hashable, int]  # (the sender end's id, rid, incarnation)
+
+
+class _SourceLedger:
+    """The source storages sender ends registered with one engine, shared by every end
+    that uses it: a storage is registered once and unregistered when the last request
+    writing from it ends, through whichever end. One the engine refuses (its owner
+    registered it, as an encoder's output pool is) is written as it is, and tried
+    again once no request writes from it (its owner may have unregistered it)."""
+
+    _ledgers: ClassVar[dict[int, _SourceLedger]] = {}  # by id(engine), while an end uses it
+    _ledgers_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.ends = 0
+        self._lock = threading.Lock()
+        # address -> (the storage, kept alive while registered; None when the engine
+        # refused it), and the requests writing from it
+        self.sources: dict[int, tuple[torch.Tensor | None, set[_User]]] = {}
+
+    @classmethod
+    def join(cls, engine: Any) -> _SourceLedger:
+        with cls._ledgers_lock:
+            ledger = cls._ledgers.get(id(engine))
+            if ledger is None:
+                ledger = cls._ledgers[id(engine)] = cls(engine)
+            ledger.ends += 1
+            return ledger
+
+    def leave(self, end: int) -> None:
+        """``end`` is released: what only its requests still used is unregistered."""
+        self.forget(lambda user: user[0] == end)
+        with self._ledgers_lock:
+            self.ends -= 1
+            if self.ends == 0:
+                del self._ledgers[id(self.engine)]
+
+    def use(self, t: torch.Tensor, user: _User) -> None:
+        """Register the storage under ``t`` unless it is already; ``user`` writes from it."""
+        storage = t.untyped_storage()
+        address = storage.data_ptr()
+        with self._lock:
+            known = self.sources.get(address)
+            if known is not None:
+                known[1].add(user)
+                return
+            keep = None
+            if self.engine.register_memory(address, storage.nbytes()) == 0:
+                keep = torch.empty(0, dtype=torch.uint8).set_(storage)
+            self.sources[address] = (keep, {user})
+
+    def forget(self, ended: Callable[[_User], bool]) -> None:
+        """The requests ``ended`` picks write no more: unregister what nobody else uses."""
+        with self._lock:
+            for address, (keep, users) in list(self.sources.items()):
+                users.difference_update([u for u in users if ended(u)])
+                if not users:
+                    del self.sources[address]
+                    if keep is not None:
+                        self.engine.unregister_memory(address)
+
+
 class MooncakeTransport:
     """One end of the protocol over a Mooncake ``TransferEngine``; ``role`` says which.
 
@@ -685,8 +748,7 @@ class MooncakeSenderEnd(MooncakeTransport):
         self._dst: dict[Key, list[list[int]] | str] = {}
         self._jobs: queue.SimpleQueue[_Write | Status | None] = queue.SimpleQueue()
         self._failed: dict[Key, str] = {}  # (writer) rounds whose write failed: why
-        self._sources: dict[int, tuple[torch.Tensor, set[Hashable]]] = {}
-        self._foreign: set[int] = set()  # registered by someone else: written as it is
+        self._ledger: _SourceLedger | None = _SourceLedger.join(self.engine)
         self._aux_stage = torch.zeros(self.aux_size, dtype=torch.int32)
         address = self._aux_stage.data_ptr()
         if self.engine.register_memory(address, self.aux_size * 4) != 0:
@@ -701,9 +763,9 @@ class MooncakeSenderEnd(MooncakeTransport):
         self._jobs.put(None)
 
     def _release_memory(self) -> None:
-        for address in self._sources:
-            self.engine.unregister_memory(address)
-        self._sources.clear()
+        ledger, self._ledger = self._ledger, None
+        if ledger is not None:
+            ledger.leave(id(self))
         super()._release_memory()
 
     # -- the event loop's calls ----------------------------------------------------------
@@ -812,14 +874,15 @@ class MooncakeSenderEnd(MooncakeTransport):
         ``transfer_check_status`` reads a batch's first transfer only, and frees
         the batch when that one is done.
         """
-        rid = job.key[0]
         started: list[int] = []
         problem: str | None = None
         try:
             self._aux_stage.copy_(torch.tensor(job.aux, dtype=torch.int32))
             pieces = [(t if t.is_contiguous() else t.contiguous()) for t in job.sources]
+            ledger, user = self._ledger, (id(self), *job.key[:2])
+            assert ledger is not None  # released only after this thread left
             for t in pieces:
-                self._register(t, rid)
+                ledger.use(t, user)
             targets = [*job.targets, job.aux_target]
             for t, target in zip([*pieces, self._aux_stage], targets, strict=True):
                 nbytes = t.numel() * t.element_size()
@@ -858,25 +921,6 @@ class MooncakeSenderEnd(MooncakeTransport):
                 nap = _STUCK_POLL_S
         return int(status)
 
-    def _register(self, t: torch.Tensor, rid: Hashable) -> None:
-        """Register the storage under ``t`` once; it stays registered until ``rid`` ends.
-
-        Memory the engine will not register again (the engine's owner registered it,
-        as an encoder's output pool is) is written as it is, and never unregistered.
-        """
-        storage = t.untyped_storage()
-        address = storage.data_ptr()
-        if address in self._foreign:
-            return
-        known = self._sources.get(address)
-        if known is not None:
-            known[1].add(rid)
-        elif self.engine.register_memory(address, storage.nbytes()) != 0:
-            self._foreign.add(address)
-        else:
-            whole = torch.empty(0, dtype=torch.uint8).set_(storage)  # keeps it alive
-            self._sources[address] = (whole, {rid})
-
     def _pass_on(self, status: Status) -> None:
         assert isinstance(status, Landed | Cancelled | SenderError)
         rid = wire_rid(status.rid)
@@ -899,16 +943,9 @@ class MooncakeSenderEnd(MooncakeTransport):
             reason = reason.encode()[:MAX_REASON_BYTES].decode("utf-8", "ignore") or "?"
             self._send(t="error", rid=rid, inc=inc, epoch=epoch, reason=reason)
         ends = not isinstance(status, Landed) or status.final or failed is not None
-        if ends:
-            self._forget(rid)
-
-    def _forget(self, rid: Hashable) -> None:
-        """Unregister the sources only ``rid`` used."""
-        for address, (_, users) in list(self._sources.items()):
-            users.discard(rid)
-            if not users:
-                self.engine.unregister_memory(address)
-                del self._sources[address]
+        if ends and self._ledger is not None:
+            user = (id(self), rid, inc)
+            self._ledger.forget(user.__eq__)
 
 
 __all__ = [
