@@ -501,6 +501,38 @@ def test_a_source_its_owner_stopped_registering_is_registered_when_next_written(
 
 
 @needs_mooncake
+def test_block_buffers_registered_already_are_refused_and_nothing_is_kept() -> None:
+    engine = KeyedEngine()
+    bufs = buffers()
+    owner = bufs.fill_ids  # the owner registered part of the pool (the embeddings go first)
+    assert engine.register_memory(owner.data_ptr(), owner.numel() * owner.element_size()) == 0
+    listen = endpoint()
+    with pytest.raises(TransportError, match="registers them itself"):
+        MooncakeTransport(
+            "receiver",
+            listen=listen,
+            peer=endpoint(),
+            buffers=bufs,
+            engine=engine,
+            session=engine.session,
+        )
+    assert list(engine.regions) == [owner.data_ptr()]  # the embeddings' registration undone
+    engine.unregister_memory(owner.data_ptr())  # the owner lets it go: the same pool and
+    end = MooncakeTransport(  # endpoint serve an end
+        "receiver",
+        listen=listen,
+        peer=endpoint(),
+        buffers=bufs,
+        engine=engine,
+        session=engine.session,
+        timeout=5.0,
+    )
+    assert len(engine.regions) == 4  # embeddings, fill ids, mRoPE rows, aux rows
+    end.close(wait=5.0)
+    assert engine.regions == {}
+
+
+@needs_mooncake
 def test_the_writer_sleeps_while_a_write_is_in_flight(
     scripted: tuple[ResumableReceiver, EmbeddingSender, ScriptedEngine, BlockBuffers],
 ) -> None:

@@ -606,7 +606,11 @@ class MooncakeReceiverEnd(MooncakeTransport):
             address = t.data_ptr()
             if self.engine.register_memory(address, t.numel() * t.element_size()) != 0:
                 self._release_memory()
-                raise TransportError("the transfer engine refused to register the block buffers")
+                raise TransportError(
+                    "the transfer engine refused to register the block buffers (it refuses "
+                    "memory registered already, by its owner or another end): the receiver "
+                    "end registers them itself, to unregister them when the peer is lost"
+                )
             self._registered.append(address)
         nb, bs = buffers.num_blocks, buffers.block_size
         self._strides = (
