@@ -374,6 +374,7 @@ class KeyedEngine:
         self.session = f"127.0.0.1:{self.engine.get_rpc_port()}"
         self.regions: dict[int, int] = {}  # address -> bytes
         self.unkeyed: list[int] = []  # writes refused: their sources
+        self.sessions: list[str] = []  # where each write went
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.engine, name)
@@ -399,6 +400,7 @@ class KeyedEngine:
     def batch_transfer_async_write(
         self, session: str, sources: list[int], targets: list[int], lengths: list[int]
     ) -> int:
+        self.sessions.append(session)
         for at, n in zip(sources, lengths, strict=True):
             if not any(r <= at and at + n <= r + k for r, k in self.regions.items()):
                 self.unkeyed.append(at)
@@ -530,6 +532,43 @@ def test_block_buffers_registered_already_are_refused_and_nothing_is_kept() -> N
     assert len(engine.regions) == 4  # embeddings, fill ids, mRoPE rows, aux rows
     end.close(wait=5.0)
     assert engine.regions == {}
+
+
+@needs_mooncake
+def test_a_second_receiver_saying_hello_to_a_paired_sender_end_ends_it_before_a_write() -> None:
+    engine = KeyedEngine()
+    at_s, at_a, at_b = endpoint(), endpoint(), endpoint()
+    end_s = MooncakeTransport(
+        "sender", listen=at_s, peer=at_a, engine=engine, session=engine.session, timeout=5.0
+    )
+    bufs = buffers()
+    end_a = MooncakeTransport("receiver", listen=at_a, peer=at_s, buffers=bufs, timeout=5.0)
+    assert isinstance(end_a, MooncakeReceiverEnd) and isinstance(end_s, MooncakeSenderEnd)
+    line = Line(
+        ResumableReceiver(bufs, end_a, 24, max_resume_tokens=24),
+        EmbeddingSender(end_s),
+        (end_a, end_s),
+    )
+    line.receiver.add("a")
+    line.sender.add("a", random_source(100, 4, seed=13))
+    line.until_sent("a", 24)
+    # Misconfigured: a second language-side instance names the same encoder end.
+    end_b = MooncakeTransport("receiver", listen=at_b, peer=at_s, buffers=buffers(), timeout=5.0)
+    try:
+        time.sleep(0.5)  # its hello reaches the sender end before "a" posts its next round
+        started = time.monotonic()
+        run(line.receiver, line.sender, "a", 10.0)
+        result = line.receiver.take("a")
+        assert result.state is TransferState.Failed
+        assert result.reason is not None and result.reason.startswith("peer lost: connection lost")
+        assert time.monotonic() - started < 2.5  # the disconnect, not the 5 s timeout
+        assert end_s.peer_lost is not None
+        assert f"a receiver at {end_b.session} said hello to this end" in end_s.peer_lost
+        assert set(engine.sessions) == {end_a.session}  # nothing went to the second one
+        assert bufs.allocator.num_free_blocks == bufs.num_blocks
+    finally:
+        for end in (end_b, end_a, end_s):
+            end.close(wait=5.0)
 
 
 @needs_mooncake

@@ -836,7 +836,17 @@ class MooncakeSenderEnd(MooncakeTransport):
     def _on_message(self, m: dict[str, Any]) -> bool:
         kind = m["t"]
         if kind == "hello":
-            self._target = jsonwire.hello(m)
+            session = jsonwire.hello(m)
+            if self._target not in (None, session):
+                # A second receiver's control socket reached ours: the posts of both
+                # would be written to one engine, at the other's addresses.
+                self._lost(
+                    f"a receiver at {session} said hello to this end, which is paired "
+                    f"with {self._target}: a sender end serves one receiver"
+                )
+                self._stop_threads()  # the paired receiver sees the disconnect at once
+                return False
+            self._target = session
         elif kind == "post":
             post, dst = jsonwire.post(m)
             self._dst[(post.rid, post.incarnation, post.epoch)] = dst
