@@ -408,9 +408,12 @@ class _FailingMooncakeSender(MooncakeSenderEnd):
             return
         dst = self._dst.pop((post.rid, post.incarnation, post.epoch))
         half = data.embeddings[: max(1, data.num_tokens // 2)].contiguous()
-        assert self._target is not None
+        assert self._hello is not None
         self.engine.batch_transfer_sync_write(
-            self._target, [half.data_ptr()], [dst[0][0]], [half.numel() * half.element_size()]
+            self._hello.session,
+            [half.data_ptr()],
+            [dst[0][0]],
+            [half.numel() * half.element_size()],
         )
         if self.fault == "die":
             os.kill(os.getpid(), signal.SIGKILL)

@@ -8,13 +8,16 @@ import json
 from typing import Any
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from resumekit.statemachine.jsonwire import (
     MAX_RID_CHARS,
+    Hello,
     MalformedMessage,
     cancel,
+    dtype_name,
     hello,
     key,
     post,
@@ -169,19 +172,42 @@ def test_the_extreme_request_ids_travel() -> None:
         assert key(read(json.dumps({**LANDED, "rid": rid}).encode()))[0] == rid
 
 
+HELLO = {"t": "hello", "session": "10.0.0.2:7001", "hidden": 3584, "dtype": "bfloat16"}
+
+
 @pytest.mark.parametrize(
-    ("raw", "why"),
+    ("change", "why"),
     [
-        (b'{"t":"hello"}', "'hello' without 'session'"),
-        (b'{"t":"hello","session":""}', "'hello': session must be a non-empty str"),
-        (b'{"t":"hello","session":5}', "'hello': session must be a non-empty str"),
+        ({"session": None}, "'hello' without 'session'"),
+        ({"hidden": None}, "'hello' without 'hidden'"),
+        ({"dtype": None}, "'hello' without 'dtype'"),
+        ({"session": ""}, "'hello': session must be a non-empty str"),
+        ({"session": 5}, "'hello': session must be a non-empty str"),
+        ({"hidden": 0}, "'hello': hidden must be a positive int"),
+        ({"hidden": True}, "'hello': hidden must be a positive int"),
+        ({"hidden": 4.0}, "'hello': hidden must be a positive int"),
+        ({"hidden": "4"}, "'hello': hidden must be a positive int"),
+        ({"dtype": "int32"}, "'hello': dtype must name a floating torch dtype"),
+        ({"dtype": "torch.bfloat16"}, "'hello': dtype must name a floating torch dtype"),
+        ({"dtype": "__class__"}, "'hello': dtype must name a floating torch dtype"),
+        ({"dtype": "nope"}, "'hello': dtype must name a floating torch dtype"),
+        ({"dtype": 16}, "'hello': dtype must name a floating torch dtype"),
     ],
 )
-def test_hello_names_where_rounds_go(raw: bytes, why: str) -> None:
-    assert hello(read(b'{"t":"hello","session":"10.0.0.2:7001"}')) == "10.0.0.2:7001"
+def test_hello_names_where_rounds_go_and_what_a_token_is_there(
+    change: dict[str, Any], why: str
+) -> None:
+    assert hello(read(json.dumps(HELLO).encode())) == Hello("10.0.0.2:7001", 3584, torch.bfloat16)
+    assert hello(read(json.dumps({**HELLO, "hidden": 1}).encode())).hidden == 1
+    message = {k: v for k, v in {**HELLO, **change}.items() if v is not None}
     with pytest.raises(MalformedMessage) as caught:
-        hello(read(raw))
+        hello(read(json.dumps(message).encode()))
     assert str(caught.value) == why
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_a_dtype_travels_by_its_name(dtype: torch.dtype) -> None:
+    assert hello({**HELLO, "dtype": dtype_name(dtype)}).dtype is dtype
 
 
 MISMATCH = "the post's addresses do not match its blocks"

@@ -503,6 +503,42 @@ def test_a_source_its_owner_stopped_registering_is_registered_when_next_written(
 
 
 @needs_mooncake
+@pytest.mark.parametrize(
+    ("hidden", "dtype", "why"),
+    [
+        (4, torch.float16, "float16 x 4; the receiver's blocks hold bfloat16 x 4"),
+        (8, torch.bfloat16, "bfloat16 x 8; the receiver's blocks hold bfloat16 x 4"),
+        (2, torch.float32, "float32 x 2; the receiver's blocks hold bfloat16 x 4"),
+    ],
+)
+def test_a_source_that_is_not_what_the_blocks_hold_fails_its_request_unwritten(
+    shared: tuple[KeyedEngine, Line, Line], hidden: int, dtype: torch.dtype, why: str
+) -> None:
+    """As bytes, a float16 source reads as bfloat16 garbage; a wider one spills into the
+    next blocks, another request's (both happened before the hello said what blocks hold)."""
+    engine, line, _ = shared
+    wrong = random_source(30, hidden, seed=14)
+    wrong = EmbeddingTensors(wrong.embeddings.to(dtype), wrong.fill_ids, wrong.mrope)
+    line.receiver.add("wrong")
+    line.sender.add("wrong", wrong)
+    run(line.receiver, line.sender, "wrong", 10.0)
+    result = line.receiver.take("wrong")
+    assert result.state is TransferState.Failed
+    assert result.reason == (
+        f"sender error: round 0 could not be written: the source's embeddings are {why}"
+    )
+    assert engine.sessions == []  # nothing was written
+    right = random_source(30, 4, seed=15)
+    line.receiver.add("right")
+    line.sender.add("right", right)
+    run(line.receiver, line.sender, "right", 10.0)
+    result = line.receiver.take("right")
+    assert result.state is TransferState.Success, result.reason
+    assert result.output is not None and result.output.equal(right)
+    assert line.receiver.buffers.allocator.num_free_blocks == line.receiver.buffers.num_blocks
+
+
+@needs_mooncake
 def test_block_buffers_registered_already_are_refused_and_nothing_is_kept() -> None:
     engine = KeyedEngine()
     bufs = buffers()

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Hashable
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
+
+import torch
 
 from resumekit.allocator.buffers import MROPE_ROWS
 from resumekit.errors import InvalidArgumentError, TransportError
@@ -72,12 +74,31 @@ def key(m: dict[str, Any]) -> tuple[int | str, int, int]:
     return rid, inc, epoch
 
 
-def hello(m: dict[str, Any]) -> str:
-    """(sender) The receiver's engine session, where every round is written."""
-    session = _field(m, "session")
+class Hello(NamedTuple):
+    """(sender) The receiver's engine session, where every round is written, and what
+    one token's embedding is in its blocks: a source must match it byte for byte."""
+
+    session: str
+    hidden: int
+    dtype: torch.dtype
+
+
+def hello(m: dict[str, Any]) -> Hello:
+    """(sender) A receiver's first message."""
+    session, hidden, dtype = _field(m, "session"), _field(m, "hidden"), _field(m, "dtype")
     if type(session) is not str or not session:
         raise MalformedMessage("'hello': session must be a non-empty str")
-    return session
+    if type(hidden) is not int or hidden < 1:
+        raise MalformedMessage("'hello': hidden must be a positive int")
+    named = getattr(torch, dtype, None) if type(dtype) is str else None
+    if not isinstance(named, torch.dtype) or not named.is_floating_point:
+        raise MalformedMessage("'hello': dtype must name a floating torch dtype")
+    return Hello(session, hidden, named)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """How ``dtype`` travels in a hello: ``"bfloat16"`` for ``torch.bfloat16``."""
+    return str(dtype).removeprefix("torch.")
 
 
 def status(m: dict[str, Any]) -> Landed | Cancelled | SenderError:

@@ -20,7 +20,8 @@ the receiver then unregisters its buffers (the engine refuses any later write
 into them) before it reports :class:`~resumekit.statemachine.messages.PeerLost`.
 
 Messages (``t`` names the kind; ``inc`` is the request's incarnation):
-``hello {session}`` (receiver, first: where the sender writes), ``post {rid, inc,
+``hello {session, hidden, dtype}`` (receiver, first: where the sender writes, and
+what a token's embedding is there), ``post {rid, inc,
 epoch, sent, cap, expect, blocks, dst}`` (``dst``: per block, the addresses of
 its embeddings, fill ids, three mRoPE rows and aux row), ``cancel {rid, inc,
 epoch}``, ``close``; back: ``landed {rid, inc, epoch, tokens, total, final}``,
@@ -620,7 +621,12 @@ class MooncakeReceiverEnd(MooncakeTransport):
             nb * bs * buffers.mrope.element_size(),  # one mRoPE row to the next
             buffers.aux_size * buffers.aux.element_size(),
         )
-        self._send(t="hello", session=self.session)
+        self._send(
+            t="hello",
+            session=self.session,
+            hidden=buffers.hidden_size,
+            dtype=jsonwire.dtype_name(buffers.dtype),
+        )
 
     def _losing(self) -> bool:
         return self._lost_reason is not None
@@ -747,7 +753,7 @@ class MooncakeSenderEnd(MooncakeTransport):
     role: ClassVar[Role] = "sender"
 
     def _prepare(self) -> None:
-        self._target: str | None = None  # the receiver's session, from its hello
+        self._hello: jsonwire.Hello | None = None  # where and how rounds land
         # Each posted round's block addresses, or why the post's addresses are unusable.
         self._dst: dict[Key, list[list[int]] | str] = {}
         self._jobs: queue.SimpleQueue[_Write | Status | None] = queue.SimpleQueue()
@@ -812,12 +818,21 @@ class MooncakeSenderEnd(MooncakeTransport):
         bs = post.capacity_tokens // len(post.blocks)
         if n > post.capacity_tokens or len(dst) != len(post.blocks):
             raise TransportError(f"round {post.epoch} does not fit the blocks it was posted")
+        hello = self._hello
+        assert hello is not None  # the hello precedes every post
+        emb = data.embeddings
+        if emb.shape[1] != hello.hidden or emb.dtype != hello.dtype:
+            # Written as it is, it would be misread, or spill into the next blocks.
+            raise TransportError(
+                f"the source's embeddings are {jsonwire.dtype_name(emb.dtype)} x "
+                f"{emb.shape[1]}; the receiver's blocks hold "
+                f"{jsonwire.dtype_name(hello.dtype)} x {hello.hidden}"
+            )
         sources, targets = _runs(data, dst, n, bs)
         row = [0] * self.aux_size
         for i, v in enumerate(aux or ()):
             row[i] = int(v)
-        assert self._target is not None  # the hello precedes every post
-        self._jobs.put(_Write(key, self._target, sources, targets, row, dst[0][5]))
+        self._jobs.put(_Write(key, hello.session, sources, targets, row, dst[0][5]))
 
     def report(self, status: Landed | Cancelled | SenderError) -> None:
         require_status(status)
@@ -836,17 +851,17 @@ class MooncakeSenderEnd(MooncakeTransport):
     def _on_message(self, m: dict[str, Any]) -> bool:
         kind = m["t"]
         if kind == "hello":
-            session = jsonwire.hello(m)
-            if self._target not in (None, session):
+            hello, paired = jsonwire.hello(m), self._hello
+            if paired is not None and hello != paired:
                 # A second receiver's control socket reached ours: the posts of both
                 # would be written to one engine, at the other's addresses.
                 self._lost(
-                    f"a receiver at {session} said hello to this end, which is paired "
-                    f"with {self._target}: a sender end serves one receiver"
+                    f"a receiver at {hello.session} said hello to this end, which is "
+                    f"paired with {paired.session}: a sender end serves one receiver"
                 )
                 self._stop_threads()  # the paired receiver sees the disconnect at once
                 return False
-            self._target = session
+            self._hello = hello
         elif kind == "post":
             post, dst = jsonwire.post(m)
             self._dst[(post.rid, post.incarnation, post.epoch)] = dst
