@@ -16,13 +16,13 @@ import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from resumekit.allocator import BlockAllocator, BlockBuffers, ReuseOrder
+from resumekit.allocator import BlockAllocator, BlockBuffers, EmbeddingTensors, ReuseOrder
 from resumekit.errors import InvalidArgumentError, TransportError
 from resumekit.simulate import (
     RoundLog,
@@ -42,9 +42,6 @@ from resumekit.statemachine.mooncake import MooncakeSenderEnd, MooncakeTransport
 from resumekit.statemachine.torch_sender import TorchSenderEnd
 from resumekit.statemachine.wire import DATA, TAG_DATA, TAG_TO_RECEIVER
 
-if TYPE_CHECKING:
-    from resumekit.allocator import EmbeddingTensors
-
 IDLE_SLEEP = 0.0002  # seconds a drain loop yields (gloo's threads need CPU)
 IDLE_WAIT = 0.05  # longest a loop with nothing to do blocks in transport.wait()
 
@@ -54,6 +51,18 @@ class Request:
     rid: int
     tokens: int
     seed: int = 0
+    # The source's hidden size and dtype when they are not the pool's (a misconfigured encoder)
+    hidden: int | None = None
+    dtype: str | None = None
+
+
+def _source(r: Request, cfg: PairConfig) -> EmbeddingTensors:
+    """What the encoder sends for ``r``: the pool's layout unless ``r`` says otherwise."""
+    source = random_source(r.tokens, r.hidden or cfg.hidden, seed=r.seed)
+    if r.dtype is None:
+        return source
+    embeddings = source.embeddings.to(getattr(torch, r.dtype))
+    return EmbeddingTensors(embeddings, source.fill_ids, source.mrope)
 
 
 @dataclass
@@ -306,7 +315,7 @@ def run_in_process(cfg: PairConfig) -> PairReport:
     )
     sender = EmbeddingSender(transport)
     for r in cfg.requests:
-        sender.add(r.rid, random_source(r.tokens, cfg.hidden, seed=r.seed))
+        sender.add(r.rid, _source(r, cfg))
 
     def idle(finished: Sequence[Hashable]) -> None:
         sender.step()
@@ -383,7 +392,7 @@ def _sender_main(cfg: PairConfig, port: int, control: tuple[str, str]) -> None:
         transport = TorchDistributedTransport("sender", 0, owns_group=True, **payload)
     sender = EmbeddingSender(transport)
     for r in cfg.requests:
-        sender.add(r.rid, random_source(r.tokens, cfg.hidden, seed=r.seed))
+        sender.add(r.rid, _source(r, cfg))
     deadline = start + cfg.deadline
     while not transport.finished and time.monotonic() < deadline:
         if not sender.step():

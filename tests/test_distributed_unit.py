@@ -23,6 +23,7 @@ from resumekit.statemachine.distributed import Arrived, Lost, TorchDistributedTr
 from resumekit.statemachine.messages import Cancelled, Landed, PeerLost, SenderError
 from resumekit.statemachine.torch_receiver import TorchReceiverEnd, _Round
 from resumekit.statemachine.torch_sender import TorchSenderEnd
+from resumekit.statemachine.wire import layout, layout_mismatch
 
 pytestmark = pytest.mark.skipif(not dist.is_gloo_available(), reason="needs gloo")
 
@@ -199,3 +200,34 @@ def test_a_call_of_the_other_end_is_a_transport_error() -> None:
     ):
         with pytest.raises(TransportError, match="this is the receiver end; that call belongs"):
             call()
+
+
+LISTED = [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.float8_e4m3fn]
+
+
+@pytest.mark.parametrize("dtype", LISTED)
+def test_a_layout_takes_a_source_of_its_hidden_size_and_dtype_only(dtype: torch.dtype) -> None:
+    value = layout(3584, dtype)
+    assert layout_mismatch(value, torch.empty(2, 3584, dtype=dtype)) is None
+    name = str(dtype).removeprefix("torch.")
+    for other in LISTED:
+        if other is not dtype:
+            found = layout_mismatch(value, torch.empty(2, 3584, dtype=other))
+            assert found == (
+                f"the source's embeddings are {str(other).removeprefix('torch.')} x 3584; "
+                f"the receiver's blocks hold {name} x 3584"
+            )
+    assert layout_mismatch(value, torch.empty(2, 3583, dtype=dtype)) == (
+        f"the source's embeddings are {name} x 3583; the receiver's blocks hold {name} x 3584"
+    )
+    assert layout_mismatch(layout(1 << 40, dtype), torch.empty(1, 1, dtype=dtype)) is not None
+
+
+def test_a_dtype_the_layout_does_not_list_is_told_by_its_width() -> None:
+    value = layout(8, torch.float8_e8m0fnu)  # not listed: travels as a 1-byte dtype
+    assert layout_mismatch(value, torch.empty(1, 8, dtype=torch.float8_e8m0fnu)) is None
+    assert layout_mismatch(value, torch.empty(1, 8, dtype=torch.float8_e4m3fn)) == (
+        "the source's embeddings are float8_e4m3fn x 8; "
+        "the receiver's blocks hold a 1-byte dtype x 8"
+    )
+    assert layout_mismatch(0, torch.empty(1, 8)) is not None  # no layout yet: nothing passes

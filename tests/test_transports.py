@@ -204,3 +204,35 @@ def test_aborts_mid_transfer_on_a_tight_pool(over: dict[str, Any]) -> None:
             assert outcome.state == "Success" and outcome.intact, outcome
     assert report.leaked_blocks == 0 and report.quarantined == 0 and report.records_left == 0
     assert (report.receiver_exit, report.sender_exit) == (0, 0)
+
+
+@pytest.mark.parametrize("over", EVERY)
+def test_a_source_that_does_not_match_the_blocks_fails_only_its_request(
+    over: dict[str, Any],
+) -> None:
+    """An encoder for another model: a float16 source, a wider one, and a float32 one of
+    the same width as the pool's bfloat16 rows. Each fails before anything is written
+    (as bytes they landed as garbage, or overran the blocks and aborted the receiving
+    process over gloo); the others arrive intact."""
+    requests = [
+        Request(0, 3000, 1),
+        Request(1, 3000, 2, dtype="float16"),
+        Request(2, 3000, 3, hidden=64),
+        Request(3, 3000, 4, hidden=16, dtype="float32"),
+        Request(4, 3000, 5),
+    ]
+    report = run_pair(
+        PairConfig(
+            requests, pool_blocks=64, hidden=32, default_allocate=2048, deadline=DEADLINE, **over
+        )
+    )
+    for outcome in report.outcomes:
+        if outcome.rid in (1, 2, 3):
+            assert outcome.state == "Failed", outcome
+            assert outcome.reason is not None
+            assert outcome.reason.startswith("sender error: round 0 could not be written: ")
+            assert outcome.rounds == []
+        else:
+            assert outcome.state == "Success" and outcome.intact, outcome
+    assert report.leaked_blocks == 0 and report.quarantined == 0 and report.records_left == 0
+    assert (report.receiver_exit, report.sender_exit) == (0, 0)

@@ -53,6 +53,7 @@ from resumekit.statemachine.wire import (
     TAG_TO_RECEIVER,
     TAG_TO_SENDER,
     Key,
+    layout,
     next_round_tag,
     runs,
     wire_rid,
@@ -89,6 +90,10 @@ class TorchReceiverEnd(TorchDistributedTransport):
         self._next_tag = FIRST_ROUND_TAG
         buffers = kwargs.get("buffers")
         self._cuda = isinstance(buffers, BlockBuffers) and buffers.device.type == "cuda"
+        # What a token's embedding is in the blocks: each post tells the sender.
+        self._layout = (
+            layout(buffers.hidden_size, buffers.dtype) if isinstance(buffers, BlockBuffers) else 0
+        )
         super().__init__(role, peer, **kwargs)  # starts the threads: set what they read first
 
     def _more_threads(self) -> list[threading.Thread]:
@@ -139,6 +144,7 @@ class TorchReceiverEnd(TorchDistributedTransport):
             len(post.blocks),
             tag,
             -1 if expect is None else expect,
+            self._layout,
         )
         self._send(torch.tensor(post.blocks, dtype=torch.int64), TAG_BLOCKS)
 

@@ -46,6 +46,7 @@ from resumekit.statemachine.wire import (
     Key,
     encode_reason,
     header,
+    layout_mismatch,
     runs,
     wire_rid,
 )
@@ -62,6 +63,7 @@ class TorchSenderEnd(TorchDistributedTransport):
 
     def __init__(self, role: Role, peer: int, **kwargs: Any) -> None:
         self._tags: dict[Key, int] = {}  # each posted round's payload tag
+        self._layout = 0  # what the receiver's blocks hold (wire.layout), from its posts
         super().__init__(role, peer, **kwargs)
 
     # -- the event loop's calls ----------------------------------------------------------
@@ -101,6 +103,9 @@ class TorchSenderEnd(TorchDistributedTransport):
             )
         if not post.blocks or post.capacity_tokens % len(post.blocks):
             raise TransportError(f"round {post.epoch} post has an inconsistent capacity")
+        problem = layout_mismatch(self._layout, data.embeddings)
+        if problem is not None:
+            raise TransportError(problem)
         bs = post.capacity_tokens // len(post.blocks)
         rid = wire_rid(post.rid)
         tag = self._tags.pop((rid, post.incarnation, post.epoch), TAG_DATA)
@@ -144,10 +149,11 @@ class TorchSenderEnd(TorchDistributedTransport):
 
     def _on_header(self, h: tuple[int, ...]) -> bool:
         if h[0] == POST:
-            _, rid, inc, epoch, sent, capacity, n, tag, expect, _ = h
+            _, rid, inc, epoch, sent, capacity, n, tag, expect, layout = h
             blocks = torch.zeros(n, dtype=torch.int64)
             self._wait(self._recv(blocks, TAG_BLOCKS))
             self._tags[(rid, inc, epoch)] = tag
+            self._layout = layout
             post = RoundPost(
                 rid,
                 epoch,

@@ -5,7 +5,8 @@ trailers (block indices, a refusal's reason) and each round's payload travel on
 tags of their own. ``inc`` is the request's incarnation.
 
 - receiver to sender (``TAG_TO_SENDER``): POST ``[1, rid, inc, epoch, sent,
-  capacity, n, tag, expect]`` with the ``n`` block indices on ``TAG_BLOCKS``;
+  capacity, n, tag, expect, layout]`` with the ``n`` block indices on ``TAG_BLOCKS``
+  (``layout``: what a token's embedding is in the blocks, see :func:`layout`);
   CANCEL ``[2, rid, inc, epoch]``; CLOSE ``[3]``; PING ``[4]``.
 - sender to receiver (``TAG_TO_RECEIVER``): DATA ``[10, rid, inc, epoch, tokens,
   tag]`` announces a round's payload (on the round's own ``tag``: per run of
@@ -43,6 +44,49 @@ def wire_rid(rid: Hashable) -> int:
             f"rid must be an int64 over TorchDistributedTransport, not {rid!r}"
         )
     return rid
+
+
+# The floating dtypes a layout names, by place (append only: both ends must agree).
+_LAYOUT_DTYPES: Final = (
+    "float16",
+    "bfloat16",
+    "float32",
+    "float64",
+    "float8_e4m3fn",
+    "float8_e5m2",
+    "float8_e4m3fnuz",
+    "float8_e5m2fnuz",
+)
+
+
+def _dtype_code(dtype: torch.dtype) -> int:
+    name = str(dtype).removeprefix("torch.")
+    return _LAYOUT_DTYPES.index(name) + 1 if name in _LAYOUT_DTYPES else 0
+
+
+def layout(hidden: int, dtype: torch.dtype) -> int:
+    """A token's embedding in the receiver's blocks, as one int64: its hidden size,
+    its dtype's width in bytes and the dtype (0 for one not listed)."""
+    return hidden << 16 | dtype.itemsize << 8 | _dtype_code(dtype)
+
+
+def layout_mismatch(value: int, embeddings: torch.Tensor) -> str | None:
+    """Why ``embeddings`` (n, hidden) cannot go into blocks of ``layout`` ``value``, or None.
+
+    Sent as they are, they would be misread (another dtype of the same width), or
+    overrun the blocks (gloo aborts the receiving process on a longer payload).
+    """
+    hidden, width, code = value >> 16, value >> 8 & 0xFF, value & 0xFF
+    dtype = embeddings.dtype
+    if embeddings.shape[1] == hidden and dtype.itemsize == width and _dtype_code(dtype) == code:
+        return None
+    theirs = (
+        _LAYOUT_DTYPES[code - 1] if 0 < code <= len(_LAYOUT_DTYPES) else f"a {width}-byte dtype"
+    )
+    return (
+        f"the source's embeddings are {str(dtype).removeprefix('torch.')} x "
+        f"{embeddings.shape[1]}; the receiver's blocks hold {theirs} x {hidden}"
+    )
 
 
 def header(*values: int) -> torch.Tensor:
@@ -107,6 +151,8 @@ __all__ = [
     "Key",
     "encode_reason",
     "header",
+    "layout",
+    "layout_mismatch",
     "next_round_tag",
     "runs",
     "why",
