@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from resumekit.allocator import BlockAllocator, BlockBuffers, EmbeddingTensors, ReuseOrder
+from resumekit.allocator.buffers import DEFAULT_AUX_SIZE
 from resumekit.errors import InvalidArgumentError, TransportError
 from resumekit.simulate import (
     RoundLog,
@@ -82,6 +83,7 @@ class PairConfig:
     aborts: tuple[tuple[int, int], ...] = ()
     # "ordered": payloads on a second gloo group, matched by order as over NCCL
     payload: Literal["shared", "ordered"] = "shared"
+    aux_size: int = DEFAULT_AUX_SIZE  # the receiver's aux rows (the sender's end keeps its default)
     # "inprocess": both ends in this process (run_pair calls run_in_process)
     transport: Literal["inprocess", "torch", "mooncake"] = "torch"
 
@@ -214,7 +216,7 @@ def _receiver_main(cfg: PairConfig, port: int, control: tuple[str, str], queue: 
     start = time.monotonic()
     payload = _init(0, port, cfg)
     allocator = BlockAllocator(cfg.pool_blocks, cfg.block_size, reuse=cfg.reuse)
-    buffers = BlockBuffers(allocator, cfg.hidden, device="cpu")
+    buffers = BlockBuffers(allocator, cfg.hidden, device="cpu", aux_size=cfg.aux_size)
     transport: TorchDistributedTransport | MooncakeTransport
     if cfg.transport == "mooncake":
         transport = MooncakeTransport(
@@ -303,7 +305,7 @@ def run_in_process(cfg: PairConfig) -> PairReport:
         )
     start = time.monotonic()
     allocator = BlockAllocator(cfg.pool_blocks, cfg.block_size, reuse=cfg.reuse)
-    buffers = BlockBuffers(allocator, cfg.hidden, device="cpu")
+    buffers = BlockBuffers(allocator, cfg.hidden, device="cpu", aux_size=cfg.aux_size)
     transport = _FailingInProcess(buffers, cfg.fault_round)
     rounds = RoundLog()
     receiver = ResumableReceiver(

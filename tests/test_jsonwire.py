@@ -172,7 +172,8 @@ def test_the_extreme_request_ids_travel() -> None:
         assert key(read(json.dumps({**LANDED, "rid": rid}).encode()))[0] == rid
 
 
-HELLO = {"t": "hello", "session": "10.0.0.2:7001", "hidden": 3584, "dtype": "bfloat16"}
+HELLO = {"t": "hello", "session": "10.0.0.2:7001", "hidden": 3584, "dtype": "bfloat16", "aux": 16}
+AUX = "'hello': aux must be an int from 2 to 65536"
 
 
 @pytest.mark.parametrize(
@@ -192,13 +193,23 @@ HELLO = {"t": "hello", "session": "10.0.0.2:7001", "hidden": 3584, "dtype": "bfl
         ({"dtype": "__class__"}, "'hello': dtype must name a floating torch dtype"),
         ({"dtype": "nope"}, "'hello': dtype must name a floating torch dtype"),
         ({"dtype": 16}, "'hello': dtype must name a floating torch dtype"),
+        ({"aux": None}, "'hello' without 'aux'"),
+        ({"aux": 1}, AUX),
+        ({"aux": 65537}, AUX),
+        ({"aux": True}, AUX),
+        ({"aux": 16.0}, AUX),
+        ({"aux": "16"}, AUX),
     ],
 )
 def test_hello_names_where_rounds_go_and_what_a_token_is_there(
     change: dict[str, Any], why: str
 ) -> None:
-    assert hello(read(json.dumps(HELLO).encode())) == Hello("10.0.0.2:7001", 3584, torch.bfloat16)
+    assert hello(read(json.dumps(HELLO).encode())) == Hello(
+        "10.0.0.2:7001", 3584, torch.bfloat16, 16
+    )
     assert hello(read(json.dumps({**HELLO, "hidden": 1}).encode())).hidden == 1
+    for aux in (2, 65536):
+        assert hello(read(json.dumps({**HELLO, "aux": aux}).encode())).aux == aux
     message = {k: v for k, v in {**HELLO, **change}.items() if v is not None}
     with pytest.raises(MalformedMessage) as caught:
         hello(read(json.dumps(message).encode()))

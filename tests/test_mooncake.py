@@ -29,7 +29,7 @@ from resumekit import (
 )
 from resumekit.allocator import EmbeddingTensors
 from resumekit.simulate import random_source
-from resumekit.statemachine.jsonwire import MAX_RID_CHARS
+from resumekit.statemachine.jsonwire import MAX_AUX, MAX_RID_CHARS
 from resumekit.statemachine.messages import PeerLost, SenderError
 from resumekit.statemachine.mooncake import (
     MAX_STATUS_BYTES,
@@ -182,6 +182,32 @@ def test_a_transfer_resumes_through_the_engine_and_lands_intact(
     assert result.mrope_delta == -7
     assert bufs.allocator.num_free_blocks == bufs.num_blocks
     assert end_r.posted >= 3  # 24 + 40 + 36 tokens
+
+
+@needs_mooncake
+@pytest.mark.parametrize("aux_size", [3, 40])
+def test_a_round_writes_the_receivers_whole_aux_row_and_nothing_past_it(aux_size: int) -> None:
+    """The sender's end keeps its default aux_size (16): the receiver's rows decide. A
+    longer stage ran into the next blocks' rows; a shorter one left stale values."""
+    bufs = BlockBuffers(BlockAllocator(16, 8), 4, device="cpu", aux_size=aux_size)
+    bufs.aux.fill_(-1)
+    a, b = endpoint(), endpoint()
+    end_r = MooncakeTransport("receiver", listen=a, peer=b, buffers=bufs, timeout=5.0)
+    end_s = MooncakeTransport("sender", listen=b, peer=a, timeout=5.0)
+    try:
+        receiver = ResumableReceiver(bufs, end_r, 24)
+        sender = EmbeddingSender(end_s)
+        source = random_source(20, 4, seed=16)
+        receiver.add("a")
+        sender.add("a", source, mrope_delta=5)
+        run(receiver, sender, "a", 20.0)
+        result = receiver.take("a")
+        assert result.state is TransferState.Success, result.reason
+        written = [row for row in bufs.aux.tolist() if row != [-1] * aux_size]
+        assert written == [[20, 5, 20] + [0] * (aux_size - 3)]  # one round, one row
+    finally:
+        end_s.close(wait=5.0)
+        end_r.close(wait=5.0)
 
 
 @needs_mooncake
@@ -448,7 +474,7 @@ def shared() -> Iterator[tuple[KeyedEngine, Line, Line]]:
 
 
 def _aux_rows(engine: KeyedEngine) -> dict[int, int]:
-    return {a: n for a, n in engine.regions.items() if n == 16 * 4}
+    return {a: n for a, n in engine.regions.items() if n == MAX_AUX * 4}  # each end's stage
 
 
 @needs_mooncake

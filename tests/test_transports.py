@@ -236,3 +236,30 @@ def test_a_source_that_does_not_match_the_blocks_fails_only_its_request(
             assert outcome.state == "Success" and outcome.intact, outcome
     assert report.leaked_blocks == 0 and report.quarantined == 0 and report.records_left == 0
     assert (report.receiver_exit, report.sender_exit) == (0, 0)
+
+
+@pytest.mark.parametrize("aux_size", [3, 40])
+@pytest.mark.parametrize("over", EVERY)
+def test_the_receivers_aux_rows_decide_what_the_sender_writes(
+    over: dict[str, Any], aux_size: int
+) -> None:
+    """The receiver's buffers are made with their own aux_size, the sender's end with its
+    default: each round writes the receiver's whole row (over gloo a longer row aborted
+    the receiving process; over Mooncake it ran into the next block's row)."""
+    requests = [Request(i, 6000 + 1000 * i, seed=30 + i) for i in range(3)]
+    report = run_pair(
+        PairConfig(
+            requests,
+            pool_blocks=48,
+            hidden=32,
+            default_allocate=2048,
+            max_round_tokens=2048,
+            aux_size=aux_size,
+            deadline=DEADLINE,
+            **over,
+        )
+    )
+    for outcome in report.outcomes:
+        assert outcome.state == "Success" and outcome.intact, outcome
+    assert report.leaked_blocks == 0 and report.quarantined == 0 and report.records_left == 0
+    assert (report.receiver_exit, report.sender_exit) == (0, 0)

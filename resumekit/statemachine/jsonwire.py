@@ -21,6 +21,7 @@ from resumekit.errors import InvalidArgumentError, TransportError
 from resumekit.statemachine.messages import Cancel, Cancelled, Landed, RoundPost, SenderError
 
 MAX_RID_CHARS: Final = 1024
+MAX_AUX: Final = 1 << 16  # the most values an aux row may hold (as the constructors allow)
 ADDRESSES_PER_BLOCK: Final = 3 + MROPE_ROWS  # embeddings, fill ids, mRoPE rows, aux row
 _INT64: Final = 1 << 63
 _UINT64: Final = 1 << 64
@@ -81,11 +82,13 @@ class Hello(NamedTuple):
     session: str
     hidden: int
     dtype: torch.dtype
+    aux: int  # the values in a block's aux row
 
 
 def hello(m: dict[str, Any]) -> Hello:
     """(sender) A receiver's first message."""
     session, hidden, dtype = _field(m, "session"), _field(m, "hidden"), _field(m, "dtype")
+    aux = _field(m, "aux")
     if type(session) is not str or not session:
         raise MalformedMessage("'hello': session must be a non-empty str")
     if type(hidden) is not int or hidden < 1:
@@ -93,7 +96,9 @@ def hello(m: dict[str, Any]) -> Hello:
     named = getattr(torch, dtype, None) if type(dtype) is str else None
     if not isinstance(named, torch.dtype) or not named.is_floating_point:
         raise MalformedMessage("'hello': dtype must name a floating torch dtype")
-    return Hello(session, hidden, named)
+    if type(aux) is not int or not 2 <= aux <= MAX_AUX:
+        raise MalformedMessage(f"'hello': aux must be an int from 2 to {MAX_AUX}")
+    return Hello(session, hidden, named, aux)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -20,8 +20,8 @@ the receiver then unregisters its buffers (the engine refuses any later write
 into them) before it reports :class:`~resumekit.statemachine.messages.PeerLost`.
 
 Messages (``t`` names the kind; ``inc`` is the request's incarnation):
-``hello {session, hidden, dtype}`` (receiver, first: where the sender writes, and
-what a token's embedding is there), ``post {rid, inc,
+``hello {session, hidden, dtype, aux}`` (receiver, first: where the sender writes,
+what a token's embedding is there, and how long an aux row is), ``post {rid, inc,
 epoch, sent, cap, expect, blocks, dst}`` (``dst``: per block, the addresses of
 its embeddings, fill ids, three mRoPE rows and aux row), ``cancel {rid, inc,
 epoch}``, ``close``; back: ``landed {rid, inc, epoch, tokens, total, final}``,
@@ -626,6 +626,7 @@ class MooncakeReceiverEnd(MooncakeTransport):
             session=self.session,
             hidden=buffers.hidden_size,
             dtype=jsonwire.dtype_name(buffers.dtype),
+            aux=buffers.aux_size,
         )
 
     def _losing(self) -> bool:
@@ -759,9 +760,10 @@ class MooncakeSenderEnd(MooncakeTransport):
         self._jobs: queue.SimpleQueue[_Write | Status | None] = queue.SimpleQueue()
         self._failed: dict[Key, str] = {}  # (writer) rounds whose write failed: why
         self._ledger: _SourceLedger | None = _SourceLedger.join(self.engine)
-        self._aux_stage = torch.zeros(self.aux_size, dtype=torch.int32)
+        # Registered once, as long as the longest aux row: a round writes the receiver's.
+        self._aux_stage = torch.zeros(jsonwire.MAX_AUX, dtype=torch.int32)
         address = self._aux_stage.data_ptr()
-        if self.engine.register_memory(address, self.aux_size * 4) != 0:
+        if self.engine.register_memory(address, jsonwire.MAX_AUX * 4) != 0:
             raise TransportError("the transfer engine refused to register the aux row")
         self._registered.append(address)
 
@@ -828,8 +830,12 @@ class MooncakeSenderEnd(MooncakeTransport):
                 f"{emb.shape[1]}; the receiver's blocks hold "
                 f"{jsonwire.dtype_name(hello.dtype)} x {hello.hidden}"
             )
+        if len(aux or ()) > hello.aux:
+            raise TransportError(
+                f"{len(aux or ())} aux values; the receiver's aux rows hold {hello.aux}"
+            )
         sources, targets = _runs(data, dst, n, bs)
-        row = [0] * self.aux_size
+        row = [0] * hello.aux  # the whole row: nothing of an earlier round's stays
         for i, v in enumerate(aux or ()):
             row[i] = int(v)
         self._jobs.put(_Write(key, hello.session, sources, targets, row, dst[0][5]))
@@ -906,14 +912,15 @@ class MooncakeSenderEnd(MooncakeTransport):
         started: list[int] = []
         problem: str | None = None
         try:
-            self._aux_stage.copy_(torch.tensor(job.aux, dtype=torch.int32))
+            stage = self._aux_stage[: len(job.aux)]
+            stage.copy_(torch.tensor(job.aux, dtype=torch.int32))
             pieces = [(t if t.is_contiguous() else t.contiguous()) for t in job.sources]
             ledger, user = self._ledger, (id(self), *job.key[:2])
             assert ledger is not None  # released only after this thread left
             for t in pieces:
                 ledger.use(t, user)
             targets = [*job.targets, job.aux_target]
-            for t, target in zip([*pieces, self._aux_stage], targets, strict=True):
+            for t, target in zip([*pieces, stage], targets, strict=True):
                 nbytes = t.numel() * t.element_size()
                 batch = self.engine.batch_transfer_async_write(
                     job.session, [t.data_ptr()], [target], [nbytes]

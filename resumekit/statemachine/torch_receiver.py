@@ -145,6 +145,7 @@ class TorchReceiverEnd(TorchDistributedTransport):
             tag,
             -1 if expect is None else expect,
             self._layout,
+            self.aux_size,
         )
         self._send(torch.tensor(post.blocks, dtype=torch.int64), TAG_BLOCKS)
 

@@ -63,7 +63,9 @@ class TorchSenderEnd(TorchDistributedTransport):
 
     def __init__(self, role: Role, peer: int, **kwargs: Any) -> None:
         self._tags: dict[Key, int] = {}  # each posted round's payload tag
-        self._layout = 0  # what the receiver's blocks hold (wire.layout), from its posts
+        # What the receiver's blocks hold (wire.layout) and its aux rows' size, from its
+        # posts: a payload longer than the receive posted for it aborts the receiver.
+        self._layout = self._aux_rows = 0
         super().__init__(role, peer, **kwargs)
 
     # -- the event loop's calls ----------------------------------------------------------
@@ -104,6 +106,8 @@ class TorchSenderEnd(TorchDistributedTransport):
         if not post.blocks or post.capacity_tokens % len(post.blocks):
             raise TransportError(f"round {post.epoch} post has an inconsistent capacity")
         problem = layout_mismatch(self._layout, data.embeddings)
+        if problem is None and len(aux or ()) > self._aux_rows:
+            problem = f"{len(aux or ())} aux values; the receiver's aux rows hold {self._aux_rows}"
         if problem is not None:
             raise TransportError(problem)
         bs = post.capacity_tokens // len(post.blocks)
@@ -119,7 +123,7 @@ class TorchSenderEnd(TorchDistributedTransport):
             for r in range(MROPE_ROWS):
                 self._send(data.mrope[r, offset:end].contiguous(), tag, group)
             offset = end
-        row = torch.zeros(self.aux_size, dtype=torch.int32, device=data.embeddings.device)
+        row = torch.zeros(self._aux_rows, dtype=torch.int32, device=data.embeddings.device)
         if aux:
             row[: len(aux)] = torch.tensor(list(aux), dtype=torch.int32)
         self._send(row, tag, group)
@@ -149,11 +153,11 @@ class TorchSenderEnd(TorchDistributedTransport):
 
     def _on_header(self, h: tuple[int, ...]) -> bool:
         if h[0] == POST:
-            _, rid, inc, epoch, sent, capacity, n, tag, expect, layout = h
+            _, rid, inc, epoch, sent, capacity, n, tag, expect, layout, aux_rows = h
             blocks = torch.zeros(n, dtype=torch.int64)
             self._wait(self._recv(blocks, TAG_BLOCKS))
             self._tags[(rid, inc, epoch)] = tag
-            self._layout = layout
+            self._layout, self._aux_rows = layout, aux_rows
             post = RoundPost(
                 rid,
                 epoch,

@@ -5,8 +5,9 @@ trailers (block indices, a refusal's reason) and each round's payload travel on
 tags of their own. ``inc`` is the request's incarnation.
 
 - receiver to sender (``TAG_TO_SENDER``): POST ``[1, rid, inc, epoch, sent,
-  capacity, n, tag, expect, layout]`` with the ``n`` block indices on ``TAG_BLOCKS``
-  (``layout``: what a token's embedding is in the blocks, see :func:`layout`);
+  capacity, n, tag, expect, layout, aux]`` with the ``n`` block indices on
+  ``TAG_BLOCKS`` (``layout``: what a token's embedding is in the blocks, see
+  :func:`layout`; ``aux``: the values in a block's aux row);
   CANCEL ``[2, rid, inc, epoch]``; CLOSE ``[3]``; PING ``[4]``.
 - sender to receiver (``TAG_TO_RECEIVER``): DATA ``[10, rid, inc, epoch, tokens,
   tag]`` announces a round's payload (on the round's own ``tag``: per run of
@@ -25,7 +26,7 @@ import torch
 
 from resumekit.errors import InvalidArgumentError
 
-HEADER: Final = 10
+HEADER: Final = 11
 # Headers only on 1 and 2 (so heartbeats may interleave); their trailers on tags of their own.
 TAG_TO_SENDER, TAG_TO_RECEIVER, TAG_DATA, TAG_BLOCKS, TAG_REASON = 1, 2, 3, 4, 5
 FIRST_ROUND_TAG, ROUND_TAGS = 16, 1 << 30  # each round's payload has a tag of its own
