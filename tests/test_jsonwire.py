@@ -19,6 +19,7 @@ from resumekit.statemachine.jsonwire import (
     cancel,
     dtype_name,
     hello,
+    hi,
     key,
     post,
     read,
@@ -256,3 +257,18 @@ def test_bad_blocks_reach_the_sender_as_they_came() -> None:
     got, _ = post(read(json.dumps({**POST, "blocks": 5}).encode()))
     assert malformed_post(got) == "blocks must be a tuple of ints"
     assert key(read(json.dumps(POST).encode())) == ("r1", 1, 0)
+
+
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        (b'{"t":"hi"}', "'hi' without 'to'"),
+        (b'{"t":"hi","to":""}', "'hi': to must be a non-empty str"),
+        (b'{"t":"hi","to":7001}', "'hi': to must be a non-empty str"),
+    ],
+)
+def test_hi_names_the_session_the_sender_writes_to(raw: bytes, why: str) -> None:
+    assert hi(read(b'{"t":"hi","to":"10.0.0.2:7001"}')) == "10.0.0.2:7001"
+    with pytest.raises(MalformedMessage) as caught:
+        hi(read(raw))
+    assert str(caught.value) == why

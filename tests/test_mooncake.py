@@ -565,6 +565,47 @@ def test_a_source_that_is_not_what_the_blocks_hold_fails_its_request_unwritten(
 
 
 @needs_mooncake
+def test_a_sender_that_writes_to_another_receiver_is_refused_before_its_statuses() -> None:
+    """Crossed endpoints: the second pair's sender sends its statuses to the first
+    receiver. With the same request ids its keys match the first receiver's rounds
+    while its bytes land in the other's blocks. Only round 0's aux row was checked, and
+    a stale row of the same total (seeded here) let its round 0 be taken as landed: a
+    round of garbage copied out, before the first pair's silence lost the peer."""
+    at = [endpoint() for _ in range(4)]  # receiver 1, sender 1, receiver 2, sender 2
+    first, second = buffers(), buffers()
+    first.aux[:, 0] = 100  # rows an earlier request of the same length left behind
+    ends = [
+        MooncakeTransport("receiver", listen=at[0], peer=at[1], buffers=first, timeout=5.0),
+        MooncakeTransport("sender", listen=at[1], peer=at[0], timeout=5.0),
+        MooncakeTransport("receiver", listen=at[2], peer=at[3], buffers=second, timeout=5.0),
+        MooncakeTransport("sender", listen=at[3], peer=at[0], timeout=5.0),  # misconfigured
+    ]
+    try:
+        receivers = [
+            ResumableReceiver(b, e, 24, max_resume_tokens=40)
+            for b, e in ((first, ends[0]), (second, ends[2]))
+        ]
+        senders = [EmbeddingSender(ends[1]), EmbeddingSender(ends[3])]
+        for receiver in receivers:
+            receiver.add("x")
+        senders[1].add("x", random_source(100, 4, seed=17))  # the first pair's never comes
+        deadline = time.monotonic() + 10.0
+        while not receivers[0].poll("x").terminal and time.monotonic() < deadline:
+            for driver in (*receivers, *senders):
+                driver.step()
+            time.sleep(0.001)
+        result = receivers[0].take("x")
+        assert result.state is TransferState.Failed
+        assert result.reason is not None and result.reason.startswith(
+            f"peer lost: a sender that writes to {ends[2].session} reached this end"
+        )
+        assert first.allocator.num_free_blocks == first.num_blocks
+    finally:
+        for end in reversed(ends):
+            end.close(wait=5.0)
+
+
+@needs_mooncake
 def test_block_buffers_registered_already_are_refused_and_nothing_is_kept() -> None:
     engine = KeyedEngine()
     bufs = buffers()
@@ -738,6 +779,10 @@ def forged(
     receiver.add("victim")
     receiver.add("other")
     receiver.step()  # both round 0s posted
+    deadline = time.monotonic() + 5.0  # the sender's hi came: a status is taken from here on
+    while not end_r._greeted and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert end_r._greeted
     yield Forged(receiver, EmbeddingSender(end_s), bufs, seen, died, pushes)
     for push in pushes.values():
         push.close(0)

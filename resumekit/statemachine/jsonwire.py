@@ -101,6 +101,14 @@ def hello(m: dict[str, Any]) -> Hello:
     return Hello(session, hidden, named, aux)
 
 
+def hi(m: dict[str, Any]) -> str:
+    """(receiver) A sender's answer to the hello: the engine session it writes to."""
+    to = _field(m, "to")
+    if type(to) is not str or not to:
+        raise MalformedMessage("'hi': to must be a non-empty str")
+    return to
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """How ``dtype`` travels in a hello: ``"bfloat16"`` for ``torch.bfloat16``."""
     return str(dtype).removeprefix("torch.")

@@ -25,7 +25,9 @@ what a token's embedding is there, and how long an aux row is), ``post {rid, inc
 epoch, sent, cap, expect, blocks, dst}`` (``dst``: per block, the addresses of
 its embeddings, fill ids, three mRoPE rows and aux row), ``cancel {rid, inc,
 epoch}``, ``close``; back: ``landed {rid, inc, epoch, tokens, total, final}``,
-``cancelled``, ``error {..., reason}``, ``bye``; ``ping`` both ways. How each is
+``cancelled``, ``error {..., reason}``, ``bye``, and first ``hi {to}`` (the session
+the sender writes to: a receiver takes statuses only after a hi naming its own);
+``ping`` both ways. How each is
 read, and what a message that cannot be read does: :mod:`~resumekit.statemachine.jsonwire`.
 """
 
@@ -598,6 +600,7 @@ class MooncakeReceiverEnd(MooncakeTransport):
 
     def _prepare(self) -> None:
         self._lost_reason: str | None = None
+        self._greeted = False  # the sender answered the hello, naming this end's session
         self._rounds: dict[Key, float] = {}  # posted rounds with no status yet: when posted
         self._next_check = 0.0
         buffers = self.buffers
@@ -736,9 +739,24 @@ class MooncakeReceiverEnd(MooncakeTransport):
         return [PeerLost(self._lost_reason or "peer lost")]
 
     def _on_message(self, m: dict[str, Any]) -> bool:
-        if m["t"] == "bye":
+        kind = m["t"]
+        if kind == "bye":
             self._deliver(Closed())
             return False
+        if kind == "hi":
+            to = jsonwire.hi(m)
+            if to != self.session:
+                # A sender paired with another receiver sends its statuses here: its
+                # keys may match ours while its rounds landed in the other's blocks.
+                self._lost(
+                    f"a sender that writes to {to} reached this end ({self.session}): "
+                    "a receiver end serves one sender"
+                )
+                return False
+            self._greeted = True
+            return True
+        if not self._greeted:
+            raise MalformedMessage(f"{kind!r} before the sender said hi")
         status = jsonwire.status(m)
         key: Any = (status.rid, status.incarnation, status.epoch)  # the rid may be a str here
         self._deliver(Arrived(key, status))
@@ -867,6 +885,8 @@ class MooncakeSenderEnd(MooncakeTransport):
                 )
                 self._stop_threads()  # the paired receiver sees the disconnect at once
                 return False
+            if paired is None:
+                self._send(t="hi", to=hello.session)  # before any status: says whose they are
             self._hello = hello
         elif kind == "post":
             post, dst = jsonwire.post(m)
