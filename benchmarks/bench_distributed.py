@@ -33,10 +33,10 @@ import torch.multiprocessing as mp
 from _timing import Row, report  # benchmarks/ is on sys.path as the script's dir
 
 from resumekit.allocator import BlockAllocator, BlockBuffers
-from resumekit.simulate import random_source
-from resumekit.statemachine import EmbeddingSender, ResumableReceiver
-from resumekit.statemachine.distributed import TorchDistributedTransport
-from resumekit.twoprocess import IDLE_WAIT, _free_port
+from resumekit.protocol import EmbeddingSender, ResumableReceiver
+from resumekit.sim.simulate import random_source
+from resumekit.sim.twoprocess import IDLE_WAIT, _free_port
+from resumekit.transports.torch import TorchDistributedTransport
 
 ROUND = 8192
 # Each process gets its share of the CPUs: two processes with a full set of torch

@@ -45,11 +45,12 @@ import torch.multiprocessing as mp
 from _timing import Row, report  # benchmarks/ is on sys.path as the script's dir
 
 from resumekit.allocator import BlockAllocator, BlockBuffers, EmbeddingTensors
-from resumekit.simulate import random_source
-from resumekit.statemachine import EmbeddingSender, ResumableReceiver
-from resumekit.statemachine.distributed import TorchDistributedTransport
-from resumekit.statemachine.mooncake import _WRITE_POLL_S, MooncakeTransport, load_mooncake
-from resumekit.twoprocess import IDLE_WAIT, _free_port
+from resumekit.protocol import EmbeddingSender, ResumableReceiver
+from resumekit.sim.simulate import random_source
+from resumekit.sim.twoprocess import IDLE_WAIT, _free_port
+from resumekit.transports.mooncake import MooncakeTransport, load_mooncake
+from resumekit.transports.mooncake.sender import _WRITE_POLL_S
+from resumekit.transports.torch import TorchDistributedTransport
 
 ROUND = 8192
 PATHS = ("raw", "raw-polled", "mooncake", "mooncake-cached", "gloo")

@@ -22,7 +22,8 @@ from _timing import Row, report  # benchmarks/ is on sys.path as the script's di
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis.stateful import RuleBasedStateMachine, rule, run_state_machine_as_test
 
-from resumekit.properties.explorer import ADVERSARY_BOUNDS, STANDARD_BOUNDS, explore
+from resumekit.properties.bounds import ADVERSARY_BOUNDS, STANDARD_BOUNDS
+from resumekit.properties.explorer import explore
 from resumekit.properties.fuzz import fuzz
 from resumekit.properties.strategies import strategy
 

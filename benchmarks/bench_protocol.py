@@ -26,8 +26,7 @@ from _timing import (
 )  # benchmarks/ is on sys.path as the script's dir
 
 from resumekit.allocator.buffers import default_device
-from resumekit.simulate import Loopback, random_source
-from resumekit.statemachine.declaration import (
+from resumekit.protocol.declaration import (
     TABLE,
     Event,
     Guard,
@@ -35,6 +34,8 @@ from resumekit.statemachine.declaration import (
     TransferState,
     reference_machine,
 )
+from resumekit.sim.simulate import random_source
+from resumekit.transports.inprocess import Loopback
 
 IN_FLIGHT = 1000
 

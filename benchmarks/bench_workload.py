@@ -27,7 +27,7 @@ from typing import Any
 
 from _timing import Row, report  # benchmarks/ is on sys.path as the script's dir
 
-from resumekit.workload import DESIGNS, TRACES, CostModel, Result, quantile, run
+from resumekit.sim.workload import DESIGNS, TRACES, CostModel, Result, quantile, run
 
 
 def _ms(value: float | None) -> str:

@@ -1,4 +1,10 @@
-"""resumekit: a verified core for resumable embedding transfers (encode side to language side)."""
+"""resumekit: a verified core for resumable embedding transfers (encode side to language side).
+
+What an engine needs, in one import: the allocator and buffers, the receiver and the
+sender, their results and errors, and the transports' constructors. The protocol's
+declaration is in :mod:`resumekit.protocol`, the backends in :mod:`resumekit.transports`,
+the checkers in :mod:`resumekit.properties`.
+"""
 
 import warnings
 
@@ -7,6 +13,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
     import torch  # noqa: F401
 
+from resumekit import _compat  # noqa: F401 - the old import paths, for one release
 from resumekit.allocator import Allocation, BlockAllocator, BlockBuffers, EmbeddingTensors
 from resumekit.errors import (
     AllocatorError,
@@ -26,16 +33,16 @@ from resumekit.errors import (
     UnknownRequestError,
     UseAfterFreeError,
 )
-from resumekit.statemachine import (
+from resumekit.protocol import (
     EmbeddingSender,
-    InProcessTransport,
     ReceiverObserver,
     ResumableReceiver,
     TransferResult,
     TransferState,
 )
-from resumekit.statemachine.distributed import TorchDistributedTransport
-from resumekit.statemachine.mooncake import MooncakeTransport
+from resumekit.transports.inprocess import InProcessTransport
+from resumekit.transports.mooncake import MooncakeTransport
+from resumekit.transports.torch import TorchDistributedTransport
 
 __version__ = "0.1.0"
 

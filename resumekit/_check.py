@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 
 from resumekit.errors import InvalidArgumentError
 
@@ -62,9 +62,24 @@ def check_str(value: object, name: str) -> str:
     return value
 
 
-def check_request_id(transport: object, rid: Hashable) -> None:
-    """Let a transport that cannot carry every id (ints only over torch.distributed)
-    refuse one before any block is taken for it."""
-    check: Callable[[Hashable], None] | None = getattr(transport, "check_request_id", None)
-    if check is not None:
-        check(rid)
+def as_wait_seconds(value: object, name: str) -> float:
+    """``value`` as a finite number of seconds >= 0 (how long to block)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidArgumentError(
+            f"{name} must be a number of seconds, not {type(value).__name__}"
+        )
+    if not 0 <= value < float("inf"):
+        raise InvalidArgumentError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def as_seconds(value: object, name: str, *, maximum: float) -> float:
+    """``value`` as a number of seconds in ``(0, maximum]``."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidArgumentError(
+            f"{name} must be a number of seconds, not {type(value).__name__}"
+        )
+    seconds = float(value)
+    if not 0 < seconds <= maximum:
+        raise InvalidArgumentError(f"{name} must be > 0 and <= {maximum:g} seconds, got {value!r}")
+    return seconds

@@ -8,10 +8,21 @@ it was called on unchanged.
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from resumekit.allocator.block_allocator import Allocation
+
+class Held(Protocol):
+    """What an error says of an allocation (a :class:`~resumekit.allocator.Allocation`):
+    typed structurally, so this bottom module imports nothing of resumekit."""
+
+    @property
+    def blocks(self) -> tuple[int, ...]: ...
+
+    @property
+    def owner(self) -> Hashable: ...
+
+    @property
+    def generation(self) -> int: ...
 
 
 class ResumeKitError(Exception):
@@ -40,7 +51,7 @@ class DeviceMemoryError(ResumeKitError, MemoryError):
 class DoubleFreeError(AllocatorError):
     """The allocation was already freed."""
 
-    def __init__(self, allocation: Allocation) -> None:
+    def __init__(self, allocation: Held) -> None:
         self.allocation = allocation
         super().__init__(
             f"allocation generation {allocation.generation} of owner "
@@ -59,8 +70,8 @@ class UseAfterFreeError(AllocatorError):
 class LeakError(AllocatorError):
     """Allocations are still outstanding where none may be."""
 
-    def __init__(self, leaks: Sequence[Allocation], detail: str = "") -> None:
-        self.leaks: tuple[Allocation, ...] = tuple(leaks)
+    def __init__(self, leaks: Sequence[Held], detail: str = "") -> None:
+        self.leaks: tuple[Held, ...] = tuple(leaks)
         lines = [
             f"owner {a.owner!r} generation {a.generation} blocks {list(a.blocks)}"
             for a in self.leaks

@@ -6,12 +6,12 @@ named by what it breaks, with the bounds it is caught under.
 
 from __future__ import annotations
 
-from resumekit.allocator.block_allocator import BlockAllocator, _LifoFreeList
-from resumekit.properties.explorer import ADVERSARY_BOUNDS
-from resumekit.properties.harness import Bounds
+from resumekit.allocator.block_allocator import BlockAllocator
+from resumekit.allocator.free_lists import LifoFreeList
+from resumekit.properties.bounds import ADVERSARY_BOUNDS, Bounds
 from resumekit.properties.planting import Bug
-from resumekit.statemachine.receiver import ResumableReceiver
-from resumekit.statemachine.sender import EmbeddingSender
+from resumekit.protocol.receiver import ResumableReceiver
+from resumekit.protocol.sender import EmbeddingSender
 
 R, SND, A = ResumableReceiver, EmbeddingSender, BlockAllocator
 
@@ -122,8 +122,8 @@ BUGS: list[Bug] = [
         "the mRoPE delta is not sent with round 0",
         SND,
         "_serve",
-        "aux: tuple[int, ...] = (src.total, src.mrope_delta, src.sent + n)",
-        "aux: tuple[int, ...] = (src.total, 0, src.sent + n)",
+        "aux = (src.total, src.mrope_delta) if post.epoch == 0 else None",
+        "aux = (src.total, 0) if post.epoch == 0 else None",
     ),
     Bug(
         "a late cancel of an ended life drops the next life's source",
@@ -177,7 +177,7 @@ BUGS: list[Bug] = [
     ),
     Bug(
         "a LIFO take hands out blocks still on the stack",
-        _LifoFreeList,
+        LifoFreeList,
         "take",
         "        blocks = tuple(stack[-n:])",
         "        blocks = tuple(stack[-n - 1 : -1])",

@@ -10,15 +10,16 @@ import torch
 
 from resumekit import InvalidArgumentError
 from resumekit.allocator import EmbeddingTensors
-from resumekit.properties.protocol_machine import bad_sources, forged_tensors
-from resumekit.simulate import Loopback, random_source
-from resumekit.statemachine import (
+from resumekit.properties.draws import bad_sources, forged_tensors
+from resumekit.protocol import (
     EmbeddingSender,
     Landed,
     RoundPost,
     TransferState,
 )
-from resumekit.statemachine.messages import Cancelled, PeerBack, PeerLost, SenderError
+from resumekit.protocol.messages import Cancelled, PeerBack, PeerLost, SenderError
+from resumekit.sim.simulate import random_source
+from resumekit.transports.inprocess import Loopback
 
 S = TransferState
 BS = 128

@@ -32,27 +32,28 @@ from resumekit import (
 )
 from resumekit.allocator.block_allocator import MAX_NUM_BLOCKS
 from resumekit.properties.allocator_machine import allocator_machine, resumekit_allocator_machine
+from resumekit.properties.bounds import Bounds, InvalidBounds
+from resumekit.properties.draws import forged_tensors
 from resumekit.properties.explorer import explore
 from resumekit.properties.fuzz import fuzz
-from resumekit.properties.harness import Bounds, InvalidBounds
-from resumekit.properties.protocol_machine import forged_tensors, protocol_machine
+from resumekit.properties.protocol_machine import protocol_machine
 from resumekit.properties.strategies import strategy
 from resumekit.properties.verify import verify
-from resumekit.simulate import random_source, simulate
-from resumekit.statemachine import (
+from resumekit.protocol import (
     ENV_DEFAULT_ALLOCATE_TOKENS,
     EmbeddingSender,
-    InProcessTransport,
     Landed,
     PeerLost,
     ResumableReceiver,
     RoundPost,
     TransferState,
 )
-from resumekit.statemachine.declaration import Event, next_state
-from resumekit.statemachine.distributed import TorchDistributedTransport
-from resumekit.statemachine.torch_receiver import TorchReceiverEnd
-from resumekit.statemachine.torch_sender import TorchSenderEnd
+from resumekit.protocol.declaration import Event, next_state
+from resumekit.sim.simulate import random_source, simulate
+from resumekit.transports.inprocess import InProcessTransport
+from resumekit.transports.torch import TorchDistributedTransport, TorchEnd
+from resumekit.transports.torch.receiver import TorchReceiverEnd
+from resumekit.transports.torch.sender import TorchSenderEnd
 
 HIDDEN = 8
 
@@ -554,12 +555,6 @@ RECEIVER: list[Case] = [
         "max_resume_tokens",
     ),
     (
-        "ResumableReceiver round_filter object",
-        lambda w: ResumableReceiver(w.buffers, w.transport, 16, round_filter=_Forged()),  # type: ignore[arg-type]
-        E,
-        "round_filter",
-    ),
-    (
         "ResumableReceiver observer int",
         lambda w: ResumableReceiver(w.buffers, w.transport, 16, observer=3),  # type: ignore[arg-type]
         E,
@@ -807,7 +802,7 @@ class _NoAllocator:
 class _IntIdsTransport(InProcessTransport):
     """An in-process transport that carries ids as TorchDistributedTransport does."""
 
-    check_request_id = TorchDistributedTransport.check_request_id
+    check_request_id = TorchEnd.check_request_id
 
     def receiver_for(self, w: World) -> ResumableReceiver:
         return ResumableReceiver(w.buffers, self, 16)
@@ -826,7 +821,7 @@ PROPERTIES: list[Case] = [
         "default_blocks",
     ),
     ("explore str bounds", lambda w: explore("std", strategy("epoch")), E, "bounds"),  # type: ignore[arg-type]
-    ("explore str filter", lambda w: explore(Bounds(), "epoch"), E, "round_filter"),  # type: ignore[arg-type]
+    ("explore str strategy", lambda w: explore(Bounds(), "epoch"), E, "strategy"),  # type: ignore[arg-type]
     ("explore workers 0", lambda w: explore(Bounds(), strategy("epoch"), workers=0), E, "workers"),
     (
         "explore max_states 0",
@@ -1005,11 +1000,7 @@ def test_the_messages_name_the_argument_exactly(world: World) -> None:
         (
             lambda: ResumableReceiver(world.buffers, None),  # type: ignore[arg-type]
             "transport must be a ReceiverTransport; NoneType has no post_round, cancel, "
-            "poll_statuses",
-        ),
-        (
-            lambda: ResumableReceiver(world.buffers, world.transport, 16, round_filter=_Forged()),  # type: ignore[arg-type]
-            "round_filter must be a RoundFilter; _Forged has no judge, remember",
+            "poll_statuses, check_request_id",
         ),
         (
             lambda: ResumableReceiver(world.buffers, world.transport, 16, observer=3),  # type: ignore[arg-type]
@@ -1018,7 +1009,8 @@ def test_the_messages_name_the_argument_exactly(world: World) -> None:
         ),
         (
             lambda: EmbeddingSender(None),  # type: ignore[arg-type]
-            "transport must be a SenderTransport; NoneType has no poll_posts, write_round, report",
+            "transport must be a SenderTransport; NoneType has no poll_posts, write_round, "
+            "report, check_request_id",
         ),
         (
             lambda: world.sender.add(

@@ -12,7 +12,7 @@ from resumekit import (
     UseAfterFreeError,
 )
 from resumekit.allocator import Allocation
-from resumekit.properties.protocol_machine import forged_tensors
+from resumekit.properties.draws import forged_tensors
 
 HIDDEN = 8
 

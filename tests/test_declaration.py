@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from transitions import MachineError
 
-from resumekit.statemachine.declaration import (
+from resumekit.protocol.declaration import (
     TABLE,
     TRANSITIONS,
     Action,

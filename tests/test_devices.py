@@ -14,7 +14,8 @@ from resumekit import (
     UseAfterFreeError,
 )
 from resumekit.allocator.buffers import default_device
-from resumekit.simulate import Loopback, random_source, simulate
+from resumekit.sim.simulate import random_source, simulate
+from resumekit.transports.inprocess import Loopback
 
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 

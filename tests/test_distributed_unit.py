@@ -17,13 +17,14 @@ import torch.distributed as dist
 
 from resumekit.allocator import BlockAllocator, BlockBuffers
 from resumekit.errors import InvalidArgumentError, TransportError
-from resumekit.properties.protocol_machine import forged_tensors
-from resumekit.statemachine import RoundPost
-from resumekit.statemachine.distributed import Arrived, Lost, TorchDistributedTransport
-from resumekit.statemachine.messages import Cancelled, Landed, PeerLost, SenderError
-from resumekit.statemachine.torch_receiver import TorchReceiverEnd, _Round
-from resumekit.statemachine.torch_sender import TorchSenderEnd
-from resumekit.statemachine.wire import layout, layout_mismatch
+from resumekit.properties.draws import forged_tensors
+from resumekit.protocol import RoundPost
+from resumekit.protocol.messages import Cancelled, Landed, PeerLost, SenderError
+from resumekit.transports._threaded import Arrived, Lost
+from resumekit.transports.torch import TorchDistributedTransport, TorchEnd
+from resumekit.transports.torch.receiver import TorchReceiverEnd, _Round
+from resumekit.transports.torch.sender import TorchSenderEnd
+from resumekit.transports.torch.wire import layout, layout_mismatch
 
 pytestmark = pytest.mark.skipif(not dist.is_gloo_available(), reason="needs gloo")
 
@@ -38,7 +39,7 @@ def one_rank_group() -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def _bare(end: type[TorchDistributedTransport] = TorchReceiverEnd, **attrs: Any) -> Any:
+def _bare(end: type[TorchEnd] = TorchReceiverEnd, **attrs: Any) -> Any:
     """An end with no threads or group: just the state the method under test reads."""
     t = object.__new__(end)
     defaults: dict[str, Any] = {
@@ -177,29 +178,25 @@ def test_sender_forgets_the_tags_of_rounds_it_will_never_write() -> None:
 
 
 def test_the_role_picks_the_end() -> None:
-    for role, end in (("receiver", TorchReceiverEnd), ("sender", TorchSenderEnd)):
-        t = TorchDistributedTransport.__new__(TorchDistributedTransport, role)  # type: ignore[arg-type]
-        assert type(t) is end and isinstance(t, TorchDistributedTransport) and t.role == role
+    assert TorchReceiverEnd.role == "receiver" and TorchSenderEnd.role == "sender"
+    for end, theirs in ((TorchSenderEnd, ("post_round", "cancel", "finish", "poll_statuses")),):
+        assert not any(hasattr(end, call) for call in theirs)
+    for call in ("poll_posts", "write_round", "report"):
+        assert not hasattr(TorchReceiverEnd, call)
+    with pytest.raises(InvalidArgumentError, match="role must be 'receiver' or 'sender'"):
+        TorchDistributedTransport("both", 1)  # type: ignore[call-overload]
+    with pytest.raises(InvalidArgumentError, match=r"the sender end .* takes none"):
+        TorchDistributedTransport("sender", 1, buffers=BlockBuffers(BlockAllocator(4, 8), 16))  # type: ignore[call-overload]
 
 
-def test_a_call_of_the_other_end_is_a_transport_error() -> None:
-    sender, receiver = _bare(TorchSenderEnd), _bare(TorchReceiverEnd)
-    post = RoundPost(0, 0, (0,), 8, 0, incarnation=1)
-    for call in (
-        lambda: sender.post_round(post),
-        lambda: sender.cancel(0, 0, incarnation=1),
-        sender.finish,
-        sender.poll_statuses,
+def test_aux_size_is_accepted_checked_and_said_to_be_ignored() -> None:
+    with pytest.raises(InvalidArgumentError, match="aux_size"):
+        TorchDistributedTransport("sender", 1, aux_size=1)
+    with (
+        pytest.warns(DeprecationWarning, match="aux_size is ignored"),
+        pytest.raises(TransportError, match="not initialised"),
     ):
-        with pytest.raises(TransportError, match="this is the sender end; that call belongs"):
-            call()
-    for call in (
-        receiver.poll_posts,
-        lambda: receiver.write_round(post, None, None),
-        lambda: receiver.report(Cancelled(0, 0, incarnation=1)),
-    ):
-        with pytest.raises(TransportError, match="this is the receiver end; that call belongs"):
-            call()
+        TorchDistributedTransport("sender", 1, aux_size=16)
 
 
 LISTED = [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.float8_e4m3fn]

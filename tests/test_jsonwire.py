@@ -12,7 +12,16 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from resumekit.statemachine.jsonwire import (
+from resumekit.protocol.messages import (
+    Cancel,
+    Cancelled,
+    Landed,
+    RoundPost,
+    SenderError,
+    malformed_post,
+    malformed_status,
+)
+from resumekit.transports.mooncake.jsonwire import (
     MAX_RID_CHARS,
     Hello,
     MalformedMessage,
@@ -25,15 +34,6 @@ from resumekit.statemachine.jsonwire import (
     read,
     status,
     wire_rid,
-)
-from resumekit.statemachine.messages import (
-    Cancel,
-    Cancelled,
-    Landed,
-    RoundPost,
-    SenderError,
-    malformed_post,
-    malformed_status,
 )
 
 json_values = st.recursive(

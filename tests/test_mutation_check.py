@@ -11,10 +11,11 @@ from dataclasses import replace
 
 import pytest
 
+from resumekit.properties.bounds import QUICK_BOUNDS, bounds_sets
 from resumekit.properties.explorer import explore
 from resumekit.properties.fuzz import fuzz
 from resumekit.properties.strategies import BROKEN, strategy
-from resumekit.properties.verify import QUICK_BOUNDS, QUICK_EXAMPLES, bounds_sets
+from resumekit.properties.verify import QUICK_EXAMPLES
 
 # Cheapest first: a mutant stops at the first check that fails.
 COST = {"squeezed pool": 1, "late sources": 2, "forged and poisoned": 3, "quick": 4}

@@ -6,11 +6,9 @@ import pytest
 from planted_bugs import BOUNDS, BUGS, bounds_for
 
 from resumekit.properties.explorer import explore
-from resumekit.properties.invariants import INVARIANTS
+from resumekit.properties.invariants import CRASH, INVARIANTS
 from resumekit.properties.planting import Bug, planted
 from resumekit.properties.strategies import strategy
-
-CRASH = "crash"
 
 
 @pytest.mark.parametrize("bug", BUGS, ids=lambda b: b.name.replace(" ", "-"))

@@ -23,12 +23,10 @@ from resumekit import (
     UnknownRequestError,
 )
 from resumekit.allocator import Allocation
-from resumekit.simulate import Loopback, random_source, simulate
-from resumekit.statemachine import (
+from resumekit.protocol import (
     Cancel,
     Cancelled,
     EmbeddingSender,
-    InProcessTransport,
     Landed,
     ReceiverObserver,
     ResumableReceiver,
@@ -37,7 +35,9 @@ from resumekit.statemachine import (
     Status,
     TransferState,
 )
-from resumekit.statemachine.receiver import ENV_DEFAULT_ALLOCATE_TOKENS
+from resumekit.protocol.receiver import ENV_DEFAULT_ALLOCATE_TOKENS
+from resumekit.sim.simulate import random_source, simulate
+from resumekit.transports.inprocess import InProcessTransport, Loopback
 
 S = TransferState
 BS = 128

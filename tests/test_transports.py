@@ -11,9 +11,9 @@ import pytest
 import torch.distributed as dist
 
 from resumekit.errors import InvalidArgumentError, TransportUnavailableError
-from resumekit.statemachine.mooncake import load_mooncake
-from resumekit.statemachine.wire import runs, wire_rid
-from resumekit.twoprocess import PairConfig, Request, run_pair, simulate_distributed
+from resumekit.sim.twoprocess import PairConfig, Request, run_pair, simulate_distributed
+from resumekit.transports.mooncake import load_mooncake
+from resumekit.transports.torch.wire import runs, wire_rid
 
 DEADLINE = 60.0
 

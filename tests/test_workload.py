@@ -14,9 +14,9 @@ from resumekit import (
     InvalidArgumentError,
     ResumableReceiver,
 )
-from resumekit.simulate import Loopback
-from resumekit.statemachine.sizing import MIN_SAMPLES, AutoSizer
-from resumekit.workload import DESIGNS, CostModel, make_trace, quantile, run
+from resumekit.protocol.sizing import MIN_SAMPLES, AutoSizer
+from resumekit.sim.workload import DESIGNS, CostModel, make_trace, quantile, run
+from resumekit.transports.inprocess import Loopback
 
 # -- AutoSizer ---------------------------------------------------------------------------
 
@@ -171,7 +171,7 @@ def test_the_receiver_sizes_round_zero_from_what_it_learned() -> None:
 
 
 def _src(pair: Loopback, tokens: int) -> EmbeddingTensors:
-    from resumekit.simulate import random_source
+    from resumekit.sim.simulate import random_source
 
     return random_source(tokens, pair.buffers.hidden_size, seed=tokens)
 

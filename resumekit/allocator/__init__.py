@@ -1,9 +1,13 @@
 """Block allocator (host-side index bookkeeping) and the torch block buffers behind it."""
 
-from resumekit.allocator.block_allocator import Allocation, BlockAllocator, ReuseOrder
+from resumekit.allocator.block_allocator import (
+    Allocation,
+    AllocatorSnapshot,
+    BlockAllocator,
+    ReuseOrder,
+)
 from resumekit.allocator.buffers import (
     AUX_MROPE_DELTA,
-    AUX_PROGRESS,
     AUX_TOTAL_TOKENS,
     BlockBuffers,
     EmbeddingTensors,
@@ -12,9 +16,9 @@ from resumekit.allocator.buffers import (
 
 __all__ = [
     "AUX_MROPE_DELTA",
-    "AUX_PROGRESS",
     "AUX_TOTAL_TOKENS",
     "Allocation",
+    "AllocatorSnapshot",
     "BlockAllocator",
     "BlockBuffers",
     "EmbeddingTensors",

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Hashable
-from typing import Final, Literal, NoReturn, Protocol
+from typing import Final, Literal, NamedTuple, NoReturn
 
 from resumekit._check import as_int, check_hashable
+from resumekit.allocator.free_lists import FifoFreeList, FreeList, LifoFreeList
 from resumekit.errors import (
     CapacityExceededError,
     DoubleFreeError,
@@ -83,70 +84,13 @@ class Allocation:
         )
 
 
-class _LifoFreeList:
-    """Stack of free blocks: the most recently freed come back first (maximal reuse).
+class AllocatorSnapshot(NamedTuple):
+    """An allocator's whole state as a value: :meth:`BlockAllocator.snapshot`."""
 
-    A freed allocation's blocks come back in the same order on the next take of
-    the same size; a fresh pool hands out its highest-numbered blocks first.
-    Neither take nor give reverses anything, which keeps both to one slice.
-    """
-
-    __slots__ = ("_stack",)
-
-    def __init__(self, num_blocks: int) -> None:
-        self._stack: list[int] = list(range(num_blocks))
-
-    def take(self, n: int) -> tuple[int, ...]:
-        stack = self._stack
-        blocks = tuple(stack[-n:])
-        del stack[-n:]
-        return blocks
-
-    def give(self, blocks: tuple[int, ...]) -> None:
-        self._stack.extend(blocks)
-
-    def snapshot(self) -> list[int]:
-        """Free blocks, the next to be handed out last."""
-        return self._stack[:]
-
-
-class _FifoFreeList:
-    """Queue of free blocks (SGLang's deque order): the longest-free come back first.
-
-    A list with a moving head instead of a deque, so taking n blocks is one slice.
-    """
-
-    __slots__ = ("_head", "_queue")
-
-    _COMPACT_AT: Final = 1024
-
-    def __init__(self, num_blocks: int) -> None:
-        self._queue: list[int] = list(range(num_blocks))
-        self._head = 0
-
-    def take(self, n: int) -> tuple[int, ...]:
-        head = self._head
-        blocks = tuple(self._queue[head : head + n])
-        head += n
-        if head >= self._COMPACT_AT and 2 * head >= len(self._queue):
-            # Amortised O(1) per block: the slice moved is never longer than what
-            # was taken since the last compaction.
-            del self._queue[:head]
-            head = 0
-        self._head = head
-        return blocks
-
-    def give(self, blocks: tuple[int, ...]) -> None:
-        self._queue.extend(blocks)
-
-    def snapshot(self) -> list[int]:
-        return self._queue[self._head :]
-
-
-class _FreeList(Protocol):
-    def take(self, n: int) -> tuple[int, ...]: ...
-    def give(self, blocks: tuple[int, ...]) -> None: ...
-    def snapshot(self) -> list[int]: ...
+    pool_id: int  # the allocator it was taken of
+    free: tuple[int, ...]  # in the free list's order (lifo: the next out last; fifo: first)
+    live: tuple[Allocation, ...]  # oldest generation first
+    next_generation: int
 
 
 class BlockAllocator:
@@ -167,11 +111,11 @@ class BlockAllocator:
                 "host memory (use larger blocks)"
             )
         block_size = as_int(block_size, "block_size", minimum=1, maximum=MAX_BLOCK_SIZE)
-        free_list: _FreeList
+        free_list: FreeList
         if reuse == "lifo":
-            free_list = _LifoFreeList(num_blocks)
+            free_list = LifoFreeList(num_blocks)
         elif reuse == "fifo":
-            free_list = _FifoFreeList(num_blocks)
+            free_list = FifoFreeList(num_blocks)
         else:
             raise InvalidArgumentError(f"reuse must be 'lifo' or 'fifo', got {reuse!r}")
         self._num_blocks = num_blocks
@@ -185,6 +129,7 @@ class BlockAllocator:
         self._next_generation = 0
         self._live: dict[int, Allocation] = {}
         self._by_owner: dict[Hashable, dict[int, Allocation]] = {}
+        self._snap: AllocatorSnapshot | None = None  # the last snapshot, while nothing changed
 
     # -- introspection -------------------------------------------------------
 
@@ -299,6 +244,7 @@ class BlockAllocator:
             raise InvalidArgumentError(
                 f"owner must be hashable, not {type(owner).__name__}"
             ) from None
+        self._snap = None
         generation = self._next_generation
         self._next_generation = generation + 1
         self._num_free -= n
@@ -325,6 +271,7 @@ class BlockAllocator:
             self._raise_not_live(allocation, DoubleFreeError)  # not an Allocation
         if self._live.get(generation) is not allocation:
             self._raise_not_live(allocation, DoubleFreeError)
+        self._snap = None
         del self._live[generation]
         owner = allocation._owner
         mine = self._by_owner[owner]
@@ -420,6 +367,69 @@ class BlockAllocator:
         if len(seen) != self._num_blocks:
             missing = sorted(set(range(self._num_blocks)) - seen.keys())
             raise InvariantError(f"blocks neither free nor allocated: {missing[:16]}")
+
+    def snapshot(self) -> AllocatorSnapshot:
+        """The whole state as an immutable value (allocations are immutable: shared);
+        the same object until the allocator changes. Raises :class:`InvariantError` when
+        its own counts disagree, rather than take a state :meth:`restore` would repair."""
+        snap = self._snap
+        if snap is None:
+            free = tuple(self._free.snapshot())
+            if len(free) != self._num_free or sum(map(len, self._by_owner.values())) != len(
+                self._live
+            ):
+                # A snapshot is exact or nothing: restoring would heal what a check must see.
+                raise InvariantError(
+                    f"the allocator's bookkeeping disagrees: {self._num_free} blocks counted "
+                    f"free, {len(free)} in the free list; {len(self._live)} live allocations"
+                )
+            snap = self._snap = AllocatorSnapshot(
+                self._pool_id, free, tuple(self._live.values()), self._next_generation
+            )
+        return snap
+
+    def restore(self, snapshot: AllocatorSnapshot) -> None:
+        """Put this allocator back into ``snapshot``, taken of it earlier.
+
+        Generations rewind with it: an allocation issued after the snapshot is not
+        this allocator's any more (freeing it raises). Raises
+        :class:`InvalidArgumentError` and changes nothing for a snapshot of another
+        pool or one that does not account for every block exactly once.
+        """
+        if snapshot is self._snap and snapshot is not None:
+            return  # it holds that state already
+        if not isinstance(snapshot, AllocatorSnapshot):
+            raise InvalidArgumentError(
+                f"snapshot must be an AllocatorSnapshot, not {type(snapshot).__name__}"
+            )
+        if snapshot.pool_id != self._pool_id:
+            raise InvalidArgumentError("snapshot was taken of another allocator")
+        live: dict[int, Allocation] = {}
+        by_owner: dict[Hashable, dict[int, Allocation]] = {}
+        held = len(snapshot.free)
+        for a in snapshot.live:
+            if not isinstance(a, Allocation) or a._pool_id != self._pool_id:
+                raise InvalidArgumentError(f"snapshot holds {a!r}, not an allocation of this pool")
+            if live and a._generation <= next(reversed(live)):
+                raise InvalidArgumentError("snapshot's allocations are not in generation order")
+            live[a._generation] = a
+            by_owner.setdefault(a._owner, {})[a._generation] = a
+            held += len(a._blocks)
+        blocks = {*snapshot.free, *(b for a in snapshot.live for b in a._blocks)}
+        if (
+            held != self._num_blocks
+            or len(blocks) != held
+            or not blocks <= set(range(self._num_blocks))
+            or (live and next(reversed(live)) >= snapshot.next_generation)
+        ):
+            raise InvalidArgumentError(
+                "snapshot does not hold every block of the pool exactly once, in range"
+            )
+        self._free.restore(snapshot.free)
+        self._num_free = len(snapshot.free)
+        self._live, self._by_owner = live, by_owner
+        self._next_generation = snapshot.next_generation
+        self._snap = snapshot
 
     def check_quiescent(self) -> None:
         """Raise :class:`LeakError` naming every outstanding allocation, if any."""

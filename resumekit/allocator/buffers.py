@@ -2,8 +2,7 @@
 
 Per block: ``block_size`` rows of embeddings, ``fill_ids``, three rows of mRoPE
 positions and a small aux row (aux[0] = total tokens, aux[1] = mRoPE position
-delta, written with the first round only; aux[2] = a progress marker the sender
-writes with every round, which resumekit itself never reads). Full blocks move with one
+delta, written with the first round only; later rounds zero it). Full blocks move with one
 ``index_select``/``index_copy_`` per tensor, so each token is copied exactly once.
 """
 
@@ -23,7 +22,6 @@ MROPE_ROWS = 3
 DEFAULT_AUX_SIZE = 16
 AUX_TOTAL_TOKENS = 0
 AUX_MROPE_DELTA = 1
-AUX_PROGRESS = 2  # tokens sent through the end of this round, written with every round
 
 
 def default_device() -> torch.device:
@@ -169,6 +167,26 @@ class EmbeddingTensors:
             fill=False,
         )
         return cls._trusted(emb, fill, mrope)
+
+    @classmethod
+    def random(
+        cls,
+        num_tokens: int,
+        hidden_size: int,
+        *,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+    ) -> EmbeddingTensors:
+        """A reproducible bf16 embedding with random fill ids and mRoPE positions per token,
+        drawn on the CPU (the same values for a seed on every device), then moved."""
+        n = as_int(num_tokens, "num_tokens", minimum=0)
+        hidden = as_int(hidden_size, "hidden_size", minimum=1)
+        g = torch.Generator().manual_seed(as_int(seed, "seed"))
+        return cls(
+            torch.randn(n, hidden, generator=g).to(torch.bfloat16).to(device),
+            torch.randint(0, 2**31 - 1, (n,), generator=g, dtype=torch.int32).to(device),
+            torch.randint(0, 2**31 - 1, (3, n), generator=g, dtype=torch.int32).to(device),
+        )
 
     def narrow(self, start: int, length: int) -> EmbeddingTensors:
         """Views of tokens ``[start, start + length)``, which must lie inside these tensors."""

@@ -1,10 +1,11 @@
 """Bounded exhaustive exploration of the real protocol objects, breadth first.
 
-Every state is a :class:`~resumekit.properties.harness.World` of the shipped
-receiver, sender and allocator; a successor is computed by copying the world
-and calling their API (:meth:`~resumekit.properties.harness.Harness.apply`).
-Worlds are deduplicated by their abstraction (the harness's ``key``), so each
-reachable abstract state is visited once; only the frontier keeps its objects.
+Every state is a :class:`~resumekit.properties.world.WorldState`, the values the
+shipped receiver, sender and allocator hold; a successor is computed by putting
+one world of those objects back into the state and calling their API
+(:meth:`~resumekit.properties.model.Harness.apply`). States are deduplicated by
+their abstraction (:mod:`~resumekit.properties.abstraction`), so each reachable
+abstract state is visited once; the frontier keeps values, not objects.
 Safety invariants are checked on every transition (the ledger and the real
 code's own errors); no-leak and fault-free success at every done state; and
 liveness by proving a done state reachable from every state, without the other
@@ -20,16 +21,18 @@ import time
 from array import array
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from typing import Any, Final
+from dataclasses import dataclass, field
+from typing import Any
 
-from resumekit._check import as_int, check_interface
-from resumekit.errors import InvalidArgumentError
+from resumekit._check import as_int
+from resumekit.errors import InvalidArgumentError, ResumeKitError
+from resumekit.properties.bounds import Bounds
 from resumekit.properties.forking import fork_pool
-from resumekit.properties.harness import CRASH, Bounds, Harness, World, action_text
-from resumekit.properties.invariants import LIVENESS, InvariantViolation
-from resumekit.properties.world import copy_world
-from resumekit.statemachine.dedup import RoundFilter
+from resumekit.properties.invariants import CRASH, LIVENESS, InvariantViolation
+from resumekit.properties.model import Harness
+from resumekit.properties.strategies import Strategy
+from resumekit.properties.trace import action_text
+from resumekit.properties.world import World, WorldState
 
 
 @dataclass
@@ -65,9 +68,14 @@ class Exploration:
         return self.states / self.seconds if self.seconds else 0.0
 
 
+class ReplayDiverged(ResumeKitError, AssertionError):
+    """A trace, replayed from its initial state, went elsewhere than where it was found:
+    the code under check is not deterministic (a checker's own defect to fix)."""
+
+
 def explore(
     bounds: Bounds,
-    round_filter: RoundFilter,
+    strategy: Strategy,
     *,
     workers: int | None = None,
     max_states: int | None = None,
@@ -87,12 +95,16 @@ def explore(
     """
     if not isinstance(bounds, Bounds):
         raise InvalidArgumentError(f"bounds must be a Bounds, not {type(bounds).__name__}")
-    check_interface(round_filter, "round_filter", "RoundFilter", ("judge", "remember"))
+    if not isinstance(strategy, Strategy):
+        raise InvalidArgumentError(
+            f"strategy must be a Strategy (properties.strategies.strategy(name)), not "
+            f"{type(strategy).__name__}"
+        )
     if workers is not None:
         workers = as_int(workers, "workers", minimum=1)
     if max_states is not None:
         max_states = as_int(max_states, "max_states", minimum=1)
-    harness = Harness(bounds, round_filter)
+    harness = Harness(bounds, strategy)
     seeds = list(harness.initial_totals())
     start = time.perf_counter()
     if workers is None:
@@ -119,7 +131,7 @@ def explore(
         with fork_pool(workers) as pool:
             # Largest partitions first (larger totals, more rounds), to balance the workers.
             seeds.sort(key=lambda s: sorted(s, reverse=True), reverse=True)
-            jobs = [(bounds, round_filter, s, max_states) for s in seeds]
+            jobs = [(bounds, strategy, s, max_states) for s in seeds]
             for part in pool.imap_unordered(_job, jobs):
                 parts.append(part)
                 if progress is not None:
@@ -128,7 +140,7 @@ def explore(
                     capped = True
                     pool.terminate()
                     break
-    result = Exploration(round_filter.name, bounds)
+    result = Exploration(strategy.name, bounds)
     result.capped = capped
     result.states = sum(p.states for p in parts)
     result.transitions = sum(p.transitions for p in parts)
@@ -143,9 +155,9 @@ def explore(
     return result
 
 
-def _job(args: tuple[Bounds, RoundFilter, tuple[int, ...], int | None]) -> Exploration:
-    bounds, round_filter, totals, max_states = args
-    return _explore_from(Harness(bounds, round_filter), totals, max_states, None)
+def _job(args: tuple[Bounds, Strategy, tuple[int, ...], int | None]) -> Exploration:
+    bounds, strategy, totals, max_states = args
+    return _explore_from(Harness(bounds, strategy), totals, max_states, None)
 
 
 def _explore_from(
@@ -155,8 +167,8 @@ def _explore_from(
     progress: Callable[[int], None] | None,
 ) -> Exploration:
     """Breadth-first search from the world with these totals; stops at the first violation."""
-    # Worlds are small acyclic object graphs: no cycles for the collector to find,
-    # only many young objects for it to scan. Pausing it saves a good share of the time.
+    # States are small acyclic values: no cycles for the collector to find, only many
+    # young objects for it to scan. Pausing it saves a good share of the time.
     collecting = gc.isenabled()
     gc.disable()
     try:
@@ -191,16 +203,38 @@ class _Graph:
         return actions[::-1]
 
 
-def replay(harness: Harness, totals: tuple[int, ...], actions: list[tuple[Any, ...]]) -> list[str]:
-    """The numbered lines of a trace, replayed on fresh objects from the initial world."""
+def replay(
+    harness: Harness,
+    totals: tuple[int, ...],
+    actions: list[tuple[Any, ...]],
+    *,
+    raises_at_end: bool = False,
+) -> list[str]:
+    """The lines of a trace, replayed on fresh objects from the initial world.
+
+    Only the last action may raise, and it must when ``raises_at_end`` (the violation
+    was that action raising); anything else raises :class:`ReplayDiverged`, never a
+    silently shorter trace.
+    """
     w = harness.initial_world(totals)
     lines = []
-    for action in actions:
+    for n, action in enumerate(actions, 1):
         lines.append(action_text(action, w))
         try:
             harness.apply(w, action)
-        except Exception:  # the last action is the one that broke something
-            break
+            harness.key(w.snapshot())  # as the explorer does after every action
+        except Exception as error:
+            if n == len(actions) and raises_at_end:
+                return lines
+            raise ReplayDiverged(
+                f"replaying action {n} of {len(actions)} ({lines[-1]}) raised "
+                f"{type(error).__name__}: {error}"
+            ) from error
+    if raises_at_end:
+        raise ReplayDiverged(
+            f"the last of {len(actions)} actions ({lines[-1] if lines else 'none'}) raised "
+            "when explored, and not when replayed"
+        )
     return lines
 
 
@@ -214,7 +248,16 @@ def _violation(
         invariant, detail = error.invariant, error.detail
     else:
         invariant, detail = CRASH, f"{type(error).__name__}: {error}"
-    return Counterexample(invariant, detail, totals, replay(harness, totals, actions))
+    return Counterexample(
+        invariant, detail, totals, replay(harness, totals, actions, raises_at_end=True)
+    )
+
+
+def _unrestorable(
+    harness: Harness, totals: tuple[int, ...], path: list[tuple[Any, ...]], error: Exception
+) -> Counterexample:
+    detail = f"the state these actions leave cannot be restored: {type(error).__name__}: {error}"
+    return Counterexample(CRASH, detail, totals, replay(harness, totals, path))
 
 
 def _bfs(
@@ -223,28 +266,35 @@ def _bfs(
     max_states: int | None,
     progress: Callable[[int], None] | None,
 ) -> Exploration:
-    result = Exploration(harness.filter.name, harness.bounds)
+    result = Exploration(harness.strategy.name, harness.bounds)
     start = time.perf_counter()
     graph = _Graph()
     index: dict[tuple[Any, ...], int] = {}
     done: list[int] = []
-    first = harness.initial_world(totals)
+    w = harness.initial_world(totals)  # the one world every state is restored into
+    first = w.snapshot()
     index[harness.key(first)] = graph.add_state(-1, None)
-    queue: deque[tuple[int, World]] = deque([(0, first)])
+    queue: deque[tuple[int, WorldState]] = deque([(0, first)])
     actions_of, apply, key, is_done = harness.actions, harness.apply, harness.key, harness.is_done
     src, dst, patient = graph.src, graph.dst, graph.patient
     keep = harness.bounds.blocks - harness.bounds.default_blocks
     while queue:
-        i, w = queue.popleft()
-        actions = actions_of(w)
+        i, s = queue.popleft()
+        try:
+            w.restore(s)
+        except Exception as error:  # the shipped objects refuse the state their code left
+            result.violation = _unrestorable(harness, totals, graph.path(i), error)
+            return _finish(result, graph, start)
+        actions = actions_of(w, s)
         # The other pool user may keep what leaves the requests a default round; it
         # must give back anything beyond that, so only then does liveness count on it.
-        excess = len(w.allocator.pressure) > keep
-        last = len(actions) - 1
+        excess = len(s.pressure) > keep
         for n, action in enumerate(actions):
-            t = w if n == last else copy_world(w)
+            if n:
+                w.restore(s)
             try:
-                apply(t, action)
+                apply(w, action)
+                t = w.snapshot()
                 k = key(t)
             except Exception as error:  # an invariant, or the real code raising: both findings
                 result.violation = _violation(harness, totals, [*graph.path(i), action], error)
@@ -252,9 +302,9 @@ def _bfs(
             j = index.setdefault(k, len(graph.via))
             if j == len(graph.via):
                 graph.add_state(i, action)
-                if is_done(t):
+                if is_done(w):
                     done.append(j)
-                    problems = harness.done_problems(t)
+                    problems = harness.done_problems(w)  # takes from w: restored next
                     if problems:
                         invariant, detail = problems[0]
                         result.violation = Counterexample(
@@ -272,20 +322,26 @@ def _bfs(
     result.done_states = len(done)
     stuck = _unable_to_finish(graph, done)
     if stuck is not None:
-        w = harness.initial_world(totals)
-        path = graph.path(stuck)
-        for action in path:
-            harness.apply(w, action)
-        waiting = [f"r{r}" for r in range(len(totals)) if not _terminal(w, r)]
-        result.violation = Counterexample(
-            LIVENESS,
-            f"from here no terminal state is reachable ({', '.join(waiting) or 'nothing'} "
-            "never finishes, even if the pool's other user keeps the blocks it may)",
-            totals,
-            replay(harness, totals, path),
-        )
+        result.violation = _stuck(harness, totals, graph.path(stuck))
     result.complete = result.violation is None
     return _finish(result, graph, start)
+
+
+def _stuck(
+    harness: Harness, totals: tuple[int, ...], path: list[tuple[Any, ...]]
+) -> Counterexample:
+    """The liveness counterexample: the way into a state no terminal state is reachable from."""
+    w = harness.initial_world(totals)
+    for action in path:
+        harness.apply(w, action)
+    waiting = [f"r{r}" for r in range(len(totals)) if not _terminal(w, r)]
+    return Counterexample(
+        LIVENESS,
+        f"from here no terminal state is reachable ({', '.join(waiting) or 'nothing'} "
+        "never finishes, even if the pool's other user keeps the blocks it may)",
+        totals,
+        replay(harness, totals, path),
+    )
 
 
 def _terminal(w: World, r: int) -> bool:
@@ -341,36 +397,10 @@ def _finish(result: Exploration, graph: _Graph, start: float) -> Exploration:
     return result
 
 
-#: What ``resumekit verify`` exhausts first: 5 blocks, 2 requests, up to 5 rounds each,
-#: one duplicated status, one abort, one sender crash and one block squeezed out of the
-#: pool at any step (the squeezed-pool set below adds blocks grabbed right after frees).
-STANDARD_BOUNDS: Final = Bounds(blocks=5, requests=2, max_rounds=5, pressure=0, squeezes=1)
-
-#: The base of the wider adversary's bounds: a small pool and no fault yet.
-_SMALL: Final = Bounds(
-    blocks=3, requests=2, max_rounds=2, duplicates=0, aborts=0, crashes=0, pressure=0
-)
-
-#: The wider adversary, each fault family on a pool small enough to exhaust quickly.
-ADVERSARY_BOUNDS: Final[dict[str, Bounds]] = {
-    # An id added again after take/abort while statuses of its earlier life are in flight.
-    "id reuse": replace(_SMALL, duplicates=1, aborts=1, reuses=1),
-    # The sender restarts with no records; ids are reused after it.
-    "sender restart": replace(_SMALL, aborts=1, restarts=1, reuses=1),
-    # Refusals and landings for rounds never posted, malformed statuses and posts, batches.
-    "forged and poisoned": replace(_SMALL, max_rounds=3, forgeries=1, poisons=1, batches=True),
-    # Another pool user takes blocks at any step and right after frees: resumes wait.
-    "squeezed pool": replace(_SMALL, max_rounds=3, pressure=1, squeezes=2),
-    # The encoder finishes after the receiver posted, or after the request was aborted
-    # and its id reused (sources are bound to lives in the order they are added).
-    "late sources": replace(_SMALL, aborts=1, reuses=1, late_sources=True),
-}
-
 __all__ = [
-    "ADVERSARY_BOUNDS",
-    "STANDARD_BOUNDS",
     "Counterexample",
     "Exploration",
+    "ReplayDiverged",
     "explore",
     "replay",
 ]

@@ -20,7 +20,7 @@ from hypothesis.stateful import run_state_machine_as_test
 
 from resumekit._check import as_int
 from resumekit.errors import InvalidArgumentError
-from resumekit.properties.invariants import InvariantViolation
+from resumekit.properties.invariants import CRASH, InvariantViolation
 from resumekit.properties.profiles import DEFAULT_DATABASE
 from resumekit.properties.protocol_machine import ProtocolMachineBase, protocol_machine
 
@@ -37,7 +37,7 @@ class FuzzResult:
     steps: int = 0
     seconds: float = 0.0
     capped: bool = False  # the seconds cap stopped it before its example budget
-    invariant: str | None = None  # the violated invariant, or "crash" for any other error
+    invariant: str | None = None  # the violated invariant, or CRASH for any other error
     detail: str = ""
     actions: list[str] = field(default_factory=list)  # the shrunk falsifying steps
     database: str | None = None  # where the falsifying example was saved
@@ -165,7 +165,7 @@ def _record_failure(
     if isinstance(error, InvariantViolation):
         result.invariant, result.detail = error.invariant, error.detail
     else:
-        result.invariant, result.detail = "crash", f"{type(error).__name__}: {error}"
+        result.invariant, result.detail = CRASH, f"{type(error).__name__}: {error}"
     # Hypothesis runs the shrunk example once more, last: its machine logged the steps.
     last = machine.last
     result.actions = list(last.log) if last is not None else []

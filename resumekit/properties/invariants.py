@@ -4,7 +4,8 @@ A check returns ``None`` when it holds, or a sentence saying what broke;
 :func:`require` turns that into an :class:`InvariantViolation` naming the
 invariant. The Hypothesis machines feed the checks what they observe of the
 real receiver, sender and allocator (through :class:`Ledger`); the bounded
-explorer feeds them its model's state.
+explorer feeds them what its world of the same objects observes
+(:mod:`resumekit.properties.world`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
     from resumekit.allocator.block_allocator import Allocation, BlockAllocator
-    from resumekit.statemachine.messages import RoundPost
+    from resumekit.protocol.messages import RoundPost
 
 EXACTLY_ONCE: Final = "exactly-once"
 NO_LEAK: Final = "no-leak"
@@ -23,7 +24,10 @@ INTEGRITY: Final = "integrity"
 PROGRESS: Final = "progress"
 NO_WRITE_AFTER_FREE: Final = "no-write-after-free"
 LIVENESS: Final = "liveness"
+#: Every invariant, by name: the one list the explorer, the fuzzer and ``verify`` report.
 INVARIANTS: Final = (EXACTLY_ONCE, NO_LEAK, INTEGRITY, PROGRESS, NO_WRITE_AFTER_FREE, LIVENESS)
+#: Not an invariant: the real code raised where it must not, reported like a violation.
+CRASH: Final = "crash"
 
 
 class InvariantViolation(AssertionError):
@@ -233,6 +237,7 @@ class Ledger:
 
 
 __all__ = [
+    "CRASH",
     "EXACTLY_ONCE",
     "INTEGRITY",
     "INVARIANTS",

@@ -11,7 +11,11 @@ after a free. Invariants 1, 3, 4 and 5 are checked as events happen (through a
 fair delivery, with the pool's other user keeping what it may keep for good.
 
 Every rule writes one line to the machine's ``log``: the steps of a falsifying
-example are read from there, not from Hypothesis's printed notes.
+example are read from there, not from Hypothesis's printed notes. What the rules
+draw (configurations, sources) is in :mod:`resumekit.properties.draws`.
+
+One file: one Hypothesis state machine, whose rules are its methods; split, the
+adversary's rules would no longer be read beside the teardown that judges them.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import hypothesis.strategies as st
-import torch
 from hypothesis.stateful import (
     RuleBasedStateMachine,
     initialize,
@@ -33,8 +36,15 @@ from hypothesis.stateful import (
     rule,
 )
 
-from resumekit.allocator import Allocation, BlockAllocator, EmbeddingTensors, ReuseOrder
+from resumekit.allocator import Allocation, BlockAllocator, EmbeddingTensors
 from resumekit.errors import InvalidArgumentError
+from resumekit.properties.draws import (
+    HIDDEN,
+    ProtocolConfig,
+    bad_sources,
+    labelled_source,
+    protocol_configs,
+)
 from resumekit.properties.invariants import (
     INTEGRITY,
     LIVENESS,
@@ -50,25 +60,23 @@ from resumekit.properties.invariants import (
     succeeds_without_faults,
     terminates,
 )
-from resumekit.properties.strategies import strategy
-from resumekit.simulate import Loopback
-from resumekit.statemachine import (
+from resumekit.properties.strategies import stamp_progress, strategy
+from resumekit.protocol import (
     EmbeddingSender,
-    InProcessTransport,
     Landed,
     RoundPost,
     Status,
     TransferState,
 )
-from resumekit.statemachine import messages as msg
-from resumekit.statemachine.sizing import AutoSizer
+from resumekit.protocol import messages as msg
+from resumekit.protocol.sizing import AutoSizer
+from resumekit.transports.inprocess import InProcessTransport, Loopback
 
 if TYPE_CHECKING:
-    from resumekit.statemachine import RequestRecord
+    from resumekit.protocol import RequestRecord
 
 MAX_REQUESTS = 4
 MAX_TOTAL = 200_000
-HIDDEN = 2
 PRESSURE = "pressure"
 FAR = 1_000_000  # an epoch no request reaches
 
@@ -111,7 +119,8 @@ class CheckedTransport(InProcessTransport):
     ) -> None:
         if self.sender_alive and self.ledger is not None:
             self.ledger.before_write(post)
-        super().write_round(post, data, aux)
+        # The rounds carry the sent-tokens design's marker, whatever the design.
+        super().write_round(post, data, stamp_progress(post, data.num_tokens, aux))
 
     def poll_statuses(self) -> Sequence[Status]:
         batch = super().poll_statuses()
@@ -122,78 +131,10 @@ class CheckedTransport(InProcessTransport):
         return batch
 
 
-@dataclass(frozen=True)
-class ProtocolConfig:
-    block_size: int
-    pool_blocks: int
-    default_tokens: int
-    max_resume_tokens: int | None
-    reuse: ReuseOrder
-    auto: bool = False  # round 0 sized by the receiver's AutoSizer, learning from 1 size
-
-
-@st.composite
-def protocol_configs(draw: st.DrawFn) -> ProtocolConfig:
-    """Pools and allocations drawn small (rounds reuse blocks) and large."""
-    block_size = draw(st.sampled_from([1, 4, 16, 128]), label="block_size")
-    default_blocks = draw(st.sampled_from([1, 2, 4, 64]), label="default blocks")
-    pool_blocks = draw(
-        st.one_of(
-            st.integers(default_blocks, 3 * default_blocks + 2),
-            st.just(max(default_blocks, 4096 // block_size)),
-        ),
-        label="pool blocks",
-    )
-    cap = draw(st.sampled_from([None, 1, 2, 4]), label="resume cap (x default)")
-    return ProtocolConfig(
-        block_size=block_size,
-        pool_blocks=pool_blocks,
-        default_tokens=default_blocks * block_size,
-        max_resume_tokens=None if cap is None else cap * default_blocks * block_size,
-        reuse=draw(st.sampled_from(["lifo", "fifo"]), label="reuse"),
-        auto=draw(st.sampled_from([False, False, False, True]), label="auto round-0 size"),
-    )
-
-
-def labelled_source(tokens: int, label: int, *, hidden: int = HIDDEN) -> EmbeddingTensors:
-    """A source whose every token is distinct (fill ids count from ``label << 20``),
-    so a token in the wrong place or of the wrong request life fails the comparison;
-    built with ``arange``, a fraction of the cost of random tensors."""
-    fill = torch.arange(tokens, dtype=torch.int32) + (label << 20)
-    emb = (fill % 509).to(torch.bfloat16).unsqueeze(1).repeat(1, hidden)
-    mrope = torch.stack([fill, fill + 1, fill + 2])
-    return EmbeddingTensors(emb, fill, mrope)
-
-
-def forged_tensors(embeddings: object, fill_ids: object, mrope: object) -> EmbeddingTensors:
-    """An :class:`EmbeddingTensors` built past its own checks, as a caller that bypasses
-    them could; what receives it must still refuse it."""
-    forged = object.__new__(EmbeddingTensors)
-    object.__setattr__(forged, "embeddings", embeddings)
-    object.__setattr__(forged, "fill_ids", fill_ids)
-    object.__setattr__(forged, "mrope", mrope)
-    return forged
-
-
-def bad_sources(tokens: int) -> list[tuple[str, object]]:
-    """Sources the sender must refuse at :meth:`~EmbeddingSender.add`, by what is wrong.
-
-    The malformed ones are forged: :class:`EmbeddingTensors` itself refuses them."""
-    good = labelled_source(tokens, 0)
-    emb, fill, mrope = good.embeddings, good.fill_ids, good.mrope
-    return [
-        ("int64 fill ids", forged_tensors(emb, fill.long(), mrope)),
-        ("integer embeddings", forged_tensors(fill.unsqueeze(1), fill, mrope)),
-        ("mRoPE of another length", forged_tensors(emb, fill, mrope[:, :-1])),
-        ("transposed mRoPE", forged_tensors(emb, fill, mrope.t().contiguous())),
-        (
-            "embeddings that require grad",
-            EmbeddingTensors(emb.float().requires_grad_(), fill, mrope),
-        ),
-        ("no embedding rows", EmbeddingTensors(emb[:0], fill[:0], mrope[:, :0])),
-        ("not tensors", forged_tensors([1.0], [1], [[1], [2], [3]])),
-        ("not EmbeddingTensors", (emb, fill, mrope)),
-    ]
+def _held(sender: EmbeddingSender) -> tuple[object, ...]:
+    """What a refused source must not change: the sources held, by id, and rounds served."""
+    snap = sender.snapshot()
+    return (len(sender), sorted(repr(rid) for rid, _ in snap.lives), snap.rounds_served)
 
 
 def _snapshot(rec: RequestRecord) -> tuple[object, ...]:
@@ -274,7 +215,7 @@ class ProtocolMachineBase(RuleBasedStateMachine):
             default_allocate="auto" if cfg.auto else cfg.default_tokens,
             max_resume_tokens=cfg.max_resume_tokens,
             observer=self.ledger,  # type: ignore[arg-type]
-            round_filter=strategy(self.strategy_name),
+            receiver_type=strategy(self.strategy_name).receiver,
             allocator_type=CheckedAllocator,
             transport_type=CheckedTransport,
         )
@@ -373,7 +314,7 @@ class ProtocolMachineBase(RuleBasedStateMachine):
 
     def _receiver_step(self, take: bool = False) -> None:
         finished = self.p.receiver.step()
-        if self.p.receiver._resumes:
+        if self.p.receiver.snapshot().resumes:
             type(self).resume_waits += 1
         if self.restart_pending and self.t.sender_alive:
             self._new_sender()  # the transport connected the new sender in this poll
@@ -590,14 +531,14 @@ class ProtocolMachineBase(RuleBasedStateMachine):
         name, source = data.draw(st.sampled_from(bad_sources(4)), label="bad source")
         self._note(f"bad_source({name})")
         sender = self.p.sender
-        before = (len(sender), sorted(map(repr, sender._lives)), sender.rounds_served)
+        before = _held(sender)
         try:
             sender.add(f"bad-{self.next_label}", source)  # type: ignore[arg-type]
         except InvalidArgumentError:
             pass
         else:
             raise InvariantViolation(INTEGRITY, f"the sender accepted a source with {name}")
-        after = (len(sender), sorted(map(repr, sender._lives)), sender.rounds_served)
+        after = _held(sender)
         if before != after:
             raise InvariantViolation(INTEGRITY, f"refusing a source with {name} changed the sender")
 
@@ -720,7 +661,7 @@ class ProtocolMachineBase(RuleBasedStateMachine):
         for _ in range(4):  # late statuses release the quarantine
             self._receiver_step()
             p.sender.step()
-        sender_left = 0 if self.crashed else len(p.sender) + len(p.sender._parked)
+        sender_left = 0 if self.crashed else len(p.sender) + p.sender.parked_posts
         require(
             NO_LEAK,
             nothing_left(
@@ -741,14 +682,4 @@ def protocol_machine(strategy_name: str = "epoch") -> type[ProtocolMachineBase]:
     return type(name, (ProtocolMachineBase,), {"strategy_name": strategy_name})
 
 
-__all__ = [
-    "CheckedAllocator",
-    "CheckedTransport",
-    "ProtocolConfig",
-    "ProtocolMachineBase",
-    "bad_sources",
-    "forged_tensors",
-    "labelled_source",
-    "protocol_configs",
-    "protocol_machine",
-]
+__all__ = ["CheckedAllocator", "CheckedTransport", "ProtocolMachineBase", "protocol_machine"]

@@ -2,9 +2,10 @@
 
 The budgets are states and examples, never seconds, so the verdict is the same
 on a fast idle machine and a slow loaded one: the explorer exhausts the
-standard bounds and every set of :data:`ADVERSARY_BOUNDS` for ``epoch`` (both
-reuse orders), and looks for the first violation of each broken design under
-the standard bounds; the fuzzer runs a fixed number of seeded examples. An
+standard bounds and every set of
+:data:`~resumekit.properties.bounds.ADVERSARY_BOUNDS` for ``epoch`` (both reuse
+orders), and looks for the first violation of each broken design under the
+standard bounds; the fuzzer runs a fixed number of seeded examples. An
 optional seconds cap only ever makes a run INCONCLUSIVE, never PASS or FAIL.
 """
 
@@ -19,24 +20,18 @@ from typing import Final
 
 from resumekit._check import as_int
 from resumekit.errors import InvalidArgumentError
-from resumekit.properties.explorer import (
-    ADVERSARY_BOUNDS,
-    STANDARD_BOUNDS,
-    Exploration,
-    explore,
-)
+from resumekit.properties.bounds import bounds_sets, describe
+from resumekit.properties.explorer import Exploration, explore
 from resumekit.properties.forking import fork_pool
 from resumekit.properties.fuzz import DEFAULT_DATABASE, FuzzResult, fuzz
-from resumekit.properties.harness import Bounds
 from resumekit.properties.strategies import BROKEN, strategy
 
 EPOCH: Final = "epoch"
 ORDERS: Final = ("lifo", "fifo")
 DEFAULT_EXAMPLES: Final = 600  # fuzz examples for epoch
 DEFAULT_BROKEN_EXAMPLES: Final = 400  # at most, for each broken design
-#: ``--quick`` (the mutation run's check): a smaller pool instead of the standard bounds,
-#: every adversary set in LIFO order only, fewer examples, and a stop at the first finding.
-QUICK_BOUNDS: Final = Bounds(blocks=3, requests=2, max_rounds=2)
+#: ``--quick`` (the mutation run's check): the quick bounds instead of the standard
+#: bounds, every adversary set in LIFO order only, fewer examples, a stop at the first finding.
 QUICK_EXAMPLES: Final = 150
 
 
@@ -108,12 +103,6 @@ class VerifyReport:
         return Verdict.PASS
 
 
-def bounds_sets(quick: bool = False) -> list[tuple[str, Bounds]]:
-    """Every (name, bounds) ``verify`` exhausts for ``epoch``, in order."""
-    first = ("quick", QUICK_BOUNDS) if quick else ("standard", STANDARD_BOUNDS)
-    return [first, *ADVERSARY_BOUNDS.items()]
-
-
 def verify(
     *,
     examples: int = DEFAULT_EXAMPLES,
@@ -127,8 +116,8 @@ def verify(
 ) -> VerifyReport:
     """Run both checkers on every strategy; see the module docstring for the budgets.
 
-    ``quick`` checks less (see :data:`QUICK_BOUNDS`) and stops at the first finding
-    against ``epoch``: it is the check a mutation run applies to every mutant.
+    ``quick`` checks less (:data:`~resumekit.properties.bounds.QUICK_BOUNDS`) and stops
+    at the first finding against ``epoch``: it is the check a mutation run applies to every mutant.
     """
     for name, value in (("examples", examples), ("broken_examples", broken_examples)):
         if type(value) is not int or value < 1:
@@ -216,10 +205,11 @@ def format_report(report: VerifyReport) -> str:
         for row in [header, *rows]
     ]
     lines.append("")
-    lines.append(
-        "bounds explored for epoch (both reuse orders); the broken designs under standard:"
-    )
-    for name, b in bounds_sets():
+    sets = bounds_sets(report.quick)
+    first = sets[0][0]
+    orders = "quick in both reuse orders, the rest lifo" if report.quick else "both reuse orders"
+    lines.append(f"bounds explored for epoch ({orders}); the broken designs under {first}:")
+    for name, b in sets:
         lines.append(f"  {name}: {describe(b)}")
     lines.append(
         f"fuzz: {report.examples:,} examples for epoch, up to {report.broken_examples:,} "
@@ -242,38 +232,12 @@ def format_report(report: VerifyReport) -> str:
     return "\n".join(lines)
 
 
-def describe(b: Bounds) -> str:
-    """The bounds in words."""
-    faults = [
-        f"{getattr(b, name)} {label}"
-        for name, label in (
-            ("duplicates", "duplicate"),
-            ("aborts", "abort"),
-            ("crashes", "crash"),
-            ("pressure", "block grabbed after a free"),
-            ("squeezes", "block squeezed"),
-            ("forgeries", "forged status"),
-            ("reuses", "id reused"),
-            ("restarts", "sender restart"),
-            ("poisons", "malformed status or post"),
-        )
-        if getattr(b, name)
-    ]
-    extras = [x for x, on in (("batches", b.batches), ("late sources", b.late_sources)) if on]
-    return (
-        f"{b.blocks} blocks, {b.requests} requests, up to {b.max_rounds} rounds each; "
-        f"faults: {', '.join(faults) or 'none'}" + (f"; {', '.join(extras)}" if extras else "")
-    )
-
-
 __all__ = [
     "DEFAULT_BROKEN_EXAMPLES",
     "DEFAULT_EXAMPLES",
     "StrategyReport",
     "Verdict",
     "VerifyReport",
-    "bounds_sets",
-    "describe",
     "format_report",
     "verify",
 ]

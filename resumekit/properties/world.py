@@ -1,37 +1,31 @@
 """The real receiver, sender and allocator wired for the bounded explorer.
 
 The explorer does not check a copy of the protocol: every state it visits is a
-:class:`World` holding a real :class:`~resumekit.statemachine.ResumableReceiver`,
-:class:`~resumekit.statemachine.EmbeddingSender` and
+:class:`World` holding a real :class:`~resumekit.protocol.ResumableReceiver`,
+:class:`~resumekit.protocol.EmbeddingSender` and
 :class:`~resumekit.allocator.BlockAllocator`, and every action calls their
 public API. Only the torch storage is replaced, by :class:`CellBuffers`, whose
 every token slot remembers which token of which request life was written into
 it, so integrity is checked token by token; the fuzzer runs the real
 :class:`~resumekit.allocator.BlockBuffers`.
 
-Three things make that affordable. :func:`clone` copies a world's object graph
-with a type table (immutable values are shared); :meth:`World.key` abstracts a
-world into a hashable tuple with two symmetry reductions, sound because the
-protocol compares generations and block numbers only for identity: live
-allocations are named by age, blocks by their position in the free list and
-the live allocations; and a freed block's stale content is left out, because a
-read of a round the sender has not written is itself a violation (the ledger's
-``written`` check), so stale bytes can never matter without one.
+A state is a :class:`WorldState`: an immutable value made of the snapshots each
+shipped object takes of itself (``snapshot()``) and the checker's own parts. The
+explorer keeps states, not objects: to follow an action it puts one world back
+into a state (``restore()``), applies the action through the real objects'
+API, and takes the successor's state. The state's abstraction, its key, is in
+:mod:`resumekit.properties.abstraction`.
 """
 
 from __future__ import annotations
 
-import types
-from collections import deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from enum import Enum
-from operator import attrgetter
 from typing import Any, Final, NamedTuple
 
 import torch
 
-from resumekit.allocator.block_allocator import Allocation, BlockAllocator
+from resumekit.allocator.block_allocator import Allocation, AllocatorSnapshot, BlockAllocator
 from resumekit.allocator.buffers import DEFAULT_AUX_SIZE, EmbeddingTensors
 from resumekit.properties.invariants import (
     EXACTLY_ONCE,
@@ -45,8 +39,10 @@ from resumekit.properties.invariants import (
     tokens_in_place,
     write_into_live_round,
 )
-from resumekit.statemachine import messages as msg
-from resumekit.statemachine.declaration import TransferState
+from resumekit.properties.strategies import KVPollReceiver, stamp_progress
+from resumekit.protocol import messages as msg
+from resumekit.protocol.receiver import ReceiverSnapshot, ResumableReceiver
+from resumekit.protocol.sender import EmbeddingSender, SenderSnapshot
 
 PRESSURE: Final = "pressure"  # the owner of blocks another pool user holds
 
@@ -163,6 +159,16 @@ class Ledger:
         return label, epoch
 
 
+class CellOutput:
+    """An output :class:`CellBuffers` made for the receiver: a handle, whose cells are
+    kept in the buffers (``outputs``), so that everything a state holds is a value."""
+
+    __slots__ = ("num_tokens",)
+
+    def __init__(self, num_tokens: int) -> None:
+        self.num_tokens = num_tokens
+
+
 class CellBuffers:
     """Stands in for :class:`~resumekit.allocator.BlockBuffers` with one cell per token slot.
 
@@ -181,24 +187,26 @@ class CellBuffers:
             allocator.num_blocks * allocator.block_size
         )
         self.aux: tuple[tuple[int, ...], ...] = ((0,) * DEFAULT_AUX_SIZE,) * allocator.num_blocks
+        self.outputs: dict[CellOutput, tuple[tuple[int, int] | None, ...]] = {}
 
-    def new_output(self, num_tokens: int) -> list[tuple[int, int] | None]:
-        return [None] * num_tokens
+    def new_output(self, num_tokens: int) -> CellOutput:
+        out = CellOutput(num_tokens)
+        self.outputs[out] = (None,) * num_tokens
+        return out
 
     def read_aux(self, allocation: Allocation) -> tuple[int, ...]:
         self.allocator.check_live(allocation)
         self.ledger.reading(allocation, "read_aux")
         return self.aux[allocation.blocks[0]]
 
-    def read_into(
-        self, allocation: Allocation, n: int, out: list[tuple[int, int] | None], offset: int
-    ) -> None:
+    def read_into(self, allocation: Allocation, n: int, out: CellOutput, offset: int) -> None:
         self.allocator.check_live(allocation)
-        if not 1 <= n <= allocation.capacity_tokens or offset < 0 or offset + n > len(out):
+        into = list(self.outputs[out])
+        if not 1 <= n <= allocation.capacity_tokens or offset < 0 or offset + n > len(into):
             raise InvariantViolation(
                 INTEGRITY,
                 f"read of {n} token(s) at offset {offset} from a round of "
-                f"{allocation.capacity_tokens} into an output of {len(out)}",
+                f"{allocation.capacity_tokens} into an output of {len(into)}",
             )
         label, epoch = self.ledger.consume(allocation)
         bs, cells, blocks = self.block_size, self.cells, allocation.blocks
@@ -208,7 +216,8 @@ class CellBuffers:
                 raise InvariantViolation(
                     INTEGRITY, tokens_in_place(f"life {label}", epoch, offset + i, cell) or ""
                 )
-            out[offset + i] = cell
+            into[offset + i] = cell
+        self.outputs[out] = tuple(into)
 
     def write(self, allocation: Allocation, span: Span, aux: Sequence[int] | None) -> None:
         bs, cells, blocks = self.block_size, list(self.cells), allocation.blocks
@@ -266,9 +275,10 @@ class ExplorerTransport:
     """Both ends of the protocol, delivering exactly what the explorer chooses.
 
     Posts travel in order; statuses are a multiset the explorer delivers one at
-    a time (or all at once). Connection events (:class:`PeerLost`,
-    :class:`PeerBack`) are ``events``, delivered in the order they happened, as
-    a real link reports a loss before the reconnection after it. ``deliver``
+    a time (or all at once). Connection events
+    (:class:`~resumekit.protocol.messages.PeerLost`,
+    :class:`~resumekit.protocol.messages.PeerBack`) are ``events``, delivered in the
+    order they happened, as a real link reports a loss before the reconnection after it. ``deliver``
     and ``hand_over`` hold what the next ``poll_statuses`` and ``poll_posts``
     return.
     """
@@ -288,6 +298,9 @@ class ExplorerTransport:
         self.loss_seen = False  # ... and to have handled it (the poll after)
         self.new_sender = False  # the restart happened: the harness connects a fresh sender
         self.admitted = 0  # round 0 posts so far (the fairness check counts them per step)
+
+    def check_request_id(self, rid: Hashable) -> None:
+        """Any id travels here."""
 
     # receiver end
     def post_round(self, post: msg.RoundPost) -> None:
@@ -334,7 +347,8 @@ class ExplorerTransport:
                 f"{allocation.capacity_tokens}",
             )
         self.ledger.written(post, self.buffers.allocator.is_live(allocation))
-        self.buffers.write(allocation, data, aux)
+        # Every design's rounds carry the sent-tokens design's marker: one world for all.
+        self.buffers.write(allocation, data, stamp_progress(post, data.num_tokens, aux))
         if self.crash_armed:
             self.crash()
 
@@ -348,223 +362,136 @@ class ExplorerTransport:
         self.posts = ()
         self.events += (msg.PeerLost(reason),)
 
+    _FIELDS: Final = (
+        "posts",
+        "statuses",
+        "events",
+        "deliver",
+        "hand_over",
+        "sender_alive",
+        "crash_armed",
+        "restarting",
+        "loss_seen",
+        "new_sender",
+        "admitted",
+    )
 
-# -- clone: a world's object graph, copied with a type table ---------------------------
+    def snapshot(self) -> tuple[Any, ...]:
+        """Every field (each immutable) in :data:`_FIELDS` order."""
+        d = self.__dict__
+        return tuple([d[f] for f in self._FIELDS])
 
-_ATOMS: Final[set[type]] = {
-    int,
-    str,
-    bool,
-    float,
-    bytes,
-    type(None),
-    tuple,
-    frozenset,
-    Allocation,
-    TokenSource,
-    Span,
-    TransferState,
-    msg.RoundPost,
-    msg.Cancel,
-    msg.Landed,
-    msg.Cancelled,
-    msg.SenderError,
-    msg.PeerLost,
-    msg.PeerBack,
-}
-_UNSET: Final = object()
-_NO_SLOTS: Final = ((), None)
-_SLOTS: dict[type, tuple[tuple[str, ...], Any]] = {}
+    def restore(self, state: tuple[Any, ...]) -> None:
+        self.__dict__.update(zip(self._FIELDS, state, strict=True))
 
 
-def share_as_immutable(*kinds: type) -> None:
-    """Let :func:`clone` share objects of these types (round filters, enums) instead of copying."""
-    _ATOMS.update(kinds)
+# -- a world and its state --------------------------------------------------------------
 
 
-def _slot_plan(tp: type) -> tuple[tuple[str, ...], Any]:
-    """The slots of ``tp`` and one getter for all of them, or ``_NO_SLOTS``."""
-    names: list[str] = []
-    for klass in tp.__mro__:
-        raw = klass.__dict__.get("__slots__", ())
-        for name in (raw,) if isinstance(raw, str) else raw:
-            if name not in ("__weakref__", "__dict__") and name not in names:
-                names.append(name)
-    if not names:
-        return _NO_SLOTS
-    get = attrgetter(*names)
-    return tuple(names), (get if len(names) > 1 else lambda o: (get(o),))
+class WorldState(NamedTuple):
+    """One state of the explorer: what every object of a :class:`World` holds, as values.
 
-
-def clone(obj: Any, memo: dict[int, Any]) -> Any:
-    """A copy of ``obj`` sharing every immutable value; shared references stay shared."""
-    tp = type(obj)
-    atoms = _ATOMS
-    if tp in atoms:
-        return obj
-    got = memo.get(id(obj))
-    if got is not None:
-        return got
-    if tp is dict:
-        new_d = obj.copy()
-        memo[id(obj)] = new_d
-        for k, v in new_d.items():  # replacing values keeps the size: iteration stays valid
-            if type(v) not in atoms:
-                new_d[k] = clone(v, memo)
-        return new_d
-    if tp is list:
-        new_l = obj.copy()
-        memo[id(obj)] = new_l
-        for i, v in enumerate(new_l):
-            if type(v) not in atoms:
-                new_l[i] = clone(v, memo)
-        return new_l
-    if tp is deque:
-        new_q = deque([v if type(v) in atoms else clone(v, memo) for v in obj])
-        memo[id(obj)] = new_q
-        return new_q
-    if tp is types.MethodType:
-        bound = getattr(clone(obj.__self__, memo), obj.__func__.__name__)
-        memo[id(obj)] = bound
-        return bound
-    if isinstance(obj, Enum):
-        return obj
-    new = object.__new__(tp)
-    memo[id(obj)] = new
-    plan = _SLOTS.get(tp)
-    if plan is None:
-        plan = _SLOTS[tp] = _slot_plan(tp)
-    if plan is not _NO_SLOTS:
-        names, get = plan
-        setter = object.__setattr__
-        try:
-            values = get(obj)
-        except AttributeError:  # a slot never assigned: copy the assigned ones one by one
-            values = tuple(getattr(obj, n, _UNSET) for n in names)
-        for name, v in zip(names, values, strict=True):
-            if v is not _UNSET:
-                setter(new, name, v if type(v) in atoms else clone(v, memo))
-    d = getattr(obj, "__dict__", None)
-    if d is not None:
-        d = d.copy()
-        for k, v in d.items():
-            if type(v) not in atoms:
-                d[k] = clone(v, memo)
-        new.__dict__ = d
-    return new
-
-
-# -- copy_world: the same copy, specialised to the shipped classes -------------------------
-
-_RECEIVER_REFS: Final = ("buffers", "allocator", "transport")
-_RECEIVER_ATOMS: Final = frozenset(
-    {
-        "default_allocate_tokens",
-        "max_resume_tokens",
-        "sizer",  # only when None (a fixed round 0); a learning one is cloned
-        "round_filter",
-        "observer",
-        "stale_statuses",
-        "orphan_statuses",
-        "malformed_statuses",
-        "peer_lost",
-        "_next_incarnation",
-    }
-)
-_RECEIVER_SHAPE: Final = frozenset(
-    {*_RECEIVER_REFS, *_RECEIVER_ATOMS, "_records", "_admissions", "_resumes"}
-    | {"_quarantine", "_finished"}
-)
-_SENDER_SHAPE: Final = frozenset(
-    {"transport", "_lives", "_parked", "_cancelled", "_ended", "max_tombstones"}
-    | {"rounds_served", "repeated_posts", "stale_posts", "malformed_posts"}
-)
-_ALLOCATOR_SHAPE: Final = frozenset(
-    {"_num_blocks", "_block_size", "_reuse", "_free", "_take", "_give", "_num_free"}
-    | {"_pool_id", "_next_generation", "_live", "_by_owner", "ledger"}
-)
-_ALLOCATOR_EXTRAS: Final = frozenset({"pressure", "grab_armed"})  # set only once used
-_new = object.__new__
-
-
-def _copy_slots(obj: Any) -> Any:
-    """A copy of a slotted record whose every slot holds an immutable value or a list of them."""
-    tp = type(obj)
-    plan = _SLOTS.get(tp)
-    if plan is None:
-        plan = _SLOTS[tp] = _slot_plan(tp)
-    names, get = plan
-    new = _new(tp)
-    setter = object.__setattr__
-    for name, v in zip(names, get(obj), strict=True):
-        setter(new, name, v.copy() if type(v) is list else v)
-    return new
-
-
-def copy_world(w: Any) -> Any:
-    """``clone(w, {})``, about three times faster, for worlds of the shipped classes.
-
-    The receiver, sender and allocator are copied by what their attributes are
-    known to hold; a world whose objects carry other attributes (a patched or
-    planted class) is handed to the generic :func:`clone`, never copied wrongly.
+    The shipped objects' parts are their own snapshots; the rest is the checker's,
+    all values (a receiver's outputs are :class:`CellOutput` handles, their cells in
+    ``outputs``), so nothing in a state changes when a world runs on from it.
     """
-    receiver, sender, allocator = w.receiver, w.sender, w.allocator
-    rd, sd, ad = receiver.__dict__, sender.__dict__, allocator.__dict__
-    if (
-        rd.keys() != _RECEIVER_SHAPE
-        or rd["sizer"] is not None
-        or sd.keys() != _SENDER_SHAPE
-        or ad.keys() - _ALLOCATOR_EXTRAS != _ALLOCATOR_SHAPE
-    ):
-        return clone(w, {})
-    new = _new
-    ledger = new(type(w.ledger))
-    ledger.__dict__ = {k: v.copy() for k, v in w.ledger.__dict__.items()}
-    al = new(type(allocator))
-    d = al.__dict__ = ad.copy()
-    free = _copy_slots(ad["_free"])
-    d["_free"], d["_take"], d["_give"] = free, free.take, free.give
-    d["_live"] = ad["_live"].copy()
-    d["_by_owner"] = {k: v.copy() for k, v in ad["_by_owner"].items()}
-    d["ledger"] = ledger
-    buffers = new(type(w.buffers))
-    d = buffers.__dict__ = w.buffers.__dict__.copy()
-    d["allocator"], d["ledger"] = al, ledger
-    transport = new(type(w.transport))
-    d = transport.__dict__ = w.transport.__dict__.copy()
-    d["buffers"], d["ledger"] = buffers, ledger
-    rc = new(type(receiver))
-    d = rc.__dict__ = rd.copy()
-    d["buffers"], d["allocator"], d["transport"] = buffers, al, transport
-    by_id = {id(r): _copy_slots(r) for r in rd["_records"].values()}
-    d["_records"] = {k: by_id[id(r)] for k, r in rd["_records"].items()}
-    d["_admissions"] = deque([by_id.get(id(r)) or _copy_slots(r) for r in rd["_admissions"]])
-    d["_resumes"] = deque([by_id.get(id(r)) or _copy_slots(r) for r in rd["_resumes"]])
-    d["_quarantine"] = rd["_quarantine"].copy()
-    d["_finished"] = rd["_finished"].copy()
-    se = new(type(sender))
-    d = se.__dict__ = sd.copy()
-    d["transport"] = transport
-    d["_lives"] = {k: list(map(_copy_slots, v)) for k, v in sd["_lives"].items()}
-    d["_parked"] = {k: v.copy() for k, v in sd["_parked"].items()}
-    d["_cancelled"] = sd["_cancelled"].copy()
-    d["_ended"] = sd["_ended"].copy()
-    world = new(type(w))
-    d = world.__dict__ = w.__dict__.copy()
-    d["receiver"], d["sender"], d["allocator"] = rc, se, al
-    d["buffers"], d["transport"], d["ledger"] = buffers, transport, ledger
-    return world
+
+    receiver: ReceiverSnapshot
+    memos: tuple[tuple[tuple[Hashable, int], object], ...]  # a reference design's memory
+    sender: SenderSnapshot
+    allocator: AllocatorSnapshot
+    pressure: tuple[Allocation, ...]  # what the pool's other user holds
+    grab_armed: bool
+    cells: tuple[tuple[int, int] | None, ...]
+    aux: tuple[tuple[int, ...], ...]
+    outputs: dict[CellOutput, tuple[tuple[int, int] | None, ...]]  # copied, never changed
+    transport: tuple[Any, ...]
+    ledger: tuple[dict[Any, Any], ...]
+    # The harness's own, per request:
+    totals: tuple[int, ...]  # in tokens
+    added: tuple[bool, ...]  # its current life has been added to the receiver
+    encoded: tuple[bool, ...]  # its current life's source went to the sender
+    lives: tuple[int, ...]  # how many lives it has had (the current one counts)
+    budget: tuple[int, ...]  # what each fault may still spend
+    hurt: tuple[bool, ...]  # a fault aimed at its current life
+
+
+class World:
+    """The real objects one exploration runs, plus what the adversary has left to do."""
+
+    receiver: ResumableReceiver
+    sender: EmbeddingSender
+    allocator: CheckedAllocator
+    buffers: CellBuffers
+    transport: ExplorerTransport
+    ledger: Ledger
+    # Tuples, replaced on change (see WorldState).
+    totals: tuple[int, ...]
+    added: tuple[bool, ...]
+    encoded: tuple[bool, ...]
+    lives: tuple[int, ...]
+    budget: tuple[int, ...]
+    hurt: tuple[bool, ...]
+
+    def snapshot(self) -> WorldState:
+        receiver = self.receiver
+        memos = getattr(receiver, "memos", None) if isinstance(receiver, KVPollReceiver) else None
+        a = self.allocator
+        led = self.ledger
+        return WorldState(
+            receiver.snapshot(),
+            tuple(memos.items()) if memos else (),
+            self.sender.snapshot(),
+            a.snapshot(),
+            a.pressure,
+            a.grab_armed,
+            self.buffers.cells,
+            self.buffers.aux,
+            self.buffers.outputs.copy(),
+            self.transport.snapshot(),
+            (
+                led.rounds.copy(),
+                led.consumed.copy(),
+                led.labels.copy(),
+                led.owner.copy(),
+                led.lives.copy(),
+            ),
+            self.totals,
+            self.added,
+            self.encoded,
+            self.lives,
+            self.budget,
+            self.hurt,
+        )
+
+    def restore(self, s: WorldState) -> None:
+        """Put every object back into ``s``, through the shipped objects' ``restore``."""
+        a = self.allocator
+        a.restore(s.allocator)
+        a.pressure, a.grab_armed = s.pressure, s.grab_armed
+        receiver = self.receiver
+        receiver.restore(s.receiver)
+        if isinstance(receiver, KVPollReceiver):
+            receiver.memos = dict(s.memos)
+        self.sender.restore(s.sender)
+        buffers = self.buffers
+        buffers.cells, buffers.aux, buffers.outputs = s.cells, s.aux, s.outputs.copy()
+        self.transport.restore(s.transport)
+        led = self.ledger
+        led.rounds, led.consumed, led.labels, led.owner, led.lives = (d.copy() for d in s.ledger)
+        self.totals, self.added, self.encoded = s.totals, s.added, s.encoded
+        self.lives, self.budget, self.hurt = s.lives, s.budget, s.hurt
 
 
 __all__ = [
     "PRESSURE",
     "CellBuffers",
+    "CellOutput",
     "CheckedAllocator",
     "ExplorerTransport",
     "Ledger",
     "Span",
     "TokenSource",
-    "clone",
-    "copy_world",
-    "share_as_immutable",
+    "World",
+    "WorldState",
 ]

@@ -231,20 +231,3 @@ def diagram() -> str:
     reference_machine(model, graph=True)
     text: str = model.get_graph().draw(None)
     return text
-
-
-__all__ = [
-    "TABLE",
-    "TRANSITIONS",
-    "Action",
-    "Event",
-    "Guard",
-    "ReferenceModel",
-    "Row",
-    "TransferState",
-    "Transition",
-    "compile_table",
-    "diagram",
-    "next_state",
-    "reference_machine",
-]

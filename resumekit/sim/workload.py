@@ -12,6 +12,9 @@ a message takes ``rtt / 2``; a round takes ``round_overhead`` plus its bytes ove
 ``link`` (one link, rounds in the order they start); copying a landed round out
 takes its bytes over ``copy`` (one copy engine). A request's latency runs from
 its arrival ("embedding ready") to the end of its last copy-out.
+
+One file: the four designs run on one clock under one cost model and are judged by
+one meter; apart, a change to one design's model could drift from the others'.
 """
 
 from __future__ import annotations
@@ -28,9 +31,9 @@ from typing import Any, Final, Literal
 import torch
 
 from resumekit.allocator import Allocation, BlockAllocator, BlockBuffers, EmbeddingTensors
-from resumekit.statemachine.messages import Cancel, Landed, Post, RoundPost, Status
-from resumekit.statemachine.receiver import ReceiverObserver, ResumableReceiver
-from resumekit.statemachine.sender import EmbeddingSender
+from resumekit.protocol.messages import Cancel, Landed, Post, RoundPost, Status
+from resumekit.protocol.receiver import ReceiverObserver, ResumableReceiver
+from resumekit.protocol.sender import EmbeddingSender
 
 Design = Literal["resumekit", "resumekit-auto", "size-first", "one-resume"]
 DESIGNS: Final[tuple[Design, ...]] = ("resumekit", "resumekit-auto", "size-first", "one-resume")
@@ -219,6 +222,9 @@ class _TimedTransport(ReceiverObserver):
         self.copied: dict[Hashable, float] = {}  # end of its latest copy-out
         self.posted: dict[int, float] = {}  # allocation generation -> when posted
         self.waste_area = 0.0  # token-seconds allocated but never written
+
+    def check_request_id(self, rid: Hashable) -> None:
+        """Any id travels here."""
 
     # receiver end
     def post_round(self, post: RoundPost) -> None:

@@ -1,7 +1,6 @@
-"""The receiver's end of :class:`~resumekit.statemachine.distributed.TorchDistributedTransport`:
-posts rounds, receives their payloads straight into the blocks, and hands the
-event loop a status only once its round's payload has landed (the receiver may
-free the blocks on any status)."""
+"""The receiver's end over ``torch.distributed``: posts rounds, receives their payloads
+straight into the blocks, and hands the event loop a status only once its round's
+payload has landed (the receiver may free the blocks on any status)."""
 
 from __future__ import annotations
 
@@ -18,26 +17,24 @@ import torch.distributed as dist
 
 from resumekit.allocator.buffers import MROPE_ROWS, BlockBuffers
 from resumekit.errors import TransportError
-from resumekit.statemachine.distributed import (
-    Announced,
-    Arrived,
-    Closed,
-    Lost,
-    PayloadLanded,
-    Role,
-    TorchDistributedTransport,
-)
-from resumekit.statemachine.messages import (
+from resumekit.protocol.messages import (
     Cancelled,
     Landed,
-    PeerLost,
     RoundPost,
     SenderError,
     Status,
     require_cancel,
     require_post,
 )
-from resumekit.statemachine.wire import (
+from resumekit.transports._threaded import (
+    DEFAULT_TIMEOUT,
+    Arrived,
+    Closed,
+    Lost,
+    ThreadedReceiverEnd,
+)
+from resumekit.transports.torch._end import Announced, Match, PayloadLanded, TorchEnd
+from resumekit.transports.torch.wire import (
     BYE,
     CANCEL,
     CANCELLED,
@@ -75,26 +72,45 @@ class _Round:
     after: list[Status] = field(default_factory=list)  # statuses held until it has
 
 
-class TorchReceiverEnd(TorchDistributedTransport):
-    """The language side's end: ``TorchDistributedTransport("receiver", peer, buffers=...)``."""
+class TorchReceiverEnd(TorchEnd, ThreadedReceiverEnd):
+    """The language side's end: ``TorchDistributedTransport("receiver", peer, buffers=...)``.
 
-    role: ClassVar[Role] = "receiver"
+    ``peer`` is the sender's global rank; ``buffers`` the :class:`BlockBuffers` rounds
+    land in; the rest as :func:`~resumekit.transports.torch.TorchDistributedTransport`.
+    """
+
     _control_tag: ClassVar[int] = TAG_TO_RECEIVER
     _heartbeat_tag: ClassVar[int] = TAG_TO_SENDER
 
-    def __init__(self, role: Role, peer: int, **kwargs: Any) -> None:
-        self._lost_reason: str | None = None
+    def __init__(
+        self,
+        peer: int,
+        *,
+        buffers: BlockBuffers,
+        group: dist.ProcessGroup | None = None,
+        data_group: dist.ProcessGroup | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        owns_group: bool = False,
+        match: Match | None = None,
+    ) -> None:
         self._rounds: dict[Key, _Round] = {}
         self._payloads: queue.SimpleQueue[tuple[Key, list[Any]] | None] = queue.SimpleQueue()
-        self._next_check = 0.0
         self._next_tag = FIRST_ROUND_TAG
-        buffers = kwargs.get("buffers")
         self._cuda = isinstance(buffers, BlockBuffers) and buffers.device.type == "cuda"
-        # What a token's embedding is in the blocks: each post tells the sender.
+        # What a token's embedding is in the blocks, and their aux rows: each post says.
         self._layout = (
             layout(buffers.hidden_size, buffers.dtype) if isinstance(buffers, BlockBuffers) else 0
         )
-        super().__init__(role, peer, **kwargs)  # starts the threads: set what they read first
+        self.aux_size = buffers.aux_size if isinstance(buffers, BlockBuffers) else 0
+        super().__init__(  # starts the threads: set what they read first
+            peer,
+            buffers=buffers,
+            group=group,
+            data_group=data_group,
+            timeout=timeout,
+            owns_group=owns_group,
+            match=match,
+        )
 
     def _more_threads(self) -> list[threading.Thread]:
         return [threading.Thread(target=self._data_loop, name="resumekit-data", daemon=True)]
@@ -102,13 +118,6 @@ class TorchReceiverEnd(TorchDistributedTransport):
     def _stop_threads(self) -> None:
         super()._stop_threads()
         self._payloads.put(None)
-
-    def _losing(self) -> bool:
-        return self._lost_reason is not None
-
-    def _say_goodbye(self) -> None:
-        if not self._closing:
-            self.finish()
 
     # -- the event loop's calls ----------------------------------------------------------
 
@@ -171,14 +180,14 @@ class TorchReceiverEnd(TorchDistributedTransport):
             item = inbox.popleft()
             kind = type(item)
             if kind is Arrived:
-                self._pass_or_hold(item.key, item.status, now, out)  # type: ignore[union-attr]
+                self._pass_or_hold(item.key, item.status, now, out)
             elif kind is Announced:
-                rnd = self._rounds.get(item.key)  # type: ignore[union-attr]
+                rnd = self._rounds.get(item.key)
                 if rnd is not None:
                     rnd.arriving = True
                     rnd.progress = now
             elif kind is PayloadLanded:
-                key = item.key  # type: ignore[union-attr]
+                key = item.key
                 rnd = self._rounds.get(key)
                 if rnd is not None:
                     rnd.arriving = False
@@ -187,16 +196,10 @@ class TorchReceiverEnd(TorchDistributedTransport):
                         del self._rounds[key]
                         out.extend(rnd.after)
             elif kind is Lost:
-                self._begin_losing(item.reason)  # type: ignore[union-attr]
+                self._begin_losing(item.reason)
                 break
-        if self._rounds and now >= self._next_check and self._lost_reason is None:
-            self._next_check = now + min(1.0, self.timeout / 4)
-            for (rid, _, epoch), rnd in self._rounds.items():
-                if now - rnd.progress > self.timeout:
-                    self._begin_losing(
-                        f"round {epoch} of request {rid} made no progress for {self.timeout:g} s"
-                    )
-                    break
+        if self._rounds:
+            self._check_progress(now, ((k, r.progress) for k, r in self._rounds.items()))
         if self._lost_reason is not None:
             # Statuses passed before the loss still count (their payloads are in);
             # those held for a payload still arriving are dropped with the peer.
@@ -219,23 +222,16 @@ class TorchReceiverEnd(TorchDistributedTransport):
             del self._rounds[key]
             out.append(status)
 
-    def _begin_losing(self, reason: str) -> None:
-        """Stop the threads; PeerLost goes out once none can still write into a block."""
-        self._lost_reason = reason
-        self._stop_threads()
-
-    def _report_lost(self) -> Sequence[Status]:
-        """``[PeerLost]`` once every thread is out of its waits (each ends within the
-        timeout), after destroying an owned group; nothing before that."""
+    def _lost_now(self) -> bool:
+        """Once every thread is out of its waits (each ends within the timeout): destroy
+        an owned group, and the loss may be reported."""
         if self.closed or self._threads_alive():
-            return _EMPTY
+            return False
         self.closed = True
-        self.peer_lost = self._lost_reason
         self._rounds.clear()
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
-        self.delivered += 1
-        return [PeerLost(self._lost_reason or "peer lost")]
+        return True
 
     # -- the threads ---------------------------------------------------------------------
 
@@ -314,6 +310,3 @@ class TorchReceiverEnd(TorchDistributedTransport):
             works += [self._recv(piece, tag, group) for piece in pieces]
         works.append(self._recv(buffers.aux[post.blocks[0]], tag, group))
         return works
-
-
-__all__ = ["TorchReceiverEnd"]

@@ -1,9 +1,10 @@
-"""The transport interface, and an in-process transport that tests can play the adversary on.
+"""Both ends in one process: a transport that tests and the checkers play the adversary on.
 
 Posts (receiver to sender) travel in order. Statuses (sender to receiver) may
 be delayed, duplicated and reordered by the hooks of :class:`InProcessTransport`;
 they are never lost while the sender lives (a lost status is a dead peer, which
-the transport reports as :class:`PeerLost`).
+the transport reports as :class:`PeerLost`). It is the one backend that is both
+roles at once: the link itself, with each role's calls implemented for real.
 """
 
 from __future__ import annotations
@@ -11,12 +12,11 @@ from __future__ import annotations
 import random
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
-from typing import Protocol
 
-from resumekit._check import as_int, check_str
+from resumekit._check import as_int, check_hashable, check_str
 from resumekit.allocator.buffers import BlockBuffers, EmbeddingTensors
 from resumekit.errors import InvalidArgumentError, TransportError
-from resumekit.statemachine.messages import (
+from resumekit.protocol.messages import (
     Cancelled,
     Landed,
     PeerBack,
@@ -32,36 +32,6 @@ from resumekit.statemachine.messages import (
 
 _EMPTY: tuple[Status, ...] = ()
 _EVENTS = (PeerLost, PeerBack)
-
-
-class ReceiverTransport(Protocol):
-    """The receiver's end."""
-
-    def post_round(self, post: RoundPost) -> None:
-        """Ask the sender to write one round."""
-
-    def cancel(self, rid: Hashable, epoch: int, *, incarnation: int) -> None:
-        """Tell the sender this life of the request is gone; ``epoch``: the round in flight."""
-
-    def poll_statuses(self) -> Sequence[Status]:
-        """Statuses that arrived since the last poll; an empty tuple (no allocation) if none."""
-        ...
-
-
-class SenderTransport(Protocol):
-    """The sender's end."""
-
-    def poll_posts(self) -> Sequence[Post]:
-        """Posts and cancels that arrived since the last poll, in order."""
-        ...
-
-    def write_round(
-        self, post: RoundPost, data: EmbeddingTensors, aux: Sequence[int] | None
-    ) -> None:
-        """Put ``data`` into the receiver's blocks named by ``post``."""
-
-    def report(self, status: Landed | Cancelled | SenderError) -> None:
-        """Send a status to the receiver; call only once the round's writes are complete."""
 
 
 StatusFilter = Callable[[list[Status]], tuple[list[Status], list[Status]]]
@@ -95,6 +65,10 @@ class InProcessTransport:
         self.loss_seen = False  # ... and to have handled it (the poll after)
         self.posted = 0
         self.delivered = 0
+
+    def check_request_id(self, rid: Hashable) -> None:
+        """Any hashable id travels in process."""
+        check_hashable(rid, "rid")
 
     # -- receiver end ----------------------------------------------------------
 
@@ -206,7 +180,7 @@ class InProcessTransport:
 
         The receiver gets :class:`PeerLost`, then :class:`PeerBack`; posts made
         before it saw the loss went to the dead sender. The engine makes the new
-        :class:`~resumekit.statemachine.EmbeddingSender` on this transport.
+        :class:`~resumekit.protocol.EmbeddingSender` on this transport.
         """
         check_str(reason, "reason")
         if not self.sender_alive:
@@ -221,6 +195,3 @@ class InProcessTransport:
             raise InvalidArgumentError(
                 f"no status at index {index}; {len(self.in_flight)} in flight"
             ) from None
-
-
-__all__ = ["InProcessTransport", "ReceiverTransport", "SenderTransport", "StatusFilter"]

@@ -5,125 +5,55 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any, Final
+from typing import Any
 
 import torch
 
 from resumekit import __version__
 from resumekit.allocator.block_allocator import MAX_BLOCK_SIZE, MAX_NUM_BLOCKS
 from resumekit.allocator.buffers import default_device, device_memory_bytes
+from resumekit.cli._args import (
+    MAX_SEED,
+    MAX_TOKENS,
+    Progress,
+    _at_least,
+    _HelpFormatter,
+    _seconds,
+)
 from resumekit.errors import ResumeKitError
-from resumekit.properties.explorer import STANDARD_BOUNDS, Exploration, explore
+from resumekit.properties.bounds import (
+    FAULTS,
+    MAX_BOUND,
+    STANDARD_BOUNDS,
+    STANDARD_FAULTS,
+    Bounds,
+    bounds_sets,
+    with_faults,
+)
+from resumekit.properties.explorer import Exploration, explore
 from resumekit.properties.fuzz import DEFAULT_DATABASE, FuzzResult, fuzz, replay
-from resumekit.properties.harness import MAX_BOUND, Bounds
 from resumekit.properties.strategies import BROKEN, STRATEGIES, strategy
 from resumekit.properties.verify import (
     DEFAULT_BROKEN_EXAMPLES,
     DEFAULT_EXAMPLES,
     QUICK_EXAMPLES,
-    bounds_sets,
     verify,
 )
 from resumekit.properties.verify import format_report as format_verify
-from resumekit.simulate import (
+from resumekit.protocol.declaration import diagram
+from resumekit.protocol.receiver import (
+    ENV_DEFAULT_ALLOCATE_TOKENS,
+    default_allocate_tokens_from_env,
+)
+from resumekit.sim.simulate import (
     SimulationReport,
     check_reuse,
     default_pool_blocks,
     format_report,
     simulate,
 )
-from resumekit.statemachine.declaration import diagram
-from resumekit.statemachine.receiver import (
-    ENV_DEFAULT_ALLOCATE_TOKENS,
-    default_allocate_tokens_from_env,
-)
-
-
-def _at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
-    """An argparse type: an int in ``[minimum, maximum]`` (a run that checks nothing is refused)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        if maximum is not None and value > maximum:
-            raise argparse.ArgumentTypeError(f"must be <= {maximum}, got {value}")
-        return value
-
-    return parse
-
-
-#: The largest seed torch's generator takes.
-MAX_SEED: Final = 2**63 - 1
-MAX_TOKENS: Final = 2**31 - 1  # token counts travel as int32
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each flag's default, unless it has none or its help already says it."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        text = action.help or ""
-        if action.default is None or action.default is False or "default" in text:
-            return text
-        return super()._get_help_string(action)
-
-
-def _seconds(text: str) -> float:
-    """An argparse type: a finite number of seconds > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
-    return value
-
-
-class Progress:
-    """A one-line progress bar on stderr (plain lines when it is not a terminal)."""
-
-    def __init__(self, total: int) -> None:
-        self.total = total
-        self.done = 0
-        self.tty = sys.stderr.isatty()
-        self._last = 0.0
-        self._text = ""
-        self._shown = -1  # ``done`` when a plain line was last printed
-
-    def _line(self) -> str:
-        width = 24
-        filled = min(width, int(width * self.done / self.total)) if self.total else width
-        return f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {self._text}"
-
-    def show(self, text: str, *, force: bool = False) -> None:
-        self._text = text
-        now = time.monotonic()
-        if self.tty:
-            sys.stderr.write("\r" + self._line()[:110].ljust(110))
-            sys.stderr.flush()
-        elif force or now - self._last >= 10:
-            print(self._line(), file=sys.stderr, flush=True)
-            self._last = now
-            self._shown = self.done
-
-    def step(self, text: str) -> None:
-        self.done += 1
-        self.show(text, force=True)
-
-    def close(self) -> None:
-        """Clear the bar; without a terminal, print where it ended if that was not shown."""
-        if self.tty:
-            sys.stderr.write("\r" + " " * 110 + "\r")
-            sys.stderr.flush()
-        elif self._text and self._shown != self.done:
-            print(self._line(), file=sys.stderr, flush=True)
-            self._shown = self.done
 
 
 def _explore_both(
@@ -224,56 +154,37 @@ def _fuzz(args: argparse.Namespace) -> int:
     return 0
 
 
-#: ``check --faults`` names, and the :class:`Bounds` field each sets (to 1, or True).
-FAULT_FIELDS: dict[str, str] = {
-    "duplicate": "duplicates",
-    "abort": "aborts",
-    "crash": "crashes",
-    "squeeze": "squeezes",
-    "grab": "pressure",
-    "forge": "forgeries",
-    "reuse": "reuses",
-    "restart": "restarts",
-    "poison": "poisons",
-    "batch": "batches",
-    "late": "late_sources",
-}
-STANDARD_FAULTS = ("duplicate", "abort", "crash", "squeeze")
-
-
-def _parse_faults(text: str) -> dict[str, Any]:
-    """``check --faults``: standard, all, none, or a comma list of FAULT_FIELDS names."""
+def _parse_faults(text: str) -> set[str]:
+    """``check --faults``: standard, all, none, or a comma list of fault names."""
+    names = [f.name for f in FAULTS]
     if text == "standard":
-        chosen = set(STANDARD_FAULTS)
-    elif text == "all":
-        chosen = set(FAULT_FIELDS)
-    elif text == "none":
-        chosen = set()
-    else:
-        chosen = {f.strip() for f in text.split(",") if f.strip()}
-        unknown = chosen - set(FAULT_FIELDS)
-        if unknown or not chosen:
-            raise argparse.ArgumentTypeError(
-                f"unknown fault(s) {sorted(unknown)}; choose standard, all, none or a list of "
-                + ",".join(FAULT_FIELDS)
-            )
-    fields: dict[str, Any] = {}
-    for name, field_name in FAULT_FIELDS.items():
-        on = name in chosen
-        fields[field_name] = on if field_name in ("batches", "late_sources") else int(on)
-    return fields
+        return set(STANDARD_FAULTS)
+    if text == "all":
+        return set(names)
+    if text == "none":
+        return set()
+    chosen = [f.strip() for f in text.split(",") if f.strip()]
+    unknown = sorted(set(chosen) - set(names))
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(
+            f"unknown fault(s) {unknown}; choose standard, all, none or a list of "
+            + ",".join(names)
+        )
+    return set(chosen)
 
 
 def _check(args: argparse.Namespace) -> int:
     if not args.default_blocks <= args.blocks:
         print("resumekit check: --default-blocks must not exceed --blocks", file=sys.stderr)
         return 2
-    bounds = Bounds(
-        blocks=args.blocks,
-        requests=args.requests,
-        max_rounds=args.max_rounds,
-        default_blocks=args.default_blocks,
-        **args.faults,
+    bounds = with_faults(
+        Bounds(
+            blocks=args.blocks,
+            requests=args.requests,
+            max_rounds=args.max_rounds,
+            default_blocks=args.default_blocks,
+        ),
+        args.faults,
     )
     progress = Progress(2 if args.reuse == "both" else 1)
     states, seconds, run, complete = _explore_both(
@@ -341,7 +252,7 @@ def _simulate(args: argparse.Namespace) -> int:
     run: Callable[..., SimulationReport] = simulate
     extra: dict[str, Any] = {"device": args.device}
     if args.transport != "inprocess":
-        from resumekit.twoprocess import simulate_distributed  # noqa: PLC0415 - starts torch.distributed
+        from resumekit.sim.twoprocess import simulate_distributed  # noqa: PLC0415 - starts torch.distributed
 
         run = simulate_distributed
         extra = {"timeout": args.timeout, "transport": args.transport}
@@ -483,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="standard ("
         + ",".join(STANDARD_FAULTS)
         + "), all, none, or a list of "
-        + ",".join(FAULT_FIELDS)
+        + ",".join(f.name for f in FAULTS)
         + "; each at most once (default: standard)",
     )
     chk.add_argument("--workers", type=_at_least(1), default=None, help="processes (default: CPUs)")

@@ -1,35 +1,34 @@
-"""The sender's end of :class:`~resumekit.statemachine.distributed.TorchDistributedTransport`:
-reads posts and cancels, writes each round's payload straight into the
-receiver's blocks, and reports what became of each round."""
+"""The sender's end over ``torch.distributed``: reads posts and cancels, writes each
+round's payload straight into the receiver's blocks, and reports what became of each
+round."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
 
 from resumekit.allocator.buffers import MROPE_ROWS, EmbeddingTensors
 from resumekit.errors import InvalidArgumentError, TransportError
-from resumekit.statemachine.distributed import (
-    Closed,
-    Lost,
-    PostArrived,
-    Role,
-    TorchDistributedTransport,
-)
-from resumekit.statemachine.messages import (
+from resumekit.protocol.messages import (
     Cancel,
     Cancelled,
     Landed,
-    Post,
     RoundPost,
     SenderError,
     require_post,
     require_status,
 )
-from resumekit.statemachine.wire import (
+from resumekit.transports._threaded import (
+    DEFAULT_TIMEOUT,
+    Closed,
+    PostArrived,
+    ThreadedSenderEnd,
+)
+from resumekit.transports.torch._end import Match, TorchEnd
+from resumekit.transports.torch.wire import (
     BYE,
     CANCEL,
     CANCELLED,
@@ -51,41 +50,40 @@ from resumekit.statemachine.wire import (
     wire_rid,
 )
 
-_EMPTY: tuple[Post, ...] = ()
 
+class TorchSenderEnd(TorchEnd, ThreadedSenderEnd):
+    """The encode side's end: ``TorchDistributedTransport("sender", peer)``; ``peer`` is
+    the receiver's global rank, the rest as
+    :func:`~resumekit.transports.torch.TorchDistributedTransport` says.
+    """
 
-class TorchSenderEnd(TorchDistributedTransport):
-    """The encode side's end: ``TorchDistributedTransport("sender", peer)``."""
-
-    role: ClassVar[Role] = "sender"
     _control_tag: ClassVar[int] = TAG_TO_SENDER
     _heartbeat_tag: ClassVar[int] = TAG_TO_RECEIVER
 
-    def __init__(self, role: Role, peer: int, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        peer: int,
+        *,
+        group: dist.ProcessGroup | None = None,
+        data_group: dist.ProcessGroup | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        owns_group: bool = False,
+        match: Match | None = None,
+    ) -> None:
         self._tags: dict[Key, int] = {}  # each posted round's payload tag
         # What the receiver's blocks hold (wire.layout) and its aux rows' size, from its
         # posts: a payload longer than the receive posted for it aborts the receiver.
         self._layout = self._aux_rows = 0
-        super().__init__(role, peer, **kwargs)
+        super().__init__(
+            peer,
+            group=group,
+            data_group=data_group,
+            timeout=timeout,
+            owns_group=owns_group,
+            match=match,
+        )
 
     # -- the event loop's calls ----------------------------------------------------------
-
-    def poll_posts(self) -> Sequence[Post]:
-        inbox = self._inbox
-        if not inbox:
-            return _EMPTY
-        out: list[Post] = []
-        while inbox:
-            item = inbox.popleft()
-            kind = type(item)
-            if kind is PostArrived:
-                out.append(item.post)  # type: ignore[union-attr]
-            elif kind is Closed:
-                self.finished = True
-            elif kind is Lost:
-                self.peer_lost = item.reason  # type: ignore[union-attr]
-                self.finished = True
-        return out
 
     def write_round(
         self, post: RoundPost, data: EmbeddingTensors, aux: Sequence[int] | None
@@ -180,6 +178,3 @@ class TorchSenderEnd(TorchDistributedTransport):
         else:
             raise TransportError(f"unknown control message {h}")
         return True
-
-
-__all__ = ["TorchSenderEnd"]

@@ -1,4 +1,4 @@
-"""The wire format of :class:`~resumekit.statemachine.distributed.TorchDistributedTransport`.
+"""The wire format of :func:`~resumekit.transports.torch.TorchDistributedTransport`.
 
 Control messages are int64 headers of ``HEADER`` values on two tags; their
 trailers (block indices, a refusal's reason) and each round's payload travel on
@@ -129,33 +129,3 @@ def why(error: BaseException) -> str:
     if text.startswith("[") and "] " in text:
         text = text.split("] ", 1)[1]
     return text.split(". ", 1)[0][:200]
-
-
-__all__ = [
-    "BYE",
-    "CANCEL",
-    "CANCELLED",
-    "CLOSE",
-    "DATA",
-    "FIRST_ROUND_TAG",
-    "HEADER",
-    "LANDED",
-    "PING",
-    "POST",
-    "ROUND_TAGS",
-    "SENDER_ERROR",
-    "TAG_BLOCKS",
-    "TAG_DATA",
-    "TAG_REASON",
-    "TAG_TO_RECEIVER",
-    "TAG_TO_SENDER",
-    "Key",
-    "encode_reason",
-    "header",
-    "layout",
-    "layout_mismatch",
-    "next_round_tag",
-    "runs",
-    "why",
-    "wire_rid",
-]

@@ -198,23 +198,3 @@ def require_status(status: object) -> Landed | Cancelled | SenderError:
     """``status`` itself, once proven a well-formed round status (for ``report``)."""
     _require(status, "status", ROUND_STATUSES, malformed_status)
     return status  # type: ignore[return-value]
-
-
-__all__ = [
-    "NO_EPOCH",
-    "ROUND_STATUSES",
-    "Cancel",
-    "Cancelled",
-    "Landed",
-    "PeerBack",
-    "PeerLost",
-    "Post",
-    "RoundPost",
-    "SenderError",
-    "Status",
-    "malformed_post",
-    "malformed_status",
-    "require_cancel",
-    "require_post",
-    "require_status",
-]

@@ -1,4 +1,4 @@
-"""How :class:`~resumekit.statemachine.mooncake.MooncakeTransport`'s JSON control messages are read.
+"""How :class:`~resumekit.transports.mooncake.MooncakeTransport`'s JSON control messages are read.
 
 A message is an envelope (its kind ``t`` and, for a message about a round,
 ``rid``, ``inc``, ``epoch``) and a body. An envelope this end cannot read means
@@ -18,9 +18,10 @@ import torch
 
 from resumekit.allocator.buffers import MROPE_ROWS
 from resumekit.errors import InvalidArgumentError, TransportError
-from resumekit.statemachine.messages import Cancel, Cancelled, Landed, RoundPost, SenderError
+from resumekit.protocol.messages import Cancel, Cancelled, Landed, RoundPost, SenderError
 
 MAX_RID_CHARS: Final = 1024
+MAX_REASON_BYTES: Final = 4096  # a refusal's reason is cut to this many bytes of UTF-8
 MAX_AUX: Final = 1 << 16  # the most values an aux row may hold (as the constructors allow)
 ADDRESSES_PER_BLOCK: Final = 3 + MROPE_ROWS  # embeddings, fill ids, mRoPE rows, aux row
 _INT64: Final = 1 << 63
@@ -166,18 +167,3 @@ def _addresses(dst: object, blocks: object) -> list[list[int]] | str:
         ):
             return f"each block needs {ADDRESSES_PER_BLOCK} addresses, non-zero uint64s"
     return dst
-
-
-__all__ = [
-    "ADDRESSES_PER_BLOCK",
-    "MAX_RID_CHARS",
-    "Key",
-    "MalformedMessage",
-    "cancel",
-    "hello",
-    "key",
-    "post",
-    "read",
-    "status",
-    "wire_rid",
-]

@@ -5,20 +5,15 @@ from __future__ import annotations
 import json
 from collections.abc import Hashable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 
 from resumekit._check import as_int
-from resumekit.allocator import BlockAllocator, BlockBuffers, EmbeddingTensors, ReuseOrder
+from resumekit.allocator import EmbeddingTensors, ReuseOrder
 from resumekit.errors import InvalidArgumentError
-from resumekit.statemachine import (
-    EmbeddingSender,
-    InProcessTransport,
-    ReceiverObserver,
-    ResumableReceiver,
-)
-from resumekit.statemachine.dedup import RoundFilter
+from resumekit.protocol import ReceiverObserver
+from resumekit.transports.inprocess.loopback import Loopback, default_pool_blocks
 
 if TYPE_CHECKING:
     from resumekit.allocator import Allocation
@@ -56,18 +51,9 @@ class SimulationReport:
 def random_source(
     num_tokens: int, hidden: int, *, seed: int = 0, device: torch.device | str = "cpu"
 ) -> EmbeddingTensors:
-    """A reproducible embedding with distinct fill ids and mRoPE positions per token.
-
-    Drawn on the CPU (the same values for a seed on every device), then moved to ``device``.
-    """
-    num_tokens = as_int(num_tokens, "num_tokens", minimum=0)
+    """A reproducible embedding: :meth:`EmbeddingTensors.random`."""
     hidden = as_int(hidden, "hidden", minimum=1)
-    g = torch.Generator().manual_seed(as_int(seed, "seed"))
-    return EmbeddingTensors(
-        torch.randn(num_tokens, hidden, generator=g).to(torch.bfloat16).to(device),
-        torch.randint(0, 2**31 - 1, (num_tokens,), generator=g, dtype=torch.int32).to(device),
-        torch.randint(0, 2**31 - 1, (3, num_tokens), generator=g, dtype=torch.int32).to(device),
-    )
+    return EmbeddingTensors.random(num_tokens, hidden, seed=seed, device=device)
 
 
 class RoundLog(ReceiverObserver):
@@ -84,95 +70,6 @@ class RoundLog(ReceiverObserver):
         self.rows.setdefault(rid, []).append(
             RoundRow(epoch, tokens, sent, list(allocation.blocks), allocation.generation)
         )
-
-
-def default_pool_blocks(tokens: int, default_allocate: int, block_size: int) -> int:
-    """A pool that holds the whole embedding and the default allocation."""
-    return -(-max(tokens, default_allocate) // block_size)
-
-
-class Loopback:
-    """A receiver and a sender joined by one :class:`InProcessTransport` over shared buffers."""
-
-    def __init__(
-        self,
-        *,
-        pool_blocks: int,
-        block_size: int = 128,
-        hidden: int = 64,
-        reuse: ReuseOrder = "lifo",
-        default_allocate: int | Literal["auto"] | None = 8192,
-        max_resume_tokens: int | None = None,
-        observer: ReceiverObserver | None = None,
-        round_filter: RoundFilter | None = None,
-        allocator_type: type[BlockAllocator] = BlockAllocator,
-        transport_type: type[InProcessTransport] = InProcessTransport,
-        device: torch.device | str | None = "cpu",
-    ) -> None:
-        self.allocator = allocator_type(pool_blocks, block_size, reuse=reuse)
-        self.buffers = BlockBuffers(self.allocator, hidden, device=device)
-        self.transport = transport_type(self.buffers)
-        self.receiver = ResumableReceiver(
-            self.buffers,
-            self.transport,
-            default_allocate,
-            max_resume_tokens=max_resume_tokens,
-            round_filter=round_filter,
-            observer=observer,
-        )
-        self.sender = EmbeddingSender(self.transport)
-        self.sources: dict[Hashable, EmbeddingTensors] = {}
-
-    def add(self, rid: Hashable, tokens: int, *, seed: int = 0, mrope_delta: int = 0) -> None:
-        """Start ``rid`` on both sides with a random ``tokens``-long source."""
-        source = random_source(
-            tokens, self.buffers.hidden_size, seed=seed, device=self.buffers.device
-        )
-        self.receiver.add(rid)
-        self.sender.add(rid, source, mrope_delta=mrope_delta)
-        self.sources[rid] = source
-
-    def step(self) -> list[Hashable]:
-        """One receiver step, then one sender step; the ids that finished."""
-        finished = list(self.receiver.step())
-        self.sender.step()
-        return finished
-
-    def live(self) -> list[Hashable]:
-        """Requests not yet terminal."""
-        return [
-            rid
-            for rid in self.sources
-            if rid in self.receiver and not self.receiver.poll(rid).terminal
-        ]
-
-    def run(self, max_steps: int) -> int:
-        """Step until every request is terminal or nothing can move any more; returns the steps.
-
-        With no message in flight or queued, a step that moves nothing changes
-        nothing (both sides are deterministic): two in a row mean stuck for good.
-        """
-        idle = 0
-        t = self.transport
-        for steps in range(max_steps):
-            if not self.live():
-                return steps
-            before = self.traffic()
-            self.step()
-            quiet = not t.in_flight and not t.posts
-            idle = idle + 1 if quiet and self.traffic() == before else 0
-            if idle >= 2:
-                return max_steps
-        return max_steps
-
-    def traffic(self) -> tuple[int, ...]:
-        """Counters that move whenever either side does something."""
-        t = self.transport
-        return (t.posted, t.delivered, len(t.posts), len(t.in_flight), self.sender.rounds_served)
-
-    def step_bound(self, tokens: int) -> int:
-        """Steps a transfer of ``tokens`` can need on this pool: one block per round, worst case."""
-        return 4 * (tokens // self.allocator.block_size + 4)
 
 
 def simulate(

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Hashable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from resumekit._check import as_int, check_hashable, check_interface, check_request_id
+from resumekit._check import as_int, check_hashable, check_interface
 from resumekit.allocator.buffers import MROPE_ROWS, EmbeddingTensors
 from resumekit.errors import InvalidArgumentError, LeakError, TransportError
-from resumekit.statemachine.messages import (
+from resumekit.protocol.messages import (
     NO_EPOCH,
     Cancel,
     Cancelled,
@@ -22,9 +22,9 @@ from resumekit.statemachine.messages import (
 )
 
 if TYPE_CHECKING:
-    from resumekit.statemachine.transport import SenderTransport
+    from resumekit.protocol.interfaces import SenderTransport
 
-SENDER_TRANSPORT_METHODS = ("poll_posts", "write_round", "report")
+SENDER_TRANSPORT_METHODS = ("poll_posts", "write_round", "report", "check_request_id")
 
 
 class _Source:
@@ -38,6 +38,35 @@ class _Source:
         self.next_epoch = 0
         self.incarnation: int | None = None  # the life it serves, bound by its first post
 
+    def frozen(self) -> SourceState:
+        return SourceState(
+            self.data, self.incarnation, self.mrope_delta, self.next_epoch, self.sent, self.total
+        )
+
+
+class SourceState(NamedTuple):
+    """One source the sender holds, as a value."""
+
+    data: EmbeddingTensors  # shared, never copied
+    incarnation: int | None  # None until a post names the life it serves
+    mrope_delta: int
+    next_epoch: int
+    sent: int
+    total: int
+
+
+class SenderSnapshot(NamedTuple):
+    """A sender's whole state as a value: :meth:`EmbeddingSender.snapshot`."""
+
+    lives: tuple[tuple[Hashable, tuple[SourceState, ...]], ...]  # per id, in added order
+    parked: tuple[tuple[Hashable, tuple[RoundPost, ...]], ...]  # posts waiting for a source
+    cancelled: tuple[tuple[Hashable, int], ...]  # unnamed sources to drop, oldest first
+    ended: tuple[tuple[Hashable, int], ...]  # the newest life ended per id, oldest first
+    rounds_served: int
+    repeated_posts: int
+    stale_posts: int
+    malformed_posts: int
+
 
 class EmbeddingSender:
     """Writes ``min(remaining, capacity)`` tokens per post and reports each round landed.
@@ -49,12 +78,12 @@ class EmbeddingSender:
     write fails: each post of a batch is handled on its own.
 
     Request ids may be reused. Each life of an id has the incarnation the
-    receiver gave it (:meth:`ResumableReceiver.add` returns it), carried by
-    every post and cancel. :meth:`add` with ``incarnation`` binds a source to
-    exactly that life; without it, sources are bound to the lives of their id
-    in the order they were added, so the encoder must add them in that order
-    (one per life, a cancelled life's too: its late source is dropped). Messages
-    of a life that has ended here are stale.
+    receiver gave it (:meth:`~resumekit.protocol.receiver.ResumableReceiver.add`
+    returns it), carried by every post and cancel. :meth:`add` with
+    ``incarnation`` binds a source to exactly that life; without it, sources are
+    bound to the lives of their id in the order they were added, so the encoder
+    must add them in that order (one per life, a cancelled life's too: its late
+    source is dropped). Messages of a life that has ended here are stale.
     """
 
     def __init__(self, transport: SenderTransport, *, max_tombstones: int = 65_536) -> None:
@@ -70,6 +99,7 @@ class EmbeddingSender:
         self.repeated_posts = 0
         self.stale_posts = 0  # posts and cancels of lives that had ended here
         self.malformed_posts = 0
+        self._snap: SenderSnapshot | None = None  # the last snapshot, while nothing changed
 
     def add(
         self,
@@ -87,11 +117,12 @@ class EmbeddingSender:
         cancelled that life: the encoder finished after the language side gave up.
         """
         check_hashable(rid, "rid")
-        check_request_id(self.transport, rid)
+        self.transport.check_request_id(rid)
         _check_source(source)
         mrope_delta = as_int(mrope_delta, "mrope_delta")
         if not -(2**31) <= mrope_delta < 2**31:
             raise InvalidArgumentError("mrope_delta must fit in int32")
+        self._snap = None
         if incarnation is not None:
             incarnation = as_int(incarnation, "incarnation", minimum=1)
             if incarnation <= self._ended.get(rid, 0):
@@ -113,6 +144,8 @@ class EmbeddingSender:
     def step(self) -> int:
         """Serve every post that arrived; returns how many rounds were written."""
         posts = self.transport.poll_posts()
+        if posts:
+            self._snap = None
         served = self.rounds_served
         for post in posts:
             problem = malformed_post(post)
@@ -133,6 +166,11 @@ class EmbeddingSender:
         except TypeError:
             return False
 
+    @property
+    def parked_posts(self) -> int:
+        """Posts waiting for their source (the encoder has not finished those requests)."""
+        return sum(map(len, self._parked.values()))
+
     def check_quiescent(self) -> None:
         """Raise :class:`LeakError` if any request is still held."""
         if self._lives or self._parked:
@@ -141,6 +179,55 @@ class EmbeddingSender:
                 f"sender still holds sources for [{_ids(self._lives)}] "
                 f"and parked posts for [{_ids(self._parked)}]",
             )
+
+    def snapshot(self) -> SenderSnapshot:
+        """The whole state as an immutable value (sources are shared, not copied);
+        :meth:`restore` puts a sender back into it. Until the sender changes, it
+        returns the same object."""
+        if self._snap is not None:
+            return self._snap
+        snap = self._snap = SenderSnapshot(
+            tuple([(rid, tuple([s.frozen() for s in srcs])) for rid, srcs in self._lives.items()]),
+            tuple([(rid, tuple(posts)) for rid, posts in self._parked.items()]),
+            tuple(self._cancelled.items()),
+            tuple(self._ended.items()),
+            self.rounds_served,
+            self.repeated_posts,
+            self.stale_posts,
+            self.malformed_posts,
+        )
+        return snap
+
+    def restore(self, snapshot: SenderSnapshot) -> None:
+        """Put this sender into ``snapshot``; :class:`InvalidArgumentError` (and no
+        change) for anything :meth:`snapshot` cannot have made."""
+        if snapshot is self._snap and snapshot is not None:
+            return  # it holds that state already
+        if not isinstance(snapshot, SenderSnapshot):
+            raise InvalidArgumentError(
+                f"snapshot must be a SenderSnapshot, not {type(snapshot).__name__}"
+            )
+        lives: dict[Hashable, list[_Source]] = {}
+        for rid, states in snapshot.lives:
+            sources = []
+            for st in states:
+                if not isinstance(st, SourceState) or not isinstance(st.data, EmbeddingTensors):
+                    raise InvalidArgumentError(f"snapshot holds {st!r}, not a SourceState")
+                src = _Source.__new__(_Source)
+                src.data, src.incarnation, src.mrope_delta = st.data, st.incarnation, st.mrope_delta
+                src.next_epoch, src.sent, src.total = st.next_epoch, st.sent, st.total
+                sources.append(src)
+            if sources:
+                lives[rid] = sources
+        parked = {rid: deque(posts) for rid, posts in snapshot.parked if posts}
+        for posts in parked.values():
+            if not all(type(p) is RoundPost for p in posts):
+                raise InvalidArgumentError("snapshot parks something that is not a RoundPost")
+        self._lives, self._parked = lives, parked
+        self._cancelled, self._ended = dict(snapshot.cancelled), dict(snapshot.ended)
+        self.rounds_served, self.repeated_posts = snapshot.rounds_served, snapshot.repeated_posts
+        self.stale_posts, self.malformed_posts = snapshot.stale_posts, snapshot.malformed_posts
+        self._snap = snapshot
 
     # -- lives -----------------------------------------------------------------------
 
@@ -276,12 +363,8 @@ class EmbeddingSender:
                 f"{post.expect_tokens}",
             )
             return
-        # The total and mRoPE delta travel with round 0 only; the progress marker
-        # (aux[2]) with every round, for receivers that dedup by progress.
-        if post.epoch == 0:
-            aux: tuple[int, ...] = (src.total, src.mrope_delta, src.sent + n)
-        else:
-            aux = (0, 0, src.sent + n)
+        # The total and mRoPE delta travel with round 0 only; later rounds zero the row.
+        aux = (src.total, src.mrope_delta) if post.epoch == 0 else None
         try:
             self.transport.write_round(post, src.data.narrow(src.sent, n), aux)
         except (InvalidArgumentError, TransportError) as error:
@@ -336,6 +419,3 @@ def _check_source(source: EmbeddingTensors) -> None:
             "source.embeddings requires grad; pass embeddings.detach() (the transfer copies "
             "bytes and must not join an autograd graph)"
         )
-
-
-__all__ = ["EmbeddingSender"]

@@ -3,6 +3,10 @@
 Every state change goes through the compiled protocol table. Idle polling is a
 dict lookup; :meth:`ResumableReceiver.step` does work only for statuses that
 arrived and requests waiting for blocks.
+
+One file: :class:`ResumableReceiver` is one state machine, whose one method that runs
+a transition (``_fire``) dispatches to the actions beside it; split across files, the
+table's actions and the code they name would no longer be read together.
 """
 
 from __future__ import annotations
@@ -11,18 +15,17 @@ import os
 from collections import deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, Literal
+from typing import TYPE_CHECKING, Final, Literal, NamedTuple
 
 from resumekit._check import (
     as_int,
     check_bool,
     check_hashable,
     check_interface,
-    check_request_id,
     check_str,
 )
-from resumekit.allocator.block_allocator import BlockAllocator
-from resumekit.allocator.buffers import AUX_MROPE_DELTA, AUX_PROGRESS, AUX_TOTAL_TOKENS
+from resumekit.allocator.block_allocator import Allocation, BlockAllocator
+from resumekit.allocator.buffers import AUX_MROPE_DELTA, AUX_TOTAL_TOKENS
 from resumekit.errors import (
     DuplicateRequestError,
     InvalidArgumentError,
@@ -32,9 +35,8 @@ from resumekit.errors import (
     TransportError,
     UnknownRequestError,
 )
-from resumekit.statemachine.declaration import TABLE, Action, Event, TransferState
-from resumekit.statemachine.dedup import EpochFilter, Observation, RoundFilter, Verdict
-from resumekit.statemachine.messages import (
+from resumekit.protocol.declaration import TABLE, Action, Event, TransferState
+from resumekit.protocol.messages import (
     NO_EPOCH,
     ROUND_STATUSES,
     Cancelled,
@@ -46,14 +48,14 @@ from resumekit.statemachine.messages import (
     Status,
     malformed_status,
 )
-from resumekit.statemachine.sizing import DEFAULT_WASTE, AutoSizer
+from resumekit.protocol.rounds import Verdict, by_epoch
+from resumekit.protocol.sizing import DEFAULT_WASTE, AutoSizer, SizerSnapshot
 
 if TYPE_CHECKING:
-    from resumekit.allocator.block_allocator import Allocation
     from resumekit.allocator.buffers import BlockBuffers, EmbeddingTensors
-    from resumekit.statemachine.transport import ReceiverTransport
+    from resumekit.protocol.interfaces import ReceiverTransport
 
-RECEIVER_TRANSPORT_METHODS: Final = ("post_round", "cancel", "poll_statuses")
+RECEIVER_TRANSPORT_METHODS: Final = ("post_round", "cancel", "poll_statuses", "check_request_id")
 
 DEFAULT_ALLOCATE_TOKENS: Final = 8192
 AUTO: Final = "auto"
@@ -72,7 +74,6 @@ class RequestRecord:
         "epoch",
         "hint",
         "incarnation",
-        "memo",
         "mrope_delta",
         "output",
         "reason",
@@ -97,8 +98,85 @@ class RequestRecord:
         self.reason: str | None = None
         self.rounds = 0
         self.stale = 0
-        self.memo: object = None  # the round filter's per-request memory
         self.hint: Hashable = None  # the engine's size hint (auto round-0 sizing)
+
+    def frozen(self) -> RecordState:
+        """This record as an immutable value."""
+        return RecordState(
+            self.rid,
+            self.incarnation,
+            self.state,
+            self.epoch,
+            self.allocation,
+            self.sent,
+            self.total,
+            self.mrope_delta,
+            self.output,
+            self.reason,
+            self.rounds,
+            self.stale,
+            self.hint,
+        )
+
+    @classmethod
+    def thawed(cls, state: RecordState) -> RequestRecord:
+        """A record holding ``state`` (checked by :meth:`ResumableReceiver.restore`)."""
+        rec = cls(state.rid, state.incarnation)
+        (
+            _,
+            _,
+            rec.state,
+            rec.epoch,
+            rec.allocation,
+            rec.sent,
+            rec.total,
+            rec.mrope_delta,
+            rec.output,
+            rec.reason,
+            rec.rounds,
+            rec.stale,
+            rec.hint,
+        ) = state
+        return rec
+
+
+class RecordState(NamedTuple):
+    """One request's record as a value: the fields of :class:`RequestRecord`."""
+
+    rid: Hashable
+    incarnation: int
+    state: TransferState
+    epoch: int
+    allocation: Allocation | None
+    sent: int
+    total: int | None
+    mrope_delta: int
+    output: EmbeddingTensors | None  # shared with the record, never copied
+    reason: str | None
+    rounds: int
+    stale: int
+    hint: Hashable
+
+
+class ReceiverSnapshot(NamedTuple):
+    """A receiver's whole state as a value: :meth:`ResumableReceiver.snapshot`.
+
+    ``admissions`` and ``resumes`` hold the very :class:`RecordState` objects of
+    ``records`` for the requests still known, in queue order; a queue entry of a
+    request taken since (dropped the next time the queue is served) is a state of its own.
+    """
+
+    records: tuple[RecordState, ...]  # in the order the requests were added
+    admissions: tuple[RecordState, ...]
+    resumes: tuple[RecordState, ...]
+    quarantine: tuple[tuple[tuple[Hashable, int, int], Allocation], ...]
+    finished: tuple[Hashable, ...]
+    next_incarnation: int
+    stale_statuses: int
+    orphan_statuses: int
+    malformed_statuses: int
+    peer_lost: str | None
+    sizer: SizerSnapshot | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,9 +235,10 @@ class ResumableReceiver:
 
     ``default_allocate_tokens`` sizes round 0 (default: the environment
     variable ``RESUMEKIT_DEFAULT_ALLOCATE_TOKENS``, else 8192); ``"auto"``
-    learns it per size hint (:class:`~resumekit.statemachine.sizing.AutoSizer`,
+    learns it per size hint (:class:`~resumekit.protocol.sizing.AutoSizer`,
     at most ``auto_waste`` expected over-allocation); ``max_resume_tokens`` caps
-    what each resume allocates.
+    what each resume allocates; ``observer`` is told of every round posted and
+    consumed and every failure (a trace, a ledger).
     """
 
     def __init__(
@@ -169,7 +248,6 @@ class ResumableReceiver:
         default_allocate_tokens: int | Literal["auto"] | None = None,
         *,
         max_resume_tokens: int | None = None,
-        round_filter: RoundFilter | None = None,
         observer: ReceiverObserver | None = None,
         auto_waste: float = DEFAULT_WASTE,
     ) -> None:
@@ -178,8 +256,6 @@ class ResumableReceiver:
         if not isinstance(getattr(buffers, "allocator", None), BlockAllocator):
             raise InvalidArgumentError("buffers must be a BlockBuffers; its allocator is missing")
         check_interface(transport, "transport", "ReceiverTransport", RECEIVER_TRANSPORT_METHODS)
-        if round_filter is not None:
-            check_interface(round_filter, "round_filter", "RoundFilter", ("judge", "remember"))
         if observer is not None:
             check_interface(
                 observer,
@@ -224,8 +300,8 @@ class ResumableReceiver:
         self.transport = transport
         self.default_allocate_tokens = default_allocate_tokens
         self.max_resume_tokens = max_resume_tokens
-        self.round_filter: RoundFilter = round_filter or EpochFilter()
         self.observer = observer
+        self._snap: ReceiverSnapshot | None = None  # the last snapshot, while nothing changed
         self._records: dict[Hashable, RequestRecord] = {}
         self._admissions: deque[RequestRecord] = deque()
         self._resumes: deque[RequestRecord] = deque()
@@ -252,11 +328,12 @@ class ResumableReceiver:
         an orphan and never touches the new one.
         """
         check_hashable(rid, "rid")
-        check_request_id(self.transport, rid)
+        self.transport.check_request_id(rid)
         check_bool(bootstrapped, "bootstrapped")
         check_hashable(size_hint, "size_hint")
         if rid in self._records:
             raise DuplicateRequestError(f"request {rid!r} is already known")
+        self._snap = None
         req = RequestRecord(rid, self._next_incarnation)
         req.hint = size_hint
         self._next_incarnation += 1
@@ -275,6 +352,7 @@ class ResumableReceiver:
         req = self._record(rid)
         if TABLE[req.state].get(Event.BOOTSTRAPPED) is None:
             raise InvalidArgumentError(f"request {rid!r} is {req.state.name}, not Bootstrapping")
+        self._snap = None
         self._fire(req, Event.BOOTSTRAPPED)
 
     def poll(self, rid: Hashable) -> TransferState:
@@ -292,6 +370,7 @@ class ResumableReceiver:
         check_str(reason, "reason")
         if req.state.terminal:
             return False
+        self._snap = None
         self._fail(req, reason, peer_alive=True)
         return True
 
@@ -299,12 +378,15 @@ class ResumableReceiver:
         """One event-loop iteration; returns the ids that finished since the last step."""
         statuses = self.transport.poll_statuses()
         if statuses:
+            self._snap = None
             for status in statuses:
                 self._on_status(status)
         if self._resumes or self._admissions:
+            self._snap = None
             self._serve_waiting()
         if not self._finished:
             return _NOTHING
+        self._snap = None
         finished, self._finished = self._finished, []
         return finished
 
@@ -313,6 +395,7 @@ class ResumableReceiver:
         req = self._record(rid)
         if not req.state.terminal:
             raise RequestNotFinishedError(f"request {rid!r} is {req.state.name}")
+        self._snap = None
         del self._records[rid]
         return TransferResult(
             rid,
@@ -357,6 +440,98 @@ class ResumableReceiver:
                 f"{len(self._quarantine)} round(s) in quarantine {list(self._quarantine)[:8]}",
             )
         self.allocator.check_quiescent()
+
+    def snapshot(self) -> ReceiverSnapshot:
+        """The whole state as an immutable value: what a checker reads, copies and keys.
+
+        Outputs are shared, not copied. :meth:`restore` puts a receiver back into it.
+        Until the receiver changes, it returns the same object.
+        """
+        if self._snap is not None:
+            return self._snap
+        frozen: dict[int, RecordState] = {}
+        records = []
+        for rec in self._records.values():
+            state = frozen[id(rec)] = rec.frozen()
+            records.append(state)
+
+        def queue(waiting: deque[RequestRecord]) -> tuple[RecordState, ...]:
+            return tuple([frozen.get(id(r)) or r.frozen() for r in waiting])
+
+        snap = self._snap = ReceiverSnapshot(
+            tuple(records),
+            queue(self._admissions),
+            queue(self._resumes),
+            tuple(self._quarantine.items()),
+            tuple(self._finished),
+            self._next_incarnation,
+            self.stale_statuses,
+            self.orphan_statuses,
+            self.malformed_statuses,
+            self.peer_lost,
+            None if self.sizer is None else self.sizer.snapshot(),
+        )
+        return snap
+
+    def restore(self, snapshot: ReceiverSnapshot) -> None:
+        """Put this receiver into ``snapshot`` (taken of it, or of one on the same pool).
+
+        Every allocation it names must be live in this receiver's allocator (restore
+        the allocator first). Raises :class:`InvalidArgumentError` and changes
+        nothing otherwise.
+        """
+        if snapshot is self._snap and snapshot is not None:
+            return  # it holds that state already
+        if not isinstance(snapshot, ReceiverSnapshot):
+            raise InvalidArgumentError(
+                f"snapshot must be a ReceiverSnapshot, not {type(snapshot).__name__}"
+            )
+        if (snapshot.sizer is None) != (self.sizer is None):
+            raise InvalidArgumentError(
+                "snapshot: its round-0 sizing (fixed or auto) is not this receiver's"
+            )
+        thawed: dict[int, RequestRecord] = {}
+
+        def thaw(state: object) -> RequestRecord:
+            rec = thawed.get(id(state))
+            if rec is None:
+                if not isinstance(state, RecordState) or not isinstance(state.state, TransferState):
+                    raise InvalidArgumentError(f"snapshot holds {state!r}, not a RecordState")
+                self._check_held(state.allocation)
+                rec = thawed[id(state)] = RequestRecord.thawed(state)
+            return rec
+
+        records: dict[Hashable, RequestRecord] = {}
+        for state in snapshot.records:
+            rec = thaw(state)
+            if rec.rid in records:
+                raise InvalidArgumentError(f"snapshot holds request {rec.rid!r} twice")
+            records[rec.rid] = rec
+        admissions = deque([thaw(s) for s in snapshot.admissions])
+        resumes = deque([thaw(s) for s in snapshot.resumes])
+        quarantine = dict(snapshot.quarantine)
+        for allocation in quarantine.values():
+            self._check_held(allocation)
+        if self.sizer is not None:
+            assert snapshot.sizer is not None
+            self.sizer.restore(snapshot.sizer)
+        self._records, self._admissions, self._resumes = records, admissions, resumes
+        self._quarantine = quarantine
+        self._finished = list(snapshot.finished)
+        self._next_incarnation = snapshot.next_incarnation
+        self.stale_statuses = snapshot.stale_statuses
+        self.orphan_statuses = snapshot.orphan_statuses
+        self.malformed_statuses = snapshot.malformed_statuses
+        self.peer_lost = snapshot.peer_lost
+        self._snap = snapshot
+
+    def _check_held(self, allocation: object) -> None:
+        if allocation is not None and not (
+            isinstance(allocation, Allocation) and self.allocator.is_live(allocation)
+        ):
+            raise InvalidArgumentError(
+                f"snapshot names {allocation!r}, which is not live in this receiver's allocator"
+            )
 
     # -- statuses ------------------------------------------------------------------
 
@@ -413,12 +588,12 @@ class ResumableReceiver:
         if req.state.terminal:
             self._stale(req)
             return
-        allocation = req.allocation
         verdict, landed = (
-            self._judge(req, allocation, status)
+            self._classify(req, status)
             if req.state is S.Transferring and status.epoch >= 0
             else (Verdict.UNEXPECTED, status)
         )
+        allocation = req.allocation
         if verdict is Verdict.STALE:
             self._stale(req)
             return
@@ -436,35 +611,16 @@ class ResumableReceiver:
             return
         self._fire(req, Event.LANDED, landed.final, landed)
 
-    def _judge(
-        self, req: RequestRecord, allocation: Allocation | None, status: Landed
-    ) -> tuple[Verdict, Landed]:
-        """Ask the round filter; a filter that cannot see epochs gets a KVPoll-style view."""
-        f = self.round_filter
-        sees = f.sees_epoch
-        total, marker = req.total, None
-        if allocation is not None and (f.reads_buffers or (total is None and not sees)):
-            aux = self.buffers.read_aux(allocation)
-            marker = aux[AUX_PROGRESS] if f.reads_buffers else None
-            if total is None and not sees:
-                total = aux[AUX_TOTAL_TOKENS]  # KVPoll designs learn the total from round 0's aux
-        obs = Observation(
-            status.final,
-            status.epoch if sees else None,
-            status.tokens if sees else None,
-            req.epoch,
-            allocation.blocks if allocation is not None else None,
-            allocation.capacity_tokens if allocation is not None else 0,
-            req.sent,
-            total,
-            marker,
-        )
-        verdict, tokens = f.judge(obs, req.memo)
-        if sees or verdict is not Verdict.CURRENT:
-            return verdict, status
-        return verdict, Landed(
-            req.rid, req.epoch, tokens, total or 0, status.final, incarnation=req.incarnation
-        )
+    def _classify(self, req: RequestRecord, status: Landed) -> tuple[Verdict, Landed]:
+        """Whether ``status`` is ``req``'s round in flight, and the status to consume.
+
+        resumekit decides by epoch alone (:func:`~resumekit.protocol.rounds.by_epoch`).
+        This is the one hook a subclass may override: the checkers' reference
+        designs (``resumekit.properties.strategies``) decide here what a KVPoll-only
+        engine would, from what it sees (the status without its epoch, the posted
+        blocks, the buffers), and return the status they believe arrived.
+        """
+        return by_epoch(req.epoch, status.epoch, req.allocation is not None), status
 
     def _check_round(
         self, req: RequestRecord, allocation: Allocation, status: Landed
@@ -634,7 +790,6 @@ class ResumableReceiver:
         if self.observer is not None:
             self.observer.round_consumed(req.rid, status.epoch, status.tokens, allocation)
         self.allocator.free(allocation)
-        req.memo = self.round_filter.remember(req.memo, allocation.blocks, req.sent)
 
     def _try_resume(self, req: RequestRecord, *, early: bool = False) -> bool:
         """Allocate and post the next round.
@@ -724,14 +879,3 @@ class ResumableReceiver:
     @staticmethod
     def _in_flight_epoch(req: RequestRecord) -> str:
         return str(req.epoch) if req.allocation is not None else "none"
-
-
-__all__ = [
-    "DEFAULT_ALLOCATE_TOKENS",
-    "ENV_DEFAULT_ALLOCATE_TOKENS",
-    "ReceiverObserver",
-    "RequestRecord",
-    "ResumableReceiver",
-    "TransferResult",
-    "default_allocate_tokens_from_env",
-]

@@ -1,5 +1,6 @@
-"""Sender and receiver in two processes on loopback, over :class:`TorchDistributedTransport`
-(gloo) or :class:`~resumekit.statemachine.mooncake.MooncakeTransport` (TCP).
+"""Sender and receiver in two processes on loopback, over
+:func:`~resumekit.transports.torch.TorchDistributedTransport` (gloo) or
+:func:`~resumekit.transports.mooncake.MooncakeTransport` (TCP).
 
 The engine of ``resumekit simulate --transport torch|mooncake`` and of the
 two-process tests. Both processes are started with ``torch.multiprocessing`` (spawn) and
@@ -25,23 +26,18 @@ import torch.multiprocessing as mp
 from resumekit.allocator import BlockAllocator, BlockBuffers, EmbeddingTensors, ReuseOrder
 from resumekit.allocator.buffers import DEFAULT_AUX_SIZE
 from resumekit.errors import InvalidArgumentError, TransportError
-from resumekit.simulate import (
-    RoundLog,
-    RoundRow,
-    SimulationReport,
-    default_pool_blocks,
-    random_source,
+from resumekit.protocol import EmbeddingSender, ResumableReceiver, RoundPost
+from resumekit.sim.simulate import RoundLog, RoundRow, SimulationReport, random_source
+from resumekit.transports._threaded import ThreadedEnd
+from resumekit.transports.inprocess import InProcessTransport
+from resumekit.transports.inprocess.loopback import default_pool_blocks
+from resumekit.transports.mooncake import (
+    MooncakeSenderEnd,
+    MooncakeTransport,
+    load_mooncake,
 )
-from resumekit.statemachine import (
-    EmbeddingSender,
-    InProcessTransport,
-    ResumableReceiver,
-    RoundPost,
-)
-from resumekit.statemachine.distributed import TorchDistributedTransport
-from resumekit.statemachine.mooncake import MooncakeSenderEnd, MooncakeTransport, load_mooncake
-from resumekit.statemachine.torch_sender import TorchSenderEnd
-from resumekit.statemachine.wire import DATA, TAG_DATA, TAG_TO_RECEIVER
+from resumekit.transports.torch import TorchDistributedTransport, TorchEnd, TorchSenderEnd
+from resumekit.transports.torch.wire import DATA, TAG_DATA, TAG_TO_RECEIVER
 
 IDLE_SLEEP = 0.0002  # seconds a drain loop yields (gloo's threads need CPU)
 IDLE_WAIT = 0.05  # longest a loop with nothing to do blocks in transport.wait()
@@ -217,7 +213,7 @@ def _receiver_main(cfg: PairConfig, port: int, control: tuple[str, str], queue: 
     payload = _init(0, port, cfg)
     allocator = BlockAllocator(cfg.pool_blocks, cfg.block_size, reuse=cfg.reuse)
     buffers = BlockBuffers(allocator, cfg.hidden, device="cpu", aux_size=cfg.aux_size)
-    transport: TorchDistributedTransport | MooncakeTransport
+    transport: ThreadedEnd
     if cfg.transport == "mooncake":
         transport = MooncakeTransport(
             "receiver", listen=control[0], peer=control[1], buffers=buffers, timeout=cfg.timeout
@@ -377,18 +373,16 @@ class _FailingSenderTransport(TorchSenderEnd):
 def _sender_main(cfg: PairConfig, port: int, control: tuple[str, str]) -> None:
     start = time.monotonic()
     payload = _init(1, port, cfg)
-    transport: TorchDistributedTransport | MooncakeTransport
+    transport: TorchSenderEnd | MooncakeSenderEnd
     if cfg.transport == "mooncake":
         ends: dict[str, Any] = {"listen": control[1], "peer": control[0], "timeout": cfg.timeout}
         if cfg.fault_round is not None:
-            transport = _FailingMooncakeSender(
-                "sender", fault_round=cfg.fault_round, fault=cfg.fault, **ends
-            )
+            transport = _FailingMooncakeSender(fault_round=cfg.fault_round, fault=cfg.fault, **ends)
         else:
             transport = MooncakeTransport("sender", **ends)
     elif cfg.fault_round is not None:
         transport = _FailingSenderTransport(
-            "sender", 0, fault_round=cfg.fault_round, fault=cfg.fault, owns_group=True, **payload
+            0, fault_round=cfg.fault_round, fault=cfg.fault, owns_group=True, **payload
         )
     else:
         transport = TorchDistributedTransport("sender", 0, owns_group=True, **payload)
@@ -435,7 +429,7 @@ def _zmq(port: int) -> str:
     return f"tcp://127.0.0.1:{port}"
 
 
-def _drain(transport: TorchDistributedTransport, until: float) -> None:
+def _drain(transport: TorchEnd, until: float) -> None:
     while transport.pending_sends() and time.monotonic() < until:
         time.sleep(IDLE_SLEEP)
 

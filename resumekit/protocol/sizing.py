@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Hashable
-from typing import Final
+from typing import Final, NamedTuple
 
 from resumekit._check import as_int
 from resumekit.errors import InvalidArgumentError
@@ -24,6 +24,14 @@ DEFAULT_WASTE: Final = 0.25
 DEFAULT_WINDOW: Final = 256
 MIN_SAMPLES: Final = 16  # below this many sizes for a hint, the fixed default is used
 REFRESH: Final = 32  # the choice is recomputed every this many new sizes of a hint
+
+
+class SizerSnapshot(NamedTuple):
+    """An :class:`AutoSizer`'s learned state as a value, per hint in the order first seen."""
+
+    sizes: tuple[tuple[Hashable, tuple[int, ...]], ...]
+    fresh: tuple[tuple[Hashable, int], ...]
+    choice: tuple[tuple[Hashable, int], ...]
 
 
 class AutoSizer:
@@ -79,6 +87,24 @@ class AutoSizer:
             fresh = 0
         self._fresh[hint] = fresh
 
+    def snapshot(self) -> SizerSnapshot:
+        """What it has learned, as an immutable value."""
+        return SizerSnapshot(
+            tuple([(h, tuple(q)) for h, q in self._sizes.items()]),
+            tuple(self._fresh.items()),
+            tuple(self._choice.items()),
+        )
+
+    def restore(self, snapshot: SizerSnapshot) -> None:
+        """Forget what it learned since ``snapshot``; the settings stay."""
+        if not isinstance(snapshot, SizerSnapshot):
+            raise InvalidArgumentError(
+                f"snapshot must be a SizerSnapshot, not {type(snapshot).__name__}"
+            )
+        self._sizes = {h: deque(q, maxlen=self.window) for h, q in snapshot.sizes}
+        self._fresh = dict(snapshot.fresh)
+        self._choice = dict(snapshot.choice)
+
     def best(self, sizes: list[int]) -> int:
         """The allocation, in whole blocks, with the fewest expected rounds over ``sizes``
         (the smallest such) whose expected over-allocation is within the bound."""
@@ -104,6 +130,3 @@ class AutoSizer:
         if self.resume_tokens is None:
             return 2
         return 1 + -(-(size - first) // self.resume_tokens)
-
-
-__all__ = ["DEFAULT_WASTE", "MIN_SAMPLES", "AutoSizer"]

@@ -1,0 +1,478 @@
+"""The model the bounded explorer explores: the real protocol objects under an adversary.
+
+Stateright's shape: :meth:`Harness.initial_world`, :meth:`Harness.actions`,
+:meth:`Harness.apply` (the next state, computed by calling the real receiver,
+sender and allocator) and the properties (:meth:`Harness.done_problems`, and the
+liveness the explorer proves over the graph); the state's key is in
+:mod:`~resumekit.properties.abstraction`, an action's words in
+:mod:`~resumekit.properties.trace`, the bounds in :mod:`~resumekit.properties.bounds`.
+The harness owns only what the engine and the network do: which request is added
+when, which status is delivered, which post the sender reads, and the faults within
+the bounds. Every decision about rounds, blocks and failures is the shipped code's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterator
+from itertools import combinations_with_replacement
+from typing import Any, Final
+
+from resumekit.properties.abstraction import key, status_order
+from resumekit.properties.bounds import BUDGET_INDEX, Bounds
+from resumekit.properties.invariants import (
+    INTEGRITY,
+    LIVENESS,
+    NO_LEAK,
+    PROGRESS,
+    InvariantViolation,
+    nothing_left,
+    output_intact,
+    stale_changes_nothing,
+    succeeds_without_faults,
+)
+from resumekit.properties.strategies import Strategy
+from resumekit.properties.world import (
+    PRESSURE,
+    CellBuffers,
+    CheckedAllocator,
+    ExplorerTransport,
+    Ledger,
+    TokenSource,
+    World,
+    WorldState,
+)
+from resumekit.protocol import messages as msg
+from resumekit.protocol.declaration import TransferState
+from resumekit.protocol.receiver import ResumableReceiver
+from resumekit.protocol.sender import EmbeddingSender
+
+S = TransferState
+MROPE_BASE: Final = 1000  # life ``label`` announces mRoPE delta ``MROPE_BASE + label``
+DUP, ABORT, CRASHES, GRAB, SQUEEZE, FORGE, REUSE, RESTART, POISON = (
+    BUDGET_INDEX[name]
+    for name in (
+        *("duplicate", "abort", "crash", "grab", "squeeze"),
+        *("forge", "reuse", "restart", "poison"),
+    )
+)
+
+
+class Harness:
+    """Initial worlds, enabled actions and successors of the real protocol under ``bounds``."""
+
+    def __init__(self, bounds: Bounds, strategy: Strategy) -> None:
+        self.bounds = bounds
+        self.strategy = strategy
+        self.remembers_blocks = strategy.remembers_blocks
+        self.sources: dict[tuple[int, int], TokenSource] = {}
+
+    # -- initial states ----------------------------------------------------------------
+
+    def initial_totals(self) -> Iterator[tuple[int, ...]]:
+        """Each multiset of totals once: requests are interchangeable (the request symmetry)."""
+        b = self.bounds
+        sizes = [k * b.block_size for k in range(1, b.max_rounds + 1)]
+        yield from combinations_with_replacement(sizes, b.requests)
+
+    def initial_world(self, totals: tuple[int, ...]) -> World:
+        b = self.bounds
+        ledger = Ledger()
+        allocator = CheckedAllocator(b.blocks, b.block_size, reuse=b.reuse)  # type: ignore[arg-type]
+        allocator.ledger = ledger
+        buffers = CellBuffers(allocator, ledger)
+        transport = ExplorerTransport(buffers, ledger)
+        receiver = self.strategy.receiver(
+            buffers,  # type: ignore[arg-type]
+            transport,
+            b.default_blocks * b.block_size,
+        )
+        w = World()
+        w.receiver, w.allocator = receiver, allocator
+        w.buffers, w.transport, w.ledger = buffers, transport, ledger
+        w.sender = EmbeddingSender(transport)
+        w.totals = totals
+        w.added = (False,) * len(totals)
+        w.encoded = (False,) * len(totals)
+        w.lives = (1,) * len(totals)
+        w.budget = b.budget
+        w.hurt = (False,) * len(totals)
+        for r in range(len(totals)):
+            ledger.labels[r] = self._label(w, r)
+            if not b.late_sources:
+                self._encode(w, r)
+        return w
+
+    def _label(self, w: World, r: int) -> int:
+        """The current life of request ``r``: its tokens are ``(label, i)``."""
+        return r + len(w.totals) * (w.lives[r] - 1)
+
+    def _encode(self, w: World, r: int) -> None:
+        """The encode side finishes request ``r``'s current life: its source goes to the sender."""
+        label = w.ledger.labels[r]
+        w.encoded = _set(w.encoded, r, True)
+        total = w.totals[r]
+        src = self.sources.get((label, total))
+        if src is None:
+            src = self.sources[(label, total)] = TokenSource.make(label, total)
+        w.sender.add(r, src, mrope_delta=MROPE_BASE + label)
+
+    # -- actions -----------------------------------------------------------------------
+
+    def key(self, s: WorldState) -> tuple[Any, ...]:
+        """The abstraction of state ``s`` (:func:`~resumekit.properties.abstraction.key`)."""
+        return key(s, self.remembers_blocks)
+
+    def actions(self, w: World, s: WorldState) -> list[tuple[Any, ...]]:
+        """Every action enabled in ``w``, which holds state ``s``."""
+        out: list[tuple[Any, ...]] = [("add", r) for r, done in enumerate(w.added) if not done]
+        out.extend(("encode", r) for r, done in enumerate(w.encoded) if not done)
+        receiver, t, allocator = w.receiver, w.transport, w.allocator
+        if s.receiver.resumes or s.receiver.admissions or t.loss_seen:
+            out.append(("step",))
+        statuses = sorted(set(t.statuses), key=status_order)
+        out.extend(("deliver", s) for s in statuses)
+        if t.events:
+            out.append(("event",))
+        if self.bounds.batches and len(t.statuses) + len(t.events) > 1:
+            out.append(("deliver-all",))
+        if t.posts and t.sender_alive:
+            out.append(("send",))
+        dups, aborts, crashes, grab, squeeze, forge, reuse, restart, poison = w.budget
+        if dups:
+            out.extend(("duplicate", s) for s in statuses if type(s) in msg.ROUND_STATUSES)
+        n = len(w.totals)
+        live = [r for r in range(n) if w.added[r] and not receiver.poll(r).terminal]
+        if aborts:
+            out.extend(("abort", r) for r in live)
+        if crashes and t.sender_alive:
+            out.append(("crash",))
+            if t.posts and type(t.posts[0]) is msg.RoundPost:
+                out.append(("crash-mid-round",))
+        if squeeze and allocator.num_free_blocks:
+            out.append(("squeeze",))
+        if grab and not allocator.grab_armed:
+            out.append(("grab",))
+        if allocator.pressure:
+            out.append(("unsqueeze",))
+        if forge:
+            for r in live:
+                out.extend(("forge", r, kind, far) for kind in FORGED for far in (False, True))
+                if receiver.record(r).allocation is not None:
+                    out.append(("forge", r, "oversized", False))
+        if reuse:
+            out.extend(("reuse", r) for r in range(n) if w.added[r] and receiver.poll(r).terminal)
+        if restart and t.sender_alive:
+            out.append(("restart",))
+        if poison:
+            for r in live:
+                out.append(("poison", r))
+                if t.sender_alive:
+                    out.append(("poison-post", r))
+        return out
+
+    def apply(self, w: World, action: tuple[Any, ...]) -> None:
+        """Perform ``action`` on ``w`` in place, through the real objects' public API."""
+        handler = _HANDLERS.get(action[0])
+        if handler is None:
+            raise ValueError(f"unknown action {action!r}")
+        handler(self, w, action)
+
+    # -- one handler per action kind: the engine's, the network's, the faults' --------
+
+    def _deliver(self, w: World, action: tuple[Any, ...]) -> None:
+        status, t, receiver = action[1], w.transport, w.receiver
+        i = t.statuses.index(status)
+        t.statuses = t.statuses[:i] + t.statuses[i + 1 :]
+        before = self._stale_snapshot(w, status)
+        t.deliver = (status,)
+        self._receiver_step(w)
+        if before is not None:
+            problem = stale_changes_nothing(status.rid, before, _record_view(receiver, status.rid))
+            if problem is not None:
+                raise InvariantViolation(PROGRESS, problem)
+
+    def _event(self, w: World, action: tuple[Any, ...]) -> None:
+        t = w.transport
+        t.deliver, t.events = t.events[:1], t.events[1:]
+        self._receiver_step(w)
+
+    def _deliver_all(self, w: World, action: tuple[Any, ...]) -> None:
+        t = w.transport
+        t.deliver = t.events + tuple(sorted(t.statuses, key=status_order))
+        t.statuses, t.events = (), ()
+        self._receiver_step(w)
+
+    def _step(self, w: World, action: tuple[Any, ...]) -> None:
+        self._receiver_step(w)
+
+    def _receiver_step(self, w: World) -> None:
+        """One receiver step (fairness checked); after a restart, the new sender connects."""
+        _checked_step(w)
+        if w.transport.new_sender:
+            self._connect_new_sender(w)
+
+    def _send(self, w: World, action: tuple[Any, ...]) -> None:
+        t = w.transport
+        t.hand_over, t.posts = t.posts[:1], t.posts[1:]
+        w.sender.step()
+
+    def _add(self, w: World, action: tuple[Any, ...]) -> None:
+        r, t, receiver = action[1], w.transport, w.receiver
+        w.added = _set(w.added, r, True)
+        if t.restarting or receiver.peer_lost is not None or not t.sender_alive:
+            w.hurt = _set(w.hurt, r, True)  # added while the sender is (known) gone:
+            w.encoded = _set(w.encoded, r, True)  # its source is lost with the link
+        receiver.add(r)
+        w.ledger.lives[receiver.record(r).incarnation] = w.lives[r]
+
+    def _duplicate(self, w: World, action: tuple[Any, ...]) -> None:
+        w.budget = _spend(w.budget, DUP)
+        w.transport.statuses += (action[1],)
+
+    def _abort(self, w: World, action: tuple[Any, ...]) -> None:
+        w.budget = _spend(w.budget, ABORT)
+        w.hurt = _set(w.hurt, action[1], True)
+        w.receiver.abort(action[1])
+
+    def _crash(self, w: World, action: tuple[Any, ...]) -> None:
+        w.budget = _spend(w.budget, CRASHES)
+        w.hurt = (True,) * len(w.hurt)
+        t = w.transport
+        if action[0] == "crash":
+            t.crash()
+            return
+        t.crash_armed = True  # crash-mid-round: write the next round, die before reporting
+        t.hand_over, t.posts = t.posts[:1], t.posts[1:]
+        w.sender.step()
+        if t.sender_alive:  # the post wrote nothing: the sender dies all the same
+            t.crash()
+
+    def _squeeze(self, w: World, action: tuple[Any, ...]) -> None:
+        if action[0] == "squeeze":
+            w.budget = _spend(w.budget, SQUEEZE)
+            w.allocator.squeeze()
+        else:
+            w.budget = _spend(w.budget, GRAB)
+            w.allocator.grab_armed = True
+
+    def _unsqueeze(self, w: World, action: tuple[Any, ...]) -> None:
+        allocator = w.allocator
+        allocator.free(allocator.pressure[-1])
+        allocator.pressure = allocator.pressure[:-1]
+
+    def _forge(self, w: World, action: tuple[Any, ...]) -> None:
+        """Deliver at once a status for a round of ``r`` not posted: the next, or a far one."""
+        w.budget = _spend(w.budget, FORGE)
+        r, what, far = action[1], action[2], action[3]
+        w.hurt = _set(w.hurt, r, True)
+        rec = w.receiver.record(r)
+        epoch, inc = rec.epoch + (2 * self.bounds.max_rounds if far else 1), rec.incarnation
+        forged: msg.Status
+        if what == "oversized":  # the round in flight, with more tokens than its blocks hold
+            assert rec.allocation is not None
+            tokens = rec.allocation.capacity_tokens + 1
+            forged = msg.Landed(r, rec.epoch, tokens, rec.sent + tokens, True, incarnation=inc)
+        elif what == "landed":
+            forged = msg.Landed(r, epoch, 1, w.totals[r], False, incarnation=inc)
+        elif what == "cancelled":
+            forged = msg.Cancelled(r, epoch, incarnation=inc)
+        else:
+            forged = msg.SenderError(r, epoch, "forged", incarnation=inc)
+        w.transport.deliver = (forged,)
+        self._receiver_step(w)
+
+    def _reuse_id(self, w: World, action: tuple[Any, ...]) -> None:
+        w.budget = _spend(w.budget, REUSE)
+        self._reuse(w, action[1])
+
+    def _restart(self, w: World, action: tuple[Any, ...]) -> None:
+        w.budget = _spend(w.budget, RESTART)
+        w.hurt = tuple(h or a for h, a in zip(w.hurt, w.added, strict=True))
+        # What the old encoder had not finished for started requests dies with it.
+        w.encoded = tuple(e or a for e, a in zip(w.encoded, w.added, strict=True))
+        w.transport.crash("sender restarted")
+        w.transport.restarting = True
+
+    def _poison(self, w: World, action: tuple[Any, ...]) -> None:
+        w.budget = _spend(w.budget, POISON)
+        r = action[1]
+        w.hurt = _set(w.hurt, r, True)
+        rec = w.receiver.record(r)
+        garbled: Any = None  # a field of the wrong type, as a broken decoder would make it
+        if action[0] == "poison":
+            bad: Any = msg.Landed(r, garbled, 1, w.totals[r], False, incarnation=rec.incarnation)
+            w.transport.statuses += (bad,)
+            return
+        bad = msg.RoundPost(
+            r, rec.epoch, (garbled,), 1, rec.sent, None, None, incarnation=rec.incarnation
+        )
+        w.transport.hand_over = (bad,)
+        w.sender.step()
+
+    def _encode_late(self, w: World, action: tuple[Any, ...]) -> None:
+        self._encode(w, action[1])
+
+    def _connect_new_sender(self, w: World) -> None:
+        """After a restart: a fresh sender, given the sources of lives not yet added."""
+        w.transport.new_sender = False
+        w.sender = EmbeddingSender(w.transport)
+        for r, added in enumerate(w.added):
+            if not added and w.encoded[r]:
+                self._encode(w, r)
+
+    def _reuse(self, w: World, r: int) -> None:
+        """The engine takes ``r``'s finished life and adds the id again for a new request."""
+        result = w.receiver.take(r)
+        for invariant, problem in self._judge(w, r, result):
+            raise InvariantViolation(invariant, problem)
+        if not w.encoded[r]:
+            # Sources are bound in the order they are added: the encoder finishes the
+            # old life (its source is dropped) before the new one's.
+            self._encode(w, r)
+        w.lives = _set(w.lives, r, w.lives[r] + 1)
+        w.added = _set(w.added, r, False)
+        w.encoded = _set(w.encoded, r, False)
+        w.ledger.labels[r] = self._label(w, r)
+        w.hurt = _set(w.hurt, r, not w.transport.sender_alive and not w.transport.restarting)
+        if not self.bounds.late_sources:
+            self._encode(w, r)
+
+    def _stale_snapshot(self, w: World, status: msg.Status) -> tuple[object, ...] | None:
+        """For a status of an already consumed round or an earlier life: what it must not change."""
+        if type(status) not in msg.ROUND_STATUSES or self.strategy.name != "epoch":
+            return None
+        rid = getattr(status, "rid", None)
+        if rid not in w.receiver or msg.malformed_status(status) is not None:
+            return None
+        rec = w.receiver.record(rid)
+        s: msg.Landed = status  # type: ignore[assignment]
+        if s.incarnation == rec.incarnation and (
+            rec.state is not S.Transferring or s.epoch >= rec.epoch
+        ):
+            return None
+        if (rid, s.incarnation, s.epoch) in w.receiver.quarantined():
+            return None
+        if rec.state is S.WaitingForInput or (
+            rec.state is S.Transferring and rec.allocation is None
+        ):
+            return None  # waiting for blocks: the step may serve it, whatever the status
+        return _record_view(w.receiver, rid)
+
+    # -- properties --------------------------------------------------------------------
+
+    def is_done(self, w: World) -> bool:
+        """Every life added and terminal, nothing in flight (pool pressure may stay held)."""
+        t = w.transport
+        if t.statuses or t.events or (t.posts and t.sender_alive) or t.loss_seen:
+            return False
+        if not all(w.added):
+            return False
+        if not all(w.encoded):
+            return False
+        receiver = w.receiver
+        return all(receiver.poll(r).terminal for r in range(len(w.totals)))
+
+    def _judge(self, w: World, r: int, result: Any) -> list[tuple[str, str]]:
+        """What is wrong with the taken result of ``r``'s current life."""
+        problems: list[tuple[str, str]] = []
+        label, total = w.ledger.labels[r], w.totals[r]
+        if result.ok:
+            expected = [(label, i) for i in range(total)]
+            got = w.buffers.outputs.get(result.output)
+            if got != tuple(expected) or result.total_tokens != total:
+                problems.append((INTEGRITY, output_intact(f"r{r} life {w.lives[r]}", False) or ""))
+            if result.mrope_delta != MROPE_BASE + label:
+                problems.append(
+                    (
+                        INTEGRITY,
+                        f"request {r!r} reports mRoPE delta {result.mrope_delta}, "
+                        f"the sender announced {MROPE_BASE + label}",
+                    )
+                )
+        if not w.hurt[r]:
+            why = succeeds_without_faults(r, result.state.name, result.reason)
+            if why is not None:
+                problems.append((LIVENESS, why))
+        return problems
+
+    def done_problems(self, w: World) -> list[tuple[str, str]]:
+        """At a done state: outputs intact, unhurt requests succeeded, nothing left.
+
+        It takes every request out of ``w``: restore ``w`` before using it again.
+        """
+        problems: list[tuple[str, str]] = []
+        for r in range(len(w.totals)):
+            problems += self._judge(w, r, w.receiver.take(r))
+        held = [a for a in w.allocator.outstanding() if a.owner != PRESSURE]
+        sender_left = len(w.sender) + w.sender.parked_posts if w.transport.sender_alive else 0
+        leak = nothing_left(len(held), len(w.receiver.quarantined()), len(w.receiver), sender_left)
+        if leak is not None:
+            problems.append((NO_LEAK, leak))
+        return problems
+
+
+FORGED: Final = ("landed", "cancelled", "error")
+
+
+def _set(values: tuple[Any, ...], i: int, value: Any) -> tuple[Any, ...]:
+    return (*values[:i], value, *values[i + 1 :])
+
+
+def _spend(budget: tuple[int, ...], i: int) -> tuple[int, ...]:
+    return _set(budget, i, budget[i] - 1)
+
+
+def _checked_step(w: World) -> None:
+    """One receiver step, checking that no request is admitted while a resume waits.
+
+    Within a step, statuses come first and waiting resumes are served before
+    admissions, so in a correct receiver a round 0 posted in the step leaves no
+    resume waiting for blocks (an admission needs a block the resume could use).
+    """
+    t = w.transport
+    posted = t.admitted
+    w.receiver.step()
+    if t.admitted != posted:
+        waiting = [
+            rec.rid
+            for rec in w.receiver.snapshot().records
+            if rec.state is S.Transferring and rec.allocation is None
+        ]
+        if waiting:
+            raise InvariantViolation(
+                PROGRESS,
+                f"a request was admitted while the resume of {waiting[0]!r} waits for blocks "
+                "(waiting resumes are served first)",
+            )
+
+
+_HANDLERS: Final[dict[str, Any]] = {
+    "deliver": Harness._deliver,
+    "deliver-all": Harness._deliver_all,
+    "event": Harness._event,
+    "step": Harness._step,
+    "send": Harness._send,
+    "add": Harness._add,
+    "encode": Harness._encode_late,
+    "duplicate": Harness._duplicate,
+    "abort": Harness._abort,
+    "crash": Harness._crash,
+    "crash-mid-round": Harness._crash,
+    "squeeze": Harness._squeeze,
+    "grab": Harness._squeeze,
+    "unsqueeze": Harness._unsqueeze,
+    "forge": Harness._forge,
+    "reuse": Harness._reuse_id,
+    "restart": Harness._restart,
+    "poison": Harness._poison,
+    "poison-post": Harness._poison,
+}
+
+
+def _record_view(receiver: ResumableReceiver, rid: Hashable) -> tuple[object, ...]:
+    rec = receiver.record(rid)
+    a = rec.allocation
+    return (rec.state.name, rec.epoch, rec.sent, rec.total, None if a is None else a.generation)
+
+
+__all__ = ["FORGED", "MROPE_BASE", "Harness"]

@@ -1,0 +1,274 @@
+"""What both ends over a Mooncake TransferEngine share: the ZMQ sockets, the send and
+control threads, heartbeats, and releasing the engine's memory and the ZMQ context
+once, off the event loop. The protocol over it: :mod:`resumekit.transports.mooncake`."""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal
+
+from resumekit._check import check_str
+from resumekit.allocator.buffers import BlockBuffers
+from resumekit.errors import InvalidArgumentError, TransportError
+from resumekit.transports._threaded import (
+    DEFAULT_TIMEOUT,
+    Lost,
+    Role,
+    ThreadedEnd,
+    check_timeout,
+)
+from resumekit.transports.mooncake import jsonwire
+from resumekit.transports.mooncake.engine import load_mooncake
+from resumekit.transports.mooncake.jsonwire import MalformedMessage, wire_rid
+
+if TYPE_CHECKING:
+    import zmq
+
+_POLL_MS: Final = 100  # how often a thread looks at the closing flag
+
+
+def _endpoint(value: object, name: str) -> str:
+    value = check_str(value, name)
+    if "://" not in value:
+        raise InvalidArgumentError(f"{name} must be a ZMQ endpoint such as tcp://host:port")
+    return value
+
+
+def _check_arguments(
+    role: Role,
+    listen: object,
+    peer: object,
+    buffers: object,
+    engine: object,
+    session: object,
+    hostname: object,
+    protocol: object,
+    timeout: object,
+) -> tuple[str, str, str, float]:
+    """The constructor's checks that need neither the engine nor a socket."""
+    listen = _endpoint(listen, "listen")
+    peer = _endpoint(peer, "peer")
+    hostname = check_str(hostname, "hostname")
+    if protocol not in ("tcp", "rdma"):
+        raise InvalidArgumentError(f"protocol must be 'tcp' or 'rdma', not {protocol!r}")
+    seconds = check_timeout(timeout)
+    if role == "receiver" and not isinstance(buffers, BlockBuffers):
+        raise InvalidArgumentError(
+            "buffers: the receiver end needs the BlockBuffers rounds land in, not "
+            f"{type(buffers).__name__}"
+        )
+    if engine is not None and session is None:
+        raise InvalidArgumentError(
+            "session: with an engine of your own, say how peers name it (host:rpc_port)"
+        )
+    if session is not None:
+        check_str(session, "session")
+    return listen, peer, hostname, seconds
+
+
+class MooncakeEnd(ThreadedEnd):
+    """What both ends over a Mooncake ``TransferEngine`` share; made through
+    :func:`~resumekit.transports.mooncake.MooncakeTransport`, which says what each
+    argument is."""
+
+    _max_message: ClassVar[int] = -1  # bytes; ZMQ drops a peer that sends more; -1: no limit
+
+    def __init__(
+        self,
+        *,
+        listen: str,
+        peer: str,
+        buffers: BlockBuffers | None = None,
+        engine: Any = None,
+        session: str | None = None,
+        hostname: str = "127.0.0.1",
+        protocol: Literal["tcp", "rdma"] = "tcp",
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        role = self.role
+        listen, peer, hostname, timeout = _check_arguments(
+            role, listen, peer, buffers, engine, session, hostname, protocol, timeout
+        )
+        super().__init__(timeout)
+        transfer_engine, self._zmq = load_mooncake()
+        if engine is None:
+            engine = transfer_engine()
+            if engine.initialize(hostname, "P2PHANDSHAKE", protocol, "") != 0:
+                raise TransportError(f"the transfer engine did not start on {hostname}")
+            session = f"{hostname}:{engine.get_rpc_port()}"
+        self.engine = engine
+        self.session: str = session  # type: ignore[assignment]
+        self.buffers = buffers
+        self.listen = listen
+        self.peer = peer
+        self._registered: list[int] = []  # addresses this end registered with the engine
+        self._sends: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._link_lost = False  # nothing queued can reach the peer: sockets close at once
+        self._release_lock = threading.Lock()
+        # Released yet; how many threads have left their loops (their sockets closed).
+        self._released, self._left_count = False, 0
+        self._context = self._zmq.Context()
+        # Bind here, so a bad endpoint is refused by the constructor, not by a thread.
+        self._pull = self._socket(self._zmq.PULL)
+        self._pull.setsockopt(self._zmq.MAXMSGSIZE, self._max_message)
+        try:
+            self._pull.bind(listen)
+        except self._zmq.ZMQError as error:
+            self._pull.close(0)
+            self._context.term()
+            raise InvalidArgumentError(f"listen: cannot bind {listen}: {error}") from None
+        self._monitor = self._pull.get_monitor_socket(self._zmq.EVENT_DISCONNECTED)
+        self._heard = time.monotonic()
+        try:
+            self._prepare()
+        except BaseException:
+            self._release_memory()
+            self._monitor.close(0)
+            self._pull.close(0)
+            self._context.term()
+            raise
+        self._threads = [
+            self._thread(self._send_loop, f"resumekit-{role}-send"),
+            self._thread(self._control_loop, f"resumekit-{role}-control"),
+            *self._more_threads(),
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _socket(self, kind: int) -> zmq.Socket[bytes]:
+        s: zmq.Socket[bytes] = self._context.socket(kind)
+        s.setsockopt(self._zmq.LINGER, 0)
+        return s
+
+    # -- what each end provides ----------------------------------------------------------
+
+    def _prepare(self) -> None:
+        """What this end sets up before its threads start."""
+
+    def _more_threads(self) -> list[threading.Thread]:
+        return []
+
+    def _thread(self, loop: Callable[[], None], name: str) -> threading.Thread:
+        def run() -> None:
+            try:
+                loop()
+            finally:
+                self._leave()
+
+        return threading.Thread(target=run, name=name, daemon=True)
+
+    def _leave(self) -> None:
+        """(each thread, last) The last one out after :meth:`close` releases what it had to
+        leave: the memory a stuck write still used, and the ZMQ context."""
+        with self._release_lock:
+            self._left_count += 1
+            last = self._left_count == len(self._threads) and self.closed
+        if last:
+            self._release()
+
+    def _all_left(self) -> bool:
+        return self._left_count == len(self._threads)
+
+    def _release(self) -> None:
+        """Unregister this end's memory, then end its ZMQ context in the background; once.
+
+        Ending a context waits for what its sockets still linger to deliver: never on
+        the event loop, and never left to the garbage collector (pyzmq ends a context it
+        collects, blocking whichever thread collects it)."""
+        with self._release_lock:
+            if self._released:
+                return
+            self._released = True
+            self._release_memory()
+        threading.Thread(target=self._context.term, name="resumekit-zmq-term", daemon=True).start()
+
+    def _on_message(self, m: dict[str, Any]) -> bool:
+        """(control thread) One message from the peer; ``False`` ends the loop."""
+        raise NotImplementedError
+
+    def _release_memory(self) -> None:
+        """Unregister what this end registered with the engine: nothing more lands there."""
+        for address in self._registered:
+            self.engine.unregister_memory(address)
+        self._registered.clear()
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def check_request_id(self, rid: object) -> None:
+        """Refuse an id this transport cannot carry, before any block is taken."""
+        wire_rid(rid)
+
+    def _send(self, **message: Any) -> None:
+        self._sends.put(json.dumps(message, separators=(",", ":")).encode())
+
+    def _lost(self, reason: str) -> None:
+        if not self._closing:
+            self._link_lost = True
+            self._deliver(Lost(reason))
+
+    def _send_loop(self) -> None:
+        push = self._socket(self._zmq.PUSH)
+        push.setsockopt(self._zmq.LINGER, int(self.timeout * 1000))
+        push.connect(self.peer)
+        ping = b'{"t":"ping"}'
+        try:
+            while True:
+                try:
+                    item = self._sends.get(timeout=self.timeout / 4)
+                except queue.Empty:
+                    item = ping
+                if item is None:
+                    return
+                push.send(item)
+        finally:
+            # Lingers (at most the timeout) so the last messages, a bye, still go out;
+            # a lost peer takes nothing more.
+            push.close(0 if self._link_lost else None)
+
+    def _control_loop(self) -> None:
+        zmq = self._zmq
+        poller = zmq.Poller()
+        poller.register(self._pull, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
+        try:
+            while not self._closing:
+                ready = dict(poller.poll(_POLL_MS))
+                now = time.monotonic()
+                if self._monitor in ready:
+                    self._monitor.recv_multipart()
+                    self._lost("connection lost: the peer disconnected")
+                    return
+                if self._pull not in ready:
+                    if now - self._heard > self.timeout:
+                        self._lost(f"the peer made no progress for {self.timeout:g} s")
+                        return
+                    continue
+                self._heard = now
+                try:
+                    message = jsonwire.read(self._pull.recv())
+                    if message["t"] != "ping" and not self._on_message(message):
+                        return
+                except MalformedMessage as error:
+                    self._lost(f"malformed control message: {error}")
+                    return
+        except Exception as error:  # never die unheard: the event loop learns the peer is lost
+            self._lost(f"the control thread failed: {error!r}")
+        finally:
+            self._pull.disable_monitor()
+            self._monitor.close(0)
+            self._pull.close(0)
+
+    def _stop_threads(self) -> None:
+        super()._stop_threads()
+        self._sends.put(None)
+
+    def _closed(self) -> None:
+        with self._release_lock:
+            self.closed = True
+            everyone_left = self._all_left()
+        if everyone_left:
+            self._release()

@@ -1,0 +1,173 @@
+"""The checkers live apart from what they check, declare each fact once, and say what
+they explored: the shipped classes carry no plumbing of theirs."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from resumekit import BlockAllocator, BlockBuffers, EmbeddingSender, InProcessTransport
+from resumekit.cli import build_parser
+from resumekit.properties.bounds import (
+    BUDGETED,
+    FAULTS,
+    QUICK_BOUNDS,
+    STANDARD_BOUNDS,
+    Bounds,
+    bounds_sets,
+    describe,
+    with_faults,
+)
+from resumekit.properties.explorer import ReplayDiverged, replay
+from resumekit.properties.model import Harness
+from resumekit.properties.strategies import STRATEGIES, strategy
+from resumekit.properties.verify import VerifyReport, format_report
+from resumekit.protocol import ResumableReceiver, RoundPost
+
+ROOT = Path(__file__).resolve().parent.parent / "resumekit"
+
+
+def test_quick_verify_prints_the_bounds_it_explored() -> None:
+    """It used to print the standard bounds under 'bounds explored' after a quick run."""
+    quick = format_report(VerifyReport([], 1, 1, None, quick=True))
+    assert f"  quick: {describe(QUICK_BOUNDS)}" in quick
+    assert "standard:" not in quick and "the broken designs under quick" in quick
+    full = format_report(VerifyReport([], 1, 1, None, quick=False))
+    assert f"  standard: {describe(STANDARD_BOUNDS)}" in full and "  quick:" not in full
+
+
+def test_a_replay_that_diverges_says_so_instead_of_stopping_short() -> None:
+    """replay swallowed any exception, so a diverging trace printed silently truncated."""
+    harness = Harness(Bounds(blocks=2, requests=1, max_rounds=1), strategy("epoch"))
+    totals = next(harness.initial_totals())
+    fine = [("add", 0), ("step",)]
+    assert len(replay(harness, totals, fine)) == 2
+    with pytest.raises(ReplayDiverged, match="action 1 of 3"):
+        replay(harness, totals, [("no such action",), *fine])
+    with pytest.raises(ReplayDiverged, match="not when replayed"):
+        replay(harness, totals, fine, raises_at_end=True)
+    lines = replay(harness, totals, [*fine, ("no such action",)], raises_at_end=True)
+    assert len(lines) == 3  # the action that broke something is the last line
+
+
+def test_the_shipped_receiver_and_sender_carry_no_reference_design() -> None:
+    source = "\n".join(
+        (ROOT / "protocol" / name).read_text() for name in ("receiver.py", "sender.py")
+    )
+    for plumbing in ("round_filter", "memo", "Observation", "AUX_PROGRESS", "marker"):
+        assert plumbing not in source, plumbing
+    assert "round_filter" not in inspect.signature(ResumableReceiver).parameters
+    for name, design in STRATEGIES.items():
+        receiver = design.receiver
+        if name == "epoch":
+            assert receiver is ResumableReceiver
+        else:
+            assert receiver.__module__ == "resumekit.properties.strategies"
+            assert issubclass(receiver, ResumableReceiver)
+            assert receiver._classify is not ResumableReceiver._classify
+
+
+def test_the_sender_writes_only_what_the_receiver_reads() -> None:
+    """The progress marker was written into every round's aux row for the sent-tokens
+    design alone; now round 0 carries (total, mRoPE delta) and later rounds nothing."""
+    rows: list[object] = []
+
+    class Spy(InProcessTransport):
+        def write_round(self, post: RoundPost, data: object, aux: object) -> None:
+            rows.append(aux)
+            super().write_round(post, data, aux)  # type: ignore[arg-type]
+
+    allocator = BlockAllocator(4, 2)
+    buffers = BlockBuffers(allocator, 2, device="cpu")
+    t = Spy(buffers)
+    receiver, sender = ResumableReceiver(buffers, t, 2), EmbeddingSender(t)
+    receiver.add("r")
+    sender.add("r", buffers.new_output(5), mrope_delta=7)
+    for _ in range(12):
+        receiver.step()
+        sender.step()
+    assert rows == [(5, 7), None]  # 2 tokens, then the 3 left
+    assert receiver.take("r").ok
+
+
+def test_each_fault_kind_is_declared_once_and_used_everywhere() -> None:
+    budget_fields = {f.field for f in BUDGETED}
+    switches = {f.field for f in FAULTS if f.switch}
+    bounds_fields = set(Bounds.__dataclass_fields__)
+    assert budget_fields | switches <= bounds_fields
+    assert len({f.name for f in FAULTS}) == len(FAULTS) == len({f.field for f in FAULTS})
+    assert Bounds().budget == tuple(getattr(Bounds(), f.field) for f in BUDGETED)
+    # The CLI takes exactly these names, and verify prints their words.
+    check = build_parser().parse_args(["check", "--faults", ",".join(f.name for f in FAULTS)])
+    assert check.faults == {f.name for f in FAULTS}
+    everything = with_faults(Bounds(blocks=8), {f.name for f in FAULTS})
+    assert all(f.words in describe(everything) for f in FAULTS)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["check", "--faults", "duplicate,meteor"])
+    assert next(name for name, _ in bounds_sets()) == "standard"
+
+
+_ROLE = re.compile(r":(?:mod|class|func|meth|data|attr):`~?([A-Za-z_][\w.]*)`")
+
+
+def _resolves(module: object, dotted: str) -> bool:
+    if dotted.startswith("resumekit."):
+        parts = dotted.split(".")
+        for cut in range(len(parts), 0, -1):
+            try:
+                obj: object = importlib.import_module(".".join(parts[:cut]))
+            except ImportError:
+                continue
+            for attr in parts[cut:]:
+                if not hasattr(obj, attr):
+                    return False
+                obj = getattr(obj, attr)
+            return True
+        return False
+    obj = module
+    for attr in dotted.split("."):
+        if not hasattr(obj, attr):
+            return False
+        obj = getattr(obj, attr)
+    return True
+
+
+def _docstrings(tree: ast.Module) -> list[tuple[list[str], str]]:
+    """Every docstring, with the classes it sits in (a method's ``:meth:`x``` is its class's)."""
+    found: list[tuple[list[str], str]] = [([], ast.get_docstring(tree) or "")]
+
+    def visit(node: ast.AST, scope: list[str]) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                inner = [*scope, child.name] if isinstance(child, ast.ClassDef) else scope
+                found.append((inner, ast.get_docstring(child) or ""))
+                visit(child, inner)
+
+    visit(tree, [])
+    return found
+
+
+def test_every_reference_in_a_docstring_names_something_that_exists() -> None:
+    """Docstrings described code that no longer existed (``Harness.initial_worlds``)."""
+    stale = []
+    for path in sorted(ROOT.rglob("*.py")):
+        parts = path.relative_to(ROOT.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        if name.endswith("__main__"):
+            continue  # running it runs the CLI
+        module = importlib.import_module(name)
+        for scope, doc in _docstrings(ast.parse(path.read_text())):
+            places = [".".join(scope[:k]) for k in range(len(scope), 0, -1)]
+            for ref in _ROLE.findall(doc):
+                if not any(_resolves(module, f"{p}.{ref}") for p in places) and not _resolves(
+                    module, ref
+                ):
+                    stale.append(f"{name}: {ref}")
+    assert stale == []
+    assert not _resolves(torch, "no_such_thing") and _resolves(torch, "Tensor")
