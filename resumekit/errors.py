@@ -111,3 +111,7 @@ class TransportError(ResumeKitError):
 
 class TransportUnavailableError(TransportError):
     """A transport's optional dependencies (a pip extra, a system library) are missing."""
+
+
+class IntegrationUnavailableError(ResumeKitError, ImportError):
+    """A serving engine's integration was used without the engine (or its version) installed."""

@@ -161,7 +161,12 @@ def test_every_reference_in_a_docstring_names_something_that_exists() -> None:
         name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         if name.endswith("__main__"):
             continue  # running it runs the CLI
-        module = importlib.import_module(name)
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as error:
+            if error.name == "vllm" or (error.name or "").startswith("vllm."):
+                continue  # the vLLM connector, where vLLM is not installed
+            raise
         for scope, doc in _docstrings(ast.parse(path.read_text())):
             places = [".".join(scope[:k]) for k in range(len(scope), 0, -1)]
             for ref in _ROLE.findall(doc):

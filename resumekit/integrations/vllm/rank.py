@@ -1,0 +1,154 @@
+"""The connector's worker ranks, apart from vLLM's types: the resumekit drivers each rank runs.
+
+A :class:`ConsumerRank` lands items in its block pool with a
+:class:`~resumekit.protocol.receiver.ResumableReceiver` (round 0 at the default
+size, resumed as often as it takes, no size message first), keeps each whole
+item's tensor until the scheduler releases it, and puts it into vLLM's encoder
+cache, keyed by vLLM's identifier, when the scheduler says vLLM allocated it. A
+:class:`ProducerRank` hands each encoder output to one
+:class:`~resumekit.protocol.sender.EmbeddingSender` per consumer rank. Both are
+driven by the hooks vLLM calls every step; neither blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping, Sequence
+
+import torch
+
+from resumekit.allocator.buffers import EmbeddingTensors
+from resumekit.integrations.vllm.orders import ItemSpec, Orders, RankReport
+from resumekit.protocol.receiver import ResumableReceiver
+from resumekit.protocol.sender import EmbeddingSender
+
+EncoderCache = MutableMapping[str, torch.Tensor]
+
+
+class ConsumerRank:
+    """One tensor-parallel rank of the language side."""
+
+    def __init__(self, rank: int, receiver: ResumableReceiver) -> None:
+        self.rank = rank
+        self.receiver = receiver
+        self.landing: dict[str, ItemSpec] = {}  # rid -> what is landing under it
+        self.whole: dict[str, torch.Tensor] = {}  # rid -> the landed embeddings
+        self._report = RankReport(rank)
+        self._busy = False  # as last reported
+
+    def apply(self, orders: Orders, encoder_cache: EncoderCache) -> None:
+        """``start_load_caches``: release, start, make progress, then load what vLLM
+        allocated (it must be in the encoder cache before the forward pass)."""
+        receiver = self.receiver
+        for rid in orders.release:
+            self.landing.pop(rid, None)
+            self.whole.pop(rid, None)
+            if rid in receiver:
+                if not receiver.poll(rid).terminal:
+                    receiver.abort(rid, "released: no unfinished request needs it")
+                receiver.take(rid)  # a round in flight stays quarantined in the receiver
+        for rid in orders.cancel:
+            if rid not in receiver:
+                # A life that ends before it starts: its cancel tells the encode side.
+                receiver.add(rid)
+                receiver.abort(rid, "the request ended before its item was asked for")
+                receiver.take(rid)
+        for spec in orders.start:
+            self.landing[spec.rid] = spec
+            receiver.add(spec.rid, size_hint=spec.hint)
+        self.pump()
+        for rid, identifier in orders.load:
+            encoder_cache[identifier] = self.whole[rid]
+
+    def pump(self) -> None:
+        """One step of the receiver: statuses in, rounds out, items that finished taken."""
+        receiver = self.receiver
+        for rid in receiver.step():
+            spec = self.landing.get(rid) if isinstance(rid, str) else None
+            if spec is None or rid not in receiver or not receiver.poll(rid).terminal:
+                continue  # released since (a new life of its id may be landing)
+            result = receiver.take(rid)
+            del self.landing[spec.rid]
+            if result.output is None:
+                self._report.failed[spec.rid] = result.reason or "failed"
+            elif result.total_tokens != spec.tokens:
+                self._report.failed[spec.rid] = (
+                    f"the encoder sent {result.total_tokens} tokens for {spec.identifier}; "
+                    f"its placeholder takes {spec.tokens}"
+                )
+            else:
+                self.whole[spec.rid] = result.output.embeddings
+                self._report.completed.append(spec.rid)
+
+    def report(self) -> RankReport | None:
+        """``build_connector_worker_meta``: what changed since the last report, or ``None``
+        (an empty step sends nothing)."""
+        report = self._report
+        busy = bool(len(self.receiver) or self.receiver.quarantined())
+        if not report.completed and not report.failed and busy == self._busy:
+            return None
+        report.busy, self._busy = busy, busy
+        self._report = RankReport(self.rank)
+        return report
+
+    def holds(self) -> int:
+        """Landed items kept for the scheduler (outside the pool)."""
+        return len(self.whole)
+
+
+def _source(embeddings: torch.Tensor) -> EmbeddingTensors:
+    """An encoder output as the sender writes it: its rows, a fill id per row (its index)
+    and zero mRoPE rows (vLLM computes positions on the language side)."""
+    n = int(embeddings.shape[0])
+    device = embeddings.device
+    return EmbeddingTensors(
+        embeddings.detach(),
+        torch.arange(n, dtype=torch.int32, device=device),
+        torch.zeros(3, n, dtype=torch.int32, device=device),
+    )
+
+
+class ProducerRank:
+    """The encode side's rank: each output goes to every consumer rank's sender."""
+
+    def __init__(self, rank: int, senders: Sequence[EmbeddingSender]) -> None:
+        self.rank = rank
+        self.senders = list(senders)
+        self.waiting: dict[str, list[str]] = {}  # identifier -> rids not yet handed over
+        self._report = RankReport(rank)
+        self._sources = -1  # as last reported
+
+    def apply(self, orders: Orders, encoder_cache: EncoderCache) -> None:
+        """``start_save_caches``: note what to send, hand over what the encoder cache holds."""
+        for identifier, rid in orders.send:
+            self.waiting.setdefault(identifier, []).append(rid)
+        for identifier in list(self.waiting):
+            if identifier in encoder_cache:
+                self.saved(identifier, encoder_cache)
+        self.pump()
+
+    def saved(self, identifier: str, encoder_cache: EncoderCache) -> None:
+        """``save_caches``: the encoder computed ``identifier``; hand it to the senders."""
+        rids = self.waiting.pop(identifier, None)
+        if not rids:
+            return
+        source = _source(encoder_cache[identifier])
+        for rid in rids:
+            for sender in self.senders:
+                sender.add(rid, source)
+
+    def pump(self) -> None:
+        for sender in self.senders:
+            sender.step()
+
+    def held(self) -> int:
+        return sum(len(s) + s.parked_posts for s in self.senders)
+
+    def report(self) -> RankReport | None:
+        sources = self.held()
+        if sources == self._sources:
+            return None
+        self._sources = sources
+        return RankReport(self.rank, sources=sources, busy=sources > 0)
+
+
+__all__ = ["ConsumerRank", "EncoderCache", "ProducerRank"]
