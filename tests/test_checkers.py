@@ -122,6 +122,10 @@ def _resolves(module: object, dotted: str) -> bool:
         for cut in range(len(parts), 0, -1):
             try:
                 obj: object = importlib.import_module(".".join(parts[:cut]))
+            except ModuleNotFoundError as error:
+                if (error.name or "").split(".")[0] == "vllm":
+                    return True  # the vLLM connector, where vLLM is not installed
+                continue
             except ImportError:
                 continue
             for attr in parts[cut:]:
