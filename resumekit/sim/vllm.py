@@ -231,14 +231,22 @@ class Instance:
         self.items: dict[str, list[Item]] = {}
         self.finished: list[Finished] = []
         self.misses = Misses()
+        self.embedded: dict[str, float] = {}  # when a request's items were all in the cache
 
     # -- requests ----------------------------------------------------------------------------
 
     def add(
-        self, request_id: str, items: Sequence[Item], *, text: int = 8, max_tokens: int = 1
+        self,
+        request_id: str,
+        items: Sequence[Item],
+        *,
+        text: int = 8,
+        max_tokens: int = 1,
+        ec_params: dict[str, Any] | None = None,
     ) -> None:
         """A request of ``text`` prompt tokens, then ``items`` one after another, with the
-        proxy's ``ec_transfer_params`` for those that carry a transfer id."""
+        proxy's ``ec_transfer_params`` for those that carry a transfer id (and
+        ``ec_params`` beside them, such as vLLM's Mooncake producer's ``consumer_zmq``)."""
         from vllm.multimodal.inputs import (  # noqa: PLC0415
             MultiModalFeatureSpec,
             MultiModalKwargsItem,
@@ -262,7 +270,7 @@ class Instance:
         params: dict[str, Any] = {}
         if any(item.transfer_id for item in items):
             entries = [{"mm_hash": i.identifier, "transfer_id": i.transfer_id} for i in items]
-            params["ec_transfer_params"] = {"ec_items": entries}
+            params["ec_transfer_params"] = {"ec_items": entries, **(ec_params or {})}
         request = Request(
             request_id=request_id,
             prompt_token_ids=[1] * (offset + 4),
@@ -358,6 +366,8 @@ class Instance:
                 if pos.offset + pos.length <= start or pos.offset >= end:
                     continue
                 got = cache.get(f.identifier)
+                if request_id not in self.embedded:
+                    self.embedded[request_id] = time.perf_counter()
                 if got is None:
                     self.misses.encoder_cache_miss.append(f.identifier)
                 elif self.check and not torch.equal(

@@ -94,6 +94,16 @@ class ConsumerRank:
         """Landed items kept for the scheduler (outside the pool)."""
         return len(self.whole)
 
+    def held_bytes(self) -> int:
+        """Memory outside the pool: the outputs of items landing (each made whole-size at
+        round 0) and of items kept for the scheduler."""
+        landing = sum(
+            rec.output.embeddings.nbytes + rec.output.fill_ids.nbytes + rec.output.mrope.nbytes
+            for rec in self.receiver.snapshot().records
+            if rec.output is not None
+        )
+        return landing + sum(t.nbytes for t in self.whole.values())
+
 
 def _source(embeddings: torch.Tensor) -> EmbeddingTensors:
     """An encoder output as the sender writes it: its rows, a fill id per row (its index)

@@ -175,11 +175,19 @@ def read_settings(
             f"{_key('default_allocate_tokens')} must be 'auto' or an int in 1..{pool} (the pool "
             f"of pool_tokens), not {default!r}"
         )
+    # A quarter of the pool a resume, so one long video never takes the whole pool from
+    # the requests behind it (the "auto" round 0 is capped the same way).
+    quarter = max(block_size, pool // 4 // block_size * block_size)
+    max_resume = extra.get("max_resume_tokens", quarter)
+    if max_resume is not None and (type(max_resume) is not int or max_resume < 1):
+        raise InvalidArgumentError(
+            f"{_key('max_resume_tokens')} must be an int >= 1 or None (no cap), not {max_resume!r}"
+        )
     return Settings(
         **common,
         block_size=block_size,
         pool_tokens=pool,
         default_allocate_tokens=default,
-        max_resume_tokens=_int(extra, "max_resume_tokens", None, 1),
+        max_resume_tokens=max_resume,
         hidden_size=hidden,
     )
