@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-MACHINES = {"TestAllocatorLifo", "TestAllocatorFifo", "TestProtocolEpoch"}
+MACHINES = {"TestAllocatorLifo", "TestAllocatorFifo", "TestProtocolEpoch", "TestVllmConnector"}
 
 RULES = textwrap.dedent(
     """
