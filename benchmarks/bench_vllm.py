@@ -165,7 +165,12 @@ def serve(spec: dict[str, Any]) -> None:
 
 
 def design_configs(
-    design: str, pool_bytes: int, width: int, push_wait: float, max_resume: int | None
+    design: str,
+    pool_bytes: int,
+    width: int,
+    push_wait: float,
+    max_resume: int | None,
+    round0: int | str | None,
 ) -> tuple[dict[str, Any], dict[str, Any], str | None]:
     """The consumer's and producer's ECTransferConfig fields, and the producer's
     consumer_zmq (vLLM's Mooncake connector needs it in each request)."""
@@ -188,6 +193,7 @@ def design_configs(
                 "block_size": block,
                 "timeout": 60.0,
                 **({"max_resume_tokens": max_resume} if max_resume else {}),
+                **({"default_allocate_tokens": round0} if round0 else {}),
             },
         }
         producer = {
@@ -222,7 +228,7 @@ def run_design(
     design: str, arrivals: list[Arrival], args: argparse.Namespace, model: str
 ) -> dict[str, Any]:
     consumer_ec, producer_ec, zmq = design_configs(
-        design, args.pool_mb << 20, args.width, args.push_wait, args.max_resume
+        design, args.pool_mb << 20, args.width, args.push_wait, args.max_resume, args.round0
     )
     with tempfile.TemporaryDirectory() as tmp:
         base = {
@@ -331,6 +337,7 @@ def compare(kind: str, args: argparse.Namespace, model: str) -> tuple[dict[str, 
         moved = sum(tokens[r] for r in common) * args.width * 2 / 2**20
         s["throughput_mb_s_common"] = moved / last if last else None
         s["common"] = len(common)
+        s["finished_at"] = {r: round(at[r] + t, 4) for r, t in finish.items()}
     print(
         f"{'design':15} {'done':>5} {'failed':>6} {'p50 ms':>8} {'p99 ms':>8} "
         f"{'landing MiB':>11} {'+outputs MiB':>12} {'MiB/s (common)':>15}"
@@ -380,7 +387,16 @@ def main() -> int:
         "--push-wait", type=float, default=10.0, help="vLLM Mooncake's push_wait_timeout_s"
     )
     parser.add_argument(
-        "--max-resume", type=int, default=None, help="resumekit's max_resume_tokens (default: none)"
+        "--max-resume",
+        type=int,
+        default=None,
+        help="resumekit's max_resume_tokens (default: the connector's, a quarter of the pool)",
+    )
+    parser.add_argument(
+        "--round0",
+        type=lambda v: v if v == "auto" else int(v),
+        default=None,
+        help="resumekit's default_allocate_tokens: tokens or 'auto' (default: the connector's)",
     )
     parser.add_argument("--deadline", type=float, default=300.0, help="seconds a design may run")
     parser.add_argument("--json", type=Path, default=None)
