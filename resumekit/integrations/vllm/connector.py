@@ -149,7 +149,12 @@ class ResumekitECConnector(ECConnectorBase):
         # One endpoint pair per (data-parallel index, tensor-parallel rank).
         self.offset = int(getattr(parallel, "data_parallel_index", 0)) * self.tp_size + self.rank
         if self.is_producer:
-            self.producer = ProducerRank(self.rank, self._senders() if self.rank == 0 else [])
+            # Mooncake's ends can wait, so posts are served as they come, not at step ends.
+            self.producer = ProducerRank(
+                self.rank,
+                self._senders() if self.rank == 0 else [],
+                serve=self.settings.transport != "inprocess",
+            )
         else:
             self.consumer = ConsumerRank(self.rank, self._receiver(vllm_config))
 
@@ -306,6 +311,8 @@ class ResumekitECConnector(ECConnectorBase):
         return self.book is not None and self.book.pending()
 
     def shutdown(self) -> None:
+        if self.producer is not None:
+            self.producer.close()
         closers, self._closers = self._closers, []
         for transport in closers:
             transport.close(wait=5.0)

@@ -7,16 +7,21 @@ item's tensor until the scheduler releases it, and puts it into vLLM's encoder
 cache, keyed by vLLM's identifier, when the scheduler says vLLM allocated it. A
 :class:`ProducerRank` hands each encoder output to one
 :class:`~resumekit.protocol.sender.EmbeddingSender` per consumer rank. Both are
-driven by the hooks vLLM calls every step; neither blocks.
+driven by the hooks vLLM calls every step; neither blocks. A producer rank whose
+transports can wait (Mooncake's) also serves posts from a thread per consumer rank,
+so that the encoder's forward pass, which holds vLLM's step, does not hold the
+rounds of items already encoded; every call into a sender is made under one lock.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import MutableMapping, Sequence
 
 import torch
 
 from resumekit.allocator.buffers import EmbeddingTensors
+from resumekit.errors import TransportError
 from resumekit.integrations.vllm.orders import ItemSpec, Orders, RankReport
 from resumekit.protocol.receiver import ResumableReceiver
 from resumekit.protocol.sender import EmbeddingSender
@@ -118,17 +123,42 @@ def _source(embeddings: torch.Tensor) -> EmbeddingTensors:
 
 
 class ProducerRank:
-    """The encode side's rank: each output goes to every consumer rank's sender."""
+    """The encode side's rank: each output goes to every consumer rank's sender.
 
-    def __init__(self, rank: int, senders: Sequence[EmbeddingSender]) -> None:
+    ``serve=True`` starts a thread per sender that serves its posts as they arrive
+    (its transport must have ``wait(timeout)``); call :meth:`close` to stop them. A
+    failure in a thread is raised by the next call from the engine.
+    """
+
+    def __init__(
+        self, rank: int, senders: Sequence[EmbeddingSender], *, serve: bool = False
+    ) -> None:
         self.rank = rank
         self.senders = list(senders)
         self.waiting: dict[str, list[str]] = {}  # identifier -> rids not yet handed over
         self._report = RankReport(rank)
         self._sources = -1  # as last reported
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._broken: BaseException | None = None
+        for sender in self.senders if serve else ():
+            if not callable(getattr(sender.transport, "wait", None)):
+                raise TransportError(
+                    f"{type(sender.transport).__name__} cannot wait for posts: serve=False "
+                    "pumps its senders from the engine's steps instead"
+                )
+        self._threads = [
+            threading.Thread(
+                target=self._serve, args=(s,), name=f"resumekit-producer-{rank}-{i}", daemon=True
+            )
+            for i, s in enumerate(self.senders if serve else ())
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def apply(self, orders: Orders, encoder_cache: EncoderCache) -> None:
         """``start_save_caches``: note what to send, hand over what the encoder cache holds."""
+        self._check()
         for identifier, rid in orders.send:
             self.waiting.setdefault(identifier, []).append(rid)
         for identifier in list(self.waiting):
@@ -138,27 +168,57 @@ class ProducerRank:
 
     def saved(self, identifier: str, encoder_cache: EncoderCache) -> None:
         """``save_caches``: the encoder computed ``identifier``; hand it to the senders."""
+        self._check()
         rids = self.waiting.pop(identifier, None)
         if not rids:
             return
         source = _source(encoder_cache[identifier])
-        for rid in rids:
-            for sender in self.senders:
-                sender.add(rid, source)
+        with self._lock:
+            for rid in rids:
+                for sender in self.senders:
+                    sender.add(rid, source)
 
     def pump(self) -> None:
-        for sender in self.senders:
-            sender.step()
+        self._check()
+        with self._lock:
+            for sender in self.senders:
+                sender.step()
 
     def held(self) -> int:
-        return sum(len(s) + s.parked_posts for s in self.senders)
+        with self._lock:
+            return sum(len(s) + s.parked_posts for s in self.senders)
 
     def report(self) -> RankReport | None:
+        self._check()
         sources = self.held()
         if sources == self._sources:
             return None
         self._sources = sources
         return RankReport(self.rank, sources=sources, busy=sources > 0)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the serving threads (before the transports close)."""
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def _serve(self, sender: EmbeddingSender) -> None:
+        wait = sender.transport.wait  # type: ignore[attr-defined]
+        try:
+            while not self._stop.is_set():
+                if wait(0.05):
+                    with self._lock:
+                        served = sender.step()
+                    if not served:
+                        self._stop.wait(0.0005)  # what woke it was no post (a lost peer, say)
+        except BaseException as exc:  # handed to the engine's next call
+            self._broken = exc
+
+    def _check(self) -> None:
+        if self._broken is not None:
+            raise TransportError(
+                f"producer rank {self.rank}: a serving thread failed: {self._broken!r}"
+            ) from self._broken
 
 
 __all__ = ["ConsumerRank", "EncoderCache", "ProducerRank"]
