@@ -23,7 +23,8 @@ from resumekit import (
     TransportError,
     TransportUnavailableError,
 )
-from resumekit.integrations.vllm.orders import Orders
+from resumekit.integrations.vllm.book import ProducerBook
+from resumekit.integrations.vllm.orders import Orders, RankReport
 from resumekit.integrations.vllm.rank import ProducerRank
 from resumekit.integrations.vllm.wiring import forget_link, inprocess_link
 from resumekit.transports.mooncake import MooncakeTransport, load_mooncake
@@ -76,6 +77,47 @@ def test_a_producer_rank_serves_posts_while_the_engine_never_steps() -> None:
     assert not any(t.name.startswith("resumekit-producer") for t in threading.enumerate())
 
 
+def test_a_link_that_ends_drops_its_sender_and_what_it_held() -> None:
+    if MISSING is not None and os.environ.get("RESUMEKIT_REQUIRE_MOONCAKE") != "1":
+        pytest.skip(MISSING)
+    bufs = BlockBuffers(BlockAllocator(8, 16), 32, dtype=torch.float16, device="cpu")
+    a, b = endpoint(), endpoint()
+    end_r = MooncakeTransport("receiver", listen=a, peer=b, buffers=bufs, timeout=10.0)
+    end_s = MooncakeTransport("sender", listen=b, peer=a, timeout=10.0)
+    producer = ProducerRank(0, [EmbeddingSender(end_s)], serve=True)
+    book = ProducerBook(served=True)
+    try:
+        cache = {"img": torch.randn(100, 32).to(torch.float16)}
+        producer.apply(Orders(send=[("img", "t1")]), cache)  # no consumer asks for it yet
+        assert producer.held() == 1
+        report = producer.report()
+        assert report is not None
+        book.reported({0: report})
+        assert book.sources == 1 and not book.pending()  # threads serve: vLLM need not step
+        end_r.close(wait=5.0)  # the language side goes
+        deadline = time.monotonic() + 10.0
+        while producer.senders and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert producer.senders == [] and 0 in producer.ended
+        assert producer.held() == 0
+        producer.apply(Orders(send=[("img2", "t2")]), {"img2": cache["img"]})
+        assert producer.held() == 0  # nothing is kept for a link that ended
+        report = producer.report()
+        assert report is not None and report.sources == 0
+    finally:
+        producer.close()
+        end_s.close(wait=5.0)
+    assert not any(t.name.startswith("resumekit-producer") for t in threading.enumerate())
+
+
+def test_stepped_ranks_keep_vllm_stepping_while_they_hold_sources() -> None:
+    book = ProducerBook()
+    book.reported({0: RankReport(0, sources=2, busy=True)})
+    assert book.pending()
+    book.reported({0: RankReport(0, sources=0)})
+    assert not book.pending()
+
+
 def test_serving_from_threads_needs_a_transport_that_can_wait() -> None:
     link = inprocess_link("ranks-no-wait")
     try:
@@ -87,7 +129,10 @@ def test_serving_from_threads_needs_a_transport_that_can_wait() -> None:
 
 
 class _Broken:
-    """A sender transport whose posts cannot be read."""
+    """A sender end whose posts cannot be read."""
+
+    finished = False
+    peer_lost = None
 
     def wait(self, timeout: float) -> bool:
         return True

@@ -253,7 +253,8 @@ class ProducerBook:
     proxy that names an item twice cannot leave a second source no consumer claims.
     """
 
-    def __init__(self, remember: int = 1 << 16) -> None:
+    def __init__(self, remember: int = 1 << 16, *, served: bool = False) -> None:
+        self.served = served  # the ranks serve posts from threads, not from vLLM's steps
         self.announced: set[str] = set()  # request ids whose items were ordered sent
         self.sent: dict[str, None] = {}  # transfer ids ordered sent, oldest first
         self.remember = remember
@@ -286,5 +287,6 @@ class ProducerBook:
         self.announced.discard(request_id)
 
     def pending(self) -> bool:
-        """Sources still to send: the engine keeps stepping so that its rank serves them."""
-        return bool(self.orders) or self.sources > 0
+        """Orders to hand over, or sources that only vLLM's steps serve: the engine keeps
+        stepping for them (threads serve theirs without it, however long a consumer takes)."""
+        return bool(self.orders) or (not self.served and self.sources > 0)

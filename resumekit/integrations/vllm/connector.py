@@ -143,7 +143,11 @@ class ResumekitECConnector(ECConnectorBase):
         self.producer: ProducerRank | None = None
         self._closers: list[Any] = []
         if role is ECConnectorRole.SCHEDULER:
-            self.book = ProducerBook() if self.is_producer else ConsumerBook(self.tp_size)
+            self.book = (
+                ProducerBook(served=self._served())
+                if self.is_producer
+                else ConsumerBook(self.tp_size)
+            )
             return
         self.rank = _tp_rank() if rank is None else rank
         # One endpoint pair per (data-parallel index, tensor-parallel rank).
@@ -151,14 +155,16 @@ class ResumekitECConnector(ECConnectorBase):
         if self.is_producer:
             # Mooncake's ends can wait, so posts are served as they come, not at step ends.
             self.producer = ProducerRank(
-                self.rank,
-                self._senders() if self.rank == 0 else [],
-                serve=self.settings.transport != "inprocess",
+                self.rank, self._senders() if self.rank == 0 else [], serve=self._served()
             )
         else:
             self.consumer = ConsumerRank(self.rank, self._receiver(vllm_config))
 
     # -- building the ranks ----------------------------------------------------------------
+
+    def _served(self) -> bool:
+        """Whether the producer's posts are served from threads (Mooncake), not steps."""
+        return self.settings.transport != "inprocess"
 
     def _receiver(self, vllm_config: VllmConfig) -> ResumableReceiver:
         s = self.settings

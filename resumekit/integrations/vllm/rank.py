@@ -15,8 +15,10 @@ rounds of items already encoded; every call into a sender is made under one lock
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import MutableMapping, Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -27,6 +29,7 @@ from resumekit.protocol.receiver import ResumableReceiver
 from resumekit.protocol.sender import EmbeddingSender
 
 EncoderCache = MutableMapping[str, torch.Tensor]
+logger = logging.getLogger("resumekit.integrations.vllm")
 
 
 class ConsumerRank:
@@ -122,34 +125,47 @@ def _source(embeddings: torch.Tensor) -> EmbeddingTensors:
     )
 
 
+@runtime_checkable
+class WaitableEnd(Protocol):
+    """A sender end that can be served from a thread: Mooncake's (any ``ThreadedEnd``)."""
+
+    finished: bool  # the receiver said close, or is gone: nothing more will arrive
+    peer_lost: str | None
+
+    def wait(self, timeout: float) -> bool: ...
+
+
 class ProducerRank:
     """The encode side's rank: each output goes to every consumer rank's sender.
 
     ``serve=True`` starts a thread per sender that serves its posts as they arrive
-    (its transport must have ``wait(timeout)``); call :meth:`close` to stop them. A
-    failure in a thread is raised by the next call from the engine.
+    (its transport must be a :class:`WaitableEnd`) and, once its link has ended,
+    drops the sender with what it held (that consumer rank failed those transfers);
+    call :meth:`close` to stop them. A failure in a thread is raised by the next call
+    from the engine.
     """
 
     def __init__(
         self, rank: int, senders: Sequence[EmbeddingSender], *, serve: bool = False
     ) -> None:
+        if serve:
+            for sender in senders:
+                if not isinstance(sender.transport, WaitableEnd):
+                    raise TransportError(
+                        f"{type(sender.transport).__name__} cannot wait for posts: serve=False "
+                        "pumps its senders from the engine's steps instead"
+                    )
         self.rank = rank
-        self.senders = list(senders)
+        self.senders = list(senders)  # those whose link has not ended
+        self.ended: dict[int, str] = {}  # consumer rank -> how its link ended
         self.waiting: dict[str, list[str]] = {}  # identifier -> rids not yet handed over
-        self._report = RankReport(rank)
         self._sources = -1  # as last reported
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._broken: BaseException | None = None
-        for sender in self.senders if serve else ():
-            if not callable(getattr(sender.transport, "wait", None)):
-                raise TransportError(
-                    f"{type(sender.transport).__name__} cannot wait for posts: serve=False "
-                    "pumps its senders from the engine's steps instead"
-                )
         self._threads = [
             threading.Thread(
-                target=self._serve, args=(s,), name=f"resumekit-producer-{rank}-{i}", daemon=True
+                target=self._serve, args=(i, s), name=f"resumekit-producer-{rank}-{i}", daemon=True
             )
             for i, s in enumerate(self.senders if serve else ())
         ]
@@ -185,6 +201,7 @@ class ProducerRank:
                 sender.step()
 
     def held(self) -> int:
+        """Sources and parked posts the live senders hold."""
         with self._lock:
             return sum(len(s) + s.parked_posts for s in self.senders)
 
@@ -202,17 +219,36 @@ class ProducerRank:
         for thread in self._threads:
             thread.join(timeout)
 
-    def _serve(self, sender: EmbeddingSender) -> None:
-        wait = sender.transport.wait  # type: ignore[attr-defined]
+    def _serve(self, peer_rank: int, sender: EmbeddingSender) -> None:
+        end = sender.transport
+        assert isinstance(end, WaitableEnd)
         try:
             while not self._stop.is_set():
-                if wait(0.05):
-                    with self._lock:
-                        served = sender.step()
-                    if not served:
-                        self._stop.wait(0.0005)  # what woke it was no post (a lost peer, say)
+                if not end.wait(0.05):
+                    continue
+                with self._lock:
+                    served = sender.step()
+                    if end.finished:
+                        self._drop(peer_rank, sender, end.peer_lost or "the consumer closed")
+                        return
+                if not served:
+                    self._stop.wait(0.0005)  # what woke it was no post (a cancel, say)
         except BaseException as exc:  # handed to the engine's next call
             self._broken = exc
+
+    def _drop(self, peer_rank: int, sender: EmbeddingSender, how: str) -> None:
+        """(under the lock) The link to ``peer_rank`` ended: nothing it held can go out."""
+        held = len(sender) + sender.parked_posts
+        self.senders.remove(sender)
+        self.ended[peer_rank] = how
+        logger.warning(
+            "resumekit: producer rank %d: the link to consumer rank %d ended (%s); "
+            "dropped %d source(s) and parked post(s)",
+            self.rank,
+            peer_rank,
+            how,
+            held,
+        )
 
     def _check(self) -> None:
         if self._broken is not None:
@@ -221,4 +257,4 @@ class ProducerRank:
             ) from self._broken
 
 
-__all__ = ["ConsumerRank", "EncoderCache", "ProducerRank"]
+__all__ = ["ConsumerRank", "EncoderCache", "ProducerRank", "WaitableEnd"]
