@@ -825,6 +825,59 @@ def test_each_life_cancelled_before_its_source_drops_one_add() -> None:
     assert p.sender.add("x", random_source(4, 8))  # a third life: kept
 
 
+def test_a_named_source_of_a_cancelled_life_leaves_the_next_lifes_unnamed_one_alone() -> None:
+    """The named late source is the one the cancelled life's tombstone waited for; it used
+    to leave the tombstone behind, which then ate life 2's unnamed source (life 2 hung in
+    Transferring, holding its blocks)."""
+    p = pair()
+    i1 = p.receiver.add("x")
+    p.receiver.abort("x")
+    p.sender.step()  # the cancel: life 1 ended before its source came
+    assert not p.sender.add("x", random_source(4, 8), incarnation=i1)
+    assert p.sender.snapshot().cancelled == ()
+    p.receiver.take("x")
+    p.receiver.add("x")
+    src = random_source(300, 8, seed=2)
+    assert p.sender.add("x", src)  # life 2's, unnamed
+    for _ in range(10):
+        p.step()
+    result = p.receiver.take("x")
+    assert result.state is S.Success, result.reason
+    assert result.output is not None and result.output.equal(src)
+    assert_clean(p)
+
+
+def test_an_unnamed_late_source_is_the_oldest_waiting_lifes() -> None:
+    p = Loopback(pool_blocks=64, block_size=BS, hidden=8)
+    for incarnation in (1, 2):
+        p.transport.cancel("x", -1, incarnation=incarnation)
+    p.sender.step()
+    assert not p.sender.add("x", random_source(4, 8))  # life 1's
+    assert not p.sender.add("x", random_source(4, 8), incarnation=2)  # life 2's, named
+    assert p.sender.snapshot().cancelled == ()
+    assert p.sender.add("x", random_source(4, 8))  # a third life: kept
+
+
+def test_a_second_source_for_a_named_life_is_refused_and_nothing_changes() -> None:
+    p = pair()
+    incarnation = p.receiver.add("x")
+    first = random_source(20_000, 8, seed=1)
+    assert p.sender.add("x", first, incarnation=incarnation)
+    before = p.sender.snapshot()
+    with pytest.raises(DuplicateRequestError, match="already has its source"):
+        p.sender.add("x", random_source(300, 8, seed=2), incarnation=incarnation)
+    assert p.sender.snapshot() is before
+    p.step()  # round 0 served from the named source; it still has the rest to send
+    assert p.receiver.record("x").sent > 0 or p.transport.in_flight
+    with pytest.raises(DuplicateRequestError):
+        p.sender.add("x", random_source(300, 8, seed=3), incarnation=incarnation)
+    for _ in range(10):
+        p.step()
+    result = p.receiver.take("x")
+    assert result.output is not None and result.output.equal(first)
+    assert_clean(p)
+
+
 def test_a_malformed_post_for_a_life_not_yet_added_refuses_it_and_drops_its_source() -> None:
     p = pair()
     p.transport.posts.append(RoundPost("r", 0, ("x",), 1, 0, incarnation=1))  # type: ignore[arg-type]

@@ -149,8 +149,9 @@ def _sender_key(s: WorldState, rank: dict[int, Any], lives: dict[int, int]) -> o
         tuple([(rid, tuple([_post_key(p, rank, lives) for p in ps])) for rid, ps in snap.parked])
         if snap.parked
         else (),
-        # Both keep recency order only to evict beyond max_tombstones: sorted.
-        tuple(sorted(snap.cancelled)),
+        # Both keep recency order only to evict beyond max_tombstones: sorted. The explorer
+        # adds every source unnamed, so only how many lives wait for theirs can matter.
+        tuple(sorted([(rid, len(incs)) for rid, incs in snap.cancelled])),
         tuple(sorted([(rid, lives.get(inc, 0)) for rid, inc in snap.ended])),
     )
 

@@ -10,7 +10,12 @@ import torch
 
 from resumekit._check import as_int, check_hashable, check_interface
 from resumekit.allocator.buffers import MROPE_ROWS, EmbeddingTensors
-from resumekit.errors import InvalidArgumentError, LeakError, TransportError
+from resumekit.errors import (
+    DuplicateRequestError,
+    InvalidArgumentError,
+    LeakError,
+    TransportError,
+)
 from resumekit.protocol.messages import (
     NO_EPOCH,
     Cancel,
@@ -60,7 +65,7 @@ class SenderSnapshot(NamedTuple):
 
     lives: tuple[tuple[Hashable, tuple[SourceState, ...]], ...]  # per id, in added order
     parked: tuple[tuple[Hashable, tuple[RoundPost, ...]], ...]  # posts waiting for a source
-    cancelled: tuple[tuple[Hashable, int], ...]  # unnamed sources to drop, oldest first
+    cancelled: tuple[tuple[Hashable, tuple[int, ...]], ...]  # lives whose source is to drop
     ended: tuple[tuple[Hashable, int], ...]  # the newest life ended per id, oldest first
     rounds_served: int
     repeated_posts: int
@@ -92,8 +97,9 @@ class EmbeddingSender:
         self.transport = transport
         self._lives: dict[Hashable, list[_Source]] = {}  # per id, its sources in added order
         self._parked: dict[Hashable, deque[RoundPost]] = {}  # posts waiting for their source
-        # Lives cancelled before an unnamed source arrived: that many such adds are dropped.
-        self._cancelled: dict[Hashable, int] = {}
+        # Per id, the lives that ended before their source came, oldest first: the next
+        # unnamed add is the oldest one's source (dropped), a named add drops its own.
+        self._cancelled: dict[Hashable, list[int]] = {}
         self._ended: dict[Hashable, int] = {}  # per id, the newest life that ended here
         self.rounds_served = 0
         self.repeated_posts = 0
@@ -115,6 +121,8 @@ class EmbeddingSender:
         without it the source is for the oldest life of ``rid`` not yet given
         one. Returns ``False`` (and keeps nothing) when the receiver already
         cancelled that life: the encoder finished after the language side gave up.
+        Raises :class:`DuplicateRequestError` (and keeps nothing) when the life named by
+        ``incarnation`` already has its source.
         """
         check_hashable(rid, "rid")
         self.transport.check_request_id(rid)
@@ -122,18 +130,22 @@ class EmbeddingSender:
         mrope_delta = as_int(mrope_delta, "mrope_delta")
         if not -(2**31) <= mrope_delta < 2**31:
             raise InvalidArgumentError("mrope_delta must fit in int32")
-        self._snap = None
         if incarnation is not None:
             incarnation = as_int(incarnation, "incarnation", minimum=1)
+            if any(src.incarnation == incarnation for src in self._lives.get(rid, ())):
+                raise DuplicateRequestError(
+                    f"life {incarnation} of request {rid!r} already has its source"
+                )
+        self._snap = None
+        if incarnation is not None:
             if incarnation <= self._ended.get(rid, 0):
-                return False  # that life ended here (cancelled) before its source came
+                # That life ended here before its source came: this is that source.
+                self._untombstone(rid, incarnation)
+                return False
         else:
-            dropped = self._cancelled.get(rid)
-            if dropped:
-                if dropped == 1:
-                    del self._cancelled[rid]
-                else:
-                    self._cancelled[rid] = dropped - 1
+            waiting = self._cancelled.get(rid)
+            if waiting:
+                self._untombstone(rid, waiting[0])  # the oldest such life's source
                 return False
         src = _Source(source, mrope_delta)
         src.incarnation = incarnation
@@ -189,7 +201,7 @@ class EmbeddingSender:
         snap = self._snap = SenderSnapshot(
             tuple([(rid, tuple([s.frozen() for s in srcs])) for rid, srcs in self._lives.items()]),
             tuple([(rid, tuple(posts)) for rid, posts in self._parked.items()]),
-            tuple(self._cancelled.items()),
+            tuple([(rid, tuple(lives)) for rid, lives in self._cancelled.items()]),
             tuple(self._ended.items()),
             self.rounds_served,
             self.repeated_posts,
@@ -224,7 +236,10 @@ class EmbeddingSender:
             if not all(type(p) is RoundPost for p in posts):
                 raise InvalidArgumentError("snapshot parks something that is not a RoundPost")
         self._lives, self._parked = lives, parked
-        self._cancelled, self._ended = dict(snapshot.cancelled), dict(snapshot.ended)
+        cancelled = {rid: list(lives) for rid, lives in snapshot.cancelled if lives}
+        if not all(type(i) is int for lives in cancelled.values() for i in lives):
+            raise InvalidArgumentError("snapshot's cancelled lives must be ints")
+        self._cancelled, self._ended = cancelled, dict(snapshot.ended)
         self.rounds_served, self.repeated_posts = snapshot.rounds_served, snapshot.repeated_posts
         self.stale_posts, self.malformed_posts = snapshot.stale_posts, snapshot.malformed_posts
         self._snap = snapshot
@@ -282,12 +297,25 @@ class EmbeddingSender:
             for post in parked:
                 self._serve(post)
 
-    def _tombstone(self, rid: Hashable) -> None:
+    def _tombstone(self, rid: Hashable, incarnation: int) -> None:
+        """Life ``incarnation`` of ``rid`` ended before its source came: drop that source."""
         if not self.max_tombstones:
             return
-        self._cancelled[rid] = self._cancelled.pop(rid, 0) + 1
+        lives = self._cancelled.pop(rid, [])  # re-inserted: the dict's order is recency
+        lives.append(incarnation)
+        if len(lives) > self.max_tombstones:
+            del lives[0]
+        self._cancelled[rid] = lives
         if len(self._cancelled) > self.max_tombstones:
             del self._cancelled[next(iter(self._cancelled))]
+
+    def _untombstone(self, rid: Hashable, incarnation: int) -> None:
+        """The source of ended life ``incarnation`` came (and is dropped): forget it."""
+        lives = self._cancelled.get(rid)
+        if lives and incarnation in lives:
+            lives.remove(incarnation)
+            if not lives:
+                del self._cancelled[rid]
 
     def _cancel(self, cancel: Cancel) -> None:
         rid, incarnation = cancel.rid, cancel.incarnation
@@ -300,8 +328,8 @@ class EmbeddingSender:
     def _drop_life(self, rid: Hashable, incarnation: int) -> None:
         """Life ``incarnation`` of ``rid`` ends here, whatever it had."""
         if self._source(rid, incarnation) is None:
-            # This life had no source yet: drop the unnamed one the encoder may still add.
-            self._tombstone(rid)
+            # This life had no source yet: drop the one the encoder may still add.
+            self._tombstone(rid, incarnation)
         self._end(rid, incarnation)
 
     def _on_malformed(self, post: object, problem: str) -> None:
@@ -322,7 +350,7 @@ class EmbeddingSender:
         if src is not None and epoch < src.next_epoch:
             return  # a garbled repeat of a round already served: it changes nothing
         if src is None:
-            self._tombstone(rid)
+            self._tombstone(rid, incarnation)
         self._end(rid, incarnation)
         self.transport.report(
             SenderError(rid, epoch, f"malformed post: {problem}", incarnation=incarnation)
