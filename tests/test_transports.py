@@ -4,14 +4,22 @@ torch.distributed (gloo, payloads matched by tag or by order) and over Mooncake.
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
+import time
 from typing import Any
 
 import pytest
 import torch.distributed as dist
 
-from resumekit.errors import InvalidArgumentError, TransportUnavailableError
-from resumekit.sim.twoprocess import PairConfig, Request, run_pair, simulate_distributed
+from resumekit.errors import InvalidArgumentError, TransportError, TransportUnavailableError
+from resumekit.sim.twoprocess import (
+    PairConfig,
+    Request,
+    collect,
+    run_pair,
+    simulate_distributed,
+)
 from resumekit.transports.mooncake import load_mooncake
 from resumekit.transports.torch.wire import runs, wire_rid
 
@@ -263,3 +271,53 @@ def test_the_receivers_aux_rows_decide_what_the_sender_writes(
         assert outcome.state == "Success" and outcome.intact, outcome
     assert report.leaked_blocks == 0 and report.quarantined == 0 and report.records_left == 0
     assert (report.receiver_exit, report.sender_exit) == (0, 0)
+
+
+def _put_report(queue: Any, size: int) -> None:
+    queue.put(b"x" * size)
+
+
+def _exit_quietly() -> None:
+    pass
+
+
+@pytest.mark.parametrize("size", [10, 4 << 20])
+def test_a_report_larger_than_the_pipe_is_read_while_the_processes_run(size: int) -> None:
+    """run_pair used to join both processes before reading the report queue; a report over
+    the pipe's 64 KiB blocked the receiver process in its put until it was killed."""
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    procs = [
+        ctx.Process(target=_put_report, args=(queue, size), name="resumekit-receiver"),
+        ctx.Process(target=_exit_quietly, name="resumekit-sender"),
+    ]
+    for p in procs:
+        p.start()
+    started = time.monotonic()
+    report = collect(procs, queue, time.monotonic() + 30.0)
+    assert report == b"x" * size
+    assert time.monotonic() - started < 10.0
+    assert [p.exitcode for p in procs] == [0, 0]
+
+
+def test_a_receiver_that_reports_nothing_is_said_so() -> None:
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_exit_quietly, name=n) for n in ("receiver", "sender")]
+    for p in procs:
+        p.start()
+    with pytest.raises(TransportError, match=r"reported nothing \(exit 0\)"):
+        collect(procs, queue, time.monotonic() + 30.0)
+
+
+@pytest.mark.parametrize("over", TWO_PROCESS)
+def test_a_two_process_run_whose_report_is_over_64_kib_finishes(over: dict[str, Any]) -> None:
+    """30,000 one-token blocks: the receiver's round log pickles to about 150 KiB."""
+    cfg = PairConfig([Request(0, 30_000, 1)], 30_000, block_size=1, deadline=20.0, **over)
+    started = time.monotonic()
+    report = run_pair(cfg)
+    assert time.monotonic() - started < 40.0  # the old join-then-read waited out deadline + 60
+    [outcome] = report.outcomes
+    assert outcome.state == "Success" and outcome.intact
+    assert sum(len(r.blocks) for r in outcome.rounds) == 30_000
+    assert report.leaked_blocks == 0 and report.receiver_exit == 0

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from queue import Empty
 from typing import Any, Literal
 
 import torch
@@ -117,7 +118,7 @@ def run_pair(cfg: PairConfig) -> PairReport:
     while control[0] == control[1]:
         control = (control[0], _zmq(_free_port()))
     ctx = mp.get_context("spawn")
-    queue: Any = ctx.SimpleQueue()
+    queue: Any = ctx.Queue()
     procs = [
         ctx.Process(
             target=_receiver_main, args=(cfg, port, control, queue), name="resumekit-receiver"
@@ -126,7 +127,26 @@ def run_pair(cfg: PairConfig) -> PairReport:
     ]
     for p in procs:
         p.start()
-    limit = time.monotonic() + cfg.deadline + 60
+    report: PairReport = collect(procs, queue, time.monotonic() + cfg.deadline + 60)
+    report.receiver_exit, report.sender_exit = procs[0].exitcode, procs[1].exitcode
+    return report
+
+
+def collect(procs: Sequence[Any], queue: Any, limit: float) -> Any:
+    """The report ``procs[0]`` puts on ``queue``, read while the processes run: a report
+    larger than the pipe's buffer blocks its writer until it is read, so waiting for the
+    processes first would hang both. Kills what is still running at ``limit``."""
+    report: Any = None
+    got = False
+    while not got and time.monotonic() < limit:
+        try:
+            report, got = queue.get(timeout=0.05), True
+        except Empty:
+            if not procs[0].is_alive():
+                try:  # it may have put the report just before it exited
+                    report, got = queue.get(timeout=1.0), True
+                except Empty:
+                    break
     for p in procs:
         p.join(max(0.0, limit - time.monotonic()))
     hung = [p.name for p in procs if p.is_alive()]
@@ -136,10 +156,8 @@ def run_pair(cfg: PairConfig) -> PairReport:
             p.join()
     if hung:
         raise TransportError(f"two-process run did not finish: {hung} killed")
-    if queue.empty():
+    if not got:
         raise TransportError(f"the receiver process reported nothing (exit {procs[0].exitcode})")
-    report: PairReport = queue.get()
-    report.receiver_exit, report.sender_exit = procs[0].exitcode, procs[1].exitcode
     return report
 
 
