@@ -270,3 +270,53 @@ def test_constructor_validates(kwargs: dict[str, object]) -> None:
 def test_cuda_requested_without_cuda() -> None:
     with pytest.raises(InvalidArgumentError, match="CUDA"):
         BlockBuffers(BlockAllocator(2, 2), 4, device="cuda")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"dtype": torch.float8_e4m3fn, "device": "cpu"}, "cannot be copied on cpu"),
+        ({"device": "meta"}, "meta"),
+    ],
+)
+def test_buffers_that_could_not_copy_are_refused_when_built(
+    kwargs: dict[str, object], match: str
+) -> None:
+    with pytest.raises(InvalidArgumentError, match=match):
+        BlockBuffers(BlockAllocator(2, 2), 4, **kwargs)  # type: ignore[arg-type]
+
+
+def test_tensors_that_require_grad_are_refused_and_leave_the_pool_usable(
+    buf: BlockBuffers,
+) -> None:
+    src = source(6)
+    grad = src.embeddings.float().to(torch.bfloat16).requires_grad_()
+    a = buf.allocator.allocate(8, "a")
+    assert a is not None
+    before = snapshot(buf)
+    with pytest.raises(InvalidArgumentError, match="require grad"):
+        buf.write(a, grad, src.fill_ids, src.mrope)
+    assert_same(buf, before)
+    write(buf, a, src)
+    out = buf.new_output(6)
+    with pytest.raises(InvalidArgumentError, match="require grad"):
+        buf.read_into(
+            a, 6, forged_tensors(out.embeddings.requires_grad_(), out.fill_ids, out.mrope), 0
+        )
+    out = buf.new_output(6)
+    buf.read_into(a, 6, out, 0)
+    assert out.equal(src)
+    assert not buf.embeddings.requires_grad
+
+
+def test_a_landed_round_forwarded_from_the_pool_is_a_typed_error(buf: BlockBuffers) -> None:
+    a, b = buf.allocator.allocate(8, "a"), buf.allocator.allocate(8, "b")
+    assert a is not None and b is not None
+    write(buf, a, source(8))
+    first = a.blocks[0]
+    view = buf.embeddings[first], buf.fill_ids[first], buf.mrope[:, first]
+    before = snapshot(buf)
+    with pytest.raises(InvalidArgumentError, match="view of these buffers"):
+        buf.write(b, *view)
+    assert_same(buf, before)
+    buf.write(b, *(t.clone() for t in view))

@@ -43,7 +43,27 @@ def _normalize_device(device: torch.device | str | None) -> torch.device:
             raise InvalidArgumentError("device 'cuda' requested but CUDA is not available")
         if dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
+    elif dev.type == "meta":
+        raise InvalidArgumentError(
+            "device 'meta' holds no data; landed embeddings could not be read"
+        )
     return dev
+
+
+def _check_copyable(dtype: torch.dtype, device: torch.device) -> None:
+    """Refuse a dtype the device cannot copy the way the pool does (float8 on CPU), so it
+    fails when the buffers are built instead of in the first transfer with blocks held."""
+    try:
+        pool = torch.zeros((2, 1, 1), dtype=dtype, device=device)
+        row = torch.zeros((1, 1, 1), dtype=dtype, device=device)
+        idx = torch.zeros((1,), dtype=torch.long, device=device)
+        pool.index_copy_(0, idx, row)
+        torch.index_select(pool, 0, idx, out=row)
+        pool[0].copy_(row[0])
+    except (NotImplementedError, RuntimeError) as exc:
+        raise InvalidArgumentError(
+            f"dtype {dtype} cannot be copied on {device} ({str(exc).splitlines()[0]})"
+        ) from None
 
 
 def device_memory_bytes(device: torch.device) -> int | None:
@@ -81,6 +101,12 @@ def _zeros(
         raise DeviceMemoryError(
             f"{what} need {needed:,} bytes that {device} could not provide now: {exc}"
         ) from None
+
+
+_GRAD = (
+    "tensors that require grad cannot go through the pool (the copy would join the autograd "
+    "graph); pass .detach() or build them under torch.inference_mode()"
+)
 
 
 def _check_dtype(dtype: object, name: str = "dtype") -> torch.dtype:
@@ -237,6 +263,7 @@ class BlockBuffers:
         aux_size = as_int(aux_size, "aux_size", minimum=2)
         dtype = _check_dtype(dtype)
         dev = _normalize_device(device)
+        _check_copyable(dtype, dev)
         nb, bs = allocator.num_blocks, allocator.block_size
         # Rows first for mrope, so a run of blocks is a (3, k, bs) view of a (3, k*bs) slice.
         embeddings, fill_ids, mrope, aux = _zeros(
@@ -364,7 +391,17 @@ class BlockBuffers:
             raise InvalidArgumentError(f"{name} must be {dtype}, got {t.dtype}")
         if t.device != self.device:
             raise InvalidArgumentError(f"{name} is on {t.device}; the buffers are on {self.device}")
+        if t.requires_grad:
+            raise InvalidArgumentError(f"{name}: {_GRAD}")
+        storage = t.untyped_storage().data_ptr()
+        if any(storage == p.untyped_storage().data_ptr() for p in self._pool_tensors()):
+            raise InvalidArgumentError(
+                f"{name} is a view of these buffers; clone() a landed round before passing it on"
+            )
         return t
+
+    def _pool_tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.embeddings, self.fill_ids, self.mrope, self.aux)
 
     def _check_source(
         self,
