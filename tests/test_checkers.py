@@ -180,3 +180,24 @@ def test_every_reference_in_a_docstring_names_something_that_exists() -> None:
                     stale.append(f"{name}: {ref}")
     assert stale == []
     assert not _resolves(torch, "no_such_thing") and _resolves(torch, "Tensor")
+
+
+def test_a_corrupted_post_never_overtakes_a_queued_cancel() -> None:
+    """``check --faults all`` (2 blocks, 1 request, 1 round, lifo) reported a leak on the
+    shipped design: the poisoned post of life 2 reached the sender ahead of life 1's queued
+    cancel, which no transport does (posts keep their order)."""
+    harness = Harness(
+        with_faults(
+            Bounds(blocks=2, requests=1, max_rounds=1, reuse="lifo"), {f.name for f in FAULTS}
+        ),
+        strategy("epoch"),
+    )
+    w = harness.initial_world(next(harness.initial_totals()))
+    for action in [("add", 0), ("abort", 0), ("reuse", 0), ("add", 0), ("encode", 0)]:
+        assert action in harness.actions(w, w.snapshot())
+        harness.apply(w, action)
+    assert w.transport.posts  # life 1's cancel is still in flight
+    assert ("poison-post", 0) not in harness.actions(w, w.snapshot())
+    while w.transport.posts:
+        harness.apply(w, ("send",))
+    assert ("poison-post", 0) in harness.actions(w, w.snapshot())

@@ -166,7 +166,9 @@ class Harness:
         if poison:
             for r in live:
                 out.append(("poison", r))
-                if t.sender_alive:
+                # Handed straight to the sender, so only with nothing queued ahead of it: the
+                # channel keeps its order and a corrupted post cannot overtake a queued cancel.
+                if t.sender_alive and not t.posts:
                     out.append(("poison-post", r))
         return out
 
