@@ -28,13 +28,27 @@ from resumekit.transports.mooncake.jsonwire import MalformedMessage, wire_rid
 if TYPE_CHECKING:
     import zmq
 
+_ENGINE_METHODS: Final = (
+    "register_memory",
+    "unregister_memory",
+    "batch_transfer_async_write",
+    "transfer_check_status",
+)
 _POLL_MS: Final = 100  # how often a thread looks at the closing flag
 
 
 def _endpoint(value: object, name: str) -> str:
+    """A ZMQ endpoint a peer can reach: ``tcp://host:port`` with a port 1..65535 (port 0
+    binds a port nobody is told), or ``ipc://``/``inproc://`` with a name."""
     value = check_str(value, name)
-    if "://" not in value:
-        raise InvalidArgumentError(f"{name} must be a ZMQ endpoint such as tcp://host:port")
+    scheme, sep, rest = value.partition("://")
+    usage = f"{name} must be a ZMQ endpoint such as tcp://host:port, not {value!r}"
+    if not sep or not rest or scheme not in ("tcp", "ipc", "inproc"):
+        raise InvalidArgumentError(usage)
+    if scheme == "tcp":
+        host, colon, port = rest.rpartition(":")
+        if not colon or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise InvalidArgumentError(f"{usage}: the port must be 1..65535")
     return value
 
 
@@ -52,6 +66,10 @@ def _check_arguments(
     """The constructor's checks that need neither the engine nor a socket."""
     listen = _endpoint(listen, "listen")
     peer = _endpoint(peer, "peer")
+    if listen == peer:
+        raise InvalidArgumentError(
+            f"listen and peer are both {listen}; an end cannot be its own peer"
+        )
     hostname = check_str(hostname, "hostname")
     if protocol not in ("tcp", "rdma"):
         raise InvalidArgumentError(f"protocol must be 'tcp' or 'rdma', not {protocol!r}")
@@ -67,6 +85,14 @@ def _check_arguments(
         )
     if session is not None:
         check_str(session, "session")
+    missing = [
+        m for m in _ENGINE_METHODS if engine is not None and not callable(getattr(engine, m, None))
+    ]
+    if missing:
+        raise InvalidArgumentError(
+            f"engine: a {type(engine).__name__} lacks {', '.join(missing)}; pass a Mooncake "
+            "TransferEngine (or None to make one)"
+        )
     return listen, peer, hostname, seconds
 
 
