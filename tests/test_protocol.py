@@ -674,6 +674,29 @@ def test_receiver_rejects_bad_configuration() -> None:
         ResumableReceiver(p.buffers, p.transport, 0)
     with pytest.raises(InvalidArgumentError):
         ResumableReceiver(p.buffers, p.transport, 128, max_resume_tokens=0)
+    # auto_waste was ignored whenever round 0 was fixed
+    with pytest.raises(InvalidArgumentError, match="auto_waste"):
+        ResumableReceiver(p.buffers, p.transport, 128, auto_waste="junk")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("fields", "name"),
+    [
+        ({"incarnation": 0}, "post.incarnation"),
+        ({"epoch": -1}, "post.epoch"),
+        ({"sent": -5}, "post.sent"),
+    ],
+)
+def test_post_round_refuses_what_cancel_refuses(fields: dict[str, int], name: str) -> None:
+    """A post of life 0 or of a negative epoch went out, though cancel refused both."""
+    transport = pair().transport
+    args = {"epoch": 0, "sent": 0, "incarnation": 1} | fields
+    post = RoundPost(
+        "r", args["epoch"], (0,), 8, args["sent"], None, None, incarnation=args["incarnation"]
+    )
+    with pytest.raises(InvalidArgumentError, match=name):
+        transport.post_round(post)
+    assert transport.posted == 0 and not transport.posts
 
 
 def test_leak_checks_name_what_is_left() -> None:

@@ -182,7 +182,12 @@ def _require(
 def require_post(post: object) -> RoundPost:
     """``post`` itself, once proven a well-formed :class:`RoundPost` (for sending calls)."""
     _require(post, "post", RoundPost, malformed_post)
-    return post  # type: ignore[return-value]
+    r: RoundPost = post  # type: ignore[assignment]
+    # What a cancel refuses, a post refuses too: lives count from 1, rounds from 0.
+    as_int(r.epoch, "post.epoch", minimum=0)
+    as_int(r.incarnation, "post.incarnation", minimum=1)
+    as_int(r.sent, "post.sent", minimum=0)
+    return r
 
 
 def require_cancel(rid: Hashable, epoch: int, incarnation: int) -> Cancel:

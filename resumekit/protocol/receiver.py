@@ -49,7 +49,7 @@ from resumekit.protocol.messages import (
     malformed_status,
 )
 from resumekit.protocol.rounds import Verdict, by_epoch
-from resumekit.protocol.sizing import DEFAULT_WASTE, AutoSizer, SizerSnapshot
+from resumekit.protocol.sizing import DEFAULT_WASTE, AutoSizer, SizerSnapshot, check_waste
 
 if TYPE_CHECKING:
     from resumekit.allocator.buffers import BlockBuffers, EmbeddingTensors
@@ -283,6 +283,7 @@ class ResumableReceiver:
             )
         if max_resume_tokens is not None:
             max_resume_tokens = as_int(max_resume_tokens, "max_resume_tokens", minimum=1)
+        check_waste(auto_waste, "auto_waste")  # also when round 0 is fixed: never ignored
         # Learns round 0's size; at most a quarter of the pool, so one admission never takes it.
         self.sizer = (
             AutoSizer(

@@ -34,6 +34,13 @@ class SizerSnapshot(NamedTuple):
     choice: tuple[tuple[Hashable, int], ...]
 
 
+def check_waste(waste: object, name: str = "waste") -> float:
+    """``waste`` as a float, once proven a number in [0, 10]."""
+    if isinstance(waste, bool) or not isinstance(waste, int | float) or not 0 <= waste <= 10:
+        raise InvalidArgumentError(f"{name} must be a number in [0, 10], got {waste!r}")
+    return float(waste)
+
+
 class AutoSizer:
     """Per size hint: the recent totals, and round 0's allocation chosen from them.
 
@@ -61,9 +68,7 @@ class AutoSizer:
         self.resume_tokens = (
             None if resume_tokens is None else as_int(resume_tokens, "resume_tokens", minimum=1)
         )
-        if isinstance(waste, bool) or not isinstance(waste, int | float) or not 0 <= waste <= 10:
-            raise InvalidArgumentError(f"waste must be a number in [0, 10], got {waste!r}")
-        self.waste = float(waste)
+        self.waste = check_waste(waste)
         self.min_samples = as_int(min_samples, "min_samples", minimum=1)
         self.refresh = as_int(refresh, "refresh", minimum=1)
         self.window = as_int(window, "window", minimum=self.min_samples, maximum=1 << 16)
