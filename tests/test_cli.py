@@ -51,6 +51,7 @@ def test_check_reports_a_numbered_counterexample(capsys: pytest.CaptureFixture[s
     ("args", "flag"),
     [
         (["check", "--faults", "meteor"], "--faults"),
+        (["check", "--faults", "abort,crash,abort"], "--faults"),
         (["check", "--max-rounds", "0"], "--max-rounds"),
         (["check", "--requests", "0"], "--requests"),
         (["check", "--blocks", "-1"], "--blocks"),

@@ -170,6 +170,9 @@ def _parse_faults(text: str) -> set[str]:
             f"unknown fault(s) {unknown}; choose standard, all, none or a list of "
             + ",".join(names)
         )
+    twice = sorted({f for f in chosen if chosen.count(f) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(f"{', '.join(twice)} listed twice; each at most once")
     return set(chosen)
 
 
