@@ -265,6 +265,26 @@ def test_forged_allocation(pool: BlockAllocator) -> None:
     with unchanged(pool), pytest.raises(ForeignAllocationError, match="is a copy"):
         pool.free(upcoming)
     pool.free(a)
+    # A copy rebuilt after the original was freed is still a copy (it read as a double free).
+    rebuilt = Allocation(a.blocks, a.capacity_tokens, a.owner, a.generation, a._pool_id)
+    with unchanged(pool), pytest.raises(ForeignAllocationError, match="is a copy"):
+        pool.free(rebuilt)
+    with unchanged(pool), pytest.raises(ForeignAllocationError, match="is a copy"):
+        pool.check_live(rebuilt)
+    with unchanged(pool), pytest.raises(DoubleFreeError):
+        pool.free(a)
+
+
+def test_an_unhashable_generation_is_a_typed_error(pool: BlockAllocator) -> None:
+    """It raised TypeError from the dict lookup."""
+    a = pool.allocate(4, "r")
+    assert a is not None
+    forged = Allocation(a.blocks, a.capacity_tokens, a.owner, [0], a._pool_id)  # type: ignore[arg-type]
+    for call in (pool.free, pool.check_live):
+        with unchanged(pool), pytest.raises(ForeignAllocationError, match="int generations"):
+            call(forged)
+    assert not pool.is_live(forged)
+    pool.free(a)
 
 
 @pytest.mark.parametrize("bad", [None, (0, 1), "alloc", 3])

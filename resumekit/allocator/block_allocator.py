@@ -42,7 +42,7 @@ class Allocation:
     never make two allocations the same (the reused-indices ABA problem).
     """
 
-    __slots__ = ("_blocks", "_capacity_tokens", "_generation", "_owner", "_pool_id")
+    __slots__ = ("_blocks", "_capacity_tokens", "_freed", "_generation", "_owner", "_pool_id")
 
     def __init__(
         self,
@@ -57,6 +57,7 @@ class Allocation:
         self._owner = owner
         self._generation = generation
         self._pool_id = pool_id
+        self._freed = False  # set by the allocator that frees it: a rebuilt copy is not
 
     @property
     def blocks(self) -> tuple[int, ...]:
@@ -177,15 +178,21 @@ class BlockAllocator:
             raise InvalidArgumentError(
                 f"allocation must be an Allocation, not {type(allocation).__name__}"
             )
-        return self._live.get(allocation._generation) is allocation
+        try:
+            return self._live.get(allocation._generation) is allocation
+        except TypeError:  # a forged, unhashable generation
+            return False
 
     def check_live(self, allocation: object) -> Allocation:
         """``allocation`` if it is live here; raise the matching typed error otherwise."""
-        if (
-            isinstance(allocation, Allocation)
-            and self._live.get(allocation._generation) is allocation
-        ):
-            return allocation
+        try:
+            if (
+                isinstance(allocation, Allocation)
+                and self._live.get(allocation._generation) is allocation
+            ):
+                return allocation
+        except TypeError:
+            pass
         self._raise_not_live(allocation, UseAfterFreeError)
 
     # -- allocate / free -----------------------------------------------------
@@ -269,9 +276,14 @@ class BlockAllocator:
             generation = allocation._generation
         except AttributeError:
             self._raise_not_live(allocation, DoubleFreeError)  # not an Allocation
-        if self._live.get(generation) is not allocation:
+        try:
+            live = self._live.get(generation) is allocation
+        except TypeError:  # a forged, unhashable generation
+            live = False
+        if not live:
             self._raise_not_live(allocation, DoubleFreeError)
         self._snap = None
+        allocation._freed = True
         del self._live[generation]
         owner = allocation._owner
         mine = self._by_owner[owner]
@@ -303,12 +315,21 @@ class BlockAllocator:
                 f"allocation must be an Allocation, not {type(allocation).__name__}"
             )
         generation = allocation._generation
+        if type(generation) is not int:
+            raise ForeignAllocationError(
+                f"allocation of owner {allocation.owner!r} has generation {generation!r}; "
+                "this allocator issues int generations"
+            )
         if allocation._pool_id != self._pool_id:
             raise ForeignAllocationError(
                 f"allocation generation {generation} of owner {allocation.owner!r} "
                 "was not issued by this allocator"
             )
-        if generation in self._live or not 0 <= generation < self._next_generation:
+        if (
+            generation in self._live
+            or not 0 <= generation < self._next_generation
+            or not allocation._freed
+        ):
             raise ForeignAllocationError(
                 f"allocation generation {generation} of owner {allocation.owner!r} "
                 "is a copy, not the allocation this allocator issued"
