@@ -74,11 +74,15 @@ class InProcessTransport:
 
     def post_round(self, post: RoundPost) -> None:
         require_post(post)
+        if not self.sender_alive:
+            return  # to a dead sender: PeerLost is (about to be) reported; nothing is kept
         self.posted += 1
         self.posts.append(post)
 
     def cancel(self, rid: Hashable, epoch: int, *, incarnation: int) -> None:
-        self.posts.append(require_cancel(rid, epoch, incarnation))
+        cancel = require_cancel(rid, epoch, incarnation)
+        if self.sender_alive:
+            self.posts.append(cancel)
 
     def poll_statuses(self) -> Sequence[Status]:
         if self.loss_seen:
