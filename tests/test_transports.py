@@ -321,3 +321,51 @@ def test_a_two_process_run_whose_report_is_over_64_kib_finishes(over: dict[str, 
     assert outcome.state == "Success" and outcome.intact
     assert sum(len(r.blocks) for r in outcome.rounds) == 30_000
     assert report.leaked_blocks == 0 and report.receiver_exit == 0
+
+
+BAD_PAIRS = [
+    ({"timeout": 100_000.0}, "timeout"),
+    ({"timeout": float("nan")}, "timeout"),
+    ({"deadline": 0.0}, "deadline"),
+    ({"pool_blocks": 0}, "pool_blocks"),
+    ({"block_size": 2**31}, "block_size"),
+    ({"hidden": 0}, "hidden"),
+    ({"reuse": "mru"}, "reuse"),
+    ({"default_allocate": "automatic"}, "default_allocate"),
+    ({"max_round_tokens": 0}, "max_round_tokens"),
+    ({"fault_round": 0}, "fault_round"),
+    ({"fault": "explode"}, "fault"),
+    ({"payload": "scattered"}, "payload"),
+    ({"transport": "pigeon"}, "transport"),
+    ({"aux_size": 1}, "aux_size"),
+    ({"requests": [Request(0, 0)]}, "Request.tokens"),
+    ({"requests": [Request(0, 5), Request(0, 6)]}, "each rid"),
+    ({"requests": [(0, 5)]}, "requests"),
+]
+
+
+@pytest.mark.parametrize(("change", "named"), BAD_PAIRS, ids=[n for _, n in BAD_PAIRS])
+def test_a_pair_config_the_children_would_die_on_is_refused_up_front(
+    change: dict[str, Any], named: str
+) -> None:
+    """A timeout over a day used to pass here and kill the receiver process with a
+    traceback, reported as "the receiver process reported nothing"."""
+    fields: dict[str, Any] = {"requests": [Request(0, 100)], "pool_blocks": 4, **change}
+    with pytest.raises(InvalidArgumentError, match=named):
+        PairConfig(**fields)
+
+
+def test_simulate_distributed_refuses_a_bad_timeout_before_starting_processes() -> None:
+    started = time.monotonic()
+    with pytest.raises(InvalidArgumentError, match="timeout"):
+        simulate_distributed(100, timeout=100_000.0)
+    assert time.monotonic() - started < 2.0  # no process was spawned
+
+
+@GLOO
+def test_what_the_receiver_process_raised_reaches_the_caller() -> None:
+    """A round 0 the pool cannot hold fails in the receiver process; its error is sent
+    back in place of the report instead of "reported nothing"."""
+    cfg = PairConfig([Request(0, 100)], pool_blocks=1, block_size=16, default_allocate=8192)
+    with pytest.raises(TransportError, match="receiver process failed: InvalidArgumentError"):
+        run_pair(cfg)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Hashable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -13,6 +13,7 @@ from resumekit._check import as_int
 from resumekit.allocator import EmbeddingTensors, ReuseOrder
 from resumekit.errors import InvalidArgumentError
 from resumekit.protocol import ReceiverObserver
+from resumekit.protocol.receiver import AUTO
 from resumekit.transports.inprocess.loopback import Loopback, default_pool_blocks
 
 if TYPE_CHECKING:
@@ -75,7 +76,7 @@ class RoundLog(ReceiverObserver):
 def simulate(
     tokens: int,
     *,
-    default_allocate: int = 8192,
+    default_allocate: int | Literal["auto"] = 8192,
     pool_blocks: int | None = None,
     block_size: int = 128,
     hidden: int = 64,
@@ -86,12 +87,15 @@ def simulate(
 ) -> SimulationReport:
     """Move a random ``tokens``-long embedding through the protocol and report every round.
 
+    ``default_allocate`` is round 0's tokens, or ``"auto"`` (the receiver sizes it);
     ``pool_blocks`` defaults to a pool that holds the whole embedding (and the
     default allocation); ``max_round_tokens`` caps each resume's allocation; the
     buffers live on ``device`` (CUDA when present, else CPU).
     """
     tokens = as_int(tokens, "tokens", minimum=1)
     block_size = as_int(block_size, "block_size", minimum=1)
+    if default_allocate != AUTO:
+        default_allocate = as_int(default_allocate, "default_allocate", minimum=1)
     if pool_blocks is None:
         pool_blocks = default_pool_blocks(tokens, default_allocate, block_size)
     report = SimulationReport(total_tokens=tokens)

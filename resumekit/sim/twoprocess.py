@@ -24,12 +24,21 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from resumekit._check import as_int, as_seconds
 from resumekit.allocator import BlockAllocator, BlockBuffers, EmbeddingTensors, ReuseOrder
+from resumekit.allocator.block_allocator import MAX_BLOCK_SIZE, MAX_NUM_BLOCKS
 from resumekit.allocator.buffers import DEFAULT_AUX_SIZE
 from resumekit.errors import InvalidArgumentError, TransportError
 from resumekit.protocol import EmbeddingSender, ResumableReceiver, RoundPost
-from resumekit.sim.simulate import RoundLog, RoundRow, SimulationReport, random_source
-from resumekit.transports._threaded import ThreadedEnd
+from resumekit.protocol.receiver import AUTO
+from resumekit.sim.simulate import (
+    RoundLog,
+    RoundRow,
+    SimulationReport,
+    check_reuse,
+    random_source,
+)
+from resumekit.transports._threaded import MAX_TIMEOUT, ThreadedEnd, check_timeout
 from resumekit.transports.inprocess import InProcessTransport
 from resumekit.transports.inprocess.loopback import default_pool_blocks
 from resumekit.transports.mooncake import (
@@ -40,6 +49,7 @@ from resumekit.transports.mooncake import (
 from resumekit.transports.torch import TorchDistributedTransport, TorchEnd, TorchSenderEnd
 from resumekit.transports.torch.wire import DATA, TAG_DATA, TAG_TO_RECEIVER
 
+MAX_TOKENS = MAX_BLOCK_SIZE  # token counts travel as int32
 IDLE_SLEEP = 0.0002  # seconds a drain loop yields (gloo's threads need CPU)
 IDLE_WAIT = 0.05  # longest a loop with nothing to do blocks in transport.wait()
 
@@ -70,7 +80,7 @@ class PairConfig:
     block_size: int = 128
     hidden: int = 64
     reuse: ReuseOrder = "lifo"
-    default_allocate: int = 8192
+    default_allocate: int | Literal["auto"] = 8192
     max_round_tokens: int | None = None
     timeout: float = 30.0  # a round with no progress for this long declares the peer lost
     deadline: float = 120.0  # wall-clock bound on each process's loop
@@ -83,6 +93,40 @@ class PairConfig:
     aux_size: int = DEFAULT_AUX_SIZE  # the receiver's aux rows (the sender's end keeps its default)
     # "inprocess": both ends in this process (run_pair calls run_in_process)
     transport: Literal["inprocess", "torch", "mooncake"] = "torch"
+
+    def __post_init__(self) -> None:
+        """Refuse what a child process would only fail on later, naming the field."""
+        if not isinstance(self.requests, list) or not all(
+            isinstance(r, Request) for r in self.requests
+        ):
+            raise InvalidArgumentError("requests must be a list of Request")
+        for r in self.requests:
+            as_int(r.rid, "Request.rid", minimum=0)
+            as_int(r.tokens, "Request.tokens", minimum=1, maximum=MAX_TOKENS)
+            as_int(r.seed, "Request.seed", minimum=0)
+        rids = [r.rid for r in self.requests]
+        if len(set(rids)) != len(rids):
+            raise InvalidArgumentError("requests: each rid at most once")
+        as_int(self.pool_blocks, "pool_blocks", minimum=1, maximum=MAX_NUM_BLOCKS)
+        as_int(self.block_size, "block_size", minimum=1, maximum=MAX_BLOCK_SIZE)
+        as_int(self.hidden, "hidden", minimum=1)
+        check_reuse(self.reuse)
+        if self.default_allocate != AUTO:
+            as_int(self.default_allocate, "default_allocate", minimum=1, maximum=MAX_TOKENS)
+        if self.max_round_tokens is not None:
+            as_int(self.max_round_tokens, "max_round_tokens", minimum=1)
+        check_timeout(self.timeout)
+        as_seconds(self.deadline, "deadline", maximum=MAX_TIMEOUT)
+        if self.fault_round is not None:
+            as_int(self.fault_round, "fault_round", minimum=1)
+        for name, value, allowed in (
+            ("fault", self.fault, ("die", "hang")),
+            ("payload", self.payload, ("shared", "ordered")),
+            ("transport", self.transport, ("inprocess", "torch", "mooncake")),
+        ):
+            if value not in allowed:
+                raise InvalidArgumentError(f"{name} must be one of {allowed}, not {value!r}")
+        as_int(self.aux_size, "aux_size", minimum=2)
 
 
 @dataclass
@@ -127,7 +171,10 @@ def run_pair(cfg: PairConfig) -> PairReport:
     ]
     for p in procs:
         p.start()
-    report: PairReport = collect(procs, queue, time.monotonic() + cfg.deadline + 60)
+    report = collect(procs, queue, time.monotonic() + cfg.deadline + 60)
+    if isinstance(report, _ChildFailure):
+        raise TransportError(f"the receiver process failed: {report.kind}: {report.message}")
+    assert isinstance(report, PairReport)
     report.receiver_exit, report.sender_exit = procs[0].exitcode, procs[1].exitcode
     return report
 
@@ -164,7 +211,7 @@ def collect(procs: Sequence[Any], queue: Any, limit: float) -> Any:
 def simulate_distributed(
     tokens: int,
     *,
-    default_allocate: int = 8192,
+    default_allocate: int | Literal["auto"] = 8192,
     pool_blocks: int | None = None,
     block_size: int = 128,
     hidden: int = 64,
@@ -175,7 +222,11 @@ def simulate_distributed(
     transport: Literal["torch", "mooncake"] = "torch",
 ) -> SimulationReport:
     """``resumekit simulate --transport torch|mooncake``: one transfer, two processes, the
-    same report."""
+    same report. Arguments are checked (:class:`PairConfig`) before any process starts."""
+    tokens = as_int(tokens, "tokens", minimum=1, maximum=MAX_TOKENS)
+    block_size = as_int(block_size, "block_size", minimum=1, maximum=MAX_BLOCK_SIZE)
+    if default_allocate != AUTO:
+        default_allocate = as_int(default_allocate, "default_allocate", minimum=1)
     if pool_blocks is None:
         pool_blocks = default_pool_blocks(tokens, default_allocate, block_size)
     pair = run_pair(
@@ -226,7 +277,23 @@ def _init(rank: int, port: int, cfg: PairConfig) -> dict[str, Any]:
     return {}
 
 
+@dataclass(frozen=True)
+class _ChildFailure:
+    """What the receiver process raised, sent in place of its report."""
+
+    kind: str
+    message: str
+
+
 def _receiver_main(cfg: PairConfig, port: int, control: tuple[str, str], queue: Any) -> None:
+    try:
+        _receive(cfg, port, control, queue)
+    except Exception as error:
+        queue.put(_ChildFailure(type(error).__name__, str(error)))
+        raise
+
+
+def _receive(cfg: PairConfig, port: int, control: tuple[str, str], queue: Any) -> None:
     start = time.monotonic()
     payload = _init(0, port, cfg)
     allocator = BlockAllocator(cfg.pool_blocks, cfg.block_size, reuse=cfg.reuse)

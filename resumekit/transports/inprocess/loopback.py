@@ -10,6 +10,7 @@ import torch
 
 from resumekit.allocator import BlockAllocator, BlockBuffers, EmbeddingTensors, ReuseOrder
 from resumekit.protocol import EmbeddingSender, ReceiverObserver, ResumableReceiver
+from resumekit.protocol.receiver import DEFAULT_ALLOCATE_TOKENS
 from resumekit.transports.inprocess.transport import InProcessTransport
 
 
@@ -96,6 +97,10 @@ class Loopback:
         return 4 * (tokens // self.allocator.block_size + 4)
 
 
-def default_pool_blocks(tokens: int, default_allocate: int, block_size: int) -> int:
-    """A pool that holds the whole embedding and the default allocation."""
-    return -(-max(tokens, default_allocate) // block_size)
+def default_pool_blocks(
+    tokens: int, default_allocate: int | Literal["auto"], block_size: int
+) -> int:
+    """A pool that holds the whole embedding and the default allocation (``"auto"``: the
+    8192 tokens an auto-sized receiver starts from)."""
+    first = DEFAULT_ALLOCATE_TOKENS if isinstance(default_allocate, str) else default_allocate
+    return -(-max(tokens, first) // block_size)
