@@ -46,6 +46,10 @@ BAD_VALUES = [
     (["simulate", "--block-size", str(2**31)], "--block-size"),
     (["simulate", "--default-allocate", str(2**31)], "--default-allocate"),
     (["simulate", "--max-round-tokens", str(2**40)], "--max-round-tokens"),
+    # The transports take a day at most: the child process used to die on it.
+    (["simulate", "--transport", "mooncake", "--timeout", "100000"], "--timeout"),
+    (["simulate", "--transport", "torch", "--timeout", "86401"], "--timeout"),
+    (["simulate", "--default-allocate", "automatic"], "--default-allocate"),
 ]
 
 
@@ -152,6 +156,60 @@ def test_progress_without_a_terminal_ends_where_the_run_ended(
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA answer")
+def test_simulate_reads_auto_from_the_environment_as_the_receiver_does(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RESUMEKIT_DEFAULT_ALLOCATE_TOKENS", "auto")
+    # An auto-sized receiver starts from 8192 tokens (the pool's, when it holds fewer).
+    assert main(["simulate", "--tokens", "20000"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[1].split()[:3] == ["0", "8192", "8192"]
+    assert main(["simulate", "--tokens", "20000", "--pool-blocks", "40"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[:3] == ["0", "5120", "5120"]
+    monkeypatch.delenv("RESUMEKIT_DEFAULT_ALLOCATE_TOKENS")
+    assert main(["simulate", "--tokens", "3000", "--default-allocate", "auto"]) == 0
+    assert "intact" in capsys.readouterr().out
+
+
+def test_simulate_blames_the_variable_that_sized_the_pool(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RESUMEKIT_DEFAULT_ALLOCATE_TOKENS", str(2**31))
+    assert main(["simulate", "--tokens", "1000"]) == 2
+    err = capsys.readouterr().err
+    assert "RESUMEKIT_DEFAULT_ALLOCATE_TOKENS" in err and "--tokens" not in err
+    monkeypatch.setenv("RESUMEKIT_DEFAULT_ALLOCATE_TOKENS", "2000000000")
+    assert main(["simulate", "--tokens", "1000"]) == 2
+    err = capsys.readouterr().err
+    assert "round 0's 2000000000 tokens, RESUMEKIT_DEFAULT_ALLOCATE_TOKENS" in err
+    assert "sized for --tokens" not in err
+
+
+def test_check_names_the_faults_that_take_blocks_not_internal_fields(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["check", "--blocks", "1", "--faults", "all"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--faults grab,squeeze" in err[0] and "--blocks 1" in err[0]
+    assert "pressure" not in err[0] and "squeezes" not in err[0]
+
+
+@pytest.mark.parametrize("command", ["fuzz", "verify"])
+def test_an_unwritable_database_is_refused_before_the_run(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, command: str
+) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    assert main([command, "--database", str(a_file / "db")]) == 2
+    captured = capsys.readouterr()
+    assert "--database" in captured.err and captured.out == ""
+
+
+def test_replay_errors_name_the_flag(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["fuzz", "--replay", str(tmp_path / "missing")]) == 2
+    assert "--replay" in capsys.readouterr().err
+
+
 def test_simulate_on_cuda_without_cuda_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["simulate", "--device", "cuda"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal, cast
 
 import torch
 
@@ -22,7 +22,7 @@ from resumekit.cli._args import (
     _HelpFormatter,
     _seconds,
 )
-from resumekit.errors import ResumeKitError
+from resumekit.errors import InvalidArgumentError, ResumeKitError
 from resumekit.properties.bounds import (
     FAULTS,
     MAX_BOUND,
@@ -33,7 +33,13 @@ from resumekit.properties.bounds import (
     with_faults,
 )
 from resumekit.properties.explorer import Exploration, explore
-from resumekit.properties.fuzz import DEFAULT_DATABASE, FuzzResult, fuzz, replay
+from resumekit.properties.fuzz import (
+    DEFAULT_DATABASE,
+    FuzzResult,
+    fuzz,
+    replay,
+    writable_database,
+)
 from resumekit.properties.strategies import BROKEN, STRATEGIES, strategy
 from resumekit.properties.verify import (
     DEFAULT_BROKEN_EXAMPLES,
@@ -44,6 +50,8 @@ from resumekit.properties.verify import (
 from resumekit.properties.verify import format_report as format_verify
 from resumekit.protocol.declaration import diagram
 from resumekit.protocol.receiver import (
+    AUTO,
+    DEFAULT_ALLOCATE_TOKENS,
     ENV_DEFAULT_ALLOCATE_TOKENS,
     default_allocate_tokens_from_env,
 )
@@ -54,6 +62,9 @@ from resumekit.sim.simulate import (
     format_report,
     simulate,
 )
+from resumekit.transports._threaded import MAX_TIMEOUT
+
+Round0 = int | Literal["auto"]  # simulate's round 0: tokens, or the receiver's auto sizing
 
 
 def _explore_both(
@@ -89,6 +100,10 @@ def _examples(quick: bool) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    problem = _folder_problem(args)
+    if problem is not None:
+        print(f"resumekit verify: {problem}", file=sys.stderr)
+        return 2
     sets = len(bounds_sets(args.quick))
     progress = Progress(2 * len(BROKEN) + (sets + 1 if args.quick else 2 * sets) + 1)
 
@@ -111,7 +126,24 @@ def _verify(args: argparse.Namespace) -> int:
     return report.verdict.value
 
 
+def _folder_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with --database (or --replay), naming the flag; None when usable."""
+    if getattr(args, "replay", None) is not None:
+        if not os.path.isdir(args.replay):
+            return f"--replay {args.replay!r}: no example database (a folder) there"
+        return None
+    try:
+        writable_database(args.database, "--database")
+    except InvalidArgumentError as error:
+        return str(error)
+    return None
+
+
 def _fuzz(args: argparse.Namespace) -> int:
+    problem = _folder_problem(args)
+    if problem is not None:
+        print(f"resumekit fuzz: {problem}", file=sys.stderr)
+        return 2
     if args.replay is not None:
         result = replay(args.strategy, args.replay)
         if not result.runs:
@@ -180,6 +212,16 @@ def _check(args: argparse.Namespace) -> int:
     if not args.default_blocks <= args.blocks:
         print("resumekit check: --default-blocks must not exceed --blocks", file=sys.stderr)
         return 2
+    takers = [
+        f.name for f in FAULTS if f.field in ("pressure", "squeezes") and f.name in args.faults
+    ]
+    if len(takers) > args.blocks:
+        print(
+            f"resumekit check: --faults {','.join(takers)} take {len(takers)} blocks from the "
+            f"pool, more than --blocks {args.blocks}",
+            file=sys.stderr,
+        )
+        return 2
     bounds = with_faults(
         Bounds(
             blocks=args.blocks,
@@ -204,18 +246,27 @@ def _check(args: argparse.Namespace) -> int:
     return 0 if complete else 1
 
 
-def _simulate_problem(args: argparse.Namespace, default_allocate: int) -> str | None:
+def _simulate_problem(args: argparse.Namespace, default_allocate: Round0) -> str | None:
     """What makes this simulate run impossible, naming the flags; None when it can run."""
+    from_env = args.default_allocate is None and os.environ.get(ENV_DEFAULT_ALLOCATE_TOKENS)
+    source = ENV_DEFAULT_ALLOCATE_TOKENS if from_env else "--default-allocate"
+    first = DEFAULT_ALLOCATE_TOKENS if isinstance(default_allocate, str) else default_allocate
     pool_blocks = args.pool_blocks
+    sized_by = f"--pool-blocks {pool_blocks}"
     if pool_blocks is None:
         pool_blocks = default_pool_blocks(args.tokens, default_allocate, args.block_size)
-    elif -(-default_allocate // args.block_size) > pool_blocks:
-        from_env = args.default_allocate is None and os.environ.get(ENV_DEFAULT_ALLOCATE_TOKENS)
-        source = ENV_DEFAULT_ALLOCATE_TOKENS if from_env else "--default-allocate"
+        sized_by = (
+            f"a pool of {pool_blocks} blocks (sized for --tokens {args.tokens})"
+            if args.tokens >= first
+            else f"a pool of {pool_blocks} blocks (sized for round 0's {first} tokens, {source})"
+        )
+    elif -(-first // args.block_size) > pool_blocks and not isinstance(default_allocate, str):
         return (
             f"round 0's {default_allocate} tokens ({source}) need more blocks of --block-size "
             f"{args.block_size} than --pool-blocks {pool_blocks}: it could never be allocated"
         )
+    if pool_blocks > MAX_NUM_BLOCKS:
+        return f"{sized_by} of --block-size {args.block_size} exceeds {MAX_NUM_BLOCKS:,} blocks"
     if args.device is None:
         args.device = "cpu" if args.transport != "inprocess" else default_device().type
     elif args.device == "cuda" and args.transport == "torch":
@@ -235,19 +286,30 @@ def _simulate_problem(args: argparse.Namespace, default_allocate: int) -> str | 
     memory = device_memory_bytes(torch.device(args.device))
     if memory is not None and needed > memory:
         return (
-            f"--tokens {args.tokens}, --hidden {args.hidden} and a pool of {pool_blocks} blocks "
-            f"of --block-size {args.block_size} need {needed:,} bytes, more than the "
-            f"{memory:,} of --device {args.device}"
+            f"--tokens {args.tokens}, --hidden {args.hidden} and {sized_by} of --block-size "
+            f"{args.block_size} need {needed:,} bytes, more than the {memory:,} of --device "
+            f"{args.device}"
         )
     return None
 
 
+def _default_allocate(args: argparse.Namespace) -> Round0:
+    """Round 0's tokens: --default-allocate, else the variable as the receiver reads it."""
+    if args.default_allocate is not None:
+        return cast(Round0, args.default_allocate)
+    raw = os.environ.get(ENV_DEFAULT_ALLOCATE_TOKENS)
+    if raw == AUTO:
+        return AUTO
+    value = default_allocate_tokens_from_env()
+    if value > MAX_TOKENS:
+        raise InvalidArgumentError(
+            f"{ENV_DEFAULT_ALLOCATE_TOKENS}={raw} must be <= {MAX_TOKENS} (token counts are int32)"
+        )
+    return value
+
+
 def _simulate(args: argparse.Namespace) -> int:
-    default_allocate = (
-        args.default_allocate
-        if args.default_allocate is not None
-        else default_allocate_tokens_from_env()
-    )
+    default_allocate = _default_allocate(args)
     problem = _simulate_problem(args, default_allocate)
     if problem is not None:
         print(f"resumekit simulate: {problem}", file=sys.stderr)
@@ -273,6 +335,19 @@ def _simulate(args: argparse.Namespace) -> int:
     print(report.to_json() if args.json else format_report(report))
     ok = report.state == "Success" and report.intact and report.leaked_blocks == 0
     return 0 if ok else 1
+
+
+def _timeout(text: str) -> float:
+    """``simulate --timeout``: seconds in (0, a day], as the transports take them."""
+    value = _seconds(text)
+    if value > MAX_TIMEOUT:
+        raise argparse.ArgumentTypeError(f"must be <= {MAX_TIMEOUT:g} seconds, got {text}")
+    return value
+
+
+def _tokens_or_auto(text: str) -> Round0:
+    """``simulate --default-allocate``: a token count, or ``auto``."""
+    return AUTO if text == AUTO else _at_least(1, MAX_TOKENS)(text)
 
 
 def _diagram(args: argparse.Namespace) -> int:
@@ -417,9 +492,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument(
         "--default-allocate",
-        type=_at_least(1, MAX_TOKENS),
+        type=_tokens_or_auto,
         default=None,
-        help="tokens of round 0 (default: $RESUMEKIT_DEFAULT_ALLOCATE_TOKENS, else 8192)",
+        help="tokens of round 0, or auto to let the receiver size it (default: "
+        "$RESUMEKIT_DEFAULT_ALLOCATE_TOKENS, else 8192)",
     )
     sim.add_argument(
         "--pool-blocks",
@@ -462,7 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument(
         "--timeout",
-        type=_seconds,
+        type=_timeout,
         default=30.0,
         help="(--transport torch or mooncake) seconds without progress before the peer counts "
         "as lost",

@@ -9,6 +9,7 @@ Every falsifying example Hypothesis shrinks is saved in an example database
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,6 +65,23 @@ class FuzzResult:
         return "\n".join(lines)
 
 
+def writable_database(database: str | Path, name: str = "database") -> str:
+    """``database`` as a folder a falsifying example can be saved in, created if missing;
+    checked before a run, so a finding is never lost to a path that cannot be written."""
+    if not isinstance(database, str | Path) or str(database) == "":
+        raise InvalidArgumentError(f"{name} must be a folder path, not {database!r}")
+    path = Path(database)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise InvalidArgumentError(
+            f"{name} {str(path)!r} is not a writable folder: {error.strerror or error}"
+        ) from None
+    return str(path)
+
+
 def _settings(examples: int, database: str | None, phases: list[Phase]) -> settings:
     return settings(
         max_examples=examples,
@@ -91,7 +109,7 @@ def fuzz(
 
     Examples run in batches seeded ``start_seed``, ``start_seed + 1``, ...: the
     same arguments run the same examples. A falsifying example is shrunk and
-    saved in ``database`` (``None``: not saved).
+    saved in ``database`` (``None``: not saved), a folder checked writable first.
     """
     if type(max_examples) is not int or max_examples < 1:
         raise InvalidArgumentError(f"max_examples must be an int >= 1, got {max_examples!r}")
@@ -99,7 +117,7 @@ def fuzz(
         raise InvalidArgumentError(f"cap_seconds must be > 0, got {cap_seconds!r}")
     as_int(start_seed, "start_seed", minimum=0)
     machine = protocol_machine(strategy_name)
-    db = None if database is None else str(database)
+    db = None if database is None else writable_database(database)
     result = FuzzResult(strategy_name, start_seed)
     start = time.perf_counter()
     run = 0
@@ -171,4 +189,4 @@ def _record_failure(
     result.actions = list(last.log) if last is not None else []
 
 
-__all__ = ["DEFAULT_DATABASE", "FuzzResult", "fuzz", "replay"]
+__all__ = ["DEFAULT_DATABASE", "FuzzResult", "fuzz", "replay", "writable_database"]

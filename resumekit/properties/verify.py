@@ -23,7 +23,7 @@ from resumekit.errors import InvalidArgumentError
 from resumekit.properties.bounds import bounds_sets, describe
 from resumekit.properties.explorer import Exploration, explore
 from resumekit.properties.forking import fork_pool
-from resumekit.properties.fuzz import DEFAULT_DATABASE, FuzzResult, fuzz
+from resumekit.properties.fuzz import DEFAULT_DATABASE, FuzzResult, fuzz, writable_database
 from resumekit.properties.strategies import BROKEN, strategy
 
 EPOCH: Final = "epoch"
@@ -130,6 +130,8 @@ def verify(
     if workers is not None:
         as_int(workers, "workers", minimum=1)
     as_int(seed, "seed", minimum=0)
+    if database is not None:
+        database = writable_database(database)  # before minutes of exploring, not after
     start = time.perf_counter()
     deadline = None if cap_seconds is None else start + cap_seconds
     report = VerifyReport([], examples, broken_examples, cap_seconds, quick)
