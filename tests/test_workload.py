@@ -127,6 +127,30 @@ def test_each_sizer_argument_is_refused_by_name(kwargs: dict[str, object], messa
     assert str(info.value).startswith(message)
 
 
+def test_the_sizer_remembers_a_bounded_number_of_hints_dropping_the_stalest() -> None:
+    """One window per distinct hint used to be kept forever (2,000 hints, 1.5 MB)."""
+    s = sizer(min_samples=1, refresh=1, max_hints=3)
+    for hint in ("a", "b", "c"):
+        s.observe(hint, 20_000)
+    s.observe("a", 20_000)  # "a" is now the most recently observed; "b" the stalest
+    s.observe("d", 20_000)
+    learned = {h for h, _ in s.snapshot().sizes}
+    assert learned == {"a", "c", "d"}
+    assert {h for h, _ in s.snapshot().choice} == learned
+    assert {h for h, _ in s.snapshot().fresh} == learned
+    assert s.choose("b") == 8192 and s.choose("a") == 20_096  # forgotten: the fallback
+    many = sizer()
+    for hint in range(5000):
+        many.observe(hint, 1000)
+    assert len(many.snapshot().sizes) == 1024
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2**21, True, 1.5])
+def test_max_hints_is_checked(bad: object) -> None:
+    with pytest.raises(InvalidArgumentError, match="max_hints"):
+        sizer(max_hints=bad)
+
+
 def test_the_widest_sizer_arguments_are_accepted() -> None:
     s = AutoSizer(128, 32_768, fallback=8192, waste=10, window=65_536)
     assert (s.waste, s.window) == (10.0, 65_536)

@@ -24,10 +24,12 @@ DEFAULT_WASTE: Final = 0.25
 DEFAULT_WINDOW: Final = 256
 MIN_SAMPLES: Final = 16  # below this many sizes for a hint, the fixed default is used
 REFRESH: Final = 32  # the choice is recomputed every this many new sizes of a hint
+MAX_HINTS: Final = 1024  # hints remembered at most (~1 KiB each); the stalest is forgotten
 
 
 class SizerSnapshot(NamedTuple):
-    """An :class:`AutoSizer`'s learned state as a value, per hint in the order first seen."""
+    """An :class:`AutoSizer`'s learned state as a value, per hint from the least recently
+    observed."""
 
     sizes: tuple[tuple[Hashable, tuple[int, ...]], ...]
     fresh: tuple[tuple[Hashable, int], ...]
@@ -47,7 +49,10 @@ class AutoSizer:
     ``fallback`` is used for a hint with fewer than ``min_samples`` sizes;
     ``max_tokens`` caps a choice (the receiver passes a quarter of its pool, so
     one admission never takes the pool); ``resume_tokens`` is the receiver's cap
-    on a resume (``None``: the whole rest in one resume).
+    on a resume (``None``: the whole rest in one resume). At most ``max_hints``
+    hints are remembered: a new one makes it forget the least recently observed, whose
+    requests fall back to ``fallback`` until it is learned again (memory stays bounded
+    when an engine passes ever new hints, a request id, say).
     """
 
     def __init__(
@@ -61,6 +66,7 @@ class AutoSizer:
         window: int = DEFAULT_WINDOW,
         min_samples: int = MIN_SAMPLES,
         refresh: int = REFRESH,
+        max_hints: int = MAX_HINTS,
     ) -> None:
         self.block_size = as_int(block_size, "block_size", minimum=1)
         self.max_tokens = as_int(max_tokens, "max_tokens", minimum=1)
@@ -72,6 +78,7 @@ class AutoSizer:
         self.min_samples = as_int(min_samples, "min_samples", minimum=1)
         self.refresh = as_int(refresh, "refresh", minimum=1)
         self.window = as_int(window, "window", minimum=self.min_samples, maximum=1 << 16)
+        self.max_hints = as_int(max_hints, "max_hints", minimum=1, maximum=1 << 20)
         self._sizes: dict[Hashable, deque[int]] = {}
         self._fresh: dict[Hashable, int] = {}  # sizes seen since the last choice
         self._choice: dict[Hashable, int] = {}
@@ -82,9 +89,15 @@ class AutoSizer:
 
     def observe(self, hint: Hashable, total: int) -> None:
         """A request with ``hint`` turned out to be ``total`` tokens long."""
-        sizes = self._sizes.get(hint)
+        sizes = self._sizes.pop(hint, None)  # re-inserted last: the dict is in recency order
         if sizes is None:
-            sizes = self._sizes[hint] = deque(maxlen=self.window)
+            sizes = deque(maxlen=self.window)
+            if len(self._sizes) >= self.max_hints:
+                stalest = next(iter(self._sizes))
+                del self._sizes[stalest]
+                self._fresh.pop(stalest, None)
+                self._choice.pop(stalest, None)
+        self._sizes[hint] = sizes
         sizes.append(total)
         fresh = self._fresh.get(hint, 0) + 1
         if len(sizes) >= self.min_samples and (fresh >= self.refresh or hint not in self._choice):
