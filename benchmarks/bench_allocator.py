@@ -15,6 +15,7 @@ import random
 import sys
 
 import torch
+from _flags import count  # benchmarks/ is on sys.path as the script's dir
 from _timing import (
     Row,
     interleaved_medians,
@@ -125,7 +126,7 @@ def read_into_ratio(hidden: int, device: torch.device, *, scattered: bool) -> fl
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
-    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--hidden", type=count(1), default=4096)
     parser.add_argument(
         "--device",
         choices=["cpu", "cuda"],
@@ -134,7 +135,7 @@ def main() -> int:
     )
     parser.add_argument(
         "--threads",
-        type=int,
+        type=count(1, 1024),
         default=1,
         help="torch intra-op threads: one by default, so a busy neighbour process cannot "
         "turn the copies into many times slower ones",

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _flags import count  # benchmarks/ is on sys.path as the script's dir
 from _timing import Row, report  # benchmarks/ is on sys.path as the script's dir
 
 from resumekit.allocator import BlockAllocator, BlockBuffers
@@ -119,15 +120,13 @@ def _main(
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
-    parser.add_argument("--tokens", type=int, default=50_000)
-    parser.add_argument("--hidden", type=int, default=3584)
-    parser.add_argument("--pairs", type=int, default=15, help="timed pairs after a warm-up")
+    parser.add_argument("--tokens", type=count(1, 2**31 - 1), default=50_000)
+    parser.add_argument("--hidden", type=count(1), default=3584)
+    parser.add_argument("--pairs", type=count(3), default=15, help="timed pairs after a warm-up")
     parser.add_argument(
         "--pool-rounds", type=int, default=2, choices=(1, 2), help="rounds the pool holds"
     )
     args = parser.parse_args()
-    if args.pairs < 3:
-        parser.error("--pairs must be at least 3")
     ctx = mp.get_context("spawn")
     out = ctx.SimpleQueue()
     port = _free_port()

@@ -19,6 +19,7 @@ import tracemalloc
 import weakref
 
 import torch
+from _flags import count  # benchmarks/ is on sys.path as the script's dir
 from _timing import (
     Row,
     interleaved_medians,
@@ -198,8 +199,8 @@ def bench_receive(tokens: int, hidden: int, device: torch.device) -> list[Row]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
-    parser.add_argument("--hidden", type=int, default=3584)
-    parser.add_argument("--tokens", type=int, default=50_000)
+    parser.add_argument("--hidden", type=count(1), default=3584)
+    parser.add_argument("--tokens", type=count(1, 2**31 - 1), default=50_000)
     parser.add_argument(
         "--device",
         choices=["cpu", "cuda"],
@@ -208,7 +209,7 @@ def main() -> int:
     )
     parser.add_argument(
         "--threads",
-        type=int,
+        type=count(1, 1024),
         default=1,
         help="torch intra-op threads: one by default, so a busy neighbour process cannot "
         "turn the copies into many times slower ones",

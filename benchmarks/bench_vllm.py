@@ -35,6 +35,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from _flags import count, output_file, positive  # benchmarks/ is on sys.path
+
 IMAGE_SIZES = [(448, 448), (640, 480), (896, 896), (1024, 768), (1280, 720), (1920, 1080)]
 VIDEO_SIZES = [(448, 448), (640, 360), (854, 480)]
 MAX_VIDEO_TOKENS = 200_000
@@ -164,6 +166,15 @@ def serve(spec: dict[str, Any]) -> None:
 # -- the driver -----------------------------------------------------------------------------
 
 
+RESUMEKIT_BLOCK = 256  # tokens per block of resumekit's landing pool
+
+
+def resumekit_pool_tokens(pool_bytes: int, width: int) -> int:
+    """The tokens resumekit's pool holds in ``pool_bytes`` (fp16 rows plus 16 aux bytes)."""
+    per_token = width * 2 + 16
+    return max(RESUMEKIT_BLOCK, pool_bytes // per_token // RESUMEKIT_BLOCK * RESUMEKIT_BLOCK)
+
+
 def design_configs(
     design: str,
     pool_bytes: int,
@@ -176,9 +187,8 @@ def design_configs(
     consumer_zmq (vLLM's Mooncake connector needs it in each request)."""
     if design == "resumekit":
         consumer_base, producer_base = free_port(), free_port()
-        per_token = width * 2 + 16
-        block = 256
-        pool_tokens = max(block, pool_bytes // per_token // block * block)
+        block = RESUMEKIT_BLOCK
+        pool_tokens = resumekit_pool_tokens(pool_bytes, width)
         common: dict[str, object] = {
             "ec_connector": "ResumekitECConnector",
             "ec_connector_module_path": "resumekit.integrations.vllm",
@@ -372,36 +382,52 @@ def compare(kind: str, args: argparse.Namespace, model: str) -> tuple[dict[str, 
     return report, all(checks.values())
 
 
+def _round0(text: str) -> int | str:
+    """``--round0``: tokens, or ``auto``."""
+    return text if text == "auto" else count(1, 2**31 - 1)(text)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--serve", help=argparse.SUPPRESS)
     parser.add_argument("--trace", choices=["image-heavy", "video-mixed", "both"], default="both")
-    parser.add_argument("--requests", type=int, default=60)
-    parser.add_argument("--rate", type=float, default=20.0, help="arrivals per second")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--width", type=int, default=512, help="embedding width (3584: 7B)")
-    parser.add_argument("--pool-mb", type=int, default=48, help="landing memory per design, MiB")
+    parser.add_argument("--requests", type=count(1), default=60)
+    parser.add_argument("--rate", type=positive, default=20.0, help="arrivals per second")
+    parser.add_argument("--seed", type=count(0), default=0)
+    parser.add_argument("--width", type=count(1), default=512, help="embedding width (3584: 7B)")
     parser.add_argument(
-        "--push-wait", type=float, default=10.0, help="vLLM Mooncake's push_wait_timeout_s"
+        "--pool-mb", type=count(1), default=48, help="landing memory per design, MiB"
+    )
+    parser.add_argument(
+        "--push-wait", type=positive, default=10.0, help="vLLM Mooncake's push_wait_timeout_s"
     )
     parser.add_argument(
         "--max-resume",
-        type=int,
+        type=count(1, 2**31 - 1),
         default=None,
         help="resumekit's max_resume_tokens (default: the connector's, a quarter of the pool)",
     )
     parser.add_argument(
         "--round0",
-        type=lambda v: v if v == "auto" else int(v),
+        type=_round0,
         default=None,
         help="resumekit's default_allocate_tokens: tokens or 'auto' (default: the connector's)",
     )
-    parser.add_argument("--deadline", type=float, default=300.0, help="seconds a design may run")
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--deadline", type=positive, default=300.0, help="seconds a design may run")
+    parser.add_argument("--json", type=output_file, default=None)
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args()
+    pool_tokens = resumekit_pool_tokens(args.pool_mb << 20, args.width)
+    if (
+        isinstance(args.round0, int)
+        and -(-args.round0 // RESUMEKIT_BLOCK) * RESUMEKIT_BLOCK > pool_tokens
+    ):
+        parser.error(
+            f"--round0 {args.round0} tokens do not fit resumekit's pool of {pool_tokens} "
+            f"(--pool-mb {args.pool_mb} at --width {args.width})"
+        )
     if args.serve:
         serve(json.loads(args.serve))
         return 0

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from _flags import count  # benchmarks/ is on sys.path as the script's dir
 
 from resumekit.allocator import BlockAllocator, BlockBuffers, EmbeddingTensors
 from resumekit.errors import LeakError, TransportError
@@ -273,28 +274,14 @@ def soak_mooncake(requests: int, max_tokens: int, *, seed: int = 0) -> Tally:
     return tally
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=_positive, default=2000, help="in-process lives")
-    parser.add_argument("--ids", type=_positive, default=300, help="request ids they share")
-    parser.add_argument("--seed", type=_positive, default=0)
-    parser.add_argument("--mooncake-requests", type=_positive, default=200)
-    parser.add_argument("--mooncake-tokens", type=_positive, default=200_000)
+    parser.add_argument("--requests", type=count(0), default=2000, help="in-process lives")
+    parser.add_argument("--ids", type=count(1), default=300, help="request ids they share")
+    parser.add_argument("--seed", type=count(0), default=0)
+    parser.add_argument("--mooncake-requests", type=count(0), default=200)
+    parser.add_argument("--mooncake-tokens", type=count(1, 2**31 - 1), default=200_000)
     args = parser.parse_args(argv)
-    if args.requests and not args.ids:
-        parser.error("--ids must be >= 1 when --requests is")
-    if args.mooncake_requests and not args.mooncake_tokens:
-        parser.error("--mooncake-tokens must be >= 1 when --mooncake-requests is")
     if not args.requests and not args.mooncake_requests:
         parser.error("nothing to soak: --requests and --mooncake-requests are both 0")
     torch.set_num_threads(1)  # small copies: intra-op threads only slow them

@@ -19,6 +19,7 @@ SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "soak.py"
 
 @pytest.fixture(scope="module")
 def soak() -> ModuleType:
+    sys.path.insert(0, str(SCRIPT.parent))  # as when it runs as a script: it imports _flags
     spec = importlib.util.spec_from_file_location("resumekit_soak", SCRIPT)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
