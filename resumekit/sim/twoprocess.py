@@ -11,7 +11,6 @@ output against the very tensors the sender sent. Every loop has a deadline.
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import time
 from collections.abc import Callable, Hashable, Sequence
@@ -29,8 +28,13 @@ from resumekit.allocator import BlockAllocator, BlockBuffers, EmbeddingTensors, 
 from resumekit.allocator.block_allocator import MAX_BLOCK_SIZE, MAX_NUM_BLOCKS
 from resumekit.allocator.buffers import DEFAULT_AUX_SIZE
 from resumekit.errors import InvalidArgumentError, TransportError
-from resumekit.protocol import EmbeddingSender, ResumableReceiver, RoundPost
+from resumekit.protocol import EmbeddingSender, ResumableReceiver
 from resumekit.protocol.receiver import AUTO
+from resumekit.sim._failing import (
+    _FailingInProcess,
+    _FailingMooncakeSender,
+    _FailingSenderTransport,
+)
 from resumekit.sim.simulate import (
     RoundLog,
     RoundRow,
@@ -39,18 +43,15 @@ from resumekit.sim.simulate import (
     random_source,
 )
 from resumekit.transports._threaded import MAX_TIMEOUT, ThreadedEnd, check_timeout
-from resumekit.transports.inprocess import InProcessTransport
 from resumekit.transports.inprocess.loopback import default_pool_blocks
 from resumekit.transports.mooncake import (
     MooncakeSenderEnd,
     MooncakeTransport,
     load_mooncake,
 )
-from resumekit.transports.torch import TorchDistributedTransport, TorchEnd, TorchSenderEnd
-from resumekit.transports.torch.wire import DATA, TAG_DATA, TAG_TO_RECEIVER
+from resumekit.transports.torch import TorchDistributedTransport, TorchSenderEnd
 
 MAX_TOKENS = MAX_BLOCK_SIZE  # token counts travel as int32
-IDLE_SLEEP = 0.0002  # seconds a drain loop yields (gloo's threads need CPU)
 IDLE_WAIT = 0.05  # longest a loop with nothing to do blocks in transport.wait()
 
 
@@ -409,52 +410,6 @@ def run_in_process(cfg: PairConfig) -> PairReport:
     return report
 
 
-class _FailingInProcess(InProcessTransport):
-    """Kills the sender inside round ``fault_round`` (from 1), before it reports."""
-
-    def __init__(self, buffers: BlockBuffers, fault_round: int | None) -> None:
-        super().__init__(buffers)
-        self.fault_round = fault_round
-        self.rounds_written = 0
-
-    def write_round(
-        self, post: RoundPost, data: EmbeddingTensors, aux: Sequence[int] | None
-    ) -> None:
-        self.rounds_written += 1
-        if self.rounds_written == self.fault_round:
-            self.crash_sender("sender killed mid-round")
-            return
-        super().write_round(post, data, aux)
-
-
-class _FailingSenderTransport(TorchSenderEnd):
-    """Fails inside round ``fault_round`` after the header and half the payload: it kills
-    its process (``die``) or stays alive and silent (``hang``)."""
-
-    def __init__(self, *args: Any, fault_round: int, fault: str, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.fault_round = fault_round
-        self.fault = fault
-        self.rounds_written = 0
-
-    def write_round(self, post: RoundPost, data: EmbeddingTensors, aux: Any) -> None:
-        self.rounds_written += 1
-        if self.rounds_written != self.fault_round:
-            super().write_round(post, data, aux)
-            return
-        assert isinstance(post.rid, int)
-        half = data.narrow(0, max(1, data.num_tokens // 2))
-        inc = post.incarnation
-        tag = self._tags.pop((post.rid, inc, post.epoch), TAG_DATA)
-        self._send_header(TAG_TO_RECEIVER, DATA, post.rid, inc, post.epoch, data.num_tokens, tag)
-        # Half of the first piece: the receive into the blocks can never complete.
-        self._send(half.embeddings.contiguous(), tag, self.data_group)
-        _drain(self, time.monotonic() + 1.0)
-        if self.fault == "die":
-            os.kill(os.getpid(), signal.SIGKILL)
-        self.finished = True  # hang: serve nothing more, keep the connection open
-
-
 def _sender_main(cfg: PairConfig, port: int, control: tuple[str, str]) -> None:
     start = time.monotonic()
     payload = _init(1, port, cfg)
@@ -481,42 +436,8 @@ def _sender_main(cfg: PairConfig, port: int, control: tuple[str, str]) -> None:
     transport.shutdown()  # owns the group: destroys it
 
 
-class _FailingMooncakeSender(MooncakeSenderEnd):
-    """Fails inside round ``fault_round`` after writing half of its first piece: it kills
-    its process (``die``) or stays alive and silent (``hang``)."""
-
-    def __init__(self, *args: Any, fault_round: int, fault: str, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.fault_round = fault_round
-        self.fault = fault
-        self.rounds_written = 0
-
-    def write_round(self, post: RoundPost, data: EmbeddingTensors, aux: Any) -> None:
-        self.rounds_written += 1
-        if self.rounds_written != self.fault_round:
-            super().write_round(post, data, aux)
-            return
-        dst = self._dst.pop((post.rid, post.incarnation, post.epoch))
-        half = data.embeddings[: max(1, data.num_tokens // 2)].contiguous()
-        assert self._hello is not None
-        self.engine.batch_transfer_sync_write(
-            self._hello.session,
-            [half.data_ptr()],
-            [dst[0][0]],
-            [half.numel() * half.element_size()],
-        )
-        if self.fault == "die":
-            os.kill(os.getpid(), signal.SIGKILL)
-        self.finished = True  # hang: serve nothing more, keep the connection open
-
-
 def _zmq(port: int) -> str:
     return f"tcp://127.0.0.1:{port}"
-
-
-def _drain(transport: TorchEnd, until: float) -> None:
-    while transport.pending_sends() and time.monotonic() < until:
-        time.sleep(IDLE_SLEEP)
 
 
 def _free_port() -> int:
