@@ -5,23 +5,23 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, Literal, cast
-
-import torch
 
 from resumekit import __version__
 from resumekit.allocator.block_allocator import MAX_BLOCK_SIZE, MAX_NUM_BLOCKS
-from resumekit.allocator.buffers import default_device, device_memory_bytes
 from resumekit.cli._args import (
     MAX_SEED,
     MAX_TOKENS,
     Progress,
     _at_least,
     _HelpFormatter,
+    _parse_faults,
     _seconds,
+    _timeout,
+    _tokens_or_auto,
 )
+from resumekit.cli._simulate import _simulate
 from resumekit.errors import InvalidArgumentError, ResumeKitError
 from resumekit.properties.bounds import (
     FAULTS,
@@ -49,22 +49,6 @@ from resumekit.properties.verify import (
 )
 from resumekit.properties.verify import format_report as format_verify
 from resumekit.protocol.declaration import diagram
-from resumekit.protocol.receiver import (
-    AUTO,
-    DEFAULT_ALLOCATE_TOKENS,
-    ENV_DEFAULT_ALLOCATE_TOKENS,
-    default_allocate_tokens_from_env,
-)
-from resumekit.sim.simulate import (
-    SimulationReport,
-    check_reuse,
-    default_pool_blocks,
-    format_report,
-    simulate,
-)
-from resumekit.transports._threaded import MAX_TIMEOUT
-
-Round0 = int | Literal["auto"]  # simulate's round 0: tokens, or the receiver's auto sizing
 
 
 def _explore_both(
@@ -186,28 +170,6 @@ def _fuzz(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_faults(text: str) -> set[str]:
-    """``check --faults``: standard, all, none, or a comma list of fault names."""
-    names = [f.name for f in FAULTS]
-    if text == "standard":
-        return set(STANDARD_FAULTS)
-    if text == "all":
-        return set(names)
-    if text == "none":
-        return set()
-    chosen = [f.strip() for f in text.split(",") if f.strip()]
-    unknown = sorted(set(chosen) - set(names))
-    if unknown or not chosen:
-        raise argparse.ArgumentTypeError(
-            f"unknown fault(s) {unknown}; choose standard, all, none or a list of "
-            + ",".join(names)
-        )
-    twice = sorted({f for f in chosen if chosen.count(f) > 1})
-    if twice:
-        raise argparse.ArgumentTypeError(f"{', '.join(twice)} listed twice; each at most once")
-    return set(chosen)
-
-
 def _check(args: argparse.Namespace) -> int:
     if not args.default_blocks <= args.blocks:
         print("resumekit check: --default-blocks must not exceed --blocks", file=sys.stderr)
@@ -244,110 +206,6 @@ def _check(args: argparse.Namespace) -> int:
         return 1
     print("no violation; every reachable state can finish" if complete else "incomplete")
     return 0 if complete else 1
-
-
-def _simulate_problem(args: argparse.Namespace, default_allocate: Round0) -> str | None:
-    """What makes this simulate run impossible, naming the flags; None when it can run."""
-    from_env = args.default_allocate is None and os.environ.get(ENV_DEFAULT_ALLOCATE_TOKENS)
-    source = ENV_DEFAULT_ALLOCATE_TOKENS if from_env else "--default-allocate"
-    first = DEFAULT_ALLOCATE_TOKENS if isinstance(default_allocate, str) else default_allocate
-    pool_blocks = args.pool_blocks
-    sized_by = f"--pool-blocks {pool_blocks}"
-    if pool_blocks is None:
-        pool_blocks = default_pool_blocks(args.tokens, default_allocate, args.block_size)
-        sized_by = (
-            f"a pool of {pool_blocks} blocks (sized for --tokens {args.tokens})"
-            if args.tokens >= first
-            else f"a pool of {pool_blocks} blocks (sized for round 0's {first} tokens, {source})"
-        )
-    elif -(-first // args.block_size) > pool_blocks and not isinstance(default_allocate, str):
-        return (
-            f"round 0's {default_allocate} tokens ({source}) need more blocks of --block-size "
-            f"{args.block_size} than --pool-blocks {pool_blocks}: it could never be allocated"
-        )
-    if pool_blocks > MAX_NUM_BLOCKS:
-        return f"{sized_by} of --block-size {args.block_size} exceeds {MAX_NUM_BLOCKS:,} blocks"
-    if args.device is None:
-        args.device = "cpu" if args.transport != "inprocess" else default_device().type
-    elif args.device == "cuda" and args.transport == "torch":
-        return (
-            "--device cuda with --transport torch needs NCCL between two GPUs; this "
-            "simulation runs its two processes over gloo (--device cpu)"
-        )
-    elif args.device == "cuda" and args.transport == "mooncake":
-        return (
-            "--device cuda with --transport mooncake needs the CUDA build of the transfer "
-            "engine; this simulation runs its two processes on the CPU (--device cpu)"
-        )
-    elif args.device == "cuda" and not torch.cuda.is_available():
-        return "--device cuda: CUDA is not available on this machine"
-    # bf16 source and output, and the pool's blocks.
-    needed = (2 * args.tokens + pool_blocks * args.block_size) * args.hidden * 2
-    memory = device_memory_bytes(torch.device(args.device))
-    if memory is not None and needed > memory:
-        return (
-            f"--tokens {args.tokens}, --hidden {args.hidden} and {sized_by} of --block-size "
-            f"{args.block_size} need {needed:,} bytes, more than the {memory:,} of --device "
-            f"{args.device}"
-        )
-    return None
-
-
-def _default_allocate(args: argparse.Namespace) -> Round0:
-    """Round 0's tokens: --default-allocate, else the variable as the receiver reads it."""
-    if args.default_allocate is not None:
-        return cast(Round0, args.default_allocate)
-    raw = os.environ.get(ENV_DEFAULT_ALLOCATE_TOKENS)
-    if raw == AUTO:
-        return AUTO
-    value = default_allocate_tokens_from_env()
-    if value > MAX_TOKENS:
-        raise InvalidArgumentError(
-            f"{ENV_DEFAULT_ALLOCATE_TOKENS}={raw} must be <= {MAX_TOKENS} (token counts are int32)"
-        )
-    return value
-
-
-def _simulate(args: argparse.Namespace) -> int:
-    default_allocate = _default_allocate(args)
-    problem = _simulate_problem(args, default_allocate)
-    if problem is not None:
-        print(f"resumekit simulate: {problem}", file=sys.stderr)
-        return 2
-    run: Callable[..., SimulationReport] = simulate
-    extra: dict[str, Any] = {"device": args.device}
-    if args.transport != "inprocess":
-        from resumekit.sim.twoprocess import simulate_distributed  # noqa: PLC0415 - starts torch.distributed
-
-        run = simulate_distributed
-        extra = {"timeout": args.timeout, "transport": args.transport}
-    report = run(
-        args.tokens,
-        default_allocate=default_allocate,
-        pool_blocks=args.pool_blocks,
-        block_size=args.block_size,
-        hidden=args.hidden,
-        reuse=check_reuse(args.reuse),
-        max_round_tokens=args.max_round_tokens,
-        seed=args.seed,
-        **extra,
-    )
-    print(report.to_json() if args.json else format_report(report))
-    ok = report.state == "Success" and report.intact and report.leaked_blocks == 0
-    return 0 if ok else 1
-
-
-def _timeout(text: str) -> float:
-    """``simulate --timeout``: seconds in (0, a day], as the transports take them."""
-    value = _seconds(text)
-    if value > MAX_TIMEOUT:
-        raise argparse.ArgumentTypeError(f"must be <= {MAX_TIMEOUT:g} seconds, got {text}")
-    return value
-
-
-def _tokens_or_auto(text: str) -> Round0:
-    """``simulate --default-allocate``: a token count, or ``auto``."""
-    return AUTO if text == AUTO else _at_least(1, MAX_TOKENS)(text)
 
 
 def _diagram(args: argparse.Namespace) -> int:

@@ -6,7 +6,11 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
-from typing import Final
+from typing import Final, Literal
+
+from resumekit.properties.bounds import FAULTS, STANDARD_FAULTS
+from resumekit.protocol.receiver import AUTO
+from resumekit.transports._threaded import MAX_TIMEOUT
 
 
 def _at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
@@ -29,6 +33,44 @@ def _at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
 #: The largest seed torch's generator takes.
 MAX_SEED: Final = 2**63 - 1
 MAX_TOKENS: Final = 2**31 - 1  # token counts travel as int32
+
+
+Round0 = int | Literal["auto"]  # simulate's round 0: tokens, or the receiver's auto sizing
+
+
+def _parse_faults(text: str) -> set[str]:
+    """``check --faults``: standard, all, none, or a comma list of fault names."""
+    names = [f.name for f in FAULTS]
+    if text == "standard":
+        return set(STANDARD_FAULTS)
+    if text == "all":
+        return set(names)
+    if text == "none":
+        return set()
+    chosen = [f.strip() for f in text.split(",") if f.strip()]
+    unknown = sorted(set(chosen) - set(names))
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(
+            f"unknown fault(s) {unknown}; choose standard, all, none or a list of "
+            + ",".join(names)
+        )
+    twice = sorted({f for f in chosen if chosen.count(f) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(f"{', '.join(twice)} listed twice; each at most once")
+    return set(chosen)
+
+
+def _timeout(text: str) -> float:
+    """``simulate --timeout``: seconds in (0, a day], as the transports take them."""
+    value = _seconds(text)
+    if value > MAX_TIMEOUT:
+        raise argparse.ArgumentTypeError(f"must be <= {MAX_TIMEOUT:g} seconds, got {text}")
+    return value
+
+
+def _tokens_or_auto(text: str) -> Round0:
+    """``simulate --default-allocate``: a token count, or ``auto``."""
+    return AUTO if text == AUTO else _at_least(1, MAX_TOKENS)(text)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
