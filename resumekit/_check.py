@@ -83,3 +83,18 @@ def as_seconds(value: object, name: str, *, maximum: float) -> float:
     if not 0 < seconds <= maximum:
         raise InvalidArgumentError(f"{name} must be > 0 and <= {maximum:g} seconds, got {value!r}")
     return seconds
+
+
+def check_callback(value: object, name: str) -> None:
+    """Raise unless ``value`` is ``None`` or callable (a progress hook, say)."""
+    if value is not None and not callable(value):
+        raise InvalidArgumentError(f"{name} must be callable or None, not {type(value).__name__}")
+
+
+def as_cap_seconds(value: object, name: str) -> float | None:
+    """``value`` as an optional cap in seconds: ``None``, or a number > 0 (``inf``: no cap)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise InvalidArgumentError(f"{name} must be a number of seconds > 0 or None, got {value!r}")
+    return float(value)

@@ -35,7 +35,7 @@ from resumekit.properties.allocator_machine import allocator_machine, resumekit_
 from resumekit.properties.bounds import Bounds, InvalidBounds
 from resumekit.properties.draws import forged_tensors
 from resumekit.properties.explorer import explore
-from resumekit.properties.fuzz import fuzz
+from resumekit.properties.fuzz import fuzz, replay
 from resumekit.properties.protocol_machine import protocol_machine
 from resumekit.properties.strategies import strategy
 from resumekit.properties.verify import verify
@@ -866,6 +866,39 @@ PROPERTIES: list[Case] = [
     ("simulate device tpu", lambda w: simulate(10, device="tpu"), E, "device"),
     ("random_source -1 tokens", lambda w: random_source(-1, 4), E, "num_tokens"),
     ("random_source hidden 0", lambda w: random_source(4, 0), E, "hidden"),
+    # The sweep after the outside harness: siblings of what it found.
+    ("random_source seed 2**80", lambda w: random_source(4, 4, seed=2**80), E, "seed"),
+    ("random_source tokens 2**80", lambda w: random_source(2**80, 4), E, "num_tokens"),
+    ("random_source hidden 2**40", lambda w: random_source(4, 2**40), E, "hidden_size"),
+    (
+        "random_source too big for the host",
+        lambda w: random_source(2**31 - 1, 2**20),
+        CapacityExceededError,
+        "bytes",
+    ),
+    ("random_source device 2**80", lambda w: random_source(4, 4, device=2**80), E, "device"),  # type: ignore[arg-type]
+    ("simulate device 2**80", lambda w: simulate(10, device=2**80), E, "device"),  # type: ignore[arg-type]
+    (
+        "simulate default_allocate str",
+        lambda w: simulate(10, default_allocate="x"),
+        E,
+        "default_allocate",
+    ),  # type: ignore[arg-type]
+    ("fuzz cap str", lambda w: fuzz("epoch", max_examples=1, cap_seconds="1"), E, "cap_seconds"),  # type: ignore[arg-type]
+    ("fuzz cap True", lambda w: fuzz("epoch", max_examples=1, cap_seconds=True), E, "cap_seconds"),
+    ("fuzz progress 0", lambda w: fuzz("epoch", max_examples=1, progress=0), E, "progress"),  # type: ignore[arg-type]
+    ("fuzz database int", lambda w: fuzz("epoch", max_examples=1, database=3), E, "database"),  # type: ignore[arg-type]
+    ("fuzz database empty", lambda w: fuzz("epoch", max_examples=1, database=""), E, "database"),
+    ("replay database None", lambda w: replay("epoch", None), E, "database"),  # type: ignore[arg-type]
+    ("verify cap object", lambda w: verify(cap_seconds=object()), E, "cap_seconds"),  # type: ignore[arg-type]
+    ("verify progress str", lambda w: verify(progress="x"), E, "progress"),  # type: ignore[arg-type]
+    ("verify quick 1", lambda w: verify(quick=1), E, "quick"),  # type: ignore[arg-type]
+    (
+        "explore progress str",
+        lambda w: explore(Bounds(), strategy("epoch"), progress="x"),  # type: ignore[arg-type]
+        E,
+        "progress",
+    ),
 ]
 
 CASES = ALLOCATOR + BUFFERS + TENSORS + RECEIVER + SENDER + TRANSPORT + TORCH + PROPERTIES

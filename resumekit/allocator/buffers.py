@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from resumekit._check import as_int
-from resumekit.allocator.block_allocator import Allocation, BlockAllocator
+from resumekit.allocator.block_allocator import MAX_BLOCK_SIZE, Allocation, BlockAllocator
 from resumekit.errors import CapacityExceededError, DeviceMemoryError, InvalidArgumentError
 
 MROPE_ROWS = 3
@@ -36,7 +36,7 @@ def _normalize_device(device: torch.device | str | None) -> torch.device:
         return default_device()
     try:
         dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
+    except (RuntimeError, TypeError, ValueError, OverflowError) as exc:
         raise InvalidArgumentError(f"invalid device {device!r}: {exc}") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
@@ -205,13 +205,21 @@ class EmbeddingTensors:
     ) -> EmbeddingTensors:
         """A reproducible bf16 embedding with random fill ids and mRoPE positions per token,
         drawn on the CPU (the same values for a seed on every device), then moved."""
-        n = as_int(num_tokens, "num_tokens", minimum=0)
-        hidden = as_int(hidden_size, "hidden_size", minimum=1)
-        g = torch.Generator().manual_seed(as_int(seed, "seed"))
+        n = as_int(num_tokens, "num_tokens", minimum=0, maximum=MAX_BLOCK_SIZE)
+        hidden = as_int(hidden_size, "hidden_size", minimum=1, maximum=MAX_BLOCK_SIZE)
+        g = torch.Generator().manual_seed(as_int(seed, "seed", minimum=-(2**63), maximum=2**64 - 1))
+        dev = _normalize_device(device)
+        needed = n * hidden * 6 + n * 16  # the float32 draw and its bf16 copy, the id rows
+        total = device_memory_bytes(torch.device("cpu"))
+        if total is not None and needed > total:
+            raise CapacityExceededError(
+                f"a random {n}-token embedding of width {hidden} needs {needed:,} bytes; "
+                f"the host has {total:,} in all"
+            )
         return cls(
-            torch.randn(n, hidden, generator=g).to(torch.bfloat16).to(device),
-            torch.randint(0, 2**31 - 1, (n,), generator=g, dtype=torch.int32).to(device),
-            torch.randint(0, 2**31 - 1, (3, n), generator=g, dtype=torch.int32).to(device),
+            torch.randn(n, hidden, generator=g).to(torch.bfloat16).to(dev),
+            torch.randint(0, 2**31 - 1, (n,), generator=g, dtype=torch.int32).to(dev),
+            torch.randint(0, 2**31 - 1, (3, n), generator=g, dtype=torch.int32).to(dev),
         )
 
     def narrow(self, start: int, length: int) -> EmbeddingTensors:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from resumekit._check import as_int
+from resumekit._check import as_int, check_callback
 from resumekit.errors import InvalidArgumentError, ResumeKitError
 from resumekit.properties.bounds import Bounds
 from resumekit.properties.forking import fork_pool
@@ -102,6 +102,7 @@ def explore(
         )
     if workers is not None:
         workers = as_int(workers, "workers", minimum=1)
+    check_callback(progress, "progress")
     if max_states is not None:
         max_states = as_int(max_states, "max_states", minimum=1)
     harness = Harness(bounds, strategy)

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, Phase, seed, settings
 from hypothesis.database import DirectoryBasedExampleDatabase
 from hypothesis.stateful import run_state_machine_as_test
 
-from resumekit._check import as_int
+from resumekit._check import as_cap_seconds, as_int, check_callback
 from resumekit.errors import InvalidArgumentError
 from resumekit.properties.invariants import CRASH, InvariantViolation
 from resumekit.properties.profiles import DEFAULT_DATABASE
@@ -113,9 +113,9 @@ def fuzz(
     """
     if type(max_examples) is not int or max_examples < 1:
         raise InvalidArgumentError(f"max_examples must be an int >= 1, got {max_examples!r}")
-    if cap_seconds is not None and not cap_seconds > 0:
-        raise InvalidArgumentError(f"cap_seconds must be > 0, got {cap_seconds!r}")
+    cap_seconds = as_cap_seconds(cap_seconds, "cap_seconds")
     as_int(start_seed, "start_seed", minimum=0)
+    check_callback(progress, "progress")
     machine = protocol_machine(strategy_name)
     db = None if database is None else writable_database(database)
     result = FuzzResult(strategy_name, start_seed)
@@ -153,6 +153,8 @@ def fuzz(
 
 def replay(strategy_name: str, database: str | Path) -> FuzzResult:
     """Run again the falsifying examples saved in ``database`` for ``strategy_name``."""
+    if not isinstance(database, str | Path):
+        raise InvalidArgumentError(f"database must be a folder path, not {database!r}")
     path = Path(database)
     if not path.is_dir():
         raise InvalidArgumentError(f"no example database at {str(path)!r}")

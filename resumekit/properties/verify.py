@@ -18,7 +18,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Final
 
-from resumekit._check import as_int
+from resumekit._check import as_cap_seconds, as_int, check_bool, check_callback
 from resumekit.errors import InvalidArgumentError
 from resumekit.properties.bounds import bounds_sets, describe
 from resumekit.properties.explorer import Exploration, explore
@@ -125,8 +125,9 @@ def verify(
                 f"{name} must be an int >= 1: a run that checks nothing "
                 f"could say nothing, got {value!r}"
             )
-    if cap_seconds is not None and not cap_seconds > 0:
-        raise InvalidArgumentError(f"cap_seconds must be > 0, got {cap_seconds!r}")
+    cap_seconds = as_cap_seconds(cap_seconds, "cap_seconds")
+    check_bool(quick, "quick")
+    check_callback(progress, "progress")
     if workers is not None:
         as_int(workers, "workers", minimum=1)
     as_int(seed, "seed", minimum=0)
