@@ -27,6 +27,7 @@ SETTINGS = settings(
     deadline=None,
     derandomize=True,
     database=None,
+    report_multiple_bugs=False,
     suppress_health_check=list(HealthCheck),
 )
 

@@ -54,9 +54,12 @@ def test_a_source_on_another_device_is_refused(device: torch.device) -> None:
     buffers = BlockBuffers(allocator, 16, device=device)
     allocation = allocator.allocate(8, "r")
     assert allocation is not None
-    src = random_source(8, 16, device="meta" if device.type == "cpu" else "cpu")
+    other = "meta" if device.type == "cpu" else "cpu"
+    src = random_source(8, 16)
     with pytest.raises(InvalidArgumentError, match="is on"):
-        buffers.write(allocation, src.embeddings, src.fill_ids, src.mrope)
+        buffers.write(
+            allocation, src.embeddings.to(other), src.fill_ids.to(other), src.mrope.to(other)
+        )
 
 
 def test_concurrent_transfers_land_intact(device: torch.device) -> None:
