@@ -378,8 +378,9 @@ def _drive(
 
 
 def run_in_process(cfg: PairConfig) -> PairReport:
-    """The same scenario with both ends in this process over :class:`~resumekit.transports.inprocess.InProcessTransport`:
-    the sender steps whenever the receiver does; a killed sender is ``crash_sender``."""
+    """The same scenario with both ends in this process over
+    :class:`~resumekit.transports.inprocess.InProcessTransport`: the sender steps whenever
+    the receiver does; a killed sender is ``crash_sender``."""
     if cfg.fault_round is not None and cfg.fault != "die":
         raise InvalidArgumentError(
             "fault: the in-process transport has no clock, so a silent sender is never "
