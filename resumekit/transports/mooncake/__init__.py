@@ -26,14 +26,22 @@ the receiver then unregisters its buffers (the engine refuses any later write
 into them) before it reports :class:`~resumekit.protocol.messages.PeerLost`.
 
 Messages (``t`` names the kind; ``inc`` is the request's incarnation):
-``hello {session, hidden, dtype, aux}`` (receiver, first: where the sender writes,
-what a token's embedding is there, and how long an aux row is), ``post {rid, inc,
+``hello {v, session, hidden, dtype, aux, reply}`` (receiver, first: the protocol
+version, where the sender writes, what a token's embedding is there, how long an
+aux row is, and where this receiver listens), ``post {rid, inc,
 epoch, sent, cap, expect, blocks, dst}`` (``dst``: per block, the addresses of
 its embeddings, fill ids, three mRoPE rows and aux row), ``cancel {rid, inc,
 epoch}``, ``close``; back: ``landed {rid, inc, epoch, tokens, total, final}``,
 ``cancelled``, ``error {..., reason}``, ``bye``, and first ``hi {to}`` (the session
-the sender writes to: a receiver takes statuses only after a hi naming its own);
-``ping`` both ways. How each is
+the sender writes to: a receiver takes statuses only after a hi naming its own)
+or ``refused {reason}``: a sender that will not serve a hello (malformed, of
+another version, or from a second receiver) says why, to ``reply`` (or over its
+link), then ends its link; the receiver loses the peer at once with a
+:class:`~resumekit.transports.mooncake.jsonwire.HelloRefused`
+(:attr:`~MooncakeEnd.lost_error`). ``ping`` both ways. Within version 1 both sides
+are additions: a hello without ``v`` is of version 1, one without ``reply`` is
+answered over the link only while unpaired, and an older receiver reads
+``refused`` as a malformed message, which loses the peer as promptly. How each is
 read, and what a message that cannot be read does: :mod:`~resumekit.transports.mooncake.jsonwire`.
 """
 
@@ -48,7 +56,7 @@ from resumekit.errors import InvalidArgumentError
 from resumekit.transports._threaded import DEFAULT_TIMEOUT
 from resumekit.transports.mooncake._end import MooncakeEnd
 from resumekit.transports.mooncake.engine import INSTALL_HINT, load_mooncake
-from resumekit.transports.mooncake.jsonwire import wire_rid
+from resumekit.transports.mooncake.jsonwire import HelloRefused, wire_rid
 from resumekit.transports.mooncake.receiver import MooncakeReceiverEnd
 from resumekit.transports.mooncake.sender import MooncakeSenderEnd
 
@@ -151,6 +159,7 @@ def MooncakeTransport(
 
 __all__ = [
     "INSTALL_HINT",
+    "HelloRefused",
     "MooncakeEnd",
     "MooncakeReceiverEnd",
     "MooncakeSenderEnd",

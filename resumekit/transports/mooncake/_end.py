@@ -37,6 +37,11 @@ _ENGINE_METHODS: Final = (
 _POLL_MS: Final = 100  # how often a thread looks at the closing flag
 
 
+def _encode(message: dict[str, Any]) -> bytes:
+    """A control message as it travels: compact JSON."""
+    return json.dumps(message, separators=(",", ":")).encode()
+
+
 def _endpoint(value: object, name: str) -> str:
     """A ZMQ endpoint a peer can reach: ``tcp://host:port`` with a port 1..65535 (port 0
     binds a port nobody is told), or ``ipc://``/``inproc://`` with a name."""
@@ -134,6 +139,8 @@ class MooncakeEnd(ThreadedEnd):
         self._registered: list[int] = []  # addresses this end registered with the engine
         self._sends: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._link_lost = False  # nothing queued can reach the peer: sockets close at once
+        self._farewell = False  # a refusal is queued: the send socket lingers to deliver it
+        self._errors: dict[str, TransportError] = {}  # a thread's loss, typed, by its reason
         self._release_lock = threading.Lock()
         # Released yet; how many threads have left their loops (their sockets closed).
         self._released, self._left_count = False, 0
@@ -228,20 +235,33 @@ class MooncakeEnd(ThreadedEnd):
         """Refuse an id this transport cannot carry, before any block is taken."""
         wire_rid(rid)
 
-    def _send(self, **message: Any) -> None:
-        self._sends.put(json.dumps(message, separators=(",", ":")).encode())
+    @property
+    def lost_error(self) -> TransportError | None:
+        """Why the peer was lost (``peer_lost``) as a typed error: a refused hello is a
+        :class:`~resumekit.transports.mooncake.jsonwire.HelloRefused`; ``None`` if it is not."""
+        reason = self.peer_lost
+        if reason is None:
+            return None
+        error = self._errors.get(reason)
+        return error if error is not None else TransportError(reason)
 
-    def _lost(self, reason: str) -> None:
+    def _send(self, **message: Any) -> None:
+        self._sends.put(_encode(message))
+
+    def _lost(self, reason: str, error: TransportError | None = None) -> None:
+        """(thread) Declare the peer lost for ``reason``; ``error``: that loss, typed."""
         if not self._closing:
             self._link_lost = True
+            if error is not None:
+                self._errors[reason] = error
             self._deliver(Lost(reason))
 
     def _send_loop(self) -> None:
         push = self._socket(self._zmq.PUSH)
-        push.setsockopt(self._zmq.LINGER, int(self.timeout * 1000))
-        push.connect(self.peer)
         ping = b'{"t":"ping"}'
         try:
+            push.setsockopt(self._zmq.LINGER, int(self.timeout * 1000))
+            push.connect(self.peer)
             while True:
                 try:
                     item = self._sends.get(timeout=self.timeout / 4)
@@ -250,10 +270,15 @@ class MooncakeEnd(ThreadedEnd):
                 if item is None:
                     return
                 push.send(item)
+        except Exception as error:  # a socket that fails is a lost link, never a dead thread
+            failure = TransportError(f"the send thread failed: {error!r}")
+            failure.__cause__ = error
+            self._lost(str(failure), failure)
+            self._stop_threads()  # the peer sees the disconnect at once
         finally:
-            # Lingers (at most the timeout) so the last messages, a bye, still go out;
-            # a lost peer takes nothing more.
-            push.close(0 if self._link_lost else None)
+            # Lingers (at most the timeout) so the last messages, a bye or a refusal,
+            # still go out; a lost peer takes nothing more.
+            push.close(0 if self._link_lost and not self._farewell else None)
 
     def _control_loop(self) -> None:
         zmq = self._zmq
@@ -266,6 +291,10 @@ class MooncakeEnd(ThreadedEnd):
                 now = time.monotonic()
                 if self._monitor in ready:
                     self._monitor.recv_multipart()
+                    # What came before the disconnect is read first: a bye, a refusal.
+                    while self._pull.poll(0):
+                        if not self._read(self._pull.recv()):
+                            return
                     self._lost("connection lost: the peer disconnected")
                     return
                 if self._pull not in ready:
@@ -274,12 +303,7 @@ class MooncakeEnd(ThreadedEnd):
                         return
                     continue
                 self._heard = now
-                try:
-                    message = jsonwire.read(self._pull.recv())
-                    if message["t"] != "ping" and not self._on_message(message):
-                        return
-                except MalformedMessage as error:
-                    self._lost(f"malformed control message: {error}")
+                if not self._read(self._pull.recv()):
                     return
         except Exception as error:  # never die unheard: the event loop learns the peer is lost
             self._lost(f"the control thread failed: {error!r}")
@@ -287,6 +311,15 @@ class MooncakeEnd(ThreadedEnd):
             self._pull.disable_monitor()
             self._monitor.close(0)
             self._pull.close(0)
+
+    def _read(self, raw: bytes) -> bool:
+        """(control thread) One message's bytes; ``False`` ends the loop."""
+        try:
+            message = jsonwire.read(raw)
+            return message["t"] == "ping" or self._on_message(message)
+        except MalformedMessage as error:
+            self._lost(f"malformed control message: {error}")
+            return False
 
     def _stop_threads(self) -> None:
         super()._stop_threads()

@@ -5,7 +5,9 @@ A message is an envelope (its kind ``t`` and, for a message about a round,
 the link itself is broken: :class:`MalformedMessage`, and the transport
 declares the peer lost. A body travels as it came, never coerced (no ``2.7`` read
 as 2, no ``"no"`` as true), into the message the driver checks as it checks any
-in-process one: a malformed body fails at most the request it names.
+in-process one: a malformed body fails at most the request it names. A hello the
+sender will not serve is answered ``refused``, which the receiver reads as
+:class:`HelloRefused`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from resumekit.allocator.buffers import MROPE_ROWS
 from resumekit.errors import InvalidArgumentError, TransportError
 from resumekit.protocol.messages import Cancel, Cancelled, Landed, RoundPost, SenderError
 
+VERSION: Final = 1  # the control protocol's; a hello without ``v`` is of version 1
 MAX_RID_CHARS: Final = 1024
 MAX_REASON_BYTES: Final = 4096  # a refusal's reason is cut to this many bytes of UTF-8
 MAX_AUX: Final = 1 << 16  # the most values an aux row may hold (as the constructors allow)
@@ -32,6 +35,19 @@ Key = tuple[Hashable, int, int]  # (rid, incarnation, epoch)
 
 class MalformedMessage(TransportError):
     """A control message whose envelope this end cannot read: the link is broken."""
+
+
+class HelloRefused(TransportError):
+    """(receiver) The sender refused this end's hello; ``reason`` is the sender's why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"the sender refused this receiver's hello: {reason}")
+        self.reason = reason
+
+
+def cut_reason(reason: str) -> str:
+    """``reason`` cut to :data:`MAX_REASON_BYTES` of UTF-8 (never empty), as it travels."""
+    return reason.encode()[:MAX_REASON_BYTES].decode("utf-8", "ignore") or "?"
 
 
 def wire_rid(rid: object) -> int | str:
@@ -87,7 +103,12 @@ class Hello(NamedTuple):
 
 
 def hello(m: dict[str, Any]) -> Hello:
-    """(sender) A receiver's first message."""
+    """(sender) A receiver's first message, of this protocol version (``v``, absent: 1)."""
+    version = m.get("v", VERSION)
+    if type(version) is not int:
+        raise MalformedMessage("'hello': v must be an int, the protocol version")
+    if version != VERSION:
+        raise MalformedMessage(f"'hello': protocol version {version}; this sender speaks {VERSION}")
     session, hidden, dtype = _field(m, "session"), _field(m, "hidden"), _field(m, "dtype")
     aux = _field(m, "aux")
     if type(session) is not str or not session:
@@ -100,6 +121,20 @@ def hello(m: dict[str, Any]) -> Hello:
     if type(aux) is not int or not 2 <= aux <= MAX_AUX:
         raise MalformedMessage(f"'hello': aux must be an int from 2 to {MAX_AUX}")
     return Hello(session, hidden, named, aux)
+
+
+def reply(m: dict[str, Any]) -> str | None:
+    """(sender) Where a hello says its receiver listens (``reply``), to answer a refusal."""
+    to = m.get("reply")
+    return to if type(to) is str else None
+
+
+def refused(m: dict[str, Any]) -> HelloRefused:
+    """(receiver) The sender's answer to a hello it will not serve: why, as an error."""
+    reason = _field(m, "reason")
+    if type(reason) is not str:
+        raise MalformedMessage("'refused': reason must be a str")
+    return HelloRefused(cut_reason(reason))
 
 
 def hi(m: dict[str, Any]) -> str:

@@ -82,11 +82,22 @@ class MooncakeReceiverEnd(MooncakeEnd, ThreadedReceiverEnd):
         )
         self._send(
             t="hello",
+            v=jsonwire.VERSION,
             session=self.session,
             hidden=buffers.hidden_size,
             dtype=jsonwire.dtype_name(buffers.dtype),
             aux=buffers.aux_size,
+            reply=self._reply_address(),
         )
+
+    def _reply_address(self) -> str:
+        """Where a sender answers a hello it refuses: ``listen``, a wildcard host named as
+        this end's engine session names the host."""
+        scheme, _, rest = self.listen.partition("://")
+        host, _, port = rest.rpartition(":")
+        if scheme == "tcp" and host in ("*", "0.0.0.0", "::", "[::]"):
+            return f"tcp://{self.session.rpartition(':')[0]}:{port}"
+        return self.listen
 
     def _addresses(self, blocks: Sequence[int]) -> list[list[int]]:
         """Per block: where its embeddings, fill ids, three mRoPE rows and aux row start."""
@@ -182,6 +193,10 @@ class MooncakeReceiverEnd(MooncakeEnd, ThreadedReceiverEnd):
         kind = m["t"]
         if kind == "bye":
             self._deliver(Closed())
+            return False
+        if kind == "refused":
+            refusal = jsonwire.refused(m)
+            self._lost(str(refusal), refusal)  # the posted rounds end as for any lost peer
             return False
         if kind == "hi":
             to = jsonwire.hi(m)

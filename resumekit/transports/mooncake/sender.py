@@ -31,9 +31,9 @@ from resumekit.transports._threaded import (
     ThreadedSenderEnd,
 )
 from resumekit.transports.mooncake import jsonwire
-from resumekit.transports.mooncake._end import MooncakeEnd
+from resumekit.transports.mooncake._end import MooncakeEnd, _encode, _endpoint
 from resumekit.transports.mooncake.engine import SourceLedger
-from resumekit.transports.mooncake.jsonwire import MAX_REASON_BYTES, Key, MalformedMessage, wire_rid
+from resumekit.transports.mooncake.jsonwire import Key, MalformedMessage, cut_reason, wire_rid
 
 # How long the writer sleeps between looks at a batch in flight. The engine's own
 # synchronous calls spin on the batch's status instead: on a host whose CPUs also
@@ -197,20 +197,8 @@ class MooncakeSenderEnd(MooncakeEnd, ThreadedSenderEnd):
     def _on_message(self, m: dict[str, Any]) -> bool:
         kind = m["t"]
         if kind == "hello":
-            hello, paired = jsonwire.hello(m), self._hello
-            if paired is not None and hello != paired:
-                # A second receiver's control socket reached ours: the posts of both
-                # would be written to one engine, at the other's addresses.
-                self._lost(
-                    f"a receiver at {hello.session} said hello to this end, which is "
-                    f"paired with {paired.session}: a sender end serves one receiver"
-                )
-                self._stop_threads()  # the paired receiver sees the disconnect at once
-                return False
-            if paired is None:
-                self._send(t="hi", to=hello.session)  # before any status: says whose they are
-            self._hello = hello
-        elif kind == "post":
+            return self._on_hello(m)
+        if kind == "post":
             post, dst = jsonwire.post(m)
             self._dst[(post.rid, post.incarnation, post.epoch)] = dst
             self._deliver(PostArrived(post))
@@ -226,6 +214,60 @@ class MooncakeSenderEnd(MooncakeEnd, ThreadedSenderEnd):
         else:
             raise MalformedMessage(f"unknown message {kind!r}")
         return True
+
+    def _on_hello(self, m: dict[str, Any]) -> bool:
+        """(control thread) A receiver's hello: served (answered hi), or refused."""
+        paired = self._hello
+        try:
+            hello = jsonwire.hello(m)
+        except MalformedMessage as error:
+            return self._refuse(str(error), m)
+        if paired is not None and hello != paired:
+            # A second receiver's control socket reached ours: the posts of both
+            # would be written to one engine, at the other's addresses.
+            return self._refuse(
+                f"a receiver at {hello.session} said hello to this end, which is "
+                f"paired with {paired.session}: a sender end serves one receiver",
+                m,
+            )
+        if paired is None:
+            self._send(t="hi", to=hello.session)  # before any status: says whose they are
+        self._hello = hello
+        return True
+
+    def _refuse(self, why: str, m: dict[str, Any]) -> bool:
+        """(control thread) Answer a hello this end will not serve with ``refused`` and end
+        the link: the receiver learns why at once instead of waiting out its timeout."""
+        raw = _encode({"t": "refused", "reason": cut_reason(why)})
+        to = jsonwire.reply(m)
+        if to is None and self._hello is None:
+            to = self.peer  # an older receiver, which does not say: most likely the peer
+        self._lost(f"refused a receiver's hello: {why}")
+        if to == self.peer:
+            self._farewell = True  # the send socket lingers to deliver it
+            self._sends.put(raw)
+        elif to is not None:
+            self._answer_once(to, raw)
+        self._stop_threads()  # the paired receiver sees the disconnect at once
+        return False
+
+    def _answer_once(self, to: str, raw: bytes) -> None:
+        """Send ``raw`` to a receiver that is not this end's peer, on a socket of its own
+        that lingers (at most the timeout) in the background to deliver it."""
+        zmq = self._zmq
+        try:
+            to = _endpoint(to, "reply")
+        except InvalidArgumentError:
+            return  # no address to answer at: that receiver waits out its timeout
+        push = self._socket(zmq.PUSH)
+        try:
+            push.setsockopt(zmq.LINGER, int(self.timeout * 1000))
+            push.connect(to)
+            push.send(raw, zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # unreachable: that receiver waits out its timeout, this end is lost anyway
+        finally:
+            push.close()
 
     @property
     def pending_posts(self) -> int:
@@ -317,8 +359,7 @@ class MooncakeSenderEnd(MooncakeEnd, ThreadedSenderEnd):
         elif isinstance(status, Cancelled):
             self._send(t="cancelled", rid=rid, inc=inc, epoch=epoch)
         else:
-            reason = failed if failed is not None else getattr(status, "reason", "")
-            reason = reason.encode()[:MAX_REASON_BYTES].decode("utf-8", "ignore") or "?"
+            reason = cut_reason(failed if failed is not None else getattr(status, "reason", ""))
             self._send(t="error", rid=rid, inc=inc, epoch=epoch, reason=reason)
         ends = not isinstance(status, Landed) or status.final or failed is not None
         if ends and self._ledger is not None:
