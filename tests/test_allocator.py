@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import tracemalloc
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -123,6 +124,29 @@ def test_fifo_compaction_keeps_order() -> None:
         expected = expected[700:] + expected[:700]
         pool.free(a)
         pool.check_invariants()
+
+
+def test_fifo_free_list_memory_stays_bounded_over_many_rounds() -> None:
+    """A FIFO pool's free list compacts: 50,000 allocate/free rounds leave no growing queue."""
+    pool = BlockAllocator(4, 1, reuse="fifo")
+
+    def rounds(n: int) -> None:
+        for _ in range(n):
+            got = pool.allocate(1, "r")
+            assert got is not None
+            pool.free(got)
+
+    tracemalloc.start()
+    try:
+        rounds(3000)  # past the first compaction: the queue at its steady size
+        before = tracemalloc.get_traced_memory()[0]
+        rounds(50_000)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 100_000  # a queue never compacted holds 50,000 more entries (400 kB)
+    assert pool.num_free_blocks == 4
+    pool.check_invariants()
 
 
 def test_allocate_up_to_takes_what_is_free(pool: BlockAllocator) -> None:
@@ -427,6 +451,14 @@ def free_block_twice(a: BlockAllocator, x: Allocation, y: Allocation) -> str:
 def generation_renamed(a: BlockAllocator, x: Allocation, y: Allocation) -> str:
     x._generation = 5
     return "live map out of order at generation 0"
+
+
+@corruption
+def generation_negative(a: BlockAllocator, x: Allocation, y: Allocation) -> str:
+    x._generation = -1  # re-keyed everywhere: only the value is wrong
+    a._live = {-1: x, 1: y}
+    a._by_owner["x"] = {-1: x}
+    return "live map out of order at generation -1"
 
 
 @corruption

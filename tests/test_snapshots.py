@@ -88,6 +88,7 @@ def test_every_receiver_change_invalidates_its_snapshot(mutate: str) -> None:
     }
     calls[mutate]()
     after = p.receiver.snapshot()
+    assert isinstance(after, ReceiverSnapshot)  # recomputed, not a stale placeholder
     assert after is not before and after != before
 
 
@@ -201,3 +202,118 @@ def test_snapshot_types_are_the_documented_values() -> None:
     # The queues hold the very record states of `records` for requests still known.
     known = {id(x) for x in r.records}
     assert all(id(x) in known for x in (*r.admissions, *r.resumes) if x.rid in {"a", "b", "c"})
+
+
+@pytest.mark.parametrize("bad", [None, "records", 3])
+def test_restore_of_a_non_snapshot_names_its_type_even_before_any_snapshot(bad: object) -> None:
+    """restore() of a non-snapshot on an object never snapshotted raises, naming the type."""
+    fresh = pair()  # nothing has taken a snapshot of any of its three parts yet
+    objects: list[tuple[Any, str]] = [
+        (BlockAllocator(4, 1), "an AllocatorSnapshot"),
+        (fresh.sender, "a SenderSnapshot"),
+        (fresh.receiver, "a ReceiverSnapshot"),
+    ]
+    for obj, kind in objects:
+        with pytest.raises(InvalidArgumentError) as error:
+            obj.restore(bad)
+        assert str(error.value) == f"snapshot must be {kind}, not {type(bad).__name__}"
+
+
+def test_each_refused_snapshot_is_named_exactly() -> None:
+    """The allocator's and the sender's refusals say exactly what is wrong, and change nothing."""
+    p = mid_transfer()
+    s, a = p.sender.snapshot(), p.allocator.snapshot()
+    every_block = "snapshot does not hold every block of the pool exactly once, in range"
+    cases: list[tuple[Any, Any, str]] = [
+        (p.allocator, BlockAllocator(8, 4).snapshot(), "snapshot was taken of another allocator"),
+        (
+            p.allocator,
+            a._replace(live=a.live[::-1]),
+            "snapshot's allocations are not in generation order",
+        ),
+        (p.allocator, a._replace(free=a.free[1:]), every_block),
+        (
+            p.sender,
+            s._replace(parked=(("a", ("post",)),)),  # type: ignore[arg-type]
+            "snapshot parks something that is not a RoundPost",
+        ),
+    ]
+    for obj, bad, message in cases:
+        with pytest.raises(InvalidArgumentError) as error:
+            obj.restore(bad)
+        assert str(error.value) == message
+    assert p.sender.snapshot() == s and p.allocator.snapshot() == a
+
+
+def test_the_allocator_refuses_each_flaw_of_a_snapshot_on_its_own() -> None:
+    """A block out of range, or a next generation not past the newest live one, alone is refused."""
+    p = mid_transfer()
+    a = p.allocator.snapshot()
+    newest = a.live[-1].generation
+    assert a.next_generation > newest
+    flawed = [
+        a._replace(free=(*a.free[1:], 99)),  # one block out of range, the generations sound
+        a._replace(next_generation=0),  # generations unsound, every block in range
+        a._replace(next_generation=newest),  # the next allocation would reuse `newest`
+    ]
+    for bad in flawed:
+        with pytest.raises(InvalidArgumentError, match="every block"):
+            p.allocator.restore(bad)
+        assert p.allocator.snapshot() == a
+    p.allocator.restore(a._replace(next_generation=newest + 1))  # the least it may be
+    assert p.allocator.next_generation == newest + 1
+    p.allocator.check_invariants()
+
+
+def test_the_allocator_refuses_two_allocations_of_one_generation() -> None:
+    """A snapshot naming two allocations of the same generation (two timelines) is refused."""
+    alloc = BlockAllocator(4, 1)
+    start = alloc.snapshot()
+    alloc.allocate(1, "p")
+    first = alloc.allocate(1, "q")  # generation 1, block 2
+    alloc.restore(start)
+    p2 = alloc.allocate(1, "p")
+    assert p2 is not None
+    alloc.free(p2)
+    second = alloc.allocate(1, "q")  # generation 1 again, on another timeline: block 3
+    assert first is not None and second is not None
+    assert first.generation == second.generation and first.blocks != second.blocks
+    now = alloc.snapshot()
+    bad = now._replace(free=tuple(sorted({0, 1, 2, 3} - {*first.blocks, *second.blocks})))
+    bad = bad._replace(live=(first, second))  # every block exactly once: only the order is off
+    with pytest.raises(InvalidArgumentError, match="not in generation order"):
+        alloc.restore(bad)
+    assert alloc.snapshot() == now
+    alloc.check_invariants()
+
+
+def test_after_restore_the_allocator_snapshot_is_the_restored_value_itself() -> None:
+    """restore(x) leaves the allocator's snapshot() returning x itself, not an equal copy."""
+    for reuse in ("lifo", "fifo"):
+        alloc = BlockAllocator(4, 1, reuse=reuse)
+        before = alloc.snapshot()
+        assert alloc.allocate(2, "x") is not None
+        alloc.restore(before)
+        assert alloc.snapshot() is before
+        alloc.restore(before)  # holds that state already: nothing to do
+        assert alloc.snapshot() is before and alloc.num_free_blocks == 4
+
+
+@pytest.mark.parametrize(
+    "flaw",
+    [{"cancelled": (("z", ("x",)),)}, {"ended": (("z", "1"),)}],
+    ids=["a cancelled life not an int", "an ended life not an int"],
+)
+def test_a_refused_sender_snapshot_changes_nothing(flaw: dict[str, object]) -> None:
+    """restore used to set the lives and parked posts before checking the cancelled lives:
+    a refused snapshot left the sender without its sources."""
+    pair = Loopback(pool_blocks=8, block_size=4, hidden=2, default_allocate=8)
+    pair.add("q", 6)
+    before = pair.sender.snapshot()
+    with pytest.raises(InvalidArgumentError, match="must be ints"):
+        pair.sender.restore(before._replace(lives=(), **flaw))  # type: ignore[arg-type]
+    assert pair.sender.snapshot() == before
+    pair.run(50)  # the sender still holds q's source: the request lands whole
+    result = pair.receiver.take("q")
+    assert result.ok and result.output is not None
+    assert result.output.equal(pair.sources["q"])

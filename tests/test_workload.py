@@ -269,3 +269,145 @@ def test_quantile_is_nearest_rank() -> None:
     assert quantile([], 0.5) is None
     assert quantile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.0
     assert quantile([float(i) for i in range(1, 101)], 0.99) == 99.0
+
+
+# -- AutoSizer: its snapshot and restore, and its rule at large sizes ---------------------
+
+
+def test_the_sizer_snapshot_holds_each_hints_window_count_and_choice() -> None:
+    """snapshot() holds per hint its window, the sizes since its last choice, and the choice."""
+    from resumekit.protocol.sizing import SizerSnapshot
+
+    s = sizer(min_samples=4, refresh=4, window=4)
+    assert s.snapshot() == SizerSnapshot((), (), ())
+    for _ in range(3):
+        s.observe("image", 300)
+    assert s.snapshot() == SizerSnapshot((("image", (300, 300, 300)),), (("image", 3),), ())
+    s.observe("image", 300)  # the fourth: its first choice, and the count starts again
+    s.observe("video", 9000)
+    assert s.snapshot() == SizerSnapshot(
+        (("image", (300,) * 4), ("video", (9000,))),
+        (("image", 0), ("video", 1)),
+        (("image", 384),),
+    )
+
+
+def test_a_restored_sizer_forgets_what_it_learned_since_and_learns_on_as_before() -> None:
+    """restore() puts back each window (its bound too), count and choice taken by snapshot()."""
+    s, twin = sizer(min_samples=4, refresh=4, window=4), sizer(min_samples=4, refresh=4, window=4)
+    for size in (300, 300, 300, 300, 1000):
+        s.observe("image", size)
+        twin.observe("image", size)
+    saved = s.snapshot()
+    for _ in range(8):
+        s.observe("image", 5000)
+        s.observe("video", 5000)
+    assert s.choose("image") != twin.choose("image")
+    s.restore(saved)
+    assert s.snapshot() == saved == twin.snapshot()
+    assert s.choose("image") == 384 and s.choose("video") == 8192
+    for size in (1000, 1000, 1000, 2000, 2000, 2000):
+        s.observe("image", size)
+        twin.observe("image", size)
+        assert s.snapshot() == twin.snapshot() and s.choose("image") == twin.choose("image")
+    assert s.snapshot().sizes == (("image", (1000, 2000, 2000, 2000)),)  # still 4 at most
+
+
+@pytest.mark.parametrize("bad", [None, "sizes", ((), (), ())])
+def test_the_sizer_refuses_to_restore_a_non_snapshot_naming_its_type(bad: object) -> None:
+    """restore() of anything but a SizerSnapshot raises, names its type and changes nothing."""
+    s = sizer(min_samples=1)
+    s.observe("image", 300)
+    before = s.snapshot()
+    with pytest.raises(InvalidArgumentError) as error:
+        s.restore(bad)  # type: ignore[arg-type]
+    assert str(error.value) == f"snapshot must be a SizerSnapshot, not {type(bad).__name__}"
+    assert s.snapshot() == before and s.choose("image") == 384
+
+
+def test_a_receiver_restore_rewinds_what_its_sizer_learned() -> None:
+    """Restoring a receiver's snapshot puts its sizer back too: round 0 is the default again."""
+    pair = Loopback(pool_blocks=256, block_size=128, hidden=4, default_allocate="auto")
+    receiver = pair.receiver
+    assert receiver.sizer is not None
+    r0, s0, a0 = receiver.snapshot(), pair.sender.snapshot(), pair.allocator.snapshot()
+    for i in range(MIN_SAMPLES):
+        receiver.add(("warm", i), size_hint="image")
+        pair.sender.add(("warm", i), _src(pair, 500))
+    for _ in range(100):
+        receiver.step()
+        pair.sender.step()
+    assert all(receiver.take(("warm", i)).ok for i in range(MIN_SAMPLES))
+    assert receiver.sizer.choose("image") == 512
+    pair.allocator.restore(a0)
+    receiver.restore(r0)
+    pair.sender.restore(s0)
+    assert receiver.sizer.choose("image") == 8192
+    assert receiver.sizer.snapshot() == r0.sizer
+
+
+def _exact_best(s: AutoSizer, sizes: list[int]) -> int:
+    """``AutoSizer.best``'s documented rule in exact arithmetic (no float, no tolerance)."""
+    from fractions import Fraction
+
+    bs = s.block_size
+    cap = max(bs, s.max_tokens // bs * bs)
+    fixed = min(cap, s.fallback)
+    n = len(sizes)
+    bound = max(
+        Fraction(s.waste) * sum(sizes) / n, Fraction(sum(fixed - x for x in sizes if x < fixed), n)
+    )
+
+    def rounds(x: int, d: int) -> int:
+        if x <= d:
+            return 1
+        return 2 if s.resume_tokens is None else 1 + -(-(x - d) // s.resume_tokens)
+
+    candidates = sorted({min(cap, -(-x // bs) * bs) for x in sizes} | {fixed})
+    within = [d for d in candidates if Fraction(sum(d - x for x in sizes if x < d), n) <= bound]
+    expected = {d: sum(rounds(x, d) for x in sizes) for d in within}
+    return min(within, key=lambda d: (expected[d], d))
+
+
+LARGE_SIZES: list[tuple[str, dict[str, int], list[int], int]] = [
+    # The fixed default's own over-allocation (2**24 tokens here) is the bound, so is within it.
+    (
+        "fixed default at the bound",
+        {"block_size": 1, "max_tokens": 2**26, "fallback": 2**25 + 1, "waste": 0},
+        [1, 2**25 + 1],
+        2**25 + 1,
+    ),
+    # Both choices expect 2**24 + 2 rounds: the smaller wins.
+    (
+        "tie at 2**24 rounds",
+        {"block_size": 4, "max_tokens": 8, "fallback": 4, "resume_tokens": 8},
+        [2**27 + 9],
+        4,
+    ),
+    # Both expect 2**28 - 7 rounds, each of 65,535 int32 sizes: the smaller wins.
+    (
+        "tie over 65535 sizes",
+        {"block_size": 4, "max_tokens": 8, "fallback": 4, "resume_tokens": 8},
+        [2**31 - 63] * 65_535,
+        4,
+    ),
+    # 8 tokens expect one round fewer (2**54 + 2) than 4 do: 8 wins.
+    (
+        "one round fewer at 2**54",
+        {"block_size": 4, "max_tokens": 8, "fallback": 4, "resume_tokens": 8},
+        [2**57 + 16],
+        8,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "sizes", "expected"), LARGE_SIZES, ids=[c[0] for c in LARGE_SIZES]
+)
+def test_best_keeps_its_rule_at_sizes_where_floats_are_coarse(
+    name: str, kwargs: dict[str, int], sizes: list[int], expected: int
+) -> None:
+    """best(): within the bound (inclusive), fewest expected rounds, the smallest on a tie."""
+    s = AutoSizer(**kwargs)
+    assert _exact_best(s, sizes) == expected
+    assert s.best(sizes) == expected

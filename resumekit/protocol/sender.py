@@ -235,11 +235,15 @@ class EmbeddingSender:
         for posts in parked.values():
             if not all(type(p) is RoundPost for p in posts):
                 raise InvalidArgumentError("snapshot parks something that is not a RoundPost")
-        self._lives, self._parked = lives, parked
         cancelled = {rid: list(lives) for rid, lives in snapshot.cancelled if lives}
         if not all(type(i) is int for lives in cancelled.values() for i in lives):
             raise InvalidArgumentError("snapshot's cancelled lives must be ints")
-        self._cancelled, self._ended = cancelled, dict(snapshot.ended)
+        ended = dict(snapshot.ended)
+        if not all(type(i) is int for i in ended.values()):
+            raise InvalidArgumentError("snapshot's ended lives must be ints")
+        # Only now, everything checked: a refused snapshot changes nothing.
+        self._lives, self._parked = lives, parked
+        self._cancelled, self._ended = cancelled, ended
         self.rounds_served, self.repeated_posts = snapshot.rounds_served, snapshot.repeated_posts
         self.stale_posts, self.malformed_posts = snapshot.stale_posts, snapshot.malformed_posts
         self._snap = snapshot
