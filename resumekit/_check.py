@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import operator
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 
 from resumekit.errors import InvalidArgumentError
 
@@ -79,10 +80,36 @@ def as_seconds(value: object, name: str, *, maximum: float) -> float:
         raise InvalidArgumentError(
             f"{name} must be a number of seconds, not {type(value).__name__}"
         )
-    seconds = float(value)
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int past any float
+        seconds = math.inf
     if not 0 < seconds <= maximum:
         raise InvalidArgumentError(f"{name} must be > 0 and <= {maximum:g} seconds, got {value!r}")
     return seconds
+
+
+def as_positive(value: object, name: str) -> float:
+    """``value`` as a finite number > 0 (a rate, a load): 0, NaN or inf divide into nonsense."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidArgumentError(f"{name} must be a number, not {type(value).__name__}")
+    try:
+        number = float(value)
+    except OverflowError:  # an int past any float
+        number = math.inf
+    if not 0 < number < math.inf:
+        raise InvalidArgumentError(f"{name} must be a finite number > 0, got {value!r}")
+    return number
+
+
+def check_choice(value: object, name: str, options: Sequence[str]) -> str:
+    """``value`` itself, after proving it is one of ``options``: an unknown name runs nothing."""
+    text = check_str(value, name)
+    if text not in options:
+        raise InvalidArgumentError(
+            f"{name} must be one of {', '.join(map(repr, options))}; got {text!r}"
+        )
+    return text
 
 
 def check_callback(value: object, name: str) -> None:

@@ -20,6 +20,7 @@ one meter; apart, a change to one design's model could drift from the others'.
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 import random
 import statistics
@@ -30,7 +31,17 @@ from typing import Any, Final, Literal
 
 import torch
 
+from resumekit._check import (
+    as_int,
+    as_positive,
+    as_seconds,
+    check_bool,
+    check_choice,
+    check_interface,
+)
 from resumekit.allocator import Allocation, BlockAllocator, BlockBuffers, EmbeddingTensors
+from resumekit.allocator.block_allocator import MAX_BLOCK_SIZE, MAX_NUM_BLOCKS
+from resumekit.errors import InvalidArgumentError
 from resumekit.protocol.messages import Cancel, Landed, Post, RoundPost, Status
 from resumekit.protocol.receiver import ReceiverObserver, ResumableReceiver
 from resumekit.protocol.sender import EmbeddingSender
@@ -42,6 +53,46 @@ TRACES: Final[tuple[Trace, ...]] = ("image-heavy", "video-mixed", "adversarial")
 SIZE_FIRST_WAIT: Final = 60.0  # upstream's wait for a release before it gives up
 SIZE_FIRST_ALIGN: Final = 256  # bytes
 HORIZON: Final = 300.0  # virtual seconds after the last arrival before the rest count stuck
+ROUND0: Final = 8192  # tokens: the fixed round 0 of ``resumekit`` and ``one-resume``
+
+
+def _cost(value: object) -> CostModel:
+    """``value`` itself, after proving it is a :class:`CostModel` (``None``: the default)."""
+    if value is None:
+        return CostModel()
+    if not isinstance(value, CostModel):
+        raise InvalidArgumentError(f"cost must be a CostModel or None, not {type(value).__name__}")
+    return value
+
+
+def check_pool(design: Design, pool_tokens: int, block_size: int) -> tuple[int, int]:
+    """``(pool_tokens, block_size)`` as ints, after proving ``design`` can run in that pool.
+
+    The pool must be at least one block, within the allocator's block count, and hold
+    the fixed round 0 of ``resumekit`` and ``one-resume`` (else one raises mid-run,
+    the other waits forever); ``benchmarks/bench_workload.py`` checks its flags with it.
+    """
+    design = check_choice(design, "design", DESIGNS)  # type: ignore[assignment]
+    pool_tokens = as_int(pool_tokens, "pool_tokens", minimum=1)
+    block_size = as_int(block_size, "block_size", minimum=1, maximum=MAX_BLOCK_SIZE)
+    if block_size > pool_tokens:
+        raise InvalidArgumentError(
+            f"block_size must be <= pool_tokens ({pool_tokens:,}), got {block_size:,}: "
+            "the pool would have no block"
+        )
+    blocks = pool_tokens // block_size
+    if blocks > MAX_NUM_BLOCKS:
+        raise InvalidArgumentError(
+            f"pool_tokens={pool_tokens:,} is {blocks:,} blocks of {block_size}, more than the "
+            f"{MAX_NUM_BLOCKS:,} a pool may have (raise block_size)"
+        )
+    need = -(-ROUND0 // block_size)
+    if design in ("resumekit", "one-resume") and need > blocks:
+        raise InvalidArgumentError(
+            f"pool_tokens must hold {design}'s {ROUND0:,}-token round 0 ({need} blocks of "
+            f"{block_size}), got {pool_tokens:,} ({blocks} blocks)"
+        )
+    return pool_tokens, block_size
 
 
 @dataclass(frozen=True)
@@ -54,10 +105,26 @@ class CostModel:
     round_overhead: float = 50e-6  # seconds per round (post, completion, bookkeeping)
     bytes_per_token: int = 3584 * 2 + 16  # bf16 hidden 3584, fill id and mRoPE rows
 
+    def __post_init__(self) -> None:
+        """Refuse a time or rate no machine has: 0, negative, NaN or inf divide into nonsense."""
+        checked = {
+            "rtt": as_seconds(self.rtt, "rtt", maximum=HORIZON),
+            "link": as_positive(self.link, "link"),
+            "copy": as_positive(self.copy, "copy"),
+            "round_overhead": as_seconds(self.round_overhead, "round_overhead", maximum=HORIZON),
+            "bytes_per_token": as_int(self.bytes_per_token, "bytes_per_token", minimum=1),
+        }
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+
     def transfer(self, tokens: int) -> float:
+        """Seconds one round of ``tokens`` takes on the link."""
+        tokens = as_int(tokens, "tokens", minimum=0)
         return self.round_overhead + tokens * self.bytes_per_token / self.link
 
     def copy_out(self, tokens: int) -> float:
+        """Seconds copying ``tokens`` landed tokens out takes."""
+        tokens = as_int(tokens, "tokens", minimum=0)
         return tokens * self.bytes_per_token / self.copy
 
 
@@ -75,6 +142,9 @@ def sizes(kind: Trace, n: int, rng: random.Random) -> list[tuple[int, str]]:
     Pareto-tailed (alpha 1.1) from 8,192, capped at 200,000; adversarial: each
     just above the 8,192 default (8,193..8,448).
     """
+    kind = check_choice(kind, "kind", TRACES)  # type: ignore[assignment]
+    n = as_int(n, "n", minimum=0)
+    check_interface(rng, "rng", "random.Random", ("random", "randint", "uniform", "paretovariate"))
     out: list[tuple[int, str]] = []
     for _ in range(n):
         if kind == "adversarial":
@@ -88,6 +158,11 @@ def sizes(kind: Trace, n: int, rng: random.Random) -> list[tuple[int, str]]:
 
 def make_trace(kind: Trace, n: int, load: float, cost: CostModel, seed: int) -> list[Item]:
     """Poisson arrivals at ``load`` times the link's capacity for this trace's mean size."""
+    kind = check_choice(kind, "kind", TRACES)  # type: ignore[assignment]
+    n = as_int(n, "n", minimum=1)
+    load = as_positive(load, "load")
+    cost = _cost(cost)
+    seed = as_int(seed, "seed", minimum=0)
     rng = random.Random(f"{kind}/{seed}")
     picked = sizes(kind, n, rng)
     mean = statistics.fmean(t for t, _ in picked)
@@ -291,7 +366,7 @@ def _run_resumekit(
     receiver = ResumableReceiver(
         buffers,
         transport,
-        "auto" if auto else 8192,
+        "auto" if auto else ROUND0,
         max_resume_tokens=max_resume_tokens,
         observer=transport,
     )
@@ -471,7 +546,7 @@ def _run_one_resume(  # noqa: PLR0915 - one design's event handlers, closures ov
     meter = _Meter()
     half = cost.rtt / 2
     waste = [0.0]
-    default = 8192
+    default = ROUND0
 
     def send(i: int, allocation: Allocation, tokens: int, then: Callable[[], None]) -> None:
         o = outcomes[i]
@@ -567,9 +642,20 @@ def run(
     """Replay one trace against one design; the same seed gives the same trace.
 
     ``within_pool`` drops the requests larger than the pool (for every design alike):
-    a diagnostic that shows what completing them costs the others.
+    a diagnostic that shows what completing them costs the others. Every argument is
+    checked before anything runs: an unknown name or a count, load or seed out of
+    range raises :class:`~resumekit.errors.InvalidArgumentError` naming it.
     """
-    cost = cost or CostModel()
+    design = check_choice(design, "design", DESIGNS)  # type: ignore[assignment]
+    trace = check_choice(trace, "trace", TRACES)  # type: ignore[assignment]
+    requests = as_int(requests, "requests", minimum=1)
+    load = as_positive(load, "load")
+    cost = _cost(cost)
+    pool_tokens, block_size = check_pool(design, pool_tokens, block_size)
+    seed = as_int(seed, "seed", minimum=0)
+    if max_resume_tokens is not None:
+        max_resume_tokens = as_int(max_resume_tokens, "max_resume_tokens", minimum=1)
+    check_bool(within_pool, "within_pool")
     items = make_trace(trace, requests, load, cost, seed)
     if within_pool:
         items = [it for it in items if it.tokens <= pool_tokens]
@@ -615,6 +701,13 @@ def run(
 
 def quantile(values: list[float], q: float) -> float | None:
     """The ``q`` quantile of sorted ``values`` (nearest rank); ``None`` when empty."""
+    q = as_positive(q, "q")
+    if q > 1:
+        raise InvalidArgumentError(f"q must be <= 1, got {q!r}")
+    if not isinstance(values, Sequence):
+        raise InvalidArgumentError(f"values must be a sorted list, not {type(values).__name__}")
+    if any(b < a for a, b in itertools.pairwise(values)):
+        raise InvalidArgumentError("values must be sorted")
     if not values:
         return None
     return values[min(len(values) - 1, math.ceil(q * len(values)) - 1)]
@@ -626,6 +719,7 @@ __all__ = [
     "CostModel",
     "Item",
     "Result",
+    "check_pool",
     "make_trace",
     "quantile",
     "run",
