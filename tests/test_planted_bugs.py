@@ -6,6 +6,7 @@ import pytest
 from planted_bugs import BOUNDS, BUGS, bounds_for
 
 from resumekit.properties.explorer import explore
+from resumekit.properties.fuzz import fuzz
 from resumekit.properties.invariants import CRASH, INVARIANTS
 from resumekit.properties.planting import Bug, planted
 from resumekit.properties.strategies import strategy
@@ -34,3 +35,22 @@ def test_a_bug_that_does_not_apply_is_refused() -> None:
     with pytest.raises(ValueError, match="occurs 0 times"), planted(stale):
         pass
     assert bug.owner.__dict__[bug.method] is not None
+
+
+#: The bugs of combined faults and of the pool's order (issue 23), which the fuzzer
+#: must catch too: it draws the same combinations and checks the same order.
+FUZZED = (
+    "a malformed status of an earlier life fails the current one",
+    "only the epoch of a status is type-checked",
+    "a newly waiting resume jumps the queue",
+    "an early post passes a waiting resume",
+)
+
+
+@pytest.mark.parametrize("name", FUZZED)
+def test_the_fuzzer_catches_combined_faults_and_the_pools_order(name: str) -> None:
+    bug = next(b for b in BUGS if b.name == name)
+    with planted(bug):
+        result = fuzz("epoch", max_examples=300, database=None)
+    assert result.failed, f"the fuzzer missed: {bug}"
+    assert result.invariant in (*INVARIANTS, CRASH)

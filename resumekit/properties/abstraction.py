@@ -32,7 +32,7 @@ def key(s: WorldState, remembers_blocks: bool = False) -> tuple[Any, ...]:
     live = alloc.live
     rank: dict[int, Any] = {id(a): i for i, a in enumerate(live)}
     rank[id(None)] = -1
-    rounds, consumed, labels, _, lives = s.ledger
+    rounds, consumed, labels, _, lives, _ = s.ledger
     renamed = None
     if remembers_blocks:
         order = list(alloc.free)
@@ -180,9 +180,15 @@ def _status_key(st: msg.Status, lives: dict[int, int]) -> tuple[Any, ...]:
         if len(_ORDERS) > 65_536:
             _ORDERS.clear()
         order = _ORDERS[st] = status_order(st)
-    if len(order) > 2 and type(order[2]) is int:
-        return (*order[:2], lives.get(order[2], order[2]), *order[3:])
+    inc = order[2] if len(order) > 2 else None
+    if type(inc) is tuple and inc[0] == 0:  # an int incarnation (``_typed``): named by life
+        return (*order[:2], (0, lives.get(inc[1], inc[1])), *order[3:])
     return order
+
+
+def _typed(value: object) -> tuple[int, Any]:
+    """An int as itself, anything else (a poisoned field) after every int, by its repr."""
+    return (0, value) if type(value) is int else (1, repr(value))
 
 
 def status_order(s: object) -> tuple[Any, ...]:
@@ -193,16 +199,16 @@ def status_order(s: object) -> tuple[Any, ...]:
         return (
             0,
             landed.rid,
-            landed.incarnation,
+            _typed(landed.incarnation),
             repr(landed.epoch),
-            landed.tokens,
-            landed.total,
-            landed.final,
+            _typed(landed.tokens),
+            _typed(landed.total),
+            repr(landed.final),
         )
     if kind is msg.Cancelled:
         c: msg.Cancelled = s  # type: ignore[assignment]
-        return (1, c.rid, c.incarnation, repr(c.epoch))
+        return (1, c.rid, _typed(c.incarnation), repr(c.epoch))
     if kind is msg.SenderError:
         e: msg.SenderError = s  # type: ignore[assignment]
-        return (2, e.rid, e.incarnation, repr(e.epoch), e.reason)
+        return (2, e.rid, _typed(e.incarnation), repr(e.epoch), repr(e.reason))
     return (3, kind.__name__, repr(s))

@@ -45,6 +45,22 @@ FAULTS: Final[tuple[Fault, ...]] = (
     Fault("late", "late_sources", "late sources", switch=True),
 )
 BUDGETED: Final = tuple(f for f in FAULTS if not f.switch)
+#: The statuses a forgery makes (for a round never posted, or of the id's earlier life).
+FORGED: Final = ("landed", "cancelled", "error")
+STALE: Final = "stale"  # a forged or poisoned status of the id's earlier life
+#: The field each poison garbles, and with what: a type no well-formed message has.
+POISONED_STATUS: Final = ("epoch", "tokens", "final", "incarnation")
+POISONED_POST: Final = ("blocks", "sent", "incarnation")
+POISON_VALUES: Final[dict[str, Any]] = {
+    "epoch": None,
+    "tokens": "1",
+    "final": 1,
+    "incarnation": None,
+    "blocks": (None,),
+    "sent": "0",
+    STALE: None,  # the epoch, with the earlier life's incarnation
+}
+
 BUDGET_FIELDS: Final = tuple(f.field for f in BUDGETED)
 #: Indices into :attr:`Bounds.budget` (and a world's remaining budget), by fault name.
 BUDGET_INDEX: Final = {f.name: i for i, f in enumerate(BUDGETED)}
@@ -154,7 +170,8 @@ def describe(b: Bounds) -> str:
     faults = [f"{getattr(b, f.field)} {f.words}" for f in BUDGETED if getattr(b, f.field)]
     extras = [f.words for f in FAULTS if f.switch and getattr(b, f.field)]
     return (
-        f"{b.blocks} blocks, {b.requests} requests, up to {b.max_rounds} rounds each; "
+        f"{b.blocks} blocks, {b.requests} request{'s' if b.requests > 1 else ''}, "
+        f"up to {b.max_rounds} rounds each; "
         f"faults: {', '.join(faults) or 'none'}" + (f"; {', '.join(extras)}" if extras else "")
     )
 
@@ -185,6 +202,15 @@ ADVERSARY_BOUNDS: Final[dict[str, Bounds]] = {
     # The encoder finishes after the receiver posted, or after the request was aborted
     # and its id reused (sources are bound to lives in the order they are added).
     "late sources": replace(_SMALL, aborts=1, reuses=1, late_sources=True),
+    # Faults combined, each beside id reuse: forged, ill-typed and batched statuses of
+    # the id's earlier life (one request, so the pool is its alone and rounds are many)...
+    "reused, forged and poisoned": replace(
+        _SMALL, requests=1, max_rounds=3, reuses=1, forgeries=1, poisons=1, batches=True
+    ),
+    # ... a sender that restarts while another pool user squeezes the pool...
+    "restart and squeeze": replace(_SMALL, restarts=1, squeezes=1, reuses=1),
+    # ... and a sender crash with a block grabbed right after a free.
+    "crash and grab": replace(_SMALL, crashes=1, pressure=1, reuses=1),
 }
 
 
@@ -199,8 +225,13 @@ __all__ = [
     "BUDGETED",
     "BUDGET_INDEX",
     "FAULTS",
+    "FORGED",
     "MAX_BOUND",
+    "POISONED_POST",
+    "POISONED_STATUS",
+    "POISON_VALUES",
     "QUICK_BOUNDS",
+    "STALE",
     "STANDARD_BOUNDS",
     "STANDARD_FAULTS",
     "Bounds",

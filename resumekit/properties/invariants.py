@@ -14,9 +14,12 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
+from resumekit.protocol.declaration import TransferState
+
 if TYPE_CHECKING:
     from resumekit.allocator.block_allocator import Allocation, BlockAllocator
     from resumekit.protocol.messages import RoundPost
+    from resumekit.protocol.receiver import ReceiverSnapshot, RecordState
 
 EXACTLY_ONCE: Final = "exactly-once"
 NO_LEAK: Final = "no-leak"
@@ -24,8 +27,17 @@ INTEGRITY: Final = "integrity"
 PROGRESS: Final = "progress"
 NO_WRITE_AFTER_FREE: Final = "no-write-after-free"
 LIVENESS: Final = "liveness"
+SERVED_IN_ORDER: Final = "served-in-order"
 #: Every invariant, by name: the one list the explorer, the fuzzer and ``verify`` report.
-INVARIANTS: Final = (EXACTLY_ONCE, NO_LEAK, INTEGRITY, PROGRESS, NO_WRITE_AFTER_FREE, LIVENESS)
+INVARIANTS: Final = (
+    EXACTLY_ONCE,
+    NO_LEAK,
+    INTEGRITY,
+    PROGRESS,
+    NO_WRITE_AFTER_FREE,
+    LIVENESS,
+    SERVED_IN_ORDER,
+)
 #: Not an invariant: the real code raised where it must not, reported like a violation.
 CRASH: Final = "crash"
 
@@ -160,6 +172,68 @@ def succeeds_without_faults(rid: Hashable, state: str, reason: str | None) -> st
     return None
 
 
+# -- 7. served in order ------------------------------------------------------------
+
+
+def _waiting(snapshot: ReceiverSnapshot) -> list[tuple[Hashable, int]]:
+    """The lives whose resume waits for blocks, in the receiver's queue order."""
+    return [
+        (r.rid, r.incarnation)
+        for r in snapshot.resumes
+        if r.state is TransferState.Transferring and r.allocation is None
+    ]
+
+
+def _generation(r: RecordState) -> int | None:
+    return None if r.allocation is None else r.allocation.generation
+
+
+def served_in_order(before: ReceiverSnapshot, after: ReceiverSnapshot) -> str | None:
+    """Who gets freed blocks first, across one receiver step.
+
+    Resumes waiting for blocks are served in the order they began to wait (the queue
+    keeps that order, and a resume that begins to wait joins at its back); until each
+    of them has blocks, nothing else gets any: not a resume behind it, not an early
+    post of a next round, not an admission. So a waiting resume is passed over by none
+    that began to wait after it. Allocations are told apart, and ordered, by their
+    never-reused, increasing generations.
+    """
+    waited = _waiting(before)
+    if not waited:
+        return None
+    waits = _waiting(after)
+    kept = [life for life in waits if life in waited]
+    if kept != [life for life in waited if life in kept] or waits[: len(kept)] != kept:
+        return (
+            f"the queue of waiting resumes went from {waited} to {waits}: a resume that "
+            "began to wait later got ahead of one waiting longer"
+        )
+    old = {(r.rid, r.incarnation): _generation(r) for r in before.records}
+    new = {
+        (r.rid, r.incarnation): (g, r)
+        for r in after.records
+        if (g := _generation(r)) is not None and old.get((r.rid, r.incarnation)) != g
+    }
+    last = -1  # the newest generation a waiting resume got, in queue order
+    for i, life in enumerate(waited):
+        if life in new:
+            if new[life][0] < last or any(w in kept for w in waited[:i]):
+                return (
+                    f"the resume of {life[0]!r} got blocks before one waiting longer "
+                    "(waiting resumes are served in the order they began to wait)"
+                )
+            last = new[life][0]
+    for life, (g, r) in new.items():
+        if life not in waited and (kept or g < last):
+            how = "its round 0" if r.epoch == 0 else f"round {r.epoch}"
+            ahead = kept[0][0] if kept else next(w for w in waited if w in new)[0]
+            return (
+                f"request {r.rid!r} got blocks for {how} ahead of the resume of {ahead!r}, "
+                "which was waiting for blocks"
+            )
+    return None
+
+
 # -- the ledger: what the Hypothesis machines observe of the real implementation ----
 
 
@@ -245,6 +319,7 @@ __all__ = [
     "NO_LEAK",
     "NO_WRITE_AFTER_FREE",
     "PROGRESS",
+    "SERVED_IN_ORDER",
     "InvariantViolation",
     "Ledger",
     "allocation_freed_once",
@@ -256,6 +331,7 @@ __all__ = [
     "round_consumed_once",
     "round_landed_before_consumed",
     "sent_advances",
+    "served_in_order",
     "stale_changes_nothing",
     "succeeds_without_faults",
     "terminates",

@@ -18,15 +18,26 @@ from itertools import combinations_with_replacement
 from typing import Any, Final
 
 from resumekit.properties.abstraction import key, status_order
-from resumekit.properties.bounds import BUDGET_INDEX, Bounds
+from resumekit.properties.bounds import (
+    BUDGET_INDEX,
+    FORGED,
+    POISON_VALUES,
+    POISONED_POST,
+    POISONED_STATUS,
+    STALE,
+    Bounds,
+)
 from resumekit.properties.invariants import (
     INTEGRITY,
     LIVENESS,
     NO_LEAK,
     PROGRESS,
+    SERVED_IN_ORDER,
     InvariantViolation,
     nothing_left,
     output_intact,
+    require,
+    served_in_order,
     stale_changes_nothing,
     succeeds_without_faults,
 )
@@ -159,17 +170,21 @@ class Harness:
                 out.extend(("forge", r, kind, far) for kind in FORGED for far in (False, True))
                 if receiver.record(r).allocation is not None:
                     out.append(("forge", r, "oversized", False))
+                if w.lives[r] > 1:  # the id was reused: a status of its earlier life
+                    out.extend(("forge", r, kind, STALE) for kind in FORGED)
         if reuse:
             out.extend(("reuse", r) for r in range(n) if w.added[r] and receiver.poll(r).terminal)
         if restart and t.sender_alive:
             out.append(("restart",))
         if poison:
             for r in live:
-                out.append(("poison", r))
+                out.extend(("poison", r, f) for f in POISONED_STATUS)
+                if w.lives[r] > 1:
+                    out.append(("poison", r, STALE))
                 # Handed straight to the sender, so only with nothing queued ahead of it: the
                 # channel keeps its order and a corrupted post cannot overtake a queued cancel.
                 if t.sender_alive and not t.posts:
-                    out.append(("poison-post", r))
+                    out.extend(("poison-post", r, f) for f in POISONED_POST)
         return out
 
     def apply(self, w: World, action: tuple[Any, ...]) -> None:
@@ -189,9 +204,8 @@ class Harness:
         t.deliver = (status,)
         self._receiver_step(w)
         if before is not None:
-            problem = stale_changes_nothing(status.rid, before, _record_view(receiver, status.rid))
-            if problem is not None:
-                raise InvariantViolation(PROGRESS, problem)
+            after = _record_view(receiver, status.rid)
+            require(PROGRESS, stale_changes_nothing(status.rid, before, after))
 
     def _event(self, w: World, action: tuple[Any, ...]) -> None:
         t = w.transport
@@ -225,7 +239,9 @@ class Harness:
             w.hurt = _set(w.hurt, r, True)  # added while the sender is (known) gone:
             w.encoded = _set(w.encoded, r, True)  # its source is lost with the link
         receiver.add(r)
-        w.ledger.lives[receiver.record(r).incarnation] = w.lives[r]
+        inc = receiver.record(r).incarnation
+        w.ledger.lives[inc] = w.lives[r]
+        w.ledger.incarnations[(r, w.lives[r])] = inc
 
     def _duplicate(self, w: World, action: tuple[Any, ...]) -> None:
         w.budget = _spend(w.budget, DUP)
@@ -263,12 +279,19 @@ class Harness:
         allocator.pressure = allocator.pressure[:-1]
 
     def _forge(self, w: World, action: tuple[Any, ...]) -> None:
-        """Deliver at once a status for a round of ``r`` not posted: the next, or a far one."""
+        """Deliver at once a status for a round of ``r`` not posted: the next, or a far one,
+        or (``stale``) one of the id's earlier life, which must change nothing."""
         w.budget = _spend(w.budget, FORGE)
         r, what, far = action[1], action[2], action[3]
-        w.hurt = _set(w.hurt, r, True)
         rec = w.receiver.record(r)
         epoch, inc = rec.epoch + (2 * self.bounds.max_rounds if far else 1), rec.incarnation
+        if far == STALE:
+            inc = w.ledger.incarnations[(r, w.lives[r] - 1)]
+            epoch = rec.epoch  # the number of the round in flight, of another life
+            if (r, inc, epoch) in w.receiver.quarantined():
+                epoch += 2 * self.bounds.max_rounds  # that round may still be written: not it
+        else:
+            w.hurt = _set(w.hurt, r, True)
         forged: msg.Status
         if what == "oversized":  # the round in flight, with more tokens than its blocks hold
             assert rec.allocation is not None
@@ -280,8 +303,11 @@ class Harness:
             forged = msg.Cancelled(r, epoch, incarnation=inc)
         else:
             forged = msg.SenderError(r, epoch, "forged", incarnation=inc)
+        before = self._stale_snapshot(w, forged) if far == STALE else None
         w.transport.deliver = (forged,)
         self._receiver_step(w)
+        if before is not None:
+            require(PROGRESS, stale_changes_nothing(r, before, _record_view(w.receiver, r)))
 
     def _reuse_id(self, w: World, action: tuple[Any, ...]) -> None:
         w.budget = _spend(w.budget, REUSE)
@@ -296,17 +322,31 @@ class Harness:
         w.transport.restarting = True
 
     def _poison(self, w: World, action: tuple[Any, ...]) -> None:
+        """A status (into the channel) or a post (straight to the sender) with one field of
+        an unusable type, as a broken decoder would make it; one naming no live life (an
+        ill-typed incarnation, the id's earlier life) must fail no one."""
         w.budget = _spend(w.budget, POISON)
-        r = action[1]
-        w.hurt = _set(w.hurt, r, True)
+        r, where = action[1], action[2]
         rec = w.receiver.record(r)
-        garbled: Any = None  # a field of the wrong type, as a broken decoder would make it
+        inc: Any = rec.incarnation
+        if where in ("incarnation", STALE):
+            inc = None if where == "incarnation" else w.ledger.incarnations[(r, w.lives[r] - 1)]
+        else:
+            w.hurt = _set(w.hurt, r, True)
         if action[0] == "poison":
-            bad: Any = msg.Landed(r, garbled, 1, w.totals[r], False, incarnation=rec.incarnation)
+            fields: dict[str, Any] = {"epoch": rec.epoch, "tokens": 1, "final": False}
+            if where != "incarnation":
+                fields[where if where in fields else "epoch"] = POISON_VALUES[where]
+            bad: Any = msg.Landed(
+                r, fields["epoch"], fields["tokens"], w.totals[r], fields["final"], incarnation=inc
+            )
             w.transport.statuses += (bad,)
             return
+        post: dict[str, Any] = {"blocks": (0,), "sent": rec.sent}
+        if where in post:
+            post[where] = POISON_VALUES[where]
         bad = msg.RoundPost(
-            r, rec.epoch, (garbled,), 1, rec.sent, None, None, incarnation=rec.incarnation
+            r, rec.epoch, post["blocks"], 1, post["sent"], None, None, incarnation=inc
         )
         w.transport.hand_over = (bad,)
         w.sender.step()
@@ -413,9 +453,6 @@ class Harness:
         return problems
 
 
-FORGED: Final = ("landed", "cancelled", "error")
-
-
 def _set(values: tuple[Any, ...], i: int, value: Any) -> tuple[Any, ...]:
     return (*values[:i], value, *values[i + 1 :])
 
@@ -425,27 +462,11 @@ def _spend(budget: tuple[int, ...], i: int) -> tuple[int, ...]:
 
 
 def _checked_step(w: World) -> None:
-    """One receiver step, checking that no request is admitted while a resume waits.
-
-    Within a step, statuses come first and waiting resumes are served before
-    admissions, so in a correct receiver a round 0 posted in the step leaves no
-    resume waiting for blocks (an admission needs a block the resume could use).
-    """
-    t = w.transport
-    posted = t.admitted
+    """One receiver step, checking who got the blocks that came free (served in order)."""
+    before = w.receiver.snapshot()
     w.receiver.step()
-    if t.admitted != posted:
-        waiting = [
-            rec.rid
-            for rec in w.receiver.snapshot().records
-            if rec.state is S.Transferring and rec.allocation is None
-        ]
-        if waiting:
-            raise InvariantViolation(
-                PROGRESS,
-                f"a request was admitted while the resume of {waiting[0]!r} waits for blocks "
-                "(waiting resumes are served first)",
-            )
+    if before.resumes:
+        require(SERVED_IN_ORDER, served_in_order(before, w.receiver.snapshot()))
 
 
 _HANDLERS: Final[dict[str, Any]] = {
@@ -472,9 +493,8 @@ _HANDLERS: Final[dict[str, Any]] = {
 
 
 def _record_view(receiver: ResumableReceiver, rid: Hashable) -> tuple[object, ...]:
-    rec = receiver.record(rid)
-    a = rec.allocation
+    rec, a = receiver.record(rid), receiver.record(rid).allocation
     return (rec.state.name, rec.epoch, rec.sent, rec.total, None if a is None else a.generation)
 
 
-__all__ = ["FORGED", "MROPE_BASE", "Harness"]
+__all__ = ["MROPE_BASE", "Harness"]

@@ -2,12 +2,14 @@
 
 Receiver, sender, allocator, torch block buffers and the in-process transport
 run for real. The adversary duplicates, delays, reorders and replays statuses,
-forges refusals and landings for rounds never posted, slips malformed items
-into batches of statuses and posts, hands the sender bad sources, aborts
+forges refusals and landings for rounds never posted (or of an id's earlier
+life), slips malformed items (each field of an unusable type) into batches of
+statuses and posts, hands the sender bad sources, aborts
 requests and adds their ids again while their old statuses are in flight,
 crashes or restarts the sender, and squeezes the pool at any step or right
 after a free. Invariants 1, 3, 4 and 5 are checked as events happen (through a
-:class:`~resumekit.properties.invariants.Ledger`), 2 and 6 at teardown, after
+:class:`~resumekit.properties.invariants.Ledger`), 7 (served in order) around
+every receiver step, 2 and 6 at teardown, after
 fair delivery, with the pool's other user keeping what it may keep for good.
 
 Every rule writes one line to the machine's ``log``: the steps of a falsifying
@@ -38,6 +40,13 @@ from hypothesis.stateful import (
 
 from resumekit.allocator import Allocation, BlockAllocator, EmbeddingTensors
 from resumekit.errors import InvalidArgumentError
+from resumekit.properties.bounds import (
+    FORGED,
+    POISON_VALUES,
+    POISONED_POST,
+    POISONED_STATUS,
+    STALE,
+)
 from resumekit.properties.draws import (
     HIDDEN,
     ProtocolConfig,
@@ -50,12 +59,14 @@ from resumekit.properties.invariants import (
     LIVENESS,
     NO_LEAK,
     PROGRESS,
+    SERVED_IN_ORDER,
     InvariantViolation,
     Ledger,
     nothing_left,
     output_intact,
     record_collected,
     require,
+    served_in_order,
     stale_changes_nothing,
     succeeds_without_faults,
     terminates,
@@ -174,6 +185,7 @@ class ProtocolMachineBase(RuleBasedStateMachine):
         self.crashed = False  # the sender died for good: every request may fail
         self.restart_pending = False  # restarted: a new sender comes once the loss is seen
         self.lives: dict[Hashable, _Life] = {}
+        self.earlier: dict[Hashable, int] = {}  # the incarnation of an id's earlier life
         self.pending_sources: dict[Hashable, _Life] = {}
         self.taken: list[tuple[Hashable, weakref.ref[RequestRecord]]] = []
         self.taken_ids: list[Hashable] = []
@@ -254,6 +266,9 @@ class ProtocolMachineBase(RuleBasedStateMachine):
         # encoder's source for it is lost with the link.
         link_down = self.restart_pending or self.p.receiver.peer_lost is not None
         life.hurt = self.crashed or link_down
+        old = self.lives.get(rid)
+        if old is not None and old.incarnation is not None:
+            self.earlier[rid] = old.incarnation
         self.lives[rid] = life
         self.p.sources[rid] = life.source
         life.incarnation = self.p.receiver.add(rid)
@@ -313,8 +328,12 @@ class ProtocolMachineBase(RuleBasedStateMachine):
         self._receiver_step(take)
 
     def _receiver_step(self, take: bool = False) -> None:
+        before = self.p.receiver.snapshot()
         finished = self.p.receiver.step()
-        if self.p.receiver.snapshot().resumes:
+        after = self.p.receiver.snapshot()
+        if before.resumes:
+            require(SERVED_IN_ORDER, served_in_order(before, after))
+        if after.resumes:
             type(self).resume_waits += 1
         if self.restart_pending and self.t.sender_alive:
             self._new_sender()  # the transport connected the new sender in this poll
@@ -453,6 +472,24 @@ class ProtocolMachineBase(RuleBasedStateMachine):
 
     # -- destructive faults: the requests they touch may fail, nothing may leak ------
 
+    @precondition(
+        lambda self: (
+            bool(self.pressure)
+            and bool(self.p.receiver.snapshot().resumes)
+            and any(type(s) is Landed and not s.final for s in self.t.in_flight)
+        )
+    )
+    @rule(data=st.data())
+    def free_while_a_resume_waits(self, data: st.DataObject) -> None:
+        """While a resume may wait, the other user returns blocks and another partial round
+        lands in the same step: the waiting resume gets blocks first, no early post does."""
+        landed = [s for s in self.t.in_flight if type(s) is Landed and not s.final]
+        status = data.draw(st.sampled_from(landed), label="landed round")
+        self._note(f"free_while_a_resume_waits({status!r})")
+        self.p.allocator.free(self.pressure.pop())
+        self.t.in_flight.remove(status)
+        self._deliver_now(status)
+
     def _draw_live(self, data: st.DataObject) -> Hashable | None:
         live = [rid for rid in self.lives if rid in self.p.receiver]
         if not live:
@@ -476,16 +513,20 @@ class ProtocolMachineBase(RuleBasedStateMachine):
     @precondition(lambda self: self.next_rid > 0)
     @rule(
         data=st.data(),
-        kind=st.sampled_from(["landed", "cancelled", "error"]),
-        far=st.booleans(),
+        kind=st.sampled_from(FORGED),
+        far=st.sampled_from([False, True, STALE]),
     )
-    def forge_status(self, data: st.DataObject, kind: str, far: bool) -> None:
-        """A status for a round never posted (the next one, or one far ahead), at once."""
+    def forge_status(self, data: st.DataObject, kind: str, far: bool | str) -> None:
+        """A status for a round never posted (the next one, or one far ahead), at once; or
+        (``stale``) one for the round in flight's number of the id's earlier life."""
         rid = self._draw_live(data)
         self._note(f"forge_status({rid}, {kind}, far={far})")
         if rid is None:
             return
         rec = self.p.receiver.record(rid)
+        if far == STALE:
+            self._forge_stale(rid, kind)
+            return
         epoch, inc = rec.epoch + (FAR if far else 1), rec.incarnation
         forged: Status
         if kind == "landed":
@@ -497,32 +538,79 @@ class ProtocolMachineBase(RuleBasedStateMachine):
         self._hurt(rid)
         self._deliver_now(forged)
 
+    def _forge_stale(self, rid: Hashable, kind: str) -> None:
+        """A forged status of ``rid``'s earlier life must change nothing of this one."""
+        inc = self.earlier.get(rid)
+        if inc is None:
+            return
+        rec = self.p.receiver.record(rid)
+        epoch = rec.epoch
+        if (rid, inc, epoch) in self.p.receiver.quarantined():
+            epoch += FAR  # that round of the earlier life may still be written: not it
+        forged: Status
+        if kind == "landed":
+            forged = Landed(rid, epoch, 1, (rec.total or 1) + 1, False, incarnation=inc)
+        elif kind == "cancelled":
+            forged = msg.Cancelled(rid, epoch, incarnation=inc)
+        else:
+            forged = msg.SenderError(rid, epoch, "forged", incarnation=inc)
+        waiting = rec.state is TransferState.WaitingForInput or (
+            rec.state is TransferState.Transferring and rec.allocation is None
+        )
+        before = _snapshot(rec)
+        self._deliver_now(forged)
+        if not waiting:  # a waiting request may legitimately be served by this step
+            require(PROGRESS, stale_changes_nothing(rid, before, _snapshot(rec)))
+
     @precondition(lambda self: self.next_rid > 0)
-    @rule(data=st.data(), aimed=st.booleans())
-    def poison_batch(self, data: st.DataObject, aimed: bool) -> None:
-        """A malformed item among the statuses in flight: it may fail its own request only."""
+    @rule(
+        data=st.data(),
+        aimed=st.booleans(),
+        where=st.sampled_from((*POISONED_STATUS, "total", STALE)),
+    )
+    def poison_batch(self, data: st.DataObject, aimed: bool, where: str) -> None:
+        """A malformed item among the statuses in flight: one field of an unusable type.
+        It may fail its own request only; one naming no live life (an ill-typed
+        incarnation, the id's earlier life) fails no one."""
         rid = self._draw_live(data) if aimed else None
-        self._note(f"poison_batch({rid})")
+        self._note(f"poison_batch({rid}, {where})")
         bad: Any = ("not", "a", "status")
         if rid is not None:
             rec = self.p.receiver.record(rid)
-            garbled: Any = str(rec.epoch)
-            bad = Landed(rid, garbled, 1, 1, False, incarnation=rec.incarnation)
-            self._hurt(rid)
+            fields: dict[str, Any] = {
+                "epoch": rec.epoch,
+                "tokens": 1,
+                "total": rec.total or 1,
+                "final": False,
+                "incarnation": rec.incarnation,
+            }
+            if where == STALE:
+                fields["incarnation"], fields["epoch"] = self.earlier.get(rid), None
+            else:
+                fields[where] = POISON_VALUES.get(where, "1")
+            if where not in ("incarnation", STALE):
+                self._hurt(rid)
+            inc = fields.pop("incarnation")
+            bad = Landed(rid, **fields, incarnation=inc)
         self.t.in_flight.append(bad)
 
     @precondition(lambda self: self.next_rid > 0)
-    @rule(data=st.data(), aimed=st.booleans())
-    def poison_post(self, data: st.DataObject, aimed: bool) -> None:
-        """A malformed item after the posts already sent (posts keep their order)."""
+    @rule(data=st.data(), aimed=st.booleans(), where=st.sampled_from(POISONED_POST))
+    def poison_post(self, data: st.DataObject, aimed: bool, where: str) -> None:
+        """A malformed item after the posts already sent (posts keep their order), with
+        one field of an unusable type."""
         rid = self._draw_live(data) if aimed else None
-        self._note(f"poison_post({rid})")
+        self._note(f"poison_post({rid}, {where})")
         bad: Any = object()
         if rid is not None:
             rec = self.p.receiver.record(rid)
-            garbled: Any = ("block",)
-            bad = RoundPost(rid, rec.epoch, garbled, 1, rec.sent, incarnation=rec.incarnation)
-            self._hurt(rid)
+            fields: dict[str, Any] = {"blocks": (0,), "sent": rec.sent, "inc": rec.incarnation}
+            fields["inc" if where == "incarnation" else where] = POISON_VALUES[where]
+            bad = RoundPost(
+                rid, rec.epoch, fields["blocks"], 1, fields["sent"], incarnation=fields["inc"]
+            )
+            if where != "incarnation":
+                self._hurt(rid)
         self.t.posts.append(bad)
 
     @rule(data=st.data())
@@ -633,8 +721,12 @@ class ProtocolMachineBase(RuleBasedStateMachine):
         p.allocator.check_invariants()
         p.transport.release()
         self.allocator.grab_armed = False
-        # The pool's other user keeps, for good, what leaves room for a default round.
-        keep = p.allocator.num_blocks - p.allocator.blocks_for(self.cfg.default_tokens)
+        # The pool's other user keeps, for good, what leaves room for a default round: with
+        # "auto", the largest round 0 the sizer would choose now.
+        sizer = p.receiver.sizer
+        chosen = [t for _, t in sizer.snapshot().choice] if sizer is not None else []
+        round0 = max([self.cfg.default_tokens, *chosen])
+        keep = p.allocator.num_blocks - p.allocator.blocks_for(round0)
         while sum(len(a.blocks) for a in self.pressure) > keep:
             p.allocator.free(self.pressure.pop())
         for rid, life in list(self.pending_sources.items()):

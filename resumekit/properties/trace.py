@@ -85,14 +85,22 @@ def action_text(action: tuple[Any, ...], before: World) -> str:
     if kind == "unsqueeze":
         return "the other pool user returns a block"
     if kind == "forge":
-        which = "a far-future round" if action[3] else "its next round (not posted)"
+        which = (
+            "earlier life"
+            if action[3] == "stale"
+            else "a far-future round"
+            if action[3]
+            else "its next round (not posted)"
+        )
         return f"receiver steps and gets a forged {action[2]} status for r{action[1]}'s {which}"
     if kind == "reuse":
         return f"engine takes r{action[1]} and will add the id again for a new request"
     if kind == "restart":
         return "sender restarts (a fresh sender with no records takes over)"
     if kind == "poison":
-        return f"transport corrupts a status for r{action[1]}"
+        if action[2] == "stale":
+            return f"transport corrupts a status of r{action[1]}'s earlier life"
+        return f"transport corrupts a status for r{action[1]} (its {action[2]} ill-typed)"
     if kind == "poison-post":
-        return f"sender gets a corrupted post for r{action[1]}"
+        return f"sender gets a corrupted post for r{action[1]} (its {action[2]} ill-typed)"
     return repr(action)

@@ -71,13 +71,18 @@ class TokenSource(EmbeddingTensors):
         return Span(self.label, start, length)
 
 
+#: A :class:`Ledger`'s dicts, in the order a :class:`WorldState` keeps them.
+LEDGER_PARTS: Final = ("rounds", "consumed", "labels", "owner", "lives", "incarnations")
+
+
 class Ledger:
     """The explorer's checker: what it saw posted, written, read and freed, per live allocation.
 
     ``rounds`` maps a live generation to ``(label, epoch, posts, written, consumed)``;
     ``consumed`` maps a life's label to the last epoch consumed; ``owner`` maps a
     block to the live generation holding it (the allocator's claims, checked);
-    ``lives`` maps an incarnation the receiver gave to the life's number for its id.
+    ``lives`` maps an incarnation the receiver gave to the life's number for its id, and
+    ``incarnations`` maps (id, life number) back to it (the stale-life faults name one).
     """
 
     def __init__(self) -> None:
@@ -86,6 +91,7 @@ class Ledger:
         self.labels: dict[Hashable, int] = {}  # request id -> the label of its current life
         self.owner: dict[int, int] = {}
         self.lives: dict[int, int] = {}
+        self.incarnations: dict[tuple[Hashable, int], int] = {}
 
     def issued(self, allocation: Allocation) -> None:
         g = allocation.generation
@@ -449,13 +455,7 @@ class World:
             self.buffers.aux,
             self.buffers.outputs.copy(),
             self.transport.snapshot(),
-            (
-                led.rounds.copy(),
-                led.consumed.copy(),
-                led.labels.copy(),
-                led.owner.copy(),
-                led.lives.copy(),
-            ),
+            tuple(getattr(led, name).copy() for name in LEDGER_PARTS),
             self.totals,
             self.added,
             self.encoded,
@@ -478,7 +478,8 @@ class World:
         buffers.cells, buffers.aux, buffers.outputs = s.cells, s.aux, s.outputs.copy()
         self.transport.restore(s.transport)
         led = self.ledger
-        led.rounds, led.consumed, led.labels, led.owner, led.lives = (d.copy() for d in s.ledger)
+        for name, part in zip(LEDGER_PARTS, s.ledger, strict=True):
+            setattr(led, name, part.copy())
         self.totals, self.added, self.encoded = s.totals, s.added, s.encoded
         self.lives, self.budget, self.hurt = s.lives, s.budget, s.hurt
 
