@@ -722,10 +722,14 @@ class ProtocolMachineBase(RuleBasedStateMachine):
         p.transport.release()
         self.allocator.grab_armed = False
         # The pool's other user keeps, for good, what leaves room for a default round: with
-        # "auto", the largest round 0 the sizer would choose now.
+        # "auto", the largest round 0 the sizer may choose, now or once it has seen the
+        # totals still to finish (it learns from them during this delivery).
         sizer = p.receiver.sizer
-        chosen = [t for _, t in sizer.snapshot().choice] if sizer is not None else []
-        round0 = max([self.cfg.default_tokens, *chosen])
+        round0 = self.cfg.default_tokens
+        if sizer is not None:
+            chosen = [t for _, t in sizer.snapshot().choice]
+            seen = [s.num_tokens for s in p.sources.values()]
+            round0 = max([round0, *chosen, min(max(seen, default=0), sizer.max_tokens)])
         keep = p.allocator.num_blocks - p.allocator.blocks_for(round0)
         while sum(len(a.blocks) for a in self.pressure) > keep:
             p.allocator.free(self.pressure.pop())
