@@ -38,6 +38,7 @@ from resumekit.protocol import (
     EmbeddingSender,
     ReceiverObserver,
     ResumableReceiver,
+    SchedulingPolicy,
     TransferResult,
     TransferState,
 )
@@ -71,6 +72,7 @@ __all__ = [
     "RequestNotFinishedError",
     "ResumableReceiver",
     "ResumeKitError",
+    "SchedulingPolicy",
     "TorchDistributedTransport",
     "TransferResult",
     "TransferState",

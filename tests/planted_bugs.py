@@ -93,8 +93,39 @@ BUGS: list[Bug] = [
         "an early post passes a waiting resume",
         R,
         "_fire",
-        "resumed = not self._resumes and self._try_resume(req, early=True)",
+        "resumed = not self._must_wait(req) and self._try_resume(req, early=True)",
         "resumed = self._try_resume(req, early=True)",
+    ),
+    # -- receiver, under a scheduling policy (resumekit.protocol.policy) ----------------
+    Bug(
+        "a bulk resume is passed over without end",
+        R,
+        "_first_class",
+        "return not self._bulk(req) or req.passed >= self._max_passed_over",
+        "return not self._bulk(req)",
+    ),
+    Bug(
+        "admissions that pass a bulk resume are not counted",
+        R,
+        "_serve_by_policy",
+        "waiting.passed += 1",
+        "waiting.passed += 0",
+    ),
+    Bug(
+        "the window is not checked before a waiting round is served",
+        R,
+        "_serve_by_policy",
+        """            if self._window_full():
+                return
+""",
+        "",
+    ),
+    Bug(
+        "a bulk early post passes a waiting bulk resume",
+        R,
+        "_must_wait",
+        "return any(_waits(r) for r in self._resumes) or any(",
+        "return any(",
     ),
     Bug(
         "a waiting resume insists on its whole remainder",
@@ -230,6 +261,10 @@ WHERE: dict[str, str] = {
     "only the epoch of a status is type-checked": "reused, forged and poisoned",
     "a newly waiting resume jumps the queue": "squeezed pool",
     "an early post passes a waiting resume": "squeezed pool",
+    "a bulk resume is passed over without end": "policy",
+    "admissions that pass a bulk resume are not counted": "policy",
+    "the window is not checked before a waiting round is served": "policy",
+    "a bulk early post passes a waiting bulk resume": "policy",
     "a waiting resume insists on its whole remainder": "squeezed pool",
     "a status for an old round fails the request": "id reuse",
     "a lost peer leaves the quarantine held": "small",

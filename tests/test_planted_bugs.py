@@ -37,13 +37,16 @@ def test_a_bug_that_does_not_apply_is_refused() -> None:
     assert bug.owner.__dict__[bug.method] is not None
 
 
-#: The bugs of combined faults and of the pool's order (issue 23), which the fuzzer
-#: must catch too: it draws the same combinations and checks the same order.
+#: The bugs of combined faults and of the pool's order (issue 23), and of the scheduling
+#: policy (issue 21), which the fuzzer must catch too: it draws the same combinations and
+#: policies and checks the same order.
 FUZZED = (
     "a malformed status of an earlier life fails the current one",
     "only the epoch of a status is type-checked",
     "a newly waiting resume jumps the queue",
     "an early post passes a waiting resume",
+    "the window is not checked before a waiting round is served",
+    "a bulk early post passes a waiting bulk resume",
 )
 
 
@@ -51,6 +54,6 @@ FUZZED = (
 def test_the_fuzzer_catches_combined_faults_and_the_pools_order(name: str) -> None:
     bug = next(b for b in BUGS if b.name == name)
     with planted(bug):
-        result = fuzz("epoch", max_examples=300, database=None)
+        result = fuzz("epoch", max_examples=600, database=None)
     assert result.failed, f"the fuzzer missed: {bug}"
     assert result.invariant in (*INVARIANTS, CRASH)

@@ -75,6 +75,7 @@ def key(s: WorldState, remembers_blocks: bool = False) -> tuple[Any, ...]:
                 None if rec.output is None else outputs[rec.output],  # type: ignore[index]
                 rec.reason,
                 memo,
+                rec.passed,
             )
         )
         running.append(rid)

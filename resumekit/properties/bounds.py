@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Final
 
 from resumekit.errors import ResumeKitError
+from resumekit.protocol.policy import SchedulingPolicy
 
 
 class InvalidBounds(ResumeKitError, ValueError):
@@ -77,6 +78,15 @@ MAX_BOUND: Final = {
     "block_size": 64,
 }
 MAX_FAULTS: Final = 16
+MAX_WINDOW: Final = 8  # rounds in flight of a policy the explorer runs
+
+
+def policy_of(bounds: Bounds) -> SchedulingPolicy | None:
+    """The receiver's policy under ``bounds``: small enough that every part of it acts."""
+    if not bounds.policy:
+        return None
+    bs = bounds.block_size
+    return SchedulingPolicy(bounds.policy, bs, bs, max_passed_over=1)
 
 
 @dataclass(frozen=True)
@@ -95,7 +105,10 @@ class Bounds:
     flight), ``restarts`` (the sender dies and a fresh one takes over) and
     ``poisons`` (a malformed status or post). ``batches`` also delivers every
     status in flight in one batch; ``late_sources`` lets the encoder finish a
-    request at any point instead of before the receiver starts it.
+    request at any point instead of before the receiver starts it. ``policy`` (``n``
+    >= 1) runs the receiver under :func:`policy_of`: a window of ``n`` rounds in
+    flight, every request above one block bulk, its resumes one block each, passed
+    over by at most one admission.
     """
 
     blocks: int = 4
@@ -115,6 +128,7 @@ class Bounds:
     poisons: int = 0
     batches: bool = False
     late_sources: bool = False
+    policy: int = 0
 
     def __post_init__(self) -> None:
         switches = {f.field for f in FAULTS if f.switch}
@@ -133,6 +147,8 @@ class Bounds:
                 raise InvalidBounds(
                     f"{name} must be in 1..{MAX_BOUND[name]}, got {getattr(self, name)}"
                 )
+        if not 0 <= self.policy <= MAX_WINDOW:
+            raise InvalidBounds(f"policy must be in 0..{MAX_WINDOW}, got {self.policy}")
         for name in BUDGET_FIELDS:
             if not 0 <= getattr(self, name) <= MAX_FAULTS:
                 raise InvalidBounds(f"{name} must be in 0..{MAX_FAULTS}, got {getattr(self, name)}")
@@ -169,6 +185,8 @@ def describe(b: Bounds) -> str:
     """The bounds in words."""
     faults = [f"{getattr(b, f.field)} {f.words}" for f in BUDGETED if getattr(b, f.field)]
     extras = [f.words for f in FAULTS if f.switch and getattr(b, f.field)]
+    if b.policy:
+        extras.append(f"policy: {b.policy} in flight, bulk above 1 block")
     return (
         f"{b.blocks} blocks, {b.requests} request{'s' if b.requests > 1 else ''}, "
         f"up to {b.max_rounds} rounds each; "
@@ -211,6 +229,9 @@ ADVERSARY_BOUNDS: Final[dict[str, Bounds]] = {
     "restart and squeeze": replace(_SMALL, restarts=1, squeezes=1, reuses=1),
     # ... and a sender crash with a block grabbed right after a free.
     "crash and grab": replace(_SMALL, crashes=1, pressure=1, reuses=1),
+    # A scheduling policy: bulk resumes yield to admissions, one round in flight, while
+    # an abort and an id reuse change who waits.
+    "policy": replace(_SMALL, max_rounds=3, aborts=1, reuses=1, squeezes=1, policy=1),
 }
 
 
@@ -239,5 +260,6 @@ __all__ = [
     "InvalidBounds",
     "bounds_sets",
     "describe",
+    "policy_of",
     "with_faults",
 ]

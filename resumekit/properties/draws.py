@@ -8,6 +8,7 @@ import hypothesis.strategies as st
 import torch
 
 from resumekit.allocator import EmbeddingTensors, ReuseOrder
+from resumekit.protocol.policy import SchedulingPolicy
 
 HIDDEN = 2  # the hidden size of every source the machine makes
 
@@ -20,6 +21,7 @@ class ProtocolConfig:
     max_resume_tokens: int | None
     reuse: ReuseOrder
     auto: bool = False  # round 0 sized by the receiver's AutoSizer, learning from 1 size
+    policy: SchedulingPolicy | None = None  # the receiver's scheduling policy
 
 
 @st.composite
@@ -42,6 +44,24 @@ def protocol_configs(draw: st.DrawFn) -> ProtocolConfig:
         max_resume_tokens=None if cap is None else cap * default_blocks * block_size,
         reuse=draw(st.sampled_from(["lifo", "fifo"]), label="reuse"),
         auto=draw(st.sampled_from([False, False, False, True]), label="auto round-0 size"),
+        policy=draw(policies(block_size, default_blocks), label="policy"),
+    )
+
+
+def policies(block_size: int, default_blocks: int) -> st.SearchStrategy[SchedulingPolicy | None]:
+    """Mostly none; else a small window, bulk above a round 0 or two, few passes allowed."""
+    default = default_blocks * block_size
+    return st.one_of(
+        st.none(),
+        st.none(),
+        st.none(),
+        st.builds(
+            SchedulingPolicy,
+            max_rounds_in_flight=st.sampled_from([None, 1, 2]),
+            bulk_tokens=st.sampled_from([default, 2 * default]),
+            bulk_round_tokens=st.sampled_from([block_size, default]),
+            max_passed_over=st.integers(0, 3),
+        ),
     )
 
 

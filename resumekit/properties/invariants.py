@@ -10,7 +10,7 @@ explorer feeds them what its world of the same objects observes
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
@@ -19,7 +19,8 @@ from resumekit.protocol.declaration import TransferState
 if TYPE_CHECKING:
     from resumekit.allocator.block_allocator import Allocation, BlockAllocator
     from resumekit.protocol.messages import RoundPost
-    from resumekit.protocol.receiver import ReceiverSnapshot, RecordState
+    from resumekit.protocol.policy import SchedulingPolicy
+    from resumekit.protocol.receiver import ReceiverSnapshot, RecordState, ResumableReceiver
 
 EXACTLY_ONCE: Final = "exactly-once"
 NO_LEAK: Final = "no-leak"
@@ -188,16 +189,32 @@ def _generation(r: RecordState) -> int | None:
     return None if r.allocation is None else r.allocation.generation
 
 
-def served_in_order(before: ReceiverSnapshot, after: ReceiverSnapshot) -> str | None:
-    """Who gets freed blocks first, across one receiver step.
+def _bulk(r: RecordState, policy: SchedulingPolicy | None) -> bool:
+    bulk = None if policy is None else policy.bulk_tokens
+    return bulk is not None and r.total is not None and r.total > bulk
 
-    Resumes waiting for blocks are served in the order they began to wait (the queue
-    keeps that order, and a resume that begins to wait joins at its back); until each
-    of them has blocks, nothing else gets any: not a resume behind it, not an early
-    post of a next round, not an admission. So a waiting resume is passed over by none
-    that began to wait after it. Allocations are told apart, and ordered, by their
-    never-reused, increasing generations.
+
+def served_in_order(
+    before: ReceiverSnapshot, after: ReceiverSnapshot, policy: SchedulingPolicy | None = None
+) -> str | None:
+    """Who gets freed blocks first, across one receiver step, under the receiver's ``policy``.
+
+    Resumes waiting for blocks keep the order they began to wait in (one that begins
+    to wait joins the back), and are served in it; until each has blocks, nothing
+    else gets any: not a resume behind it, not an early post of a next round, not an
+    admission. With a :class:`~resumekit.protocol.policy.SchedulingPolicy` that holds
+    for every waiting resume except a bulk one passed over fewer than
+    ``max_passed_over`` times: admissions and other requests' rounds may pass it, but
+    no bulk request behind it; each admission that passes it counts, it is never
+    passed more often than that, and at most ``max_rounds_in_flight`` rounds are
+    ever in flight. Allocations are told apart, and ordered, by their never-reused,
+    increasing generations.
     """
+    window = None if policy is None else policy.max_rounds_in_flight
+    if window is not None:
+        in_flight = sum(1 for r in after.records if r.allocation is not None)
+        if in_flight > window:
+            return f"{in_flight} rounds in flight, more than the policy's {window}"
     waited = _waiting(before)
     if not waited:
         return None
@@ -214,6 +231,53 @@ def served_in_order(before: ReceiverSnapshot, after: ReceiverSnapshot) -> str | 
         for r in after.records
         if (g := _generation(r)) is not None and old.get((r.rid, r.incarnation)) != g
     }
+    was = {(r.rid, r.incarnation): r for r in before.resumes}
+    limit = 0 if policy is None else policy.max_passed_over
+    yields = [w for w in waited if _bulk(was[w], policy) and was[w].passed < limit]
+    first = [w for w in waited if w not in yields]
+    problem = _served_first(first, kept, new, lambda life, r: True)
+    if problem is not None or not yields:
+        return problem
+    # A yielding bulk resume: only the other bulk requests' rounds may not pass it.
+    problem = _served_first(
+        yields, kept, new, lambda life, r: life not in first and _bulk(r, policy)
+    )
+    if problem is not None:
+        return problem
+    admitted = sum(1 for _, r in new.values() if r.epoch == 0)
+    now = {(r.rid, r.incarnation): r for r in after.resumes}
+    for life in yields:
+        if life in kept:
+            count, expect = now[life].passed, was[life].passed + admitted
+            if count != expect:
+                return (
+                    f"the bulk resume of {life[0]!r} counts {count} admissions passing it, "
+                    f"but {expect} did"
+                )
+            if count > limit:
+                return (
+                    f"the bulk resume of {life[0]!r} was passed over {count} times, more "
+                    f"than the policy's {limit}"
+                )
+    return None
+
+
+def step_served_in_order(receiver: ResumableReceiver) -> Sequence[Hashable]:
+    """One ``receiver.step()``, requiring that it served who was due (invariant 7)."""
+    before, policy = receiver.snapshot(), receiver.policy
+    finished = receiver.step()
+    if before.resumes or policy is not None:
+        require(SERVED_IN_ORDER, served_in_order(before, receiver.snapshot(), policy))
+    return finished
+
+
+def _served_first(
+    waited: list[tuple[Hashable, int]],
+    kept: list[tuple[Hashable, int]],
+    new: dict[tuple[Hashable, int], tuple[int, RecordState]],
+    passes: Callable[[tuple[Hashable, int], RecordState], bool],
+) -> str | None:
+    """Whether ``waited`` were served in order, with none that ``passes`` ahead of them."""
     last = -1  # the newest generation a waiting resume got, in queue order
     for i, life in enumerate(waited):
         if life in new:
@@ -223,10 +287,11 @@ def served_in_order(before: ReceiverSnapshot, after: ReceiverSnapshot) -> str | 
                     "(waiting resumes are served in the order they began to wait)"
                 )
             last = new[life][0]
+    waiting = [w for w in waited if w in kept]
     for life, (g, r) in new.items():
-        if life not in waited and (kept or g < last):
+        if life not in waited and (waiting or g < last) and passes(life, r):
             how = "its round 0" if r.epoch == 0 else f"round {r.epoch}"
-            ahead = kept[0][0] if kept else next(w for w in waited if w in new)[0]
+            ahead = waiting[0][0] if waiting else next(w for w in waited if w in new)[0]
             return (
                 f"request {r.rid!r} got blocks for {how} ahead of the resume of {ahead!r}, "
                 "which was waiting for blocks"
@@ -333,6 +398,7 @@ __all__ = [
     "sent_advances",
     "served_in_order",
     "stale_changes_nothing",
+    "step_served_in_order",
     "succeeds_without_faults",
     "terminates",
     "tokens_in_place",

@@ -59,15 +59,14 @@ from resumekit.properties.invariants import (
     LIVENESS,
     NO_LEAK,
     PROGRESS,
-    SERVED_IN_ORDER,
     InvariantViolation,
     Ledger,
     nothing_left,
     output_intact,
     record_collected,
     require,
-    served_in_order,
     stale_changes_nothing,
+    step_served_in_order,
     succeeds_without_faults,
     terminates,
 )
@@ -230,6 +229,7 @@ class ProtocolMachineBase(RuleBasedStateMachine):
             receiver_type=strategy(self.strategy_name).receiver,
             allocator_type=CheckedAllocator,
             transport_type=CheckedTransport,
+            policy=cfg.policy,
         )
         receiver = self.p.receiver
         if receiver.sizer is not None:
@@ -328,12 +328,8 @@ class ProtocolMachineBase(RuleBasedStateMachine):
         self._receiver_step(take)
 
     def _receiver_step(self, take: bool = False) -> None:
-        before = self.p.receiver.snapshot()
-        finished = self.p.receiver.step()
-        after = self.p.receiver.snapshot()
-        if before.resumes:
-            require(SERVED_IN_ORDER, served_in_order(before, after))
-        if after.resumes:
+        finished = step_served_in_order(self.p.receiver)
+        if self.p.receiver.snapshot().resumes:
             type(self).resume_waits += 1
         if self.restart_pending and self.t.sender_alive:
             self._new_sender()  # the transport connected the new sender in this poll

@@ -8,6 +8,7 @@ the backends are in :mod:`resumekit.transports`.
 - :mod:`~resumekit.protocol.receiver` and :mod:`~resumekit.protocol.sender`: the drivers;
 - :mod:`~resumekit.protocol.rounds`: "is this the round I am waiting for?";
 - :mod:`~resumekit.protocol.sizing`: round 0's size learned (``"auto"``);
+- :mod:`~resumekit.protocol.policy`: who is served next when several rounds wait;
 - :mod:`~resumekit.protocol.interfaces`: what each driver needs of a transport.
 """
 
@@ -24,6 +25,7 @@ from resumekit.protocol.messages import (
     SenderError,
     Status,
 )
+from resumekit.protocol.policy import SchedulingPolicy
 from resumekit.protocol.receiver import (
     DEFAULT_ALLOCATE_TOKENS,
     ENV_DEFAULT_ALLOCATE_TOKENS,
@@ -51,6 +53,7 @@ __all__ = [
     "RequestRecord",
     "ResumableReceiver",
     "RoundPost",
+    "SchedulingPolicy",
     "SenderError",
     "SenderSnapshot",
     "SenderTransport",

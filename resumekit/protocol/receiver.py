@@ -48,6 +48,7 @@ from resumekit.protocol.messages import (
     Status,
     malformed_status,
 )
+from resumekit.protocol.policy import SchedulingPolicy, check_policy
 from resumekit.protocol.rounds import Verdict, by_epoch
 from resumekit.protocol.sizing import DEFAULT_WASTE, AutoSizer, SizerSnapshot, check_waste
 
@@ -76,6 +77,7 @@ class RequestRecord:
         "incarnation",
         "mrope_delta",
         "output",
+        "passed",
         "reason",
         "rid",
         "rounds",
@@ -99,6 +101,7 @@ class RequestRecord:
         self.rounds = 0
         self.stale = 0
         self.hint: Hashable = None  # the engine's size hint (auto round-0 sizing)
+        self.passed = 0  # admissions served while this bulk resume waited (a policy's)
 
     def frozen(self) -> RecordState:
         """This record as an immutable value."""
@@ -116,6 +119,7 @@ class RequestRecord:
             self.rounds,
             self.stale,
             self.hint,
+            self.passed,
         )
 
     @classmethod
@@ -136,6 +140,7 @@ class RequestRecord:
             rec.rounds,
             rec.stale,
             rec.hint,
+            rec.passed,
         ) = state
         return rec
 
@@ -156,6 +161,7 @@ class RecordState(NamedTuple):
     rounds: int
     stale: int
     hint: Hashable
+    passed: int  # admissions that passed it while it waited as a bulk resume
 
 
 class ReceiverSnapshot(NamedTuple):
@@ -237,8 +243,10 @@ class ResumableReceiver:
     variable ``RESUMEKIT_DEFAULT_ALLOCATE_TOKENS``, else 8192); ``"auto"``
     learns it per size hint (:class:`~resumekit.protocol.sizing.AutoSizer`,
     at most ``auto_waste`` expected over-allocation); ``max_resume_tokens`` caps
-    what each resume allocates; ``observer`` is told of every round posted and
-    consumed and every failure (a trace, a ledger).
+    what each resume allocates; ``policy`` orders waiting rounds and bounds those in
+    flight (:class:`~resumekit.protocol.policy.SchedulingPolicy`; ``None``: resumes
+    first, then admissions, each in the order they began to wait); ``observer`` is
+    told of every round posted and consumed and every failure (a trace, a ledger).
     """
 
     def __init__(
@@ -250,6 +258,7 @@ class ResumableReceiver:
         max_resume_tokens: int | None = None,
         observer: ReceiverObserver | None = None,
         auto_waste: float = DEFAULT_WASTE,
+        policy: SchedulingPolicy | None = None,
     ) -> None:
         # Duck-typed, so the explorer's token-cell stand-in drives the same code.
         check_interface(buffers, "buffers", "BlockBuffers", ("new_output", "read_into", "read_aux"))
@@ -284,6 +293,7 @@ class ResumableReceiver:
         if max_resume_tokens is not None:
             max_resume_tokens = as_int(max_resume_tokens, "max_resume_tokens", minimum=1)
         check_waste(auto_waste, "auto_waste")  # also when round 0 is fixed: never ignored
+        policy = check_policy(policy)
         # Learns round 0's size; at most a quarter of the pool, so one admission never takes it.
         self.sizer = (
             AutoSizer(
@@ -302,6 +312,14 @@ class ResumableReceiver:
         self.default_allocate_tokens = default_allocate_tokens
         self.max_resume_tokens = max_resume_tokens
         self.observer = observer
+        pool_tokens = allocator.num_blocks * allocator.block_size
+        self.policy = None if policy is None else policy.resolved(pool_tokens, allocator.block_size)
+        # The resolved policy's numbers, read on every serve (None: that part is off).
+        self._bulk_tokens: int | None = None if self.policy is None else self.policy.bulk_tokens
+        chunk = None if self.policy is None else self.policy.bulk_round_tokens
+        self._bulk_round_tokens: int = pool_tokens if chunk is None else chunk
+        self._window = None if self.policy is None else self.policy.max_rounds_in_flight
+        self._max_passed_over = 0 if self.policy is None else self.policy.max_passed_over
         self._snap: ReceiverSnapshot | None = None  # the last snapshot, while nothing changed
         self._records: dict[Hashable, RequestRecord] = {}
         self._admissions: deque[RequestRecord] = deque()
@@ -739,13 +757,13 @@ class ResumableReceiver:
                 req.epoch += 1
                 # Post the next round first when blocks are free: the sender fills them
                 # while this round is copied out (never the landed round's own blocks).
-                resumed = not self._resumes and self._try_resume(req, early=True)
+                resumed = not self._must_wait(req) and self._try_resume(req, early=True)
             self._consume(req, status, landed, offset)
             if action is Action.FINISH:
                 req.state = dest
                 self._finished.append(req.rid)
             elif not resumed:
-                if self._resumes:
+                if self._must_wait(req):
                     self._resumes.append(req)  # older resumes first
                 else:
                     self._try_resume(req)
@@ -761,6 +779,7 @@ class ResumableReceiver:
         assert allocation is not None
         capacity = allocation.capacity_tokens
         expect = None if req.total is None else min(req.total - req.sent, capacity)
+        req.passed = 0
         post = RoundPost(
             req.rid,
             req.epoch,
@@ -803,6 +822,8 @@ class ResumableReceiver:
         want = req.total - req.sent
         if self.max_resume_tokens is not None and want > self.max_resume_tokens:
             want = self.max_resume_tokens
+        if self._bulk(req) and want > self._bulk_round_tokens:
+            want = self._bulk_round_tokens
         if early:
             if self.allocator.blocks_for(want) > self.allocator.num_free_blocks:
                 return False
@@ -822,6 +843,9 @@ class ResumableReceiver:
 
     def _serve_waiting(self) -> None:
         """Resumes first, then admissions, each in arrival order, while blocks are free."""
+        if self.policy is not None:
+            self._serve_by_policy()
+            return
         resumes = self._resumes
         while resumes:
             req = resumes[0]
@@ -842,6 +866,74 @@ class ResumableReceiver:
             if not self._try_admit(req):
                 return
             admissions.popleft()
+
+    # -- a scheduling policy (resumekit.protocol.policy) ------------------------------
+
+    def _bulk(self, req: RequestRecord) -> bool:
+        """Whether ``req`` is a bulk request of the policy (its total exceeds bulk_tokens)."""
+        bulk = self._bulk_tokens
+        return bulk is not None and req.total is not None and req.total > bulk
+
+    def _first_class(self, req: RequestRecord) -> bool:
+        """A waiting resume nothing passes: not bulk, or passed over enough times."""
+        return not self._bulk(req) or req.passed >= self._max_passed_over
+
+    def _window_full(self) -> bool:
+        """Whether the policy's rounds in flight are all taken (a scan: only with a window)."""
+        window = self._window
+        if window is None:
+            return False
+        in_flight = 0
+        for rec in self._records.values():
+            if rec.allocation is not None:
+                in_flight += 1
+        return in_flight >= window
+
+    def _must_wait(self, req: RequestRecord) -> bool:
+        """Whether ``req``'s next round, due now, must queue behind others waiting."""
+        if self.policy is None:
+            return bool(self._resumes)
+        # No window check: the round that just landed left a slot, which this one takes.
+        if any(_waits(r) and self._first_class(r) for r in self._resumes):
+            return True
+        if not self._bulk(req):
+            return False
+        return any(_waits(r) for r in self._resumes) or any(
+            r.state is S.WaitingForInput for r in self._admissions
+        )
+
+    def _next_by_policy(self) -> tuple[RequestRecord, bool] | None:
+        """The next to serve, and whether it is an admission; drops entries no longer waiting."""
+        resumes, admissions = self._resumes, self._admissions
+        if any(not _waits(r) for r in resumes):
+            self._resumes = resumes = deque([r for r in resumes if _waits(r)])
+        while admissions and admissions[0].state is not S.WaitingForInput:
+            admissions.popleft()
+        for req in resumes:
+            if self._first_class(req):
+                return req, False
+        if admissions:
+            return admissions[0], True
+        return (resumes[0], False) if resumes else None
+
+    def _serve_by_policy(self) -> None:
+        """First-class resumes in queue order, then admissions, then bulk resumes."""
+        while (picked := self._next_by_policy()) is not None:
+            req, admission = picked
+            if self._window_full():
+                return
+            if admission:
+                if not self._try_admit(req):
+                    return
+                self._admissions.popleft()
+                for waiting in self._resumes:
+                    waiting.passed += 1  # all bulk: a first-class one would have gone first
+                continue
+            if self.allocator.num_free_blocks == 0:
+                return
+            self._resumes.remove(req)
+            if not self._try_resume(req):
+                return  # it queued itself again at the back
 
     def _fail(
         self, req: RequestRecord, reason: str, *, peer_alive: bool, written: bool = True
@@ -880,3 +972,8 @@ class ResumableReceiver:
     @staticmethod
     def _in_flight_epoch(req: RequestRecord) -> str:
         return str(req.epoch) if req.allocation is not None else "none"
+
+
+def _waits(req: RequestRecord) -> bool:
+    """Whether ``req`` waits for blocks for its next resume."""
+    return req.state is S.Transferring and req.allocation is None

@@ -43,6 +43,7 @@ from resumekit.allocator import Allocation, BlockAllocator, BlockBuffers, Embedd
 from resumekit.allocator.block_allocator import MAX_BLOCK_SIZE, MAX_NUM_BLOCKS
 from resumekit.errors import InvalidArgumentError
 from resumekit.protocol.messages import Cancel, Landed, Post, RoundPost, Status
+from resumekit.protocol.policy import SchedulingPolicy, check_policy
 from resumekit.protocol.receiver import ReceiverObserver, ResumableReceiver
 from resumekit.protocol.sender import EmbeddingSender
 
@@ -54,6 +55,9 @@ SIZE_FIRST_WAIT: Final = 60.0  # upstream's wait for a release before it gives u
 SIZE_FIRST_ALIGN: Final = 256  # bytes
 HORIZON: Final = 300.0  # virtual seconds after the last arrival before the rest count stuck
 ROUND0: Final = 8192  # tokens: the fixed round 0 of ``resumekit`` and ``one-resume``
+#: resumekit's policy on this link: one FIFO link is kept busy by two rounds in flight
+#: (one transferring, the next posted), so the rest wait in the receiver, in its order.
+POLICY: Final = SchedulingPolicy(max_rounds_in_flight=2)
 
 
 def _cost(value: object) -> CostModel:
@@ -355,6 +359,7 @@ def _run_resumekit(
     block_size: int,
     auto: bool,
     max_resume_tokens: int | None,
+    policy: SchedulingPolicy | None,
 ) -> tuple[list[Outcome], _Meter, float, float]:
     clock = _Clock()
     machine = _Machine(clock, cost)
@@ -369,6 +374,7 @@ def _run_resumekit(
         "auto" if auto else ROUND0,
         max_resume_tokens=max_resume_tokens,
         observer=transport,
+        policy=policy,
     )
     sender = EmbeddingSender(transport)
     meter = _Meter()
@@ -638,11 +644,13 @@ def run(
     seed: int = 0,
     max_resume_tokens: int | None = None,
     within_pool: bool = False,
+    policy: SchedulingPolicy | None = POLICY,
 ) -> Result:
     """Replay one trace against one design; the same seed gives the same trace.
 
     ``within_pool`` drops the requests larger than the pool (for every design alike):
-    a diagnostic that shows what completing them costs the others. Every argument is
+    a diagnostic that shows what completing them costs the others. ``policy`` is the
+    resumekit designs' :class:`SchedulingPolicy` (``None``: none). Every argument is
     checked before anything runs: an unknown name or a count, load or seed out of
     range raises :class:`~resumekit.errors.InvalidArgumentError` naming it.
     """
@@ -656,12 +664,19 @@ def run(
     if max_resume_tokens is not None:
         max_resume_tokens = as_int(max_resume_tokens, "max_resume_tokens", minimum=1)
     check_bool(within_pool, "within_pool")
+    policy = check_policy(policy)
     items = make_trace(trace, requests, load, cost, seed)
     if within_pool:
         items = [it for it in items if it.tokens <= pool_tokens]
     if design in ("resumekit", "resumekit-auto"):
         outcomes, meter, makespan, waste = _run_resumekit(
-            items, cost, pool_tokens, block_size, design == "resumekit-auto", max_resume_tokens
+            items,
+            cost,
+            pool_tokens,
+            block_size,
+            design == "resumekit-auto",
+            max_resume_tokens,
+            policy,
         )
     elif design == "size-first":
         outcomes, meter, makespan, waste = _run_size_first(items, cost, pool_tokens, seed)
@@ -715,6 +730,7 @@ def quantile(values: list[float], q: float) -> float | None:
 
 __all__ = [
     "DESIGNS",
+    "POLICY",
     "TRACES",
     "CostModel",
     "Item",

@@ -10,6 +10,7 @@ import torch
 
 from resumekit.allocator import BlockAllocator, BlockBuffers, EmbeddingTensors, ReuseOrder
 from resumekit.protocol import EmbeddingSender, ReceiverObserver, ResumableReceiver
+from resumekit.protocol.policy import SchedulingPolicy
 from resumekit.protocol.receiver import DEFAULT_ALLOCATE_TOKENS
 from resumekit.transports.inprocess.transport import InProcessTransport
 
@@ -31,6 +32,7 @@ class Loopback:
         allocator_type: type[BlockAllocator] = BlockAllocator,
         transport_type: type[InProcessTransport] = InProcessTransport,
         device: torch.device | str | None = "cpu",
+        policy: SchedulingPolicy | None = None,
     ) -> None:
         self.allocator = allocator_type(pool_blocks, block_size, reuse=reuse)
         self.buffers = BlockBuffers(self.allocator, hidden, device=device)
@@ -41,6 +43,7 @@ class Loopback:
             default_allocate,
             max_resume_tokens=max_resume_tokens,
             observer=observer,
+            policy=policy,
         )
         self.sender = EmbeddingSender(self.transport)
         self.sources: dict[Hashable, EmbeddingTensors] = {}
