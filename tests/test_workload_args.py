@@ -230,6 +230,11 @@ BAD_FLAGS: list[tuple[list[str], str]] = [
     (["--sweep", "0.5,-1"], "--sweep"),
     (["--seed", "-1"], "--seed"),
     (["--seed", "1.5"], "--seed"),
+    (["--seeds", ""], "--seeds"),
+    (["--seeds", "0,-1"], "--seeds"),
+    (["--seeds", "0,x"], "--seeds"),
+    (["--window", "-1"], "--window"),
+    (["--window", "two"], "--window"),
     (["--pool-tokens", "0"], "--pool-tokens"),
     (["--pool-tokens", "4096"], "--pool-tokens"),  # round 0 of resumekit does not fit
     (["--pool-tokens", str(MAX_NUM_BLOCKS + 1), "--block-size", "1"], "--pool-tokens"),
