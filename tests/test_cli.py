@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 import subprocess
 import sys
@@ -144,7 +145,9 @@ def test_verify_main_job(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> 
     assert "verdict: PASS" in out
     # The README shows this run: every count and bound is what it prints (states/s vary).
     shown = README.split("<!-- verify-output -->\n```\n", 1)[1].split("```", 1)[0]
-    assert _without_rates(out).startswith(_without_rates(shown))
+    ran, readme = _without_rates(out), _without_rates(shown)
+    diff = "\n".join(difflib.unified_diff(readme.splitlines(), ran.splitlines(), lineterm=""))
+    assert ran.startswith(readme), f"README's verify output differs from this run:\n{diff}"
 
 
 def _without_rates(text: str) -> str:

@@ -47,6 +47,8 @@ FUZZED = (
     "an early post passes a waiting resume",
     "the window is not checked before a waiting round is served",
     "a bulk early post passes a waiting bulk resume",
+    "a bulk resume is passed over without end",
+    "admissions that pass a bulk resume are not counted",
 )
 
 

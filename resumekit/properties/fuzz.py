@@ -11,13 +11,19 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hypothesis import HealthCheck, Phase, seed, settings
 from hypothesis.database import DirectoryBasedExampleDatabase
 from hypothesis.stateful import run_state_machine_as_test
+
+try:  # where Hypothesis keeps the constants it draws from local modules (private)
+    from hypothesis.internal.conjecture import providers as _PROVIDERS
+except ImportError:  # pragma: no cover - a release without it draws none
+    _PROVIDERS = None  # type: ignore[assignment]
 
 from resumekit._check import as_cap_seconds, as_int, check_callback
 from resumekit.errors import InvalidArgumentError
@@ -26,6 +32,35 @@ from resumekit.properties.profiles import DEFAULT_DATABASE
 from resumekit.properties.protocol_machine import ProtocolMachineBase, protocol_machine
 
 BATCH = 25  # examples per Hypothesis run: the cap is checked between runs
+
+
+@contextmanager
+def only_the_seed() -> Iterator[None]:
+    """Examples that depend on the seed alone, not on what the process imported.
+
+    Hypothesis also draws, now and then, constants it finds in the source of the
+    local modules loaded in the process: which ones depends on what ran before and
+    on where resumekit is installed (in site-packages it is not local), so one seed
+    ran different examples in a CLI, a test process and CI, and verify's fuzz caught
+    a broken design in one and missed it in another. This turns those draws off for
+    the run (a private hook of Hypothesis; without it, nothing changes).
+    """
+    providers = _PROVIDERS
+    get = getattr(providers, "_get_local_constants", None)
+    cache = getattr(providers, "CONSTANTS_CACHE", None)
+    if get is None or cache is None:
+        yield
+        return
+    empty = type(providers._local_constants)()
+    providers._get_local_constants = lambda: empty
+    cache.cache.clear()
+    try:
+        yield
+    finally:
+        providers._get_local_constants = get
+        cache.cache.clear()
+
+
 STEPS = 50  # steps per example
 
 
@@ -128,10 +163,11 @@ def fuzz(
         batch = min(BATCH, max_examples - result.examples)
         before_steps, before_runs = machine.steps_run, machine.machines
         try:
-            run_state_machine_as_test(
-                seed(start_seed + run)(machine),
-                settings=_settings(batch, db, [Phase.generate, Phase.shrink]),
-            )
+            with only_the_seed():
+                run_state_machine_as_test(
+                    seed(start_seed + run)(machine),
+                    settings=_settings(batch, db, [Phase.generate, Phase.shrink]),
+                )
         except BaseException as error:  # any failure is a finding
             if isinstance(error, (KeyboardInterrupt, SystemExit)):
                 raise
@@ -163,9 +199,10 @@ def replay(strategy_name: str, database: str | Path) -> FuzzResult:
     start = time.perf_counter()
     before_steps, before_runs = machine.steps_run, machine.machines
     try:
-        run_state_machine_as_test(
-            machine, settings=_settings(1000, str(path), [Phase.explicit, Phase.reuse])
-        )
+        with only_the_seed():
+            run_state_machine_as_test(
+                machine, settings=_settings(1000, str(path), [Phase.explicit, Phase.reuse])
+            )
     except BaseException as error:
         if isinstance(error, (KeyboardInterrupt, SystemExit)):
             raise
@@ -191,4 +228,11 @@ def _record_failure(
     result.actions = list(last.log) if last is not None else []
 
 
-__all__ = ["DEFAULT_DATABASE", "FuzzResult", "fuzz", "replay", "writable_database"]
+__all__ = [
+    "DEFAULT_DATABASE",
+    "FuzzResult",
+    "fuzz",
+    "only_the_seed",
+    "replay",
+    "writable_database",
+]

@@ -231,6 +231,7 @@ class ProtocolMachineBase(RuleBasedStateMachine):
             transport_type=CheckedTransport,
             policy=cfg.policy,
         )
+        _poison_outputs(self.p.buffers)
         receiver = self.p.receiver
         if receiver.sizer is not None:
             # Learn from every size at once, so the examples meet chosen sizes too.
@@ -765,6 +766,22 @@ class ProtocolMachineBase(RuleBasedStateMachine):
         )
         for rid, ref in self.taken:
             require(NO_LEAK, record_collected(rid, ref() is not None))
+
+
+def _poison_outputs(buffers: Any) -> None:
+    """Make ``buffers`` hand out outputs of -1s, which no source's tokens equal, instead of
+    uninitialised memory: a freed output of the same source could lie there, and whether
+    an unwritten token is caught, and with it the verdict, would depend on what the
+    process allocated before."""
+    make = buffers.new_output
+
+    def poisoned(num_tokens: int) -> EmbeddingTensors:
+        out: EmbeddingTensors = make(num_tokens)
+        for tensor in (out.embeddings, out.fill_ids, out.mrope):
+            tensor.fill_(-1)
+        return out
+
+    buffers.new_output = poisoned
 
 
 def protocol_machine(strategy_name: str = "epoch") -> type[ProtocolMachineBase]:
