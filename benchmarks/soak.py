@@ -241,7 +241,12 @@ def soak_mooncake(requests: int, max_tokens: int, *, seed: int = 0) -> Tally:
     rng = random.Random(seed)
     block_size, pool_blocks = 128, 1024
     sizes = [rng.randint(1, max_tokens) for _ in range(requests)]
-    rounds = sum(max(1, -(-t // 8192)) for t in sizes)  # at least, with the pool free
+    # The fewest rounds the sender can write: round 0 takes 8192 tokens, each resume at
+    # most the whole pool. Killing it inside round 2/3 of that always lands mid-run; an
+    # estimate of 8192 tokens a round was often more rounds than an idle machine wrote,
+    # and the sender finished before its kill (seen in CI: 30 intact, 0 failed).
+    pool_tokens = pool_blocks * block_size
+    rounds = sum(1 if t <= 8192 else 1 + -(-(t - 8192) // pool_tokens) for t in sizes)
     cfg = PairConfig(
         [Request(i, t, seed=i) for i, t in enumerate(sizes)],
         pool_blocks,
