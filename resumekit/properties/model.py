@@ -41,13 +41,13 @@ from resumekit.properties.invariants import (
     step_served_in_order,
     succeeds_without_faults,
 )
+from resumekit.properties.ledger import Ledger
 from resumekit.properties.strategies import Strategy
 from resumekit.properties.world import (
     PRESSURE,
     CellBuffers,
     CheckedAllocator,
     ExplorerTransport,
-    Ledger,
     TokenSource,
     World,
     WorldState,
@@ -109,7 +109,7 @@ class Harness:
         w.budget = b.budget
         w.hurt = (False,) * len(totals)
         for r in range(len(totals)):
-            ledger.labels[r] = self._label(w, r)
+            ledger.set_label(r, self._label(w, r))
             if not b.late_sources:
                 self._encode(w, r)
         return w
@@ -241,8 +241,7 @@ class Harness:
             w.encoded = _set(w.encoded, r, True)  # its source is lost with the link
         receiver.add(r)
         inc = receiver.record(r).incarnation
-        w.ledger.lives[inc] = w.lives[r]
-        w.ledger.incarnations[(r, w.lives[r])] = inc
+        w.ledger.born(r, w.lives[r], inc)
 
     def _duplicate(self, w: World, action: tuple[Any, ...]) -> None:
         w.budget = _spend(w.budget, DUP)
@@ -375,7 +374,7 @@ class Harness:
         w.lives = _set(w.lives, r, w.lives[r] + 1)
         w.added = _set(w.added, r, False)
         w.encoded = _set(w.encoded, r, False)
-        w.ledger.labels[r] = self._label(w, r)
+        w.ledger.set_label(r, self._label(w, r))
         w.hurt = _set(w.hurt, r, not w.transport.sender_alive and not w.transport.restarting)
         if not self.bounds.late_sources:
             self._encode(w, r)

@@ -28,17 +28,12 @@ import torch
 from resumekit.allocator.block_allocator import Allocation, AllocatorSnapshot, BlockAllocator
 from resumekit.allocator.buffers import DEFAULT_AUX_SIZE, EmbeddingTensors
 from resumekit.properties.invariants import (
-    EXACTLY_ONCE,
     INTEGRITY,
     NO_WRITE_AFTER_FREE,
     InvariantViolation,
-    allocation_freed_once,
-    allocation_posted_once,
-    round_consumed_once,
-    round_landed_before_consumed,
     tokens_in_place,
-    write_into_live_round,
 )
+from resumekit.properties.ledger import Ledger
 from resumekit.properties.strategies import KVPollReceiver, stamp_progress
 from resumekit.protocol import messages as msg
 from resumekit.protocol.receiver import ReceiverSnapshot, ResumableReceiver
@@ -71,100 +66,6 @@ class TokenSource(EmbeddingTensors):
         return Span(self.label, start, length)
 
 
-#: A :class:`Ledger`'s dicts, in the order a :class:`WorldState` keeps them.
-LEDGER_PARTS: Final = ("rounds", "consumed", "labels", "owner", "lives", "incarnations")
-
-
-class Ledger:
-    """The explorer's checker: what it saw posted, written, read and freed, per live allocation.
-
-    ``rounds`` maps a live generation to ``(label, epoch, posts, written, consumed)``;
-    ``consumed`` maps a life's label to the last epoch consumed; ``owner`` maps a
-    block to the live generation holding it (the allocator's claims, checked);
-    ``lives`` maps an incarnation the receiver gave to the life's number for its id, and
-    ``incarnations`` maps (id, life number) back to it (the stale-life faults name one).
-    """
-
-    def __init__(self) -> None:
-        self.rounds: dict[int, tuple[int, int, int, bool, bool]] = {}
-        self.consumed: dict[int, int] = {}
-        self.labels: dict[Hashable, int] = {}  # request id -> the label of its current life
-        self.owner: dict[int, int] = {}
-        self.lives: dict[int, int] = {}
-        self.incarnations: dict[tuple[Hashable, int], int] = {}
-
-    def issued(self, allocation: Allocation) -> None:
-        g = allocation.generation
-        owner = self.owner
-        for b in allocation.blocks:
-            if b in owner:
-                raise InvariantViolation(
-                    EXACTLY_ONCE,
-                    f"block {b} handed to generation {g} while generation {owner[b]} holds it",
-                )
-            owner[b] = g
-
-    def freeing(self, allocation: Allocation, live: bool) -> None:
-        g = allocation.generation
-        if not live or any(self.owner.get(b) != g for b in allocation.blocks):
-            raise InvariantViolation(EXACTLY_ONCE, allocation_freed_once(g, False) or "")
-        for b in allocation.blocks:
-            del self.owner[b]
-        self.rounds.pop(g, None)
-
-    def posted(self, post: msg.RoundPost) -> None:
-        allocation = post.allocation
-        assert allocation is not None
-        g = allocation.generation
-        known = self.rounds.get(g)
-        posts = 1 if known is None else known[2] + 1
-        if posts > 1:
-            raise InvariantViolation(EXACTLY_ONCE, allocation_posted_once(g, posts) or "")
-        if post.blocks != allocation.blocks or post.capacity_tokens != allocation.capacity_tokens:
-            raise InvariantViolation(
-                INTEGRITY,
-                f"round {post.epoch} of request {post.rid!r} names blocks {list(post.blocks)} "
-                f"({post.capacity_tokens} tokens); its allocation holds {list(allocation.blocks)} "
-                f"({allocation.capacity_tokens})",
-            )
-        label = self.labels.get(post.rid, -1)
-        self.rounds[g] = (label, post.epoch, posts, False, False)
-
-    def written(self, post: msg.RoundPost, live: bool) -> None:
-        allocation = post.allocation
-        assert allocation is not None
-        g = allocation.generation
-        if not live or any(self.owner.get(b) != g for b in allocation.blocks):
-            raise InvariantViolation(
-                NO_WRITE_AFTER_FREE, write_into_live_round(post.rid, post.epoch, g, False) or ""
-            )
-        label, epoch, posts, _, consumed = self.rounds.get(g, (-1, post.epoch, 0, False, False))
-        self.rounds[g] = (label, epoch, posts, True, consumed)
-
-    def reading(self, allocation: Allocation, what: str) -> tuple[int, int]:
-        """The (label, epoch) of the round in ``allocation``; it must have been written."""
-        g = allocation.generation
-        known = self.rounds.get(g)
-        if known is None or not known[3]:
-            epoch = -1 if known is None else known[1]
-            raise InvariantViolation(
-                INTEGRITY,
-                (round_landed_before_consumed(allocation.owner, epoch, False) or "") + f" ({what})",
-            )
-        return known[0], known[1]
-
-    def consume(self, allocation: Allocation) -> tuple[int, int]:
-        label, epoch = self.reading(allocation, "read_into")
-        g = allocation.generation
-        known = self.rounds[g]
-        last = self.consumed.get(label, -1)
-        if known[4] or epoch <= last:
-            raise InvariantViolation(EXACTLY_ONCE, round_consumed_once(label, epoch, True) or "")
-        self.rounds[g] = (*known[:4], True)
-        self.consumed[label] = epoch
-        return label, epoch
-
-
 class CellOutput:
     """An output :class:`CellBuffers` made for the receiver: a handle, whose cells are
     kept in the buffers (``outputs``), so that everything a state holds is a value."""
@@ -194,10 +95,17 @@ class CellBuffers:
         )
         self.aux: tuple[tuple[int, ...], ...] = ((0,) * DEFAULT_AUX_SIZE,) * allocator.num_blocks
         self.outputs: dict[CellOutput, tuple[tuple[int, int] | None, ...]] = {}
+        self.outputs_shared = False  # with a state: copied before the next change
+
+    def _own_outputs(self) -> dict[CellOutput, tuple[tuple[int, int] | None, ...]]:
+        if self.outputs_shared:
+            self.outputs = self.outputs.copy()
+            self.outputs_shared = False
+        return self.outputs
 
     def new_output(self, num_tokens: int) -> CellOutput:
         out = CellOutput(num_tokens)
-        self.outputs[out] = (None,) * num_tokens
+        self._own_outputs()[out] = (None,) * num_tokens
         return out
 
     def read_aux(self, allocation: Allocation) -> tuple[int, ...]:
@@ -223,7 +131,7 @@ class CellBuffers:
                     INTEGRITY, tokens_in_place(f"life {label}", epoch, offset + i, cell) or ""
                 )
             into[offset + i] = cell
-        self.outputs[out] = tuple(into)
+        self._own_outputs()[out] = tuple(into)
 
     def write(self, allocation: Allocation, span: Span, aux: Sequence[int] | None) -> None:
         bs, cells, blocks = self.block_size, list(self.cells), allocation.blocks
@@ -410,7 +318,7 @@ class WorldState(NamedTuple):
     grab_armed: bool
     cells: tuple[tuple[int, int] | None, ...]
     aux: tuple[tuple[int, ...], ...]
-    outputs: dict[CellOutput, tuple[tuple[int, int] | None, ...]]  # copied, never changed
+    outputs: dict[CellOutput, tuple[tuple[int, int] | None, ...]]  # shared, never changed
     transport: tuple[Any, ...]
     ledger: tuple[dict[Any, Any], ...]
     # The harness's own, per request:
@@ -443,7 +351,6 @@ class World:
         receiver = self.receiver
         memos = getattr(receiver, "memos", None) if isinstance(receiver, KVPollReceiver) else None
         a = self.allocator
-        led = self.ledger
         return WorldState(
             receiver.snapshot(),
             tuple(memos.items()) if memos else (),
@@ -453,9 +360,9 @@ class World:
             a.grab_armed,
             self.buffers.cells,
             self.buffers.aux,
-            self.buffers.outputs.copy(),
+            self._shared_outputs(),
             self.transport.snapshot(),
-            tuple(getattr(led, name).copy() for name in LEDGER_PARTS),
+            self.ledger.snapshot(),
             self.totals,
             self.added,
             self.encoded,
@@ -463,6 +370,10 @@ class World:
             self.budget,
             self.hurt,
         )
+
+    def _shared_outputs(self) -> dict[CellOutput, tuple[tuple[int, int] | None, ...]]:
+        self.buffers.outputs_shared = True
+        return self.buffers.outputs
 
     def restore(self, s: WorldState) -> None:
         """Put every object back into ``s``, through the shipped objects' ``restore``."""
@@ -475,11 +386,10 @@ class World:
             receiver.memos = dict(s.memos)
         self.sender.restore(s.sender)
         buffers = self.buffers
-        buffers.cells, buffers.aux, buffers.outputs = s.cells, s.aux, s.outputs.copy()
+        buffers.cells, buffers.aux, buffers.outputs = s.cells, s.aux, s.outputs
+        buffers.outputs_shared = True
         self.transport.restore(s.transport)
-        led = self.ledger
-        for name, part in zip(LEDGER_PARTS, s.ledger, strict=True):
-            setattr(led, name, part.copy())
+        self.ledger.restore(s.ledger)
         self.totals, self.added, self.encoded = s.totals, s.added, s.encoded
         self.lives, self.budget, self.hurt = s.lives, s.budget, s.hurt
 
@@ -490,7 +400,6 @@ __all__ = [
     "CellOutput",
     "CheckedAllocator",
     "ExplorerTransport",
-    "Ledger",
     "Span",
     "TokenSource",
     "World",
