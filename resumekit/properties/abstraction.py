@@ -171,16 +171,22 @@ def _post_key(p: msg.Post, rank: dict[int, Any], lives: dict[int, int]) -> tuple
     )
 
 
-_ORDERS: dict[Any, tuple[Any, ...]] = {}
+#: status_order per status object, by identity: statuses compare equal across types
+#: (``final=1 == final=True``), so a cache keyed by the status would hand a poisoned
+#: one the order of a well-formed one seen first, and the key would depend on history.
+_ORDERS: dict[int, tuple[msg.Status, tuple[Any, ...]]] = {}
 
 
 def _status_key(st: msg.Status, lives: dict[int, int]) -> tuple[Any, ...]:
     """``status_order`` with the incarnation named by its life (cached per status)."""
-    order = _ORDERS.get(st)
-    if order is None:
+    hit = _ORDERS.get(id(st))
+    if hit is not None and hit[0] is st:  # held here, so its id is not reused
+        order = hit[1]
+    else:
         if len(_ORDERS) > 65_536:
             _ORDERS.clear()
-        order = _ORDERS[st] = status_order(st)
+        order = status_order(st)
+        _ORDERS[id(st)] = (st, order)
     inc = order[2] if len(order) > 2 else None
     if type(inc) is tuple and inc[0] == 0:  # an int incarnation (``_typed``): named by life
         return (*order[:2], (0, lives.get(inc[1], inc[1])), *order[3:])

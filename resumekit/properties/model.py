@@ -141,7 +141,10 @@ class Harness:
         receiver, t, allocator = w.receiver, w.transport, w.allocator
         if s.receiver.resumes or s.receiver.admissions or t.loss_seen:
             out.append(("step",))
-        statuses = sorted(set(t.statuses), key=status_order)
+        # One delivery per distinct status, told apart by status_order, not ==:
+        # a poisoned status can equal a well-formed one (final=1 == final=True).
+        distinct = {status_order(s): s for s in t.statuses}
+        statuses = [distinct[k] for k in sorted(distinct)]
         out.extend(("deliver", s) for s in statuses)
         if t.events:
             out.append(("event",))
@@ -199,7 +202,8 @@ class Harness:
 
     def _deliver(self, w: World, action: tuple[Any, ...]) -> None:
         status, t, receiver = action[1], w.transport, w.receiver
-        i = t.statuses.index(status)
+        order = status_order(status)
+        i = next(i for i, s in enumerate(t.statuses) if s is status or status_order(s) == order)
         t.statuses = t.statuses[:i] + t.statuses[i + 1 :]
         before = self._stale_snapshot(w, status)
         t.deliver = (status,)

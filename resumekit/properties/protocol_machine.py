@@ -452,11 +452,12 @@ class ProtocolMachineBase(RuleBasedStateMachine):
         """The other user empties the pool and grabs what the next free returns, then a
         partial round lands: its resume finds no block and has to wait."""
         landed = [
-            s
-            for s in self.t.in_flight
+            i
+            for i, s in enumerate(self.t.in_flight)
             if type(s) is Landed and not s.final and msg.malformed_status(s) is None
         ]
-        status = data.draw(st.sampled_from(landed), label="landed round")
+        # By position: a poisoned status can == this one (final=1 == final=True).
+        status = self.t.in_flight.pop(data.draw(st.sampled_from(landed), label="landed round"))
         self._note(f"starve_a_resume({status!r})")
         a = self.allocator
         if a.num_free_blocks:
@@ -464,7 +465,6 @@ class ProtocolMachineBase(RuleBasedStateMachine):
             assert got is not None
             self.pressure.append(got)
         a.grab_armed = True
-        self.t.in_flight.remove(status)
         self._deliver_now(status)
 
     # -- destructive faults: the requests they touch may fail, nothing may leak ------
@@ -480,11 +480,10 @@ class ProtocolMachineBase(RuleBasedStateMachine):
     def free_while_a_resume_waits(self, data: st.DataObject) -> None:
         """While a resume may wait, the other user returns blocks and another partial round
         lands in the same step: the waiting resume gets blocks first, no early post does."""
-        landed = [s for s in self.t.in_flight if type(s) is Landed and not s.final]
-        status = data.draw(st.sampled_from(landed), label="landed round")
+        landed = [i for i, s in enumerate(self.t.in_flight) if type(s) is Landed and not s.final]
+        status = self.t.in_flight.pop(data.draw(st.sampled_from(landed), label="landed round"))
         self._note(f"free_while_a_resume_waits({status!r})")
         self.p.allocator.free(self.pressure.pop())
-        self.t.in_flight.remove(status)
         self._deliver_now(status)
 
     def _draw_live(self, data: st.DataObject) -> Hashable | None:
