@@ -42,6 +42,7 @@ from _timing import Row, report
 
 from resumekit.errors import InvalidArgumentError
 from resumekit.protocol.policy import SchedulingPolicy
+from resumekit.protocol.sizing import round0_cap
 from resumekit.sim.workload import (
     DESIGNS,
     TRACES,
@@ -50,6 +51,8 @@ from resumekit.sim.workload import (
     Result,
     Trace,
     check_pool,
+    fewest_rounds,
+    make_trace,
     quantile,
     run,
 )
@@ -102,6 +105,19 @@ def _seeded(
     return out
 
 
+def _most_saved(trace: Trace, seed: int, common: dict[str, Any], fixed: Result) -> float:
+    """The most rounds any round-0 sizing could save against ``fixed``: every request's
+    round 0 as large as it needs, up to the auto sizer's cap (a floor no learner beats)."""
+    pool, bs = common["pool_tokens"], common["block_size"]
+    items = make_trace(trace, common["requests"], common.get("load", 0.7), common["cost"], seed)
+    cap = round0_cap(pool, bs)
+    floor = sum(
+        fewest_rounds(it.tokens, cap, pool_tokens=pool, block_size=bs, policy=common["policy"])
+        for it in items
+    )
+    return 1 - floor / len(items) / fixed.rounds
+
+
 def _seed_rows(seeded: dict[tuple[str, int], dict[str, Result]], n: int) -> list[Row]:
     """The issue's targets, each at its worst seed."""
     rows: list[Row] = []
@@ -124,20 +140,28 @@ def _seed_rows(seeded: dict[tuple[str, int], dict[str, Result]], n: int) -> list
     return rows
 
 
-def _print_seeded(seeded: dict[tuple[str, int], dict[str, Result]], load: float) -> None:
+def _print_seeded(
+    seeded: dict[tuple[str, int], dict[str, Result]], load: float, common: dict[str, Any]
+) -> None:
     print(f"\nby seed at load {load:g}: p99* = p99 over the requests size-first completes")
     print(
         f"  {'trace':12s} {'seed':>4s} {'fixed/sf':>8s} {'auto/sf':>8s} {'done':>11s} "
-        f"{'sf done':>7s} {'rounds':>11s} {'saved':>6s} {'occ a/f':>7s}"
+        f"{'sf done':>7s} {'rounds':>11s} {'saved':>6s} {'at most':>7s} {'occ a/f':>7s}"
     )
     for (trace, seed), r in seeded.items():
         fixed, auto, sf = r["resumekit"], r["resumekit-auto"], r["size-first"]
+        most = _most_saved(trace, seed, common, fixed)  # type: ignore[arg-type]
         print(
             f"  {trace:12s} {seed:4d} {_against(fixed, sf):8.2f} {_against(auto, sf):8.2f} "
             f"{fixed.completed:5d}/{auto.completed:5d} {sf.completed:7d} "
             f"{fixed.rounds:5.2f}/{auto.rounds:5.2f} {1 - auto.rounds / fixed.rounds:6.1%} "
-            f"{auto.occupancy / fixed.occupancy:7.2f}"
+            f"{most:7.1%} {auto.occupancy / fixed.occupancy:7.2f}"
         )
+    print(
+        "  at most: the rounds auto could save if every round 0 were sized to its request, "
+        f"up to the sizer's cap ({round0_cap(common['pool_tokens'], common['block_size']):,} "
+        "tokens, a quarter of the pool)"
+    )
 
 
 def _sensitivity(
@@ -343,7 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     judged = {"resumekit", "resumekit-auto", "size-first"} <= set(designs)
     if judged:
         seeded = _seeded(traces, args.seeds, {**common, "load": args.load})
-        _print_seeded(seeded, args.load)
+        _print_seeded(seeded, args.load, {**common, "load": args.load})
         seed_rows = _seed_rows(seeded, args.requests)
         rows += seed_rows
         if args.sensitivity:

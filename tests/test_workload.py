@@ -441,3 +441,46 @@ def test_best_keeps_its_rule_at_sizes_where_floats_are_coarse(
     s = AutoSizer(**kwargs)
     assert _exact_best(s, sizes) == expected
     assert s.best(sizes) == expected
+
+
+# -- the floor on rounds that judges what "auto" can save ---------------------------------
+
+
+def test_fewest_rounds_counts_round_0_then_resumes_of_at_most_the_pool() -> None:
+    from resumekit.sim.workload import fewest_rounds
+
+    assert fewest_rounds(8192, 8192, policy=None) == 1
+    assert fewest_rounds(8193, 8192, policy=None) == 2
+    assert fewest_rounds(131_072 + 8192, 8192, policy=None) == 2  # the rest fits the pool
+    assert fewest_rounds(2 * 131_072 + 8193, 8192, policy=None) == 4
+    assert fewest_rounds(20_000, 8192, max_resume_tokens=5000, policy=None) == 4  # 5120 each
+    # A bulk request (past the pool) streams in the policy's rounds of an eighth of the pool.
+    assert fewest_rounds(200_000, 32_768) == 1 + -(-(200_000 - 32_768) // 16_384)
+    assert fewest_rounds(100, 1, block_size=128, policy=None) == 1  # round 0 is whole blocks
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"tokens": 0}, {"round0_tokens": -1}, {"pool_tokens": 1.5}, {"policy": "window"}],
+)
+def test_fewest_rounds_refuses_what_is_not_a_count(bad: dict[str, object]) -> None:
+    from resumekit.sim.workload import fewest_rounds
+
+    args: dict[str, object] = {"tokens": 10, "round0_tokens": 8} | bad
+    with pytest.raises(InvalidArgumentError, match=next(iter(bad))):
+        fewest_rounds(**args)  # type: ignore[arg-type]
+
+
+def test_no_design_of_the_replay_takes_fewer_rounds_than_the_floor() -> None:
+    """The floor is one: the real receiver, fixed and auto, never does better on average."""
+    from resumekit.protocol.sizing import round0_cap
+    from resumekit.sim.workload import fewest_rounds
+
+    items = make_trace("video-mixed", 120, 0.7, CostModel(), 3)
+    for design, round0 in (("resumekit", 8192), ("resumekit-auto", round0_cap(131_072, 128))):
+        got = run(design, "video-mixed", requests=120, seed=3)  # type: ignore[arg-type]
+        assert got.completed == len(items)
+        floor = sum(fewest_rounds(it.tokens, round0) for it in items) / len(items)
+        assert got.rounds >= floor - 1e-9, design
+        if design == "resumekit":
+            assert got.rounds < floor * 1.2  # and near it, with a round 0 that is fixed

@@ -50,7 +50,13 @@ from resumekit.protocol.messages import (
 )
 from resumekit.protocol.policy import SchedulingPolicy, check_policy
 from resumekit.protocol.rounds import Verdict, by_epoch
-from resumekit.protocol.sizing import DEFAULT_WASTE, AutoSizer, SizerSnapshot, check_waste
+from resumekit.protocol.sizing import (
+    DEFAULT_WASTE,
+    AutoSizer,
+    SizerSnapshot,
+    check_waste,
+    round0_cap,
+)
 
 if TYPE_CHECKING:
     from resumekit.allocator.buffers import BlockBuffers, EmbeddingTensors
@@ -294,11 +300,11 @@ class ResumableReceiver:
             max_resume_tokens = as_int(max_resume_tokens, "max_resume_tokens", minimum=1)
         check_waste(auto_waste, "auto_waste")  # also when round 0 is fixed: never ignored
         policy = check_policy(policy)
-        # Learns round 0's size; at most a quarter of the pool, so one admission never takes it.
+        # Learns round 0's size, up to round0_cap.
         self.sizer = (
             AutoSizer(
                 allocator.block_size,
-                max(allocator.block_size, allocator.num_blocks * allocator.block_size // 4),
+                round0_cap(allocator.num_blocks * allocator.block_size, allocator.block_size),
                 fallback=default_allocate_tokens,
                 resume_tokens=max_resume_tokens,
                 waste=auto_waste,

@@ -36,6 +36,14 @@ class SizerSnapshot(NamedTuple):
     choice: tuple[tuple[Hashable, int], ...]
 
 
+def round0_cap(pool_tokens: int, block_size: int) -> int:
+    """The ``max_tokens`` a receiver gives its :class:`AutoSizer`: a quarter of the pool,
+    so one admission never takes it (a choice is that, rounded down to whole blocks)."""
+    pool_tokens = as_int(pool_tokens, "pool_tokens", minimum=1)
+    block_size = as_int(block_size, "block_size", minimum=1)
+    return max(block_size, pool_tokens // 4)
+
+
 def check_waste(waste: object, name: str = "waste") -> float:
     """``waste`` as a float, once proven a number in [0, 10]."""
     if isinstance(waste, bool) or not isinstance(waste, int | float) or not 0 <= waste <= 10:

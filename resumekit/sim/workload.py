@@ -714,6 +714,45 @@ def run(
     )
 
 
+def fewest_rounds(
+    tokens: int,
+    round0_tokens: int,
+    *,
+    pool_tokens: int = 131_072,
+    block_size: int = 128,
+    max_resume_tokens: int | None = None,
+    policy: SchedulingPolicy | None = POLICY,
+) -> int:
+    """The fewest rounds the receiver can take for a request of ``tokens`` whose round 0
+    holds at most ``round0_tokens``, however its round 0 is sized and however empty the
+    pool: each resume holds at most the pool, ``max_resume_tokens``, and a bulk
+    request's ``bulk_round_tokens`` (each in whole blocks). A floor no sizing can beat.
+    """
+    tokens = as_int(tokens, "tokens", minimum=1)
+    round0_tokens = as_int(round0_tokens, "round0_tokens", minimum=1)
+    pool_tokens = as_int(pool_tokens, "pool_tokens", minimum=1)
+    block_size = as_int(block_size, "block_size", minimum=1)
+    if max_resume_tokens is not None:
+        max_resume_tokens = as_int(max_resume_tokens, "max_resume_tokens", minimum=1)
+    policy = check_policy(policy)
+
+    def blocks(n: int) -> int:  # what an allocation asked for n tokens holds
+        return -(-n // block_size) * block_size
+
+    first = min(blocks(round0_tokens), pool_tokens // block_size * block_size)
+    if tokens <= first:
+        return 1
+    most = pool_tokens // block_size * block_size
+    if max_resume_tokens is not None:
+        most = min(most, blocks(max_resume_tokens))
+    if policy is not None:
+        resolved = policy.resolved(pool_tokens, block_size)
+        assert resolved.bulk_tokens is not None and resolved.bulk_round_tokens is not None
+        if tokens > resolved.bulk_tokens:
+            most = min(most, blocks(resolved.bulk_round_tokens))
+    return 1 + -(-(tokens - first) // most)
+
+
 def quantile(values: list[float], q: float) -> float | None:
     """The ``q`` quantile of sorted ``values`` (nearest rank); ``None`` when empty."""
     q = as_positive(q, "q")
@@ -736,6 +775,7 @@ __all__ = [
     "Item",
     "Result",
     "check_pool",
+    "fewest_rounds",
     "make_trace",
     "quantile",
     "run",
