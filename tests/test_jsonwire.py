@@ -22,16 +22,22 @@ from resumekit.protocol.messages import (
     malformed_status,
 )
 from resumekit.transports.mooncake.jsonwire import (
+    MAX_REASON_BYTES,
     MAX_RID_CHARS,
+    VERSION,
     Hello,
+    HelloRefused,
     MalformedMessage,
     cancel,
+    cut_reason,
     dtype_name,
     hello,
     hi,
     key,
     post,
     read,
+    refused,
+    reply,
     status,
     wire_rid,
 )
@@ -272,3 +278,43 @@ def test_hi_names_the_session_the_sender_writes_to(raw: bytes, why: str) -> None
     with pytest.raises(MalformedMessage) as caught:
         hi(read(raw))
     assert str(caught.value) == why
+
+
+# -- a hello the sender will not serve, and its answer ---------------------------------
+
+
+def test_a_hello_of_another_version_is_refused_by_its_v_field() -> None:
+    assert hello({**HELLO, "v": VERSION}).session == HELLO["session"]
+    with pytest.raises(MalformedMessage, match=f"protocol version {VERSION + 1}; this sender"):
+        hello({**HELLO, "v": VERSION + 1})
+    with pytest.raises(MalformedMessage, match="v must be an int"):
+        hello({**HELLO, "v": "1"})
+
+
+def test_reply_is_where_the_hello_says_its_receiver_listens() -> None:
+    assert reply({**HELLO, "reply": "10.0.0.2:7002"}) == "10.0.0.2:7002"
+    assert reply(HELLO) is None
+    assert reply({**HELLO, "reply": 7002}) is None
+
+
+def test_a_refusal_reads_as_the_error_that_names_its_reason() -> None:
+    error = refused({"t": "refused", "reason": "another version"})
+    assert isinstance(error, HelloRefused)
+    assert error.reason == "another version"
+    assert str(error) == "the sender refused this receiver's hello: another version"
+    with pytest.raises(MalformedMessage, match=r"^'refused' without 'reason'$"):
+        refused({"t": "refused"})
+    with pytest.raises(MalformedMessage, match=r"^'refused': reason must be a str$"):
+        refused({"t": "refused", "reason": 5})
+
+
+def test_a_reason_is_cut_to_whole_characters_and_never_empty() -> None:
+    assert cut_reason("short") == "short"
+    assert cut_reason("") == "?"
+    long = "é" * MAX_REASON_BYTES  # two bytes each: the cut falls inside none
+    assert cut_reason(long) == "é" * (MAX_REASON_BYTES // 2)
+    odd = "a" + "é" * MAX_REASON_BYTES  # the cut falls inside a character: it is dropped
+    cut = cut_reason(odd)
+    assert cut == "a" + "é" * ((MAX_REASON_BYTES - 1) // 2)
+    assert len(cut.encode()) <= MAX_REASON_BYTES
+    assert refused({"t": "refused", "reason": odd}).reason == cut

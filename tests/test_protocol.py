@@ -882,6 +882,28 @@ def test_a_named_source_of_a_cancelled_life_leaves_the_next_lifes_unnamed_one_al
     assert_clean(p)
 
 
+def test_a_named_source_of_an_ended_life_with_no_tombstone_left_is_dropped() -> None:
+    """Life 1 ended twice over for its sources: its tombstone was consumed by the first
+    late source, and a second one (or one of a life that ended with its source in hand)
+    finds none; it is dropped and changes nothing, life 2's tombstone included."""
+    p = Loopback(pool_blocks=64, block_size=BS, hidden=8)
+    for incarnation in (1, 2):
+        p.transport.cancel("x", -1, incarnation=incarnation)
+    p.sender.step()
+    assert not p.sender.add("x", random_source(4, 8), incarnation=1)  # takes life 1's
+    before = p.sender.snapshot()
+    assert not p.sender.add("x", random_source(4, 8), incarnation=1)  # none left for it
+    assert p.sender.snapshot() == before
+    assert not p.sender.add("x", random_source(4, 8))  # life 2's tombstone is still there
+    assert p.sender.snapshot().cancelled == ()
+    q = Loopback(pool_blocks=64, block_size=BS, hidden=8)
+    q.transport.cancel("y", -1, incarnation=1)
+    q.sender.step()  # a life of y ended, and no life of "z" has ended with no source
+    assert not q.sender.add("y", random_source(4, 8), incarnation=1)
+    assert not q.sender.add("y", random_source(4, 8), incarnation=1)  # no tombstones of y
+    assert q.sender.snapshot().cancelled == ()
+
+
 def test_an_unnamed_late_source_is_the_oldest_waiting_lifes() -> None:
     p = Loopback(pool_blocks=64, block_size=BS, hidden=8)
     for incarnation in (1, 2):

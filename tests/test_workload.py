@@ -484,3 +484,20 @@ def test_no_design_of_the_replay_takes_fewer_rounds_than_the_floor() -> None:
         assert got.rounds >= floor - 1e-9, design
         if design == "resumekit":
             assert got.rounds < floor * 1.2  # and near it, with a round 0 that is fixed
+
+
+def test_round0_cap_is_a_quarter_of_the_pool_and_at_least_a_block() -> None:
+    from resumekit.protocol.sizing import round0_cap
+
+    assert round0_cap(131_072, 128) == 32_768
+    assert round0_cap(256, 128) == 128  # a quarter is less than a block: one block
+    bads: list[dict[str, object]] = [
+        {"pool_tokens": 0},
+        {"block_size": 0},
+        {"block_size": -1},
+        {"pool_tokens": 1.5},
+    ]
+    for bad in bads:
+        args: dict[str, object] = {"pool_tokens": 1024, "block_size": 16, **bad}
+        with pytest.raises(InvalidArgumentError, match=next(iter(bad))):
+            round0_cap(**args)  # type: ignore[arg-type]
