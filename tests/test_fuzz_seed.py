@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from hypothesis.internal.conjecture import providers
 
 from resumekit.properties.fuzz import only_the_seed
@@ -51,3 +52,28 @@ def test_only_the_seed_empties_hypothesis_local_constants_and_restores_them() ->
     with only_the_seed():
         assert len(providers._get_local_constants()) == 0
     assert providers._get_local_constants is get
+
+
+def test_without_shrinking_the_same_examples_find_the_same_failure_in_fewer_runs(
+    tmp_path: Path,
+) -> None:
+    """verify fuzzes the broken designs with ``shrink=False``: the finding, and the
+    example it is found at, are the shrinking run's; only the steps are not minimal."""
+    from resumekit.errors import InvalidArgumentError
+    from resumekit.properties.fuzz import fuzz, replay
+    from resumekit.properties.verify import StrategyReport, VerifyReport, format_report
+
+    shrunk = fuzz("seed-index", max_examples=100, database=None)
+    found = fuzz("seed-index", max_examples=100, database=tmp_path / "db", shrink=False)
+    assert shrunk.failed and found.failed and shrunk.shrunk and not found.shrunk
+    assert found.examples == shrunk.examples  # found at the same example
+    assert found.runs < shrunk.runs and len(found.actions) >= len(shrunk.actions) > 0
+    assert replay("seed-index", tmp_path / "db").failed  # kept, and it replays
+    entry = StrategyReport("seed-index")
+    entry.fuzzed = found
+    text = format_report(VerifyReport([entry], 1, 1, None, quick=True))
+    assert f"fuzzer's counterexample ({len(found.actions)} steps, not shrunk;" in text
+    assert f"violates {found.invariant}: {found.detail}" in text
+    assert f"  1. {found.actions[0]}" not in text  # no unshrunk steps printed
+    with pytest.raises(InvalidArgumentError, match="shrink"):
+        fuzz("seed-index", max_examples=1, database=None, shrink=1)  # type: ignore[arg-type]

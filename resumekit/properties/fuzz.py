@@ -3,8 +3,9 @@
 The budget is a number of examples, so the verdict is the same on a fast idle
 machine and a slow loaded one; an optional seconds cap may stop a run early,
 which the result says (``capped``), so a caller can report it inconclusive.
-Every falsifying example Hypothesis shrinks is saved in an example database
-(a directory); :func:`replay` runs those saved examples again, in any process.
+Every falsifying example (shrunk, unless the caller only needs to know one
+exists) is saved in an example database (a directory); :func:`replay` runs
+those saved examples again, in any process.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ try:  # where Hypothesis keeps the constants it draws from local modules (privat
 except ImportError:  # pragma: no cover - a release without it draws none
     _PROVIDERS = None  # type: ignore[assignment]
 
-from resumekit._check import as_cap_seconds, as_int, check_callback
+from resumekit._check import as_cap_seconds, as_int, check_bool, check_callback
 from resumekit.errors import InvalidArgumentError
 from resumekit.properties.invariants import CRASH, InvariantViolation
 from resumekit.properties.profiles import DEFAULT_DATABASE
@@ -75,8 +76,9 @@ class FuzzResult:
     capped: bool = False  # the seconds cap stopped it before its example budget
     invariant: str | None = None  # the violated invariant, or CRASH for any other error
     detail: str = ""
-    actions: list[str] = field(default_factory=list)  # the shrunk falsifying steps
+    actions: list[str] = field(default_factory=list)  # the falsifying steps
     database: str | None = None  # where the falsifying example was saved
+    shrunk: bool = True  # whether a falsifying example was shrunk before it was kept
 
     @property
     def failed(self) -> bool:
@@ -92,9 +94,11 @@ class FuzzResult:
             return None
         return f"resumekit fuzz --strategy {self.strategy} --replay {self.database}"
 
-    def format(self) -> str:
+    def format(self, *, steps: bool = True) -> str:
+        """The violation, its steps (unless ``steps`` is false) and the replay command."""
         lines = [f"violates {self.invariant}: {self.detail}"]
-        lines += [f"  {i}. {a}" for i, a in enumerate(self.actions, 1)]
+        if steps:
+            lines += [f"  {i}. {a}" for i, a in enumerate(self.actions, 1)]
         if self.replay_command is not None:
             lines.append(f"  replay: {self.replay_command}")
         return "\n".join(lines)
@@ -139,21 +143,26 @@ def fuzz(
     cap_seconds: float | None = None,
     database: str | Path | None = DEFAULT_DATABASE,
     progress: Callable[[FuzzResult], None] | None = None,
+    shrink: bool = True,
 ) -> FuzzResult:
     """Run ``max_examples`` examples of the protocol machine, stopping at the first violation.
 
     Examples run in batches seeded ``start_seed``, ``start_seed + 1``, ...: the
-    same arguments run the same examples. A falsifying example is shrunk and
-    saved in ``database`` (``None``: not saved), a folder checked writable first.
+    same arguments run the same examples. A falsifying example is shrunk (unless
+    ``shrink`` is false: whether one exists is the same either way, and shrinking
+    can take most of the time) and saved in ``database`` (``None``: not saved), a
+    folder checked writable first.
     """
     if type(max_examples) is not int or max_examples < 1:
         raise InvalidArgumentError(f"max_examples must be an int >= 1, got {max_examples!r}")
     cap_seconds = as_cap_seconds(cap_seconds, "cap_seconds")
     as_int(start_seed, "start_seed", minimum=0)
     check_callback(progress, "progress")
+    check_bool(shrink, "shrink")
     machine = protocol_machine(strategy_name)
     db = None if database is None else writable_database(database)
-    result = FuzzResult(strategy_name, start_seed)
+    result = FuzzResult(strategy_name, start_seed, shrunk=shrink)
+    phases = [Phase.generate, Phase.shrink] if shrink else [Phase.generate]
     start = time.perf_counter()
     run = 0
     while result.examples < max_examples:
@@ -166,7 +175,7 @@ def fuzz(
             with only_the_seed():
                 run_state_machine_as_test(
                     seed(start_seed + run)(machine),
-                    settings=_settings(batch, db, [Phase.generate, Phase.shrink]),
+                    settings=_settings(batch, db, phases),
                 )
         except BaseException as error:  # any failure is a finding
             if isinstance(error, (KeyboardInterrupt, SystemExit)):
@@ -223,7 +232,8 @@ def _record_failure(
         result.invariant, result.detail = error.invariant, error.detail
     else:
         result.invariant, result.detail = CRASH, f"{type(error).__name__}: {error}"
-    # Hypothesis runs the shrunk example once more, last: its machine logged the steps.
+    # Hypothesis runs the falsifying example (shrunk or not) once more, last: its
+    # machine logged the steps.
     last = machine.last
     result.actions = list(last.log) if last is not None else []
 
