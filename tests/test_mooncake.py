@@ -37,6 +37,7 @@ from resumekit.transports.mooncake import (
     load_mooncake,
     wire_rid,
 )
+from resumekit.transports.mooncake.engine import start_engine
 from resumekit.transports.mooncake.jsonwire import MAX_AUX, MAX_REASON_BYTES, MAX_RID_CHARS
 from resumekit.transports.mooncake.receiver import MAX_STATUS_BYTES
 from resumekit.transports.mooncake.sender import _runs
@@ -1053,8 +1054,30 @@ def test_losing_the_peer_never_blocks_the_event_loop() -> None:
 
 
 @needs_mooncake
+def test_an_ends_own_engine_outlives_the_end_and_refuses_what_comes_late() -> None:
+    # Torn down when the end was collected, it held the GIL for up to a second, in
+    # whichever thread collected it: a posted round elsewhere in the process made no
+    # progress, and its peer counted as lost.
+    bufs = buffers()
+    end = MooncakeTransport("receiver", listen=endpoint(), peer=endpoint(), buffers=bufs)
+    host, port = end.session.rsplit(":", 1)
+    end.close(wait=5.0)
+    del end
+    gc.collect()
+    with socket.create_connection((host, int(port)), timeout=5.0):
+        pass  # its handshake still listens: the engine was not torn down
+    late, _ = start_engine(load_mooncake()[0], "127.0.0.1", "tcp")  # kept, as the end's
+    source = torch.full((32,), 7, dtype=torch.uint8)
+    assert late.register_memory(source.data_ptr(), 32) == 0
+    target = bufs.embeddings.data_ptr()
+    assert late.transfer_sync_write(f"{host}:{port}", source.data_ptr(), target, 32) != 0
+    assert not bufs.embeddings.any()  # nothing is registered there any more
+    late.unregister_memory(source.data_ptr())
+
+
+@needs_mooncake
 def test_an_end_closed_before_its_threads_left_is_collected_without_blocking() -> None:
-    gc.collect()  # what earlier tests left (their engines take a while to go)
+    gc.collect()  # what earlier tests left
     end = MooncakeTransport(
         "receiver", listen=endpoint(), peer=endpoint(), buffers=buffers(), timeout=3.0
     )

@@ -117,8 +117,9 @@ def MooncakeTransport(
         engine: an initialised ``TransferEngine`` the process already has, with
             ``session``, its ``host:rpc_port`` as peers name it. Without one the end
             starts its own on ``hostname`` over ``protocol`` (``"tcp"``, or ``"rdma"``
-            on a cluster), whose teardown when collected holds the GIL for about a
-            second: a server passes the engine it keeps for the life of the process.
+            on a cluster), kept for the life of the process: tearing an engine down
+            holds the GIL for up to a second. Each costs two threads, five descriptors
+            and a port: a process that makes many ends passes the engine it keeps.
         timeout: seconds without progress before the peer counts as lost.
         aux_size: deprecated and ignored: the receiver's aux rows decide what a round writes.
 

@@ -22,7 +22,7 @@ from resumekit.transports._threaded import (
     check_timeout,
 )
 from resumekit.transports.mooncake import jsonwire
-from resumekit.transports.mooncake.engine import load_mooncake
+from resumekit.transports.mooncake.engine import load_mooncake, start_engine
 from resumekit.transports.mooncake.jsonwire import MalformedMessage, wire_rid
 
 if TYPE_CHECKING:
@@ -127,10 +127,7 @@ class MooncakeEnd(ThreadedEnd):
         super().__init__(timeout)
         transfer_engine, self._zmq = load_mooncake()
         if engine is None:
-            engine = transfer_engine()
-            if engine.initialize(hostname, "P2PHANDSHAKE", protocol, "") != 0:
-                raise TransportError(f"the transfer engine did not start on {hostname}")
-            session = f"{hostname}:{engine.get_rpc_port()}"
+            engine, session = start_engine(transfer_engine, hostname, protocol)
         self.engine = engine
         self.session: str = session  # type: ignore[assignment]
         self.buffers = buffers

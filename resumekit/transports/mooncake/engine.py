@@ -1,8 +1,10 @@
-"""The Mooncake transfer engine as the transport uses it: loading it (an optional extra)
-and the ledger of source memory the sender ends that share one engine registered."""
+"""The Mooncake transfer engine as the transport uses it: loading it (an optional extra),
+starting an end's own engine, and the ledger of source memory the sender ends that
+share one engine registered."""
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import os
 import threading
@@ -11,7 +13,7 @@ from typing import Any, ClassVar, Final
 
 import torch
 
-from resumekit.errors import TransportUnavailableError
+from resumekit.errors import TransportError, TransportUnavailableError
 
 INSTALL_HINT: Final = (
     "pip install 'resumekit[mooncake]' (the transfer engine and pyzmq), and the system "
@@ -36,6 +38,26 @@ def load_mooncake() -> tuple[Any, Any]:
             f"the Mooncake transfer engine cannot be loaded ({error}): {INSTALL_HINT}"
         ) from None
     return engine.TransferEngine, zmq
+
+
+# Every engine an end started, for the life of the process. Tearing a TransferEngine
+# down joins its handshake thread with the GIL held, for up to a second, stalling every
+# thread: freed with its end, it would stall whichever event loop the garbage collector
+# happened to run in. Kept, it costs two threads, five descriptors and a port, and
+# refuses any write (its end unregistered everything). The list is never freed, not
+# even at exit, where freeing it would tear the engines down one by one.
+_OWN_ENGINES: Final[list[Any]] = []
+ctypes.pythonapi.Py_IncRef(ctypes.py_object(_OWN_ENGINES))
+
+
+def start_engine(transfer_engine: Any, hostname: str, protocol: str) -> tuple[Any, str]:
+    """A new engine on ``hostname`` over ``protocol``, kept for the life of the process,
+    and its session (``host:rpc_port``)."""
+    engine = transfer_engine()
+    _OWN_ENGINES.append(engine)  # before initialize: a failed one is torn down the same
+    if engine.initialize(hostname, "P2PHANDSHAKE", protocol, "") != 0:
+        raise TransportError(f"the transfer engine did not start on {hostname}")
+    return engine, f"{hostname}:{engine.get_rpc_port()}"
 
 
 _User = tuple[int, Hashable, int]  # (the sender end's id, rid, incarnation)
