@@ -106,7 +106,7 @@ def explore(
     if max_states is not None:
         max_states = as_int(max_states, "max_states", minimum=1)
     harness = Harness(bounds, strategy)
-    seeds = list(harness.initial_totals())
+    seeds = partitions(bounds, strategy)
     start = time.perf_counter()
     if workers is None:
         workers = min(len(seeds), os.cpu_count() or 1)
@@ -119,7 +119,7 @@ def explore(
     if late():
         capped = True
     elif first_only or workers <= 1 or len(seeds) == 1:
-        for totals in seeds:
+        for totals in sorted(seeds):  # smallest first: the first finding comes soonest
             if late():
                 capped = True
                 break
@@ -130,8 +130,6 @@ def explore(
                 break
     else:
         with fork_pool(workers) as pool:
-            # Largest partitions first (larger totals, more rounds), to balance the workers.
-            seeds.sort(key=lambda s: sorted(s, reverse=True), reverse=True)
             jobs = [(bounds, strategy, s, max_states) for s in seeds]
             for part in pool.imap_unordered(_job, jobs):
                 parts.append(part)
@@ -141,24 +139,61 @@ def explore(
                     capped = True
                     pool.terminate()
                     break
+    return combine(bounds, strategy, parts, partitions=len(seeds), capped=capped, start=start)
+
+
+def partitions(bounds: Bounds, strategy: Strategy) -> list[tuple[int, ...]]:
+    """The requests' totals of each partition of the state space, largest first.
+
+    The totals never change, so the space splits exactly by them; larger totals
+    take more rounds and have more states, so this order balances a pool of workers.
+    """
+    seeds = list(Harness(bounds, strategy).initial_totals())
+    seeds.sort(key=lambda s: sorted(s, reverse=True), reverse=True)
+    return seeds
+
+
+def explore_partition(
+    bounds: Bounds, strategy: Strategy, totals: tuple[int, ...], max_states: int | None = None
+) -> Exploration:
+    """One partition of :func:`explore`: every state reachable from the world with ``totals``."""
+    return _explore_from(Harness(bounds, strategy), totals, max_states, None)
+
+
+def combine(
+    bounds: Bounds,
+    strategy: Strategy,
+    parts: list[Exploration],
+    *,
+    partitions: int,
+    capped: bool = False,
+    start: float | None = None,
+) -> Exploration:
+    """One exploration out of the partitions explored of ``partitions``: counts summed,
+    the shortest counterexample, complete only when all ran and none found anything.
+
+    ``seconds`` is the wall time since ``start``, or (``None``) the partitions' own times summed.
+    """
     result = Exploration(strategy.name, bounds)
     result.capped = capped
     result.states = sum(p.states for p in parts)
     result.transitions = sum(p.transitions for p in parts)
     result.done_states = sum(p.done_states for p in parts)
-    result.seconds = time.perf_counter() - start
+    if start is not None:
+        result.seconds = time.perf_counter() - start
+    else:
+        result.seconds = sum(p.seconds for p in parts)
     found = [p.violation for p in parts if p.violation is not None]
     if found:
         result.violation = min(found, key=lambda v: (len(v.actions), v.totals))
     result.complete = (
-        not found and not capped and len(parts) == len(seeds) and all(p.complete for p in parts)
+        not found and not capped and len(parts) == partitions and all(p.complete for p in parts)
     )
     return result
 
 
 def _job(args: tuple[Bounds, Strategy, tuple[int, ...], int | None]) -> Exploration:
-    bounds, strategy, totals, max_states = args
-    return _explore_from(Harness(bounds, strategy), totals, max_states, None)
+    return explore_partition(*args)
 
 
 def _explore_from(
@@ -402,6 +437,9 @@ __all__ = [
     "Counterexample",
     "Exploration",
     "ReplayDiverged",
+    "combine",
     "explore",
+    "explore_partition",
+    "partitions",
     "replay",
 ]

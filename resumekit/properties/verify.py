@@ -10,21 +10,30 @@ optional seconds cap only ever makes a run INCONCLUSIVE, never PASS or FAIL.
 The fuzzer does not shrink what it finds against a broken design (that it finds
 one is the verdict; shrinking took about 80% of their fuzzing): the explorer's
 counterexample of each is already the shortest. A finding against ``epoch`` is shrunk.
+Every partition of every exploration and every fuzz run is one job of one process
+pool, the longest first, so no CPU idles while another ends an exploration.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from resumekit._check import as_cap_seconds, as_int, check_bool, check_callback
 from resumekit.errors import InvalidArgumentError
-from resumekit.properties.bounds import bounds_sets, describe
-from resumekit.properties.explorer import Exploration, explore
+from resumekit.properties.bounds import Bounds, bounds_sets, describe
+from resumekit.properties.explorer import (
+    Exploration,
+    combine,
+    explore,
+    explore_partition,
+    partitions,
+)
 from resumekit.properties.forking import fork_pool
 from resumekit.properties.fuzz import DEFAULT_DATABASE, FuzzResult, fuzz, writable_database
 from resumekit.properties.strategies import BROKEN, strategy
@@ -144,37 +153,125 @@ def verify(
         if progress is not None:
             progress(text)
 
-    # The fuzzer runs in a process of its own while the explorer runs: it fills the
-    # CPU the explorer's partitions leave idle. Both are budgeted in work, not time.
+    # Every partition of every exploration and every fuzz run is one job of one pool,
+    # the longest first, so no worker idles while another finishes an exploration's
+    # last partition. Budgets are work, not time, so the results are the same
+    # whatever order the jobs end in; only a deadline depends on time.
     names = (*BROKEN, EPOCH)
-    jobs = [
-        (name, examples if name == EPOCH else broken_examples, seed, cap_seconds, database)
-        for name in names
+    report.strategies = [StrategyReport(name) for name in names]
+    planned = _plan(report, quick)
+    jobs: list[_Job] = [
+        ("fuzz", i, (name, examples if name == EPOCH else broken_examples, seed, cap_seconds, db))
+        for i, name in enumerate(names)
+        for db in (database,)
     ]
-    with fork_pool(1) as pool:
-        fuzzing = pool.map_async(_fuzz_job, jobs)
-        for name in names:
-            entry = StrategyReport(name)
-            report.strategies.append(entry)
-            sets = bounds_sets(quick) if name == EPOCH else [bounds_sets(quick)[0]]
-            for set_name, bounds in sets:
-                if quick and entry.violation is not None:
-                    break  # a finding is all a mutation run needs
-                for order in ORDERS[:1] if quick and set_name != "quick" else ORDERS:
-                    say(f"explore {name}: {set_name} bounds, {order} reuse")
-                    run = explore(
-                        replace(bounds, reuse=order),
-                        strategy(name),
-                        workers=workers,
-                        first_only=name != EPOCH,
-                        deadline=deadline,
-                    )
-                    entry.explorations.append((f"{set_name} ({order})", run))
-        say("fuzz every strategy")
-        for entry, fuzzed in zip(report.strategies, fuzzing.get(), strict=True):
-            entry.fuzzed = fuzzed
+    jobs += [
+        ("explore", i, (p.entry.name, p.bounds, totals, deadline))
+        for i, p in enumerate(planned)
+        for totals in p.seeds
+    ]
+    jobs.sort(key=_cost, reverse=True)
+    fuzzed: dict[int, FuzzResult] = {}
+    stop_rank: int | None = None  # quick: the first bounds set epoch failed in
+
+    def needed(p: _Planned) -> bool:
+        return stop_rank is None or p.entry.name != EPOCH or p.rank <= stop_rank
+
+    with fork_pool(workers or os.cpu_count() or 1) as pool:
+        for _kind, i, result in pool.imap_unordered(_run, jobs):
+            if isinstance(result, FuzzResult):
+                fuzzed[i] = result
+            elif isinstance(result, Exploration):
+                p = planned[i]
+                p.parts.append(result)
+                if p.done:
+                    say(f"explored {p.entry.name}: {p.label}")
+                if quick and p.entry.name == EPOCH and result.violation is not None:
+                    # A finding is all a mutation run needs: the sets after this one go,
+                    # those before it finish, so the report is the same in any job order.
+                    stop_rank = p.rank if stop_rank is None else min(stop_rank, p.rank)
+            if len(fuzzed) == len(names) and all(p.done for p in planned if needed(p)):
+                pool.terminate()  # only jobs nobody needs are left
+                break
+    say("fuzz every strategy")
+    for p in planned:
+        if needed(p):
+            p.entry.explorations.append((p.label, p.result()))
+    for i, entry in enumerate(report.strategies):
+        entry.fuzzed = fuzzed[i]
     report.seconds = time.perf_counter() - start
     return report
+
+
+@dataclass
+class _Planned:
+    """One exploration ``verify`` runs: its partitions' totals, and those explored so far."""
+
+    entry: StrategyReport
+    label: str
+    bounds: Bounds
+    rank: int  # the bounds set's place in bounds_sets()
+    seeds: list[tuple[int, ...]]  # partitions; ``[()]``: one job explores all, first only
+    parts: list[Exploration] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return len(self.parts) == len(self.seeds)
+
+    def result(self) -> Exploration:
+        if self.seeds == [()]:
+            return self.parts[0]
+        run = combine(self.bounds, strategy(EPOCH), self.parts, partitions=len(self.seeds))
+        run.capped = any(part.capped for part in self.parts)
+        run.complete = run.complete and not run.capped
+        return run
+
+
+def _plan(report: VerifyReport, quick: bool) -> list[_Planned]:
+    """Every exploration of every strategy, in the order the report lists them."""
+    planned = []
+    for entry in report.strategies:
+        sets = bounds_sets(quick) if entry.name == EPOCH else [bounds_sets(quick)[0]]
+        for rank, (set_name, bounds) in enumerate(sets):
+            for order in ORDERS[:1] if quick and set_name != "quick" else ORDERS:
+                b = replace(bounds, reuse=order)
+                seeds: list[tuple[int, ...]] = [()]  # a broken design: first only, one job
+                if entry.name == EPOCH:
+                    seeds = partitions(b, strategy(EPOCH))
+                planned.append(_Planned(entry, f"{set_name} ({order})", b, rank, seeds))
+    return planned
+
+
+_Job = tuple[str, int, tuple[Any, ...]]
+
+
+def _cost(job: _Job) -> tuple[int, int, int]:
+    """A guess at how long a job takes, for longest first: epoch's fuzz, then the
+    partitions by their bounds and totals, then the broken designs (cheap)."""
+    kind, _, args = job
+    if kind == "fuzz":
+        return (2 if args[0] == EPOCH else 0, 0, args[1])
+    bounds, totals = args[1], args[2]
+    if not totals:
+        return (0, 1, 0)
+    return (1, bounds.blocks * bounds.max_rounds, sum(totals))
+
+
+def _run(job: _Job) -> tuple[str, int, FuzzResult | Exploration]:
+    """One job, in a worker: a fuzz run, a partition of epoch, or a broken design's
+    first-only exploration; one whose turn comes after the deadline is capped, not run."""
+    kind, i, args = job
+    if kind == "fuzz":
+        return kind, i, _fuzz_job(args)
+    name, bounds, totals, deadline = args
+    if deadline is not None and time.perf_counter() >= deadline:
+        late = Exploration(name, bounds)
+        late.capped = True
+        return kind, i, late
+    if not totals:
+        run = explore(bounds, strategy(name), workers=1, first_only=True, deadline=deadline)
+        return kind, i, run
+    return kind, i, explore_partition(bounds, strategy(name), totals)
 
 
 def _fuzz_job(job: tuple[str, int, int, float | None, str | Path | None]) -> FuzzResult:
