@@ -101,6 +101,19 @@ def test_an_admission_passes_a_waiting_bulk_resume_then_it_goes_first() -> None:
     assert order[:4] == [("big", 0), ("a", 0), ("big", 1), ("b", 0)], order
 
 
+def test_a_bulk_resume_is_passed_over_at_most_max_passed_over_times() -> None:
+    policy = SchedulingPolicy(max_rounds_in_flight=1, bulk_tokens=8, max_passed_over=2)
+    pair = _pair(policy)
+    pair.add("big", 20)
+    while not _posts(pair) or _posts(pair)[-1][:2] != ("big", 0):
+        pair.step()
+    for rid in ("a", "b", "c"):
+        pair.add(rid, 2)
+    _run_all(pair)
+    order = [(rid, epoch) for rid, epoch, _ in _posts(pair)]
+    assert order[:5] == [("big", 0), ("a", 0), ("b", 0), ("big", 1), ("c", 0)], order
+
+
 def test_normal_resumes_go_before_admissions_and_bulk_after_them() -> None:
     policy = SchedulingPolicy(max_rounds_in_flight=1, bulk_tokens=8, max_passed_over=5)
     pair = _pair(policy)
@@ -154,3 +167,34 @@ def test_the_receiver_refuses_what_is_not_a_policy() -> None:
 def test_the_policy_is_resolved_for_the_pool() -> None:
     pair = _pair(SchedulingPolicy())
     assert pair.receiver.policy == SchedulingPolicy(None, 16, 2, 32)
+
+
+def test_no_resume_waits_while_blocks_it_may_take_are_free() -> None:
+    """Work conservation: after a step, a resume waits with blocks free only behind a
+    full window or an admission waiting for a default round."""
+    waited = 0
+    for seed in range(40):
+        rng = random.Random(seed)
+        policy = SchedulingPolicy(
+            max_rounds_in_flight=rng.choice([None, 2, 3]),
+            bulk_tokens=rng.choice([None, 4]),
+            bulk_round_tokens=rng.choice([None, 1, 2]),
+            max_passed_over=rng.randint(0, 3),
+        )
+        pair = _pair(policy if seed % 4 else None, blocks=rng.randint(4, 6), default=2)
+        for i in range(8):
+            pair.add(i, rng.randint(1, 30), seed=i)
+        resolved = pair.receiver.policy
+        window = None if resolved is None else resolved.max_rounds_in_flight
+        for _ in range(20_000):
+            if not pair.live():
+                break
+            pair.step()
+            snap = pair.receiver.snapshot()
+            free = pair.receiver.allocator.num_free_blocks
+            waited += bool(snap.resumes)
+            if snap.resumes and free:
+                full = window is not None and _in_flight(pair) >= window
+                assert full or snap.admissions, (seed, free, snap.resumes, snap.admissions)
+        assert not pair.live(), seed
+    assert waited > 100  # resumes did wait: the rule was put to the test

@@ -802,6 +802,17 @@ def test_tombstones_are_bounded_oldest_first() -> None:
     assert sender.add("y", random_source(4, 8))  # one tombstone each
 
 
+def test_tombstones_keep_max_tombstones_lives_of_one_id() -> None:
+    p = Loopback(pool_blocks=64, block_size=BS, hidden=8)
+    sender = EmbeddingSender(p.transport, max_tombstones=2)
+    for inc in (1, 2):
+        p.transport.cancel("x", -1, incarnation=inc)  # two lives ended before their sources
+    sender.step()
+    assert not sender.add("x", random_source(4, 8))  # the first life's: dropped
+    assert not sender.add("x", random_source(4, 8))  # the second's: dropped
+    assert sender.add("x", random_source(4, 8))
+
+
 def test_malformed_posts_that_name_no_round_are_only_counted() -> None:
     p = pair()
     garbled: object = "0"

@@ -145,6 +145,13 @@ def test_the_sizer_remembers_a_bounded_number_of_hints_dropping_the_stalest() ->
     assert len(many.snapshot().sizes) == 1024
 
 
+def test_a_sizer_may_remember_a_single_hint() -> None:
+    s = sizer(min_samples=1, refresh=1, max_hints=1)
+    s.observe("a", 20_000)
+    s.observe("b", 20_000)
+    assert {h for h, _ in s.snapshot().sizes} == {"b"}
+
+
 @pytest.mark.parametrize("bad", [0, -1, 2**21, True, 1.5])
 def test_max_hints_is_checked(bad: object) -> None:
     with pytest.raises(InvalidArgumentError, match="max_hints"):
