@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from resumekit import BlockAllocator, InvalidArgumentError
-from resumekit.allocator import AllocatorSnapshot
+from resumekit import BlockAllocator, InvalidArgumentError, TransferState
+from resumekit.allocator import AllocatorSnapshot, EmbeddingTensors
 from resumekit.protocol import ReceiverSnapshot, SenderSnapshot
 from resumekit.protocol.receiver import RecordState
 from resumekit.transports.inprocess import Loopback
@@ -51,6 +51,30 @@ def test_a_restored_pair_finishes_as_the_original_does() -> None:
     p.transport.in_flight, p.transport.posts = list(in_flight), type(p.transport.posts)(posts)
     assert p.receiver.snapshot() is r and p.sender.snapshot() is s  # the very state
     assert finish() == first
+
+
+def test_a_restored_request_keeps_its_size_hint_for_the_auto_sizer() -> None:
+    p = Loopback(pool_blocks=8, block_size=4, hidden=2, default_allocate="auto")
+    p.receiver.add("v", size_hint="video")
+    p.sources["v"] = EmbeddingTensors.random(20, 2, seed=1)
+    p.sender.add("v", p.sources["v"])
+    p.step()
+    r, s, a = p.receiver.snapshot(), p.sender.snapshot(), p.allocator.snapshot()
+    in_flight, posts = list(p.transport.in_flight), list(p.transport.posts)
+
+    def finish() -> object:
+        p.run(200)
+        assert p.receiver.take("v").state is TransferState.Success
+        assert p.receiver.sizer is not None
+        return p.receiver.sizer.snapshot()
+
+    first = finish()
+    assert [h for h, _ in first.sizes] == ["video"]  # type: ignore[attr-defined]
+    p.allocator.restore(a)
+    p.receiver.restore(r)
+    p.sender.restore(s)
+    p.transport.in_flight, p.transport.posts = list(in_flight), type(p.transport.posts)(posts)
+    assert finish() == first  # learned under its hint again, not under None
 
 
 def test_a_snapshot_is_a_value_and_changes_with_every_change() -> None:
