@@ -1022,6 +1022,10 @@ def test_the_messages_name_the_argument_exactly(world: World) -> None:
         ),
         (lambda: world.allocator.allocate_up_to(4, []), "owner must be hashable, not list"),  # type: ignore[arg-type]
         (lambda: world.allocator.allocate_up_to(10**4, []), "owner must be hashable, not list"),  # type: ignore[arg-type]
+        (  # more than is free: refused for the owner before it returns None
+            lambda: world.allocator.allocate_up_to(128, [], 128),  # type: ignore[arg-type]
+            "owner must be hashable, not list",
+        ),
         (
             lambda: ResumableReceiver(None, world.transport),  # type: ignore[arg-type]
             "buffers must be a BlockBuffers; NoneType has no new_output, read_into, read_aux",
