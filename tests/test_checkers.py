@@ -7,6 +7,7 @@ import ast
 import importlib
 import inspect
 import re
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,7 +28,13 @@ from resumekit.properties.bounds import (
     describe,
     with_faults,
 )
-from resumekit.properties.explorer import ReplayDiverged, explore, replay
+from resumekit.properties.explorer import (
+    ReplayDiverged,
+    explore,
+    explore_partition,
+    partitions,
+    replay,
+)
 from resumekit.properties.model import Harness
 from resumekit.properties.strategies import STRATEGIES, strategy
 from resumekit.properties.verify import VerifyReport, format_report
@@ -216,3 +223,16 @@ def test_the_key_names_a_status_incarnation_by_its_life(name: str, states: int) 
     run = explore(replace(ADVERSARY_BOUNDS[name], reuse="lifo"), strategy("epoch"), workers=1)
     assert run.complete and run.violation is None
     assert run.states == states
+
+
+def test_a_partition_past_its_deadline_stops_capped_not_complete() -> None:
+    # verify runs partitions as pool jobs: one begun before its cap must still stop at
+    # it (it ran to its end, and `verify --budget 1` took 23 s instead of about 6).
+    bounds = bounds_sets(False)[0][1]
+    totals = partitions(bounds, strategy("epoch"))[0]
+    run = explore_partition(bounds, strategy("epoch"), totals, deadline=time.perf_counter())
+    assert run.capped and not run.complete and run.violation is None
+    assert run.states < 4096 + 64  # stopped at the first look, not at the end
+    small = replace(bounds, blocks=2, max_rounds=1)
+    whole = explore_partition(small, strategy("epoch"), partitions(small, strategy("epoch"))[0])
+    assert whole.complete and not whole.capped and whole.states > 1

@@ -154,10 +154,15 @@ def partitions(bounds: Bounds, strategy: Strategy) -> list[tuple[int, ...]]:
 
 
 def explore_partition(
-    bounds: Bounds, strategy: Strategy, totals: tuple[int, ...], max_states: int | None = None
+    bounds: Bounds,
+    strategy: Strategy,
+    totals: tuple[int, ...],
+    max_states: int | None = None,
+    deadline: float | None = None,
 ) -> Exploration:
-    """One partition of :func:`explore`: every state reachable from the world with ``totals``."""
-    return _explore_from(Harness(bounds, strategy), totals, max_states, None)
+    """One partition of :func:`explore`: every state reachable from the world with ``totals``;
+    capped (and incomplete) once ``time.perf_counter()`` passes ``deadline``."""
+    return _explore_from(Harness(bounds, strategy), totals, max_states, None, deadline)
 
 
 def combine(
@@ -201,6 +206,7 @@ def _explore_from(
     totals: tuple[int, ...],
     max_states: int | None,
     progress: Callable[[int], None] | None,
+    deadline: float | None = None,
 ) -> Exploration:
     """Breadth-first search from the world with these totals; stops at the first violation."""
     # States are small acyclic values: no cycles for the collector to find, only many
@@ -208,7 +214,7 @@ def _explore_from(
     collecting = gc.isenabled()
     gc.disable()
     try:
-        return _bfs(harness, totals, max_states, progress)
+        return _bfs(harness, totals, max_states, progress, deadline)
     finally:
         if collecting:
             gc.enable()
@@ -301,6 +307,7 @@ def _bfs(
     totals: tuple[int, ...],
     max_states: int | None,
     progress: Callable[[int], None] | None,
+    deadline: float | None = None,
 ) -> Exploration:
     result = Exploration(harness.strategy.name, harness.bounds)
     start = time.perf_counter()
@@ -351,8 +358,9 @@ def _bfs(
             src.append(i)
             dst.append(j)
             patient.append(action[0] != "unsqueeze" or excess)
-        if progress is not None and i % 4096 == 0:
-            progress(len(graph.via))
+        if i % 4096 == 0 and _checkpoint(progress, deadline, len(graph.via)):
+            result.capped = True  # a seconds cap: never a verdict
+            return _finish(result, graph, start)
         if max_states is not None and len(graph.via) >= max_states:
             return _finish(result, graph, start)
     result.done_states = len(done)
@@ -424,6 +432,15 @@ def _unable_to_finish(graph: _Graph, done: list[int]) -> int | None:
         if patient[e]:
             has_exit[i] = 1
     return next((i for i in range(stuck, n) if not reaches[i] and not has_exit[i]), stuck)
+
+
+def _checkpoint(
+    progress: Callable[[int], None] | None, deadline: float | None, states: int
+) -> bool:
+    """Report ``states`` explored; whether the seconds cap has passed."""
+    if progress is not None:
+        progress(states)
+    return deadline is not None and time.perf_counter() >= deadline
 
 
 def _finish(result: Exploration, graph: _Graph, start: float) -> Exploration:

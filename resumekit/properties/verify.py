@@ -271,7 +271,7 @@ def _run(job: _Job) -> tuple[str, int, FuzzResult | Exploration]:
     if not totals:
         run = explore(bounds, strategy(name), workers=1, first_only=True, deadline=deadline)
         return kind, i, run
-    return kind, i, explore_partition(bounds, strategy(name), totals)
+    return kind, i, explore_partition(bounds, strategy(name), totals, deadline=deadline)
 
 
 def _fuzz_job(job: tuple[str, int, int, float | None, str | Path | None]) -> FuzzResult:
