@@ -6,11 +6,17 @@ shipped objects take of themselves), with two symmetry reductions, sound because
 the protocol compares generations and block numbers only for identity: live
 allocations are named by age and their blocks by position (the ledger proved each
 post names its allocation's blocks), and a freed block's stale content is left out,
+and so is what a live allocation's blocks held before the sender wrote its round,
 because a read of a round the sender has not written is itself a violation (the
 ledger's ``written`` check). Only a design that remembers block numbers
 (``seed-index``) needs the blocks of dead allocations renamed. Incarnations are
 named by the life of their id they belong to: the code compares them only for
 equality and order within one id.
+
+Requests of equal totals are interchangeable (:func:`renamed`): the code compares
+request ids only for equality and keeps them in the order events brought them, so a
+state with two such requests swapped has the mirrored futures. The explorer names
+them in the order the receiver holds their records, one key for both mirrors.
 """
 
 from __future__ import annotations
@@ -19,15 +25,18 @@ from collections.abc import Hashable
 from operator import itemgetter
 from typing import Any
 
-from resumekit.properties.world import WorldState
+from resumekit.properties.world import MROPE_BASE, WorldState
 from resumekit.protocol import messages as msg
 from resumekit.protocol.declaration import TransferState
 
 S = TransferState
 
 
-def key(s: WorldState, remembers_blocks: bool = False) -> tuple[Any, ...]:
-    """A hashable abstraction of ``s``: see the module docstring."""
+def key(s: WorldState, remembers_blocks: bool = False, reduced: bool = True) -> tuple[Any, ...]:
+    """A hashable abstraction of ``s``: see the module docstring. ``reduced`` (off: the key
+    of before issue 23) leaves out what unwritten rounds' blocks hold and keys the
+    sender's ids in order, not in the order it met them (nothing it does depends on
+    that order), so that :func:`renamed` mirrors meet."""
     alloc = s.allocator
     live = alloc.live
     rank: dict[int, Any] = {id(a): i for i, a in enumerate(live)}
@@ -84,15 +93,14 @@ def key(s: WorldState, remembers_blocks: bool = False) -> tuple[Any, ...]:
     cells, aux = s.cells, s.aux
     bs = len(cells) // len(aux)
     slots = range(bs)
-    allocations = tuple(
-        (
-            a.owner,
-            tuple([cells[b * bs + i] for b in a.blocks for i in slots]),
-            rounds.get(a.generation),
-            *aux[a.blocks[0]][:3],
-        )
-        for a in live
-    )
+    allocations: list[tuple[Any, ...]] = []
+    for a in live:
+        entry = rounds.get(a.generation)
+        if reduced and (entry is None or not entry[3]):  # unwritten: stale, never read
+            allocations.append((a.owner, None, entry, None, None, None))
+            continue
+        content = tuple([cells[b * bs + i] for b in a.blocks for i in slots])
+        allocations.append((a.owner, content, entry, *aux[a.blocks[0]][:3]))
     posts, statuses, events, _, _, sender_alive, _, restarting, loss_seen = s.transport[:9]
     return (
         s.added,
@@ -103,14 +111,14 @@ def key(s: WorldState, remembers_blocks: bool = False) -> tuple[Any, ...]:
         tuple([rank.get(id(a), "dead") for a in s.pressure]),
         s.grab_armed,
         len(alloc.free),
-        allocations,
+        tuple(allocations),
         tuple(live_records),
         tuple(finished),
         tuple([r.rid for r in rs.admissions]),
         tuple([r.rid for r in rs.resumes]),
         tuple([(k[0], lives.get(k[1]), k[2], rank.get(id(a), "dead")) for k, a in rs.quarantine]),
         rs.peer_lost,
-        _sender_key(s, rank, lives) if sender_alive or restarting or loss_seen else None,
+        _sender_key(s, rank, lives, reduced) if sender_alive or restarting or loss_seen else None,
         tuple([_post_key(p, rank, lives) for p in posts]),
         tuple(sorted([_status_key(st, lives) for st in statuses])) if statuses else (),
         events,
@@ -122,39 +130,181 @@ def key(s: WorldState, remembers_blocks: bool = False) -> tuple[Any, ...]:
     )
 
 
-def _sender_key(s: WorldState, rank: dict[int, Any], lives: dict[int, int]) -> object:
+def request_permutation(s: WorldState) -> tuple[int, ...] | None:
+    """The new name of each request, for requests of equal totals named in the order the
+    receiver holds their live records (then the rest in index order); ``None`` for no change.
+
+    Any choice is sound (a renamed state has the mirrored futures); this one names both
+    mirrors of a state alike, so the explorer keeps one of them.
+    """
+    totals = s.totals
+    n = len(totals)
+    if n < 2 or len(set(totals)) == n or s.memos:  # a design's memory is not renamed
+        return None
+    order: list[int] = []
+    for rec in s.receiver.records:  # live ones: the key keeps their order, not the finished'
+        rid = rec.rid
+        live = rec.state is not S.Failed and rec.state is not S.Success
+        if live and type(rid) is int and 0 <= rid < n and rid not in order:
+            order.append(rid)
+    if not order or order == list(range(len(order))):
+        return None
+    order += [r for r in range(n) if r not in order]
+    free: dict[int, list[int]] = {}
+    for r in range(n - 1, -1, -1):
+        free.setdefault(totals[r], []).append(r)  # each total's indices, smallest last
+    perm = [0] * n
+    for r in order:
+        perm[r] = free[totals[r]].pop()
+    return None if perm == list(range(n)) else tuple(perm)
+
+
+def renamed(k: tuple[Any, ...], perm: tuple[int, ...]) -> tuple[Any, ...]:
+    """The key ``k`` of a state, of the state with request ``r`` renamed ``perm[r]``.
+
+    Ids, the labels of lives (``r + n * (life - 1)``), the mRoPE deltas that announce
+    them (:data:`~resumekit.properties.model.MROPE_BASE` ``+ label``) and the tokens
+    ``(label, position)`` are renamed; per-request tuples are permuted, sorted parts re-sorted.
+    """
+    n = len(perm)
+    lives = len(k[2]) and max(k[2])
+
+    def rid(r: Any) -> Any:
+        return perm[r] if type(r) is int and 0 <= r < n else r
+
+    def label(x: Any) -> Any:
+        return perm[x % n] + x - x % n if type(x) is int and 0 <= x < n * lives else x
+
+    def mrope(m: Any) -> Any:
+        return MROPE_BASE + label(m - MROPE_BASE) if type(m) is int else m
+
+    def cells(cs: Any) -> Any:
+        if type(cs) is not tuple:
+            return cs
+        return tuple([c if c is None else (label(c[0]), *c[1:]) for c in cs])
+
+    def per_request(values: tuple[Any, ...]) -> tuple[Any, ...]:
+        out = list(values)
+        for r, v in enumerate(values):
+            out[perm[r]] = v
+        return tuple(out)
+
+    def post(p: tuple[Any, ...]) -> tuple[Any, ...]:
+        if p[0] == "cancel":
+            return (p[0], rid(p[1]), *p[2:])
+        return (rid(p[0]), *p[1:])
+
+    (added, encoded, lives_, budget, hurt, pressure, grab, free, allocations, live, finished,
+     admissions, resumes, quarantine, peer_lost, sender, posts, statuses, *rest) = k  # fmt: skip
+    allocations = tuple(
+        [
+            (
+                rid(a[0]),
+                cells(a[1]),
+                a[2] if a[2] is None else (label(a[2][0]), *a[2][1:]),
+                a[3],
+                mrope(a[4]),
+                *a[5:],
+            )
+            for a in allocations
+        ]
+    )
+    live = tuple([(rid(r[0]), *r[1:6], mrope(r[6]), r[7], cells(r[8]), *r[9:]) for r in live])
+    finished = tuple(
+        sorted(
+            [
+                (rid(f[0]), *f[1:3], cells(f[3]), f[4], mrope(f[5]))
+                if f[2]  # a success: its output's tokens
+                else (rid(f[0]), *f[1:])
+                for f in finished
+            ],
+            key=itemgetter(0),
+        )
+    )
+    if sender is not None:
+        sources, parked, cancelled, ended = sender
+        sender = (
+            _by_id(
+                tuple(
+                    [
+                        (rid(r), tuple([(label(x[0]), *x[1:5], mrope(x[5])) for x in xs]))
+                        for r, xs in sources
+                    ]
+                )
+            ),
+            _by_id(tuple([(rid(r), tuple([post(p) for p in ps])) for r, ps in parked])),
+            tuple(sorted([(rid(r), c) for r, c in cancelled])),
+            tuple(sorted([(rid(r), e) for r, e in ended])),
+        )
+    return (
+        per_request(added),
+        per_request(encoded),
+        per_request(lives_),
+        budget,
+        per_request(hurt),
+        pressure,
+        grab,
+        free,
+        allocations,
+        live,
+        finished,
+        tuple([rid(r) for r in admissions]),
+        tuple([rid(r) for r in resumes]),
+        tuple([(rid(q[0]), *q[1:]) for q in quarantine]),
+        peer_lost,
+        sender,
+        tuple([post(p) for p in posts]),
+        tuple(sorted([(st[0], rid(st[1]), *st[2:]) if st[0] < 3 else st for st in statuses])),
+        *rest,
+    )
+
+
+def _sender_key(
+    s: WorldState, rank: dict[int, Any], lives: dict[int, int], reduced: bool
+) -> object:
     """What the sender holds (only while it lives: a sender dead for good hears nothing)."""
     snap = s.sender
-    return (
-        tuple(
-            [
-                (
-                    rid,
-                    tuple(
-                        [
-                            (
-                                src.data.label,  # type: ignore[attr-defined]
-                                lives.get(src.incarnation),  # type: ignore[arg-type]
-                                src.sent,
-                                src.next_epoch,
-                                src.total,
-                                src.mrope_delta,
-                            )
-                            for src in sources
-                        ]
-                    ),
-                )
-                for rid, sources in snap.lives
-            ]
-        ),
+    sources = tuple(
+        [
+            (
+                rid,
+                tuple(
+                    [
+                        (
+                            src.data.label,  # type: ignore[attr-defined]
+                            lives.get(src.incarnation),  # type: ignore[arg-type]
+                            src.sent,
+                            src.next_epoch,
+                            src.total,
+                            src.mrope_delta,
+                        )
+                        for src in sources
+                    ]
+                ),
+            )
+            for rid, sources in snap.lives
+        ]
+    )
+    parked = (
         tuple([(rid, tuple([_post_key(p, rank, lives) for p in ps])) for rid, ps in snap.parked])
         if snap.parked
-        else (),
+        else ()
+    )
+    if reduced:
+        sources, parked = _by_id(sources), _by_id(parked)
+    return (
+        sources,
+        parked,
         # Both keep recency order only to evict beyond max_tombstones: sorted. The explorer
         # adds every source unnamed, so only how many lives wait for theirs can matter.
         tuple(sorted([(rid, len(incs)) for rid, incs in snap.cancelled])),
         tuple(sorted([(rid, lives.get(inc, 0)) for rid, inc in snap.ended])),
     )
+
+
+def _by_id(parts: tuple[tuple[Any, Any], ...]) -> tuple[tuple[Any, Any], ...]:
+    """``(id, part)`` pairs in id order (the explorer's ids are ints)."""
+    return tuple(sorted(parts, key=itemgetter(0))) if len(parts) > 1 else parts
 
 
 def _post_key(p: msg.Post, rank: dict[int, Any], lives: dict[int, int]) -> tuple[object, ...]:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from resumekit._check import as_int, check_callback
+from resumekit._check import as_int, check_bool, check_callback
 from resumekit.errors import InvalidArgumentError, ResumeKitError
 from resumekit.properties.bounds import Bounds
 from resumekit.properties.forking import fork_pool
@@ -82,6 +82,7 @@ def explore(
     first_only: bool = False,
     deadline: float | None = None,
     progress: Callable[[int], None] | None = None,
+    reductions: bool = True,
 ) -> Exploration:
     """Explore every state reachable under ``bounds``; each partition stops at its first violation.
 
@@ -91,7 +92,9 @@ def explore(
     reported. ``first_only`` explores them one by one, smallest first, and stops
     at the first that has a violation (enough to show a design is broken).
     ``max_states`` caps each partition, ``deadline`` (a ``time.perf_counter()``
-    value) the whole run between partitions; a capped run is not complete.
+    value) the whole run between partitions; a capped run is not complete. ``reductions``
+    off keys states as before issue 23's (:class:`~resumekit.properties.model.Harness`):
+    the same verdicts, more states.
     """
     if not isinstance(bounds, Bounds):
         raise InvalidArgumentError(f"bounds must be a Bounds, not {type(bounds).__name__}")
@@ -103,9 +106,10 @@ def explore(
     if workers is not None:
         workers = as_int(workers, "workers", minimum=1)
     check_callback(progress, "progress")
+    check_bool(reductions, "reductions")
     if max_states is not None:
         max_states = as_int(max_states, "max_states", minimum=1)
-    harness = Harness(bounds, strategy)
+    harness = Harness(bounds, strategy, reductions=reductions)
     seeds = partitions(bounds, strategy)
     start = time.perf_counter()
     if workers is None:
@@ -130,7 +134,7 @@ def explore(
                 break
     else:
         with fork_pool(workers) as pool:
-            jobs = [(bounds, strategy, s, max_states) for s in seeds]
+            jobs = [(bounds, strategy, s, max_states, None, reductions) for s in seeds]
             for part in pool.imap_unordered(_job, jobs):
                 parts.append(part)
                 if progress is not None:
@@ -159,10 +163,12 @@ def explore_partition(
     totals: tuple[int, ...],
     max_states: int | None = None,
     deadline: float | None = None,
+    reductions: bool = True,
 ) -> Exploration:
     """One partition of :func:`explore`: every state reachable from the world with ``totals``;
     capped (and incomplete) once ``time.perf_counter()`` passes ``deadline``."""
-    return _explore_from(Harness(bounds, strategy), totals, max_states, None, deadline)
+    harness = Harness(bounds, strategy, reductions=reductions)
+    return _explore_from(harness, totals, max_states, None, deadline)
 
 
 def combine(
@@ -197,7 +203,9 @@ def combine(
     return result
 
 
-def _job(args: tuple[Bounds, Strategy, tuple[int, ...], int | None]) -> Exploration:
+def _job(
+    args: tuple[Bounds, Strategy, tuple[int, ...], int | None, float | None, bool],
+) -> Exploration:
     return explore_partition(*args)
 
 

@@ -14,10 +14,10 @@ the bounds. Every decision about rounds, blocks and failures is the shipped code
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterator
-from itertools import combinations_with_replacement
+from itertools import combinations_with_replacement, product
 from typing import Any, Final
 
-from resumekit.properties.abstraction import key, status_order
+from resumekit.properties.abstraction import key, renamed, request_permutation, status_order
 from resumekit.properties.bounds import (
     BUDGET_INDEX,
     FORGED,
@@ -44,6 +44,7 @@ from resumekit.properties.invariants import (
 from resumekit.properties.ledger import Ledger
 from resumekit.properties.strategies import Strategy
 from resumekit.properties.world import (
+    MROPE_BASE,
     PRESSURE,
     CellBuffers,
     CheckedAllocator,
@@ -58,7 +59,6 @@ from resumekit.protocol.receiver import ResumableReceiver
 from resumekit.protocol.sender import EmbeddingSender
 
 S = TransferState
-MROPE_BASE: Final = 1000  # life ``label`` announces mRoPE delta ``MROPE_BASE + label``
 DUP, ABORT, CRASHES, GRAB, SQUEEZE, FORGE, REUSE, RESTART, POISON = (
     BUDGET_INDEX[name]
     for name in (
@@ -71,19 +71,27 @@ DUP, ABORT, CRASHES, GRAB, SQUEEZE, FORGE, REUSE, RESTART, POISON = (
 class Harness:
     """Initial worlds, enabled actions and successors of the real protocol under ``bounds``."""
 
-    def __init__(self, bounds: Bounds, strategy: Strategy) -> None:
+    def __init__(self, bounds: Bounds, strategy: Strategy, *, reductions: bool = True) -> None:
+        """``reductions`` (off: the keys of before issue 23) renames requests of equal totals
+        (except where a batch is delivered in id order) and leaves unwritten rounds' bytes out."""
         self.bounds = bounds
         self.strategy = strategy
         self.remembers_blocks = strategy.remembers_blocks
+        self.reductions = reductions
+        self.symmetry = reductions and not bounds.batches
         self.sources: dict[tuple[int, int], TokenSource] = {}
 
     # -- initial states ----------------------------------------------------------------
 
     def initial_totals(self) -> Iterator[tuple[int, ...]]:
-        """Each multiset of totals once: requests are interchangeable (the request symmetry)."""
+        """Each multiset of totals once, where requests are interchangeable (the request
+        symmetry); every tuple of them where not (a batch is delivered in id order)."""
         b = self.bounds
         sizes = [k * b.block_size for k in range(1, b.max_rounds + 1)]
-        yield from combinations_with_replacement(sizes, b.requests)
+        if not b.batches:
+            yield from combinations_with_replacement(sizes, b.requests)
+        else:
+            yield from product(sizes, repeat=b.requests)
 
     def initial_world(self, totals: tuple[int, ...]) -> World:
         b = self.bounds
@@ -131,8 +139,14 @@ class Harness:
     # -- actions -----------------------------------------------------------------------
 
     def key(self, s: WorldState) -> tuple[Any, ...]:
-        """The abstraction of state ``s`` (:func:`~resumekit.properties.abstraction.key`)."""
-        return key(s, self.remembers_blocks)
+        """The abstraction of state ``s`` (:func:`~resumekit.properties.abstraction.key`), with
+        interchangeable requests renamed (:func:`~resumekit.properties.abstraction.renamed`)."""
+        k = key(s, self.remembers_blocks, self.reductions)
+        if self.symmetry:
+            perm = request_permutation(s)
+            if perm is not None:
+                return renamed(k, perm)
+        return k
 
     def actions(self, w: World, s: WorldState) -> list[tuple[Any, ...]]:
         """Every action enabled in ``w``, which holds state ``s``."""

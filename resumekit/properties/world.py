@@ -40,6 +40,7 @@ from resumekit.protocol.receiver import ReceiverSnapshot, ResumableReceiver
 from resumekit.protocol.sender import EmbeddingSender, SenderSnapshot
 
 PRESSURE: Final = "pressure"  # the owner of blocks another pool user holds
+MROPE_BASE: Final = 1000  # life ``label`` announces mRoPE delta ``MROPE_BASE + label``
 
 
 class Span(NamedTuple):
@@ -395,6 +396,7 @@ class World:
 
 
 __all__ = [
+    "MROPE_BASE",
     "PRESSURE",
     "CellBuffers",
     "CellOutput",
