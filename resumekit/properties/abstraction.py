@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from operator import itemgetter
-from typing import Any
+from typing import Any, Final
 
 from resumekit.properties.world import MROPE_BASE, WorldState
 from resumekit.protocol import messages as msg
@@ -139,7 +139,16 @@ def request_permutation(s: WorldState) -> tuple[int, ...] | None:
     """
     totals = s.totals
     n = len(totals)
-    if n < 2 or len(set(totals)) == n or s.memos:  # a design's memory is not renamed
+    if n < 2 or s.memos:  # a design's memory is not renamed
+        return None
+    if n == 2:  # the common case, in short: swapped when request 1's record leads
+        if totals[0] != totals[1]:
+            return None
+        for rec in s.receiver.records:
+            if rec.state is not S.Failed and rec.state is not S.Success:
+                return _SWAP if rec.rid == 1 else None
+        return None
+    if len(set(totals)) == n:
         return None
     order: list[int] = []
     for rec in s.receiver.records:  # live ones: the key keeps their order, not the finished'
@@ -159,6 +168,9 @@ def request_permutation(s: WorldState) -> tuple[int, ...] | None:
     return None if perm == list(range(n)) else tuple(perm)
 
 
+_SWAP: Final = (1, 0)
+
+
 def renamed(k: tuple[Any, ...], perm: tuple[int, ...]) -> tuple[Any, ...]:
     """The key ``k`` of a state, of the state with request ``r`` renamed ``perm[r]``.
 
@@ -167,21 +179,16 @@ def renamed(k: tuple[Any, ...], perm: tuple[int, ...]) -> tuple[Any, ...]:
     ``(label, position)`` are renamed; per-request tuples are permuted, sorted parts re-sorted.
     """
     n = len(perm)
-    lives = len(k[2]) and max(k[2])
-
-    def rid(r: Any) -> Any:
-        return perm[r] if type(r) is int and 0 <= r < n else r
-
-    def label(x: Any) -> Any:
-        return perm[x % n] + x - x % n if type(x) is int and 0 <= x < n * lives else x
-
-    def mrope(m: Any) -> Any:
-        return MROPE_BASE + label(m - MROPE_BASE) if type(m) is int else m
+    # Ids, labels and deltas are ints where the key holds them (never bools): looked up.
+    rid = {r: perm[r] for r in range(n)}.get
+    labels = {x: perm[x % n] + x - x % n for x in range(n * (len(k[2]) and max(k[2])))}
+    label = labels.get
+    mrope = {MROPE_BASE + x: MROPE_BASE + y for x, y in labels.items()}.get
 
     def cells(cs: Any) -> Any:
         if type(cs) is not tuple:
             return cs
-        return tuple([c if c is None else (label(c[0]), *c[1:]) for c in cs])
+        return tuple([c if c is None else (label(c[0], c[0]), *c[1:]) for c in cs])
 
     def per_request(values: tuple[Any, ...]) -> tuple[Any, ...]:
         out = list(values)
@@ -191,31 +198,33 @@ def renamed(k: tuple[Any, ...], perm: tuple[int, ...]) -> tuple[Any, ...]:
 
     def post(p: tuple[Any, ...]) -> tuple[Any, ...]:
         if p[0] == "cancel":
-            return (p[0], rid(p[1]), *p[2:])
-        return (rid(p[0]), *p[1:])
+            return (p[0], rid(p[1], p[1]), *p[2:])
+        return (rid(p[0], p[0]), *p[1:])
 
     (added, encoded, lives_, budget, hurt, pressure, grab, free, allocations, live, finished,
      admissions, resumes, quarantine, peer_lost, sender, posts, statuses, *rest) = k  # fmt: skip
     allocations = tuple(
         [
             (
-                rid(a[0]),
+                rid(a[0], a[0]),
                 cells(a[1]),
-                a[2] if a[2] is None else (label(a[2][0]), *a[2][1:]),
+                a[2] if a[2] is None else (label(a[2][0], a[2][0]), *a[2][1:]),
                 a[3],
-                mrope(a[4]),
+                mrope(a[4], a[4]),
                 *a[5:],
             )
             for a in allocations
         ]
     )
-    live = tuple([(rid(r[0]), *r[1:6], mrope(r[6]), r[7], cells(r[8]), *r[9:]) for r in live])
+    live = tuple(
+        [(rid(r[0], r[0]), *r[1:6], mrope(r[6], r[6]), r[7], cells(r[8]), *r[9:]) for r in live]
+    )
     finished = tuple(
         sorted(
             [
-                (rid(f[0]), *f[1:3], cells(f[3]), f[4], mrope(f[5]))
+                (rid(f[0], f[0]), *f[1:3], cells(f[3]), f[4], mrope(f[5], f[5]))
                 if f[2]  # a success: its output's tokens
-                else (rid(f[0]), *f[1:])
+                else (rid(f[0], f[0]), *f[1:])
                 for f in finished
             ],
             key=itemgetter(0),
@@ -227,14 +236,17 @@ def renamed(k: tuple[Any, ...], perm: tuple[int, ...]) -> tuple[Any, ...]:
             _by_id(
                 tuple(
                     [
-                        (rid(r), tuple([(label(x[0]), *x[1:5], mrope(x[5])) for x in xs]))
+                        (
+                            rid(r, r),
+                            tuple([(label(x[0], x[0]), *x[1:5], mrope(x[5], x[5])) for x in xs]),
+                        )
                         for r, xs in sources
                     ]
                 )
             ),
-            _by_id(tuple([(rid(r), tuple([post(p) for p in ps])) for r, ps in parked])),
-            tuple(sorted([(rid(r), c) for r, c in cancelled])),
-            tuple(sorted([(rid(r), e) for r, e in ended])),
+            _by_id(tuple([(rid(r, r), tuple([post(p) for p in ps])) for r, ps in parked])),
+            tuple(sorted([(rid(r, r), c) for r, c in cancelled])),
+            tuple(sorted([(rid(r, r), e) for r, e in ended])),
         )
     return (
         per_request(added),
@@ -248,13 +260,15 @@ def renamed(k: tuple[Any, ...], perm: tuple[int, ...]) -> tuple[Any, ...]:
         allocations,
         live,
         finished,
-        tuple([rid(r) for r in admissions]),
-        tuple([rid(r) for r in resumes]),
-        tuple([(rid(q[0]), *q[1:]) for q in quarantine]),
+        tuple([rid(r, r) for r in admissions]),
+        tuple([rid(r, r) for r in resumes]),
+        tuple([(rid(q[0], q[0]), *q[1:]) for q in quarantine]),
         peer_lost,
         sender,
         tuple([post(p) for p in posts]),
-        tuple(sorted([(st[0], rid(st[1]), *st[2:]) if st[0] < 3 else st for st in statuses])),
+        tuple(
+            sorted([(st[0], rid(st[1], st[1]), *st[2:]) if st[0] < 3 else st for st in statuses])
+        ),
         *rest,
     )
 
