@@ -21,13 +21,14 @@ them in the order the receiver holds their records, one key for both mirrors.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from operator import itemgetter
 from typing import Any, Final
 
 from resumekit.properties.world import MROPE_BASE, WorldState
 from resumekit.protocol import messages as msg
 from resumekit.protocol.declaration import TransferState
+from resumekit.protocol.receiver import ReceiverSnapshot
 
 S = TransferState
 
@@ -128,6 +129,16 @@ def key(s: WorldState, remembers_blocks: bool = False, reduced: bool = True) -> 
         # The last epoch consumed, for lives still running (a finished life's is inert).
         tuple([consumed.get(labels[r], -1) for r in running]),
     )
+
+
+def state_key(
+    s: WorldState, remembers_blocks: bool = False, reductions: bool = True
+) -> tuple[Any, ...]:
+    """The explorer's key of ``s``: :func:`key`, with interchangeable requests
+    :func:`renamed` (``reductions`` off: the key of before issue 23)."""
+    k = key(s, remembers_blocks, reductions)
+    perm = request_permutation(s) if reductions else None
+    return k if perm is None else renamed(k, perm)
 
 
 def request_permutation(s: WorldState) -> tuple[int, ...] | None:
@@ -354,6 +365,31 @@ def _status_key(st: msg.Status, lives: dict[int, int]) -> tuple[Any, ...]:
     inc = order[2] if len(order) > 2 else None
     if type(inc) is tuple and inc[0] == 0:  # an int incarnation (``_typed``): named by life
         return (*order[:2], (0, lives.get(inc[1], inc[1])), *order[3:])
+    return order
+
+
+def batch_order(snap: ReceiverSnapshot) -> Callable[[msg.Status], tuple[Any, ...]]:
+    """The order a batch is handed over in, never by id where an id's place matters (so the
+    mirror of a run is a run): live requests' statuses in the order of their records, then
+    those of quarantined rounds in the quarantine's order, then the rest (inert: they change
+    counters only), each request's by :func:`status_order`."""
+    live: dict[Hashable, int] = {}
+    for rec in snap.records:
+        if not rec.state.terminal:
+            live.setdefault(rec.rid, len(live))
+    held = {k: i for i, (k, _) in enumerate(snap.quarantine)}
+
+    def order(st: msg.Status) -> tuple[Any, ...]:
+        o = status_order(st)
+        if o[0] < 3:  # a round status: kind, id, then the rest
+            place = live.get(o[1])
+            if place is not None:
+                return (0, place, o[0], *o[2:])
+            round_ = (o[1], getattr(st, "incarnation", None), getattr(st, "epoch", None))
+            if round_ in held:
+                return (1, held[round_], o[0], *o[2:])
+        return (2, *o)
+
     return order
 
 

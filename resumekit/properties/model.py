@@ -14,10 +14,10 @@ the bounds. Every decision about rounds, blocks and failures is the shipped code
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterator
-from itertools import combinations_with_replacement, product
+from itertools import combinations_with_replacement
 from typing import Any, Final
 
-from resumekit.properties.abstraction import key, renamed, request_permutation, status_order
+from resumekit.properties.abstraction import batch_order, state_key, status_order
 from resumekit.properties.bounds import (
     BUDGET_INDEX,
     FORGED,
@@ -73,25 +73,20 @@ class Harness:
 
     def __init__(self, bounds: Bounds, strategy: Strategy, *, reductions: bool = True) -> None:
         """``reductions`` (off: the keys of before issue 23) renames requests of equal totals
-        (except where a batch is delivered in id order) and leaves unwritten rounds' bytes out."""
+        and leaves unwritten rounds' bytes out."""
         self.bounds = bounds
         self.strategy = strategy
         self.remembers_blocks = strategy.remembers_blocks
         self.reductions = reductions
-        self.symmetry = reductions and not bounds.batches
         self.sources: dict[tuple[int, int], TokenSource] = {}
 
     # -- initial states ----------------------------------------------------------------
 
     def initial_totals(self) -> Iterator[tuple[int, ...]]:
-        """Each multiset of totals once, where requests are interchangeable (the request
-        symmetry); every tuple of them where not (a batch is delivered in id order)."""
+        """Each multiset of totals once: requests are interchangeable (the request symmetry)."""
         b = self.bounds
         sizes = [k * b.block_size for k in range(1, b.max_rounds + 1)]
-        if not b.batches:
-            yield from combinations_with_replacement(sizes, b.requests)
-        else:
-            yield from product(sizes, repeat=b.requests)
+        yield from combinations_with_replacement(sizes, b.requests)
 
     def initial_world(self, totals: tuple[int, ...]) -> World:
         b = self.bounds
@@ -139,14 +134,8 @@ class Harness:
     # -- actions -----------------------------------------------------------------------
 
     def key(self, s: WorldState) -> tuple[Any, ...]:
-        """The abstraction of state ``s`` (:func:`~resumekit.properties.abstraction.key`), with
-        interchangeable requests renamed (:func:`~resumekit.properties.abstraction.renamed`)."""
-        k = key(s, self.remembers_blocks, self.reductions)
-        if self.symmetry:
-            perm = request_permutation(s)
-            if perm is not None:
-                return renamed(k, perm)
-        return k
+        """The abstraction of state ``s`` (:func:`~resumekit.properties.abstraction.state_key`)."""
+        return state_key(s, self.remembers_blocks, self.reductions)
 
     def actions(self, w: World, s: WorldState) -> list[tuple[Any, ...]]:
         """Every action enabled in ``w``, which holds state ``s``."""
@@ -233,7 +222,7 @@ class Harness:
 
     def _deliver_all(self, w: World, action: tuple[Any, ...]) -> None:
         t = w.transport
-        t.deliver = t.events + tuple(sorted(t.statuses, key=status_order))
+        t.deliver = t.events + tuple(sorted(t.statuses, key=batch_order(w.receiver.snapshot())))
         t.statuses, t.events = (), ()
         self._receiver_step(w)
 
