@@ -67,6 +67,39 @@ def test_a_run_and_its_mirror_are_mirrored_states(data: st.DataObject) -> None:
             assert harness.key(s) == harness.key(t)
 
 
+@pytest.mark.parametrize("first", [0, 1])
+@pytest.mark.parametrize("abort", [False, True])
+def test_a_mixed_batch_and_its_mirror_are_mirrored_states(first: int, abort: bool) -> None:
+    """The walks above seldom batch both requests' statuses together: here every batch does."""
+    harness = Harness(ALL_FAULTS, strategy("epoch"))
+    w, m = harness.initial_world((2, 2)), harness.initial_world((2, 2))
+
+    def both(action: tuple[Any, ...]) -> None:
+        assert action in harness.actions(w, w.snapshot())
+        harness.apply(w, action)
+        harness.apply(m, _mirrored(action, m))
+        s = w.snapshot()
+        assert renamed(key(s), (1, 0)) == key(m.snapshot())
+        if any(not r.state.terminal for r in s.receiver.records):
+            assert harness.key(s) == harness.key(m.snapshot())
+
+    for action in [("encode", 0), ("encode", 1), ("add", first), ("add", 1 - first)]:
+        both(action)
+    batches = 0
+    for _ in range(12):
+        names = {a[0] for a in harness.actions(w, w.snapshot())}
+        if len({s.rid for s in w.transport.statuses}) > 1 and "deliver-all" in names:
+            both(("deliver-all",))
+            batches += 1
+            if abort and batches == 1 and ("abort", first) in harness.actions(w, w.snapshot()):
+                both(("abort", first))
+        elif "step" in names:
+            both(("step",))
+        elif "send" in names:
+            both(("send",))
+    assert batches
+
+
 def test_the_folded_states_are_the_mirrors_of_the_kept_ones() -> None:
     """(2, 1) explores exactly as many states as (1, 2), its mirror, which is why only one
     is a partition; with the reductions on, fewer states and the same verdict."""
