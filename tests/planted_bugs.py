@@ -241,6 +241,42 @@ BUGS: list[Bug] = [
         "        blocks = tuple(stack[-n:])",
         "        blocks = tuple(stack[-n - 1 : -1])",
     ),
+    Bug(
+        "a refusal of the round before fails the request",
+        R,
+        "_on_refused",
+        "0 <= status.epoch < req.epoch",
+        "0 <= status.epoch < req.epoch - 1",
+    ),
+    # -- what each step accounts for (invariant 8) -------------------------------------
+    Bug(
+        "a finished request is reported under no id",
+        R,
+        "_fire",
+        "self._finished.append(req.rid)",
+        "self._finished.append(None)",
+    ),
+    Bug(
+        "an aborted request is never reported",
+        R,
+        "_fail",
+        "        self._finished.append(req.rid)\n",
+        "",
+    ),
+    Bug(
+        "a stale post is counted twice",
+        SND,
+        "_stale",
+        "self.stale_posts += 1",
+        "self.stale_posts += 2",
+    ),
+    Bug(
+        "a malformed post is refused without a reason",
+        SND,
+        "_on_malformed",
+        'SenderError(rid, epoch, f"malformed post: {problem}", incarnation=incarnation)',
+        "SenderError(rid, epoch, None, incarnation=incarnation)",
+    ),
 ]
 
 #: The bounds each bug is caught under in the tests (the fastest that catches it);
@@ -281,6 +317,11 @@ WHERE: dict[str, str] = {
     "allocate refuses when exactly enough blocks are free": "squeezed pool",
     "the free count is not restored on free": "squeezed pool",
     "a LIFO take hands out blocks still on the stack": "squeezed pool",
+    "a refusal of the round before fails the request": "forged and poisoned",
+    "a finished request is reported under no id": "small",
+    "an aborted request is never reported": "small",
+    "a stale post is counted twice": "id reuse",
+    "a malformed post is refused without a reason": "forged and poisoned",
 }
 
 

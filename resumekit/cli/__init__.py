@@ -226,8 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="explore and fuzz every strategy; exit 0 if epoch holds and the rest fail",
         description="Explore the real receiver, sender and allocator under the standard "
         "and adversary bounds and fuzz them, for resumekit's epoch design and the three it "
-        "replaced. Exit 0 (PASS) when epoch holds and each broken design is caught by both "
-        "checkers, 1 (FAIL) otherwise, 3 (INCONCLUSIVE) when --budget stopped it early.",
+        "replaced, and call their public API with bad and good values. Exit 0 (PASS) when "
+        "epoch holds, each broken design is caught by both checkers and every contract holds, "
+        "1 (FAIL) otherwise, 3 (INCONCLUSIVE) when --budget stopped it early.",
         formatter_class=_HelpFormatter,
     )
     verify.add_argument(

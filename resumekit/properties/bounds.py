@@ -49,6 +49,7 @@ BUDGETED: Final = tuple(f for f in FAULTS if not f.switch)
 #: The statuses a forgery makes (for a round never posted, or of the id's earlier life).
 FORGED: Final = ("landed", "cancelled", "error")
 STALE: Final = "stale"  # a forged or poisoned status of the id's earlier life
+OLD: Final = "old"  # a forged status of a round of this life already consumed
 #: The field each poison garbles, and with what: a type no well-formed message has.
 POISONED_STATUS: Final = ("epoch", "tokens", "final", "incarnation")
 POISONED_POST: Final = ("blocks", "sent", "incarnation")
@@ -248,6 +249,7 @@ __all__ = [
     "FAULTS",
     "FORGED",
     "MAX_BOUND",
+    "OLD",
     "POISONED_POST",
     "POISONED_STATUS",
     "POISON_VALUES",

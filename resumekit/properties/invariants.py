@@ -6,14 +6,19 @@ invariant. The Hypothesis machines feed the checks what they observe of the
 real receiver, sender and allocator (through :class:`Ledger`); the bounded
 explorer feeds them what its world of the same objects observes
 (:mod:`resumekit.properties.world`).
+
+One file: :data:`INVARIANTS` is the one list every checker names; split, a check
+and its name would live apart.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
+from resumekit.protocol import messages as msg
 from resumekit.protocol.declaration import TransferState
 
 if TYPE_CHECKING:
@@ -21,6 +26,7 @@ if TYPE_CHECKING:
     from resumekit.protocol.messages import RoundPost
     from resumekit.protocol.policy import SchedulingPolicy
     from resumekit.protocol.receiver import ReceiverSnapshot, RecordState, ResumableReceiver
+    from resumekit.protocol.sender import EmbeddingSender
 
 EXACTLY_ONCE: Final = "exactly-once"
 NO_LEAK: Final = "no-leak"
@@ -29,6 +35,7 @@ PROGRESS: Final = "progress"
 NO_WRITE_AFTER_FREE: Final = "no-write-after-free"
 LIVENESS: Final = "liveness"
 SERVED_IN_ORDER: Final = "served-in-order"
+ACCOUNTED: Final = "accounted"
 #: Every invariant, by name: the one list the explorer, the fuzzer and ``verify`` report.
 INVARIANTS: Final = (
     EXACTLY_ONCE,
@@ -38,6 +45,7 @@ INVARIANTS: Final = (
     NO_WRITE_AFTER_FREE,
     LIVENESS,
     SERVED_IN_ORDER,
+    ACCOUNTED,
 )
 #: Not an invariant: the real code raised where it must not, reported like a violation.
 CRASH: Final = "crash"
@@ -138,6 +146,33 @@ def sent_advances(rid: Hashable, sent_before: int, sent_after: int) -> str | Non
     if sent_after <= sent_before:
         return f"request {rid!r} consumed a round but sent went {sent_before} -> {sent_after}"
     return None
+
+
+def record_view(receiver: ResumableReceiver, rid: Hashable) -> tuple[object, ...]:
+    """What a stale status must not change of ``rid``'s record."""
+    rec, a = receiver.record(rid), receiver.record(rid).allocation
+    return (rec.state.name, rec.epoch, rec.sent, rec.total, None if a is None else a.generation)
+
+
+def stale_view(receiver: ResumableReceiver, status: object) -> tuple[object, ...] | None:
+    """For a status of an already consumed round or an earlier life: what it must not change
+    (:func:`record_view`); ``None`` for any other status."""
+    if type(status) not in msg.ROUND_STATUSES:
+        return None
+    rid = getattr(status, "rid", None)
+    if rid not in receiver or msg.malformed_status(status) is not None:
+        return None
+    rec, s = receiver.record(rid), status
+    T = TransferState
+    if s.incarnation == rec.incarnation and (  # type: ignore[attr-defined]
+        rec.state is not T.Transferring or s.epoch >= rec.epoch  # type: ignore[attr-defined]
+    ):
+        return None
+    if (rid, s.incarnation, s.epoch) in receiver.quarantined():  # type: ignore[attr-defined]
+        return None
+    if rec.state is T.WaitingForInput or (rec.state is T.Transferring and rec.allocation is None):
+        return None  # waiting for blocks: the step may serve it, whatever the status
+    return record_view(receiver, rid)
 
 
 def stale_changes_nothing(rid: Hashable, before: object, after: object) -> str | None:
@@ -262,12 +297,19 @@ def served_in_order(
     return None
 
 
-def step_served_in_order(receiver: ResumableReceiver) -> Sequence[Hashable]:
-    """One ``receiver.step()``, requiring that it served who was due (invariant 7)."""
+def step_served_in_order(
+    receiver: ResumableReceiver, polled: Callable[[], Sequence[object]] | None = None
+) -> Sequence[Hashable]:
+    """One ``receiver.step()``, requiring that it served who was due (invariant 7) and
+    accounted for what it handled (invariant 8); ``polled`` gives the batch it polled."""
     before, policy = receiver.snapshot(), receiver.policy
     finished = receiver.step()
+    after = receiver.snapshot()
     if before.resumes or policy is not None:
-        require(SERVED_IN_ORDER, served_in_order(before, receiver.snapshot(), policy))
+        require(SERVED_IN_ORDER, served_in_order(before, after, policy))
+    require(ACCOUNTED, reported_once(before, after, finished))
+    if polled is not None:
+        require(ACCOUNTED, statuses_counted(before, after, polled()))
     return finished
 
 
@@ -297,6 +339,95 @@ def _served_first(
                 "which was waiting for blocks"
             )
     return None
+
+
+# -- 8. accounted ----------------------------------------------------------------
+
+
+def reported_once(
+    before: ReceiverSnapshot, after: ReceiverSnapshot, finished: Sequence[Hashable]
+) -> str | None:
+    """A step hands over, once each, the requests that ended since the last step (in it, or
+    failed by the engine before it) and nothing else; an ended request says why it failed."""
+    was = {(r.rid, r.incarnation): r.state.terminal for r in before.records}
+    expected = Counter(before.finished)
+    for r in after.records:
+        if r.state.terminal and not was.get((r.rid, r.incarnation), True):
+            expected[r.rid] += 1
+            failed = r.state is TransferState.Failed
+            if failed != (type(r.reason) is str and r.reason != ""):
+                return f"request {r.rid!r} ended {r.state.name} with reason {r.reason!r}"
+    got = Counter(finished)
+    if got != expected or after.finished:
+        left = Counter(after.finished)
+        return f"a step reported {_ids(got)} as finished, but {_ids(expected)} had ended" + (
+            f" (and {_ids(left)} stayed queued)" if left else ""
+        )
+    return None
+
+
+def aborted_reported(
+    before: ReceiverSnapshot, after: ReceiverSnapshot, rid: Hashable, ended: bool
+) -> str | None:
+    """``abort`` queues the request it ended for the next step to report, once."""
+    more = after.finished.count(rid) - before.finished.count(rid)
+    if more != int(ended):
+        how = "ended" if ended else "had already ended"
+        return f"abort({rid!r}) {how}, and queued it {more} more time(s) for the next step"
+    return None
+
+
+def statuses_counted(
+    before: ReceiverSnapshot, after: ReceiverSnapshot, batch: Sequence[object]
+) -> str | None:
+    """The receiver counts each status it drops once at most, as stale, orphan or malformed,
+    and as malformed exactly the items that are; a record's stale count moves with the total."""
+    bad = sum(1 for s in batch if _malformed_status(s))
+    deltas = (
+        after.stale_statuses - before.stale_statuses,
+        after.orphan_statuses - before.orphan_statuses,
+        after.malformed_statuses - before.malformed_statuses,
+    )
+    was = {(r.rid, r.incarnation): r.stale for r in before.records}
+    per_record = sum(r.stale - was.get((r.rid, r.incarnation), 0) for r in after.records)
+    if min(deltas) < 0 or sum(deltas) > len(batch) or deltas[2] != bad or per_record != deltas[0]:
+        return (
+            f"a step of {len(batch)} item(s), {bad} malformed, moved the stale, orphan and "
+            f"malformed counts by {deltas} and the records' stale counts by {per_record}"
+        )
+    return None
+
+
+def _malformed_status(item: object) -> bool:
+    if type(item) in msg.ROUND_STATUSES:
+        return msg.malformed_status(item) is not None
+    return type(item) is not msg.PeerLost and type(item) is not msg.PeerBack
+
+
+def _sender_counts(sender: EmbeddingSender) -> tuple[int, int, int, int]:
+    return (sender.rounds_served, sender.repeated_posts, sender.stale_posts, sender.malformed_posts)
+
+
+def step_counted(sender: EmbeddingSender, polled: Callable[[], Sequence[object]]) -> int:
+    """One ``sender.step()``, requiring that it counted each post it polled once at most
+    (a round served, a repeat, a stale post) and the malformed ones exactly (invariant 8);
+    a malformed post of an ended life is both malformed and stale."""
+    before = _sender_counts(sender)
+    served = sender.step()
+    after, posts = _sender_counts(sender), polled()
+    deltas = tuple(a - b for a, b in zip(after, before, strict=True))
+    bad = sum(1 for p in posts if msg.malformed_post(p) is not None)
+    if min(deltas) < 0 or sum(deltas[:3]) > len(posts) or deltas[3] != bad or served != deltas[0]:
+        require(
+            ACCOUNTED,
+            f"a sender step of {len(posts)} post(s), {bad} malformed, returned {served} and "
+            f"moved the served, repeated, stale and malformed counts by {deltas}",
+        )
+    return served
+
+
+def _ids(counts: Counter[Hashable]) -> str:
+    return "[" + ", ".join(sorted(map(repr, counts.elements()))) + "]"
 
 
 # -- the ledger: what the Hypothesis machines observe of the real implementation ----
@@ -376,6 +507,7 @@ class Ledger:
 
 
 __all__ = [
+    "ACCOUNTED",
     "CRASH",
     "EXACTLY_ONCE",
     "INTEGRITY",
@@ -387,17 +519,23 @@ __all__ = [
     "SERVED_IN_ORDER",
     "InvariantViolation",
     "Ledger",
+    "aborted_reported",
     "allocation_freed_once",
     "allocation_posted_once",
     "nothing_left",
     "output_intact",
     "record_collected",
+    "record_view",
+    "reported_once",
     "require",
     "round_consumed_once",
     "round_landed_before_consumed",
     "sent_advances",
     "served_in_order",
     "stale_changes_nothing",
+    "stale_view",
+    "statuses_counted",
+    "step_counted",
     "step_served_in_order",
     "succeeds_without_faults",
     "terminates",

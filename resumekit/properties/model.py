@@ -13,7 +13,7 @@ the bounds. Every decision about rounds, blocks and failures is the shipped code
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator
+from collections.abc import Iterator
 from itertools import combinations_with_replacement
 from typing import Any, Final
 
@@ -21,6 +21,7 @@ from resumekit.properties.abstraction import batch_order, state_key, status_orde
 from resumekit.properties.bounds import (
     BUDGET_INDEX,
     FORGED,
+    OLD,
     POISON_VALUES,
     POISONED_POST,
     POISONED_STATUS,
@@ -29,15 +30,20 @@ from resumekit.properties.bounds import (
     policy_of,
 )
 from resumekit.properties.invariants import (
+    ACCOUNTED,
     INTEGRITY,
     LIVENESS,
     NO_LEAK,
     PROGRESS,
     InvariantViolation,
+    aborted_reported,
     nothing_left,
     output_intact,
+    record_view,
     require,
     stale_changes_nothing,
+    stale_view,
+    step_counted,
     step_served_in_order,
     succeeds_without_faults,
 )
@@ -55,7 +61,6 @@ from resumekit.properties.world import (
 )
 from resumekit.protocol import messages as msg
 from resumekit.protocol.declaration import TransferState
-from resumekit.protocol.receiver import ResumableReceiver
 from resumekit.protocol.sender import EmbeddingSender
 
 S = TransferState
@@ -78,6 +83,7 @@ class Harness:
         self.strategy = strategy
         self.remembers_blocks = strategy.remembers_blocks
         self.reductions = reductions
+        self.judges_stale = strategy.name == "epoch"  # the broken designs are stale-blind
         self.sources: dict[tuple[int, int], TokenSource] = {}
 
     # -- initial states ----------------------------------------------------------------
@@ -173,12 +179,7 @@ class Harness:
         if allocator.pressure:
             out.append(("unsqueeze",))
         if forge:
-            for r in live:
-                out.extend(("forge", r, kind, far) for kind in FORGED for far in (False, True))
-                if receiver.record(r).allocation is not None:
-                    out.append(("forge", r, "oversized", False))
-                if w.lives[r] > 1:  # the id was reused: a status of its earlier life
-                    out.extend(("forge", r, kind, STALE) for kind in FORGED)
+            out.extend(a for r in live for a in _forgeries(w, r))
         if reuse:
             out.extend(("reuse", r) for r in range(n) if w.added[r] and receiver.poll(r).terminal)
         if restart and t.sender_alive:
@@ -208,11 +209,11 @@ class Harness:
         order = status_order(status)
         i = next(i for i, s in enumerate(t.statuses) if s is status or status_order(s) == order)
         t.statuses = t.statuses[:i] + t.statuses[i + 1 :]
-        before = self._stale_snapshot(w, status)
+        before = stale_view(w.receiver, status) if self.judges_stale else None
         t.deliver = (status,)
         self._receiver_step(w)
         if before is not None:
-            after = _record_view(receiver, status.rid)
+            after = record_view(receiver, status.rid)
             require(PROGRESS, stale_changes_nothing(status.rid, before, after))
 
     def _event(self, w: World, action: tuple[Any, ...]) -> None:
@@ -231,14 +232,15 @@ class Harness:
 
     def _receiver_step(self, w: World) -> None:
         """One receiver step (fairness checked); after a restart, the new sender connects."""
-        step_served_in_order(w.receiver)
-        if w.transport.new_sender:
+        t = w.transport
+        step_served_in_order(w.receiver, lambda: t.polled)
+        if t.new_sender:
             self._connect_new_sender(w)
 
     def _send(self, w: World, action: tuple[Any, ...]) -> None:
         t = w.transport
         t.hand_over, t.posts = t.posts[:1], t.posts[1:]
-        w.sender.step()
+        step_counted(w.sender, lambda: t.polled_posts)
 
     def _add(self, w: World, action: tuple[Any, ...]) -> None:
         r, t, receiver = action[1], w.transport, w.receiver
@@ -256,8 +258,9 @@ class Harness:
 
     def _abort(self, w: World, action: tuple[Any, ...]) -> None:
         w.budget = _spend(w.budget, ABORT)
-        w.hurt = _set(w.hurt, action[1], True)
-        w.receiver.abort(action[1])
+        w.hurt, before = _set(w.hurt, action[1], True), w.receiver.snapshot()
+        ended = w.receiver.abort(action[1])
+        require(ACCOUNTED, aborted_reported(before, w.receiver.snapshot(), action[1], ended))
 
     def _crash(self, w: World, action: tuple[Any, ...]) -> None:
         w.budget = _spend(w.budget, CRASHES)
@@ -268,7 +271,7 @@ class Harness:
             return
         t.crash_armed = True  # crash-mid-round: write the next round, die before reporting
         t.hand_over, t.posts = t.posts[:1], t.posts[1:]
-        w.sender.step()
+        step_counted(w.sender, lambda: t.polled_posts)
         if t.sender_alive:  # the post wrote nothing: the sender dies all the same
             t.crash()
 
@@ -287,12 +290,15 @@ class Harness:
 
     def _forge(self, w: World, action: tuple[Any, ...]) -> None:
         """Deliver at once a status for a round of ``r`` not posted: the next, or a far one,
-        or (``stale``) one of the id's earlier life, which must change nothing."""
+        or (``old``, ``stale``) one already consumed or of the id's earlier life, which must
+        change nothing."""
         w.budget = _spend(w.budget, FORGE)
         r, what, far = action[1], action[2], action[3]
         rec = w.receiver.record(r)
         epoch, inc = rec.epoch + (2 * self.bounds.max_rounds if far else 1), rec.incarnation
-        if far == STALE:
+        if far == OLD:
+            epoch = rec.epoch - 1  # changes nothing, like a late duplicate
+        elif far == STALE:
             inc = w.ledger.incarnations[(r, w.lives[r] - 1)]
             epoch = rec.epoch  # the number of the round in flight, of another life
             if (r, inc, epoch) in w.receiver.quarantined():
@@ -310,11 +316,13 @@ class Harness:
             forged = msg.Cancelled(r, epoch, incarnation=inc)
         else:
             forged = msg.SenderError(r, epoch, "forged", incarnation=inc)
-        before = self._stale_snapshot(w, forged) if far == STALE else None
+        before = (
+            stale_view(w.receiver, forged) if self.judges_stale and far in (STALE, OLD) else None
+        )
         w.transport.deliver = (forged,)
         self._receiver_step(w)
         if before is not None:
-            require(PROGRESS, stale_changes_nothing(r, before, _record_view(w.receiver, r)))
+            require(PROGRESS, stale_changes_nothing(r, before, record_view(w.receiver, r)))
 
     def _reuse_id(self, w: World, action: tuple[Any, ...]) -> None:
         w.budget = _spend(w.budget, REUSE)
@@ -356,7 +364,7 @@ class Harness:
             r, rec.epoch, post["blocks"], 1, post["sent"], None, None, incarnation=inc
         )
         w.transport.hand_over = (bad,)
-        w.sender.step()
+        step_counted(w.sender, lambda: w.transport.polled_posts)
 
     def _encode_late(self, w: World, action: tuple[Any, ...]) -> None:
         self._encode(w, action[1])
@@ -385,27 +393,6 @@ class Harness:
         w.hurt = _set(w.hurt, r, not w.transport.sender_alive and not w.transport.restarting)
         if not self.bounds.late_sources:
             self._encode(w, r)
-
-    def _stale_snapshot(self, w: World, status: msg.Status) -> tuple[object, ...] | None:
-        """For a status of an already consumed round or an earlier life: what it must not change."""
-        if type(status) not in msg.ROUND_STATUSES or self.strategy.name != "epoch":
-            return None
-        rid = getattr(status, "rid", None)
-        if rid not in w.receiver or msg.malformed_status(status) is not None:
-            return None
-        rec = w.receiver.record(rid)
-        s: msg.Landed = status  # type: ignore[assignment]
-        if s.incarnation == rec.incarnation and (
-            rec.state is not S.Transferring or s.epoch >= rec.epoch
-        ):
-            return None
-        if (rid, s.incarnation, s.epoch) in w.receiver.quarantined():
-            return None
-        if rec.state is S.WaitingForInput or (
-            rec.state is S.Transferring and rec.allocation is None
-        ):
-            return None  # waiting for blocks: the step may serve it, whatever the status
-        return _record_view(w.receiver, rid)
 
     # -- properties --------------------------------------------------------------------
 
@@ -460,6 +447,19 @@ class Harness:
         return problems
 
 
+def _forgeries(w: World, r: int) -> Iterator[tuple[Any, ...]]:
+    """The forged statuses for live request ``r``: of rounds never posted, the round in
+    flight oversized, a round consumed already, a round of the id's earlier life."""
+    yield from (("forge", r, kind, far) for kind in FORGED for far in (False, True))
+    rec = w.receiver.record(r)
+    if rec.allocation is not None:
+        yield ("forge", r, "oversized", False)
+    if rec.epoch and rec.state is S.Transferring:
+        yield from (("forge", r, kind, OLD) for kind in FORGED)
+    if w.lives[r] > 1:
+        yield from (("forge", r, kind, STALE) for kind in FORGED)
+
+
 def _set(values: tuple[Any, ...], i: int, value: Any) -> tuple[Any, ...]:
     return (*values[:i], value, *values[i + 1 :])
 
@@ -489,11 +489,6 @@ _HANDLERS: Final[dict[str, Any]] = {
     "poison": Harness._poison,
     "poison-post": Harness._poison,
 }
-
-
-def _record_view(receiver: ResumableReceiver, rid: Hashable) -> tuple[object, ...]:
-    rec, a = receiver.record(rid), receiver.record(rid).allocation
-    return (rec.state.name, rec.epoch, rec.sent, rec.total, None if a is None else a.generation)
 
 
 __all__ = ["MROPE_BASE", "Harness"]

@@ -42,6 +42,7 @@ from resumekit.allocator import Allocation, BlockAllocator, EmbeddingTensors
 from resumekit.errors import InvalidArgumentError
 from resumekit.properties.bounds import (
     FORGED,
+    OLD,
     POISON_VALUES,
     POISONED_POST,
     POISONED_STATUS,
@@ -55,17 +56,20 @@ from resumekit.properties.draws import (
     protocol_configs,
 )
 from resumekit.properties.invariants import (
+    ACCOUNTED,
     INTEGRITY,
     LIVENESS,
     NO_LEAK,
     PROGRESS,
     InvariantViolation,
     Ledger,
+    aborted_reported,
     nothing_left,
     output_intact,
     record_collected,
     require,
     stale_changes_nothing,
+    step_counted,
     step_served_in_order,
     succeeds_without_faults,
     terminates,
@@ -123,6 +127,12 @@ class CheckedTransport(InProcessTransport):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.delivered_landed: list[Landed] = []
+        self.polled: Sequence[object] = ()  # what the last poll returned, for invariant 8
+        self.polled_posts: Sequence[object] = ()
+
+    def poll_posts(self) -> Sequence[msg.Post]:
+        batch = self.polled_posts = super().poll_posts()
+        return batch
 
     def write_round(
         self, post: RoundPost, data: EmbeddingTensors, aux: Sequence[int] | None
@@ -133,7 +143,7 @@ class CheckedTransport(InProcessTransport):
         super().write_round(post, data, stamp_progress(post, data.num_tokens, aux))
 
     def poll_statuses(self) -> Sequence[Status]:
-        batch = super().poll_statuses()
+        batch = self.polled = super().poll_statuses()
         for status in batch:
             if type(status) is Landed and msg.malformed_status(status) is None:
                 self.delivered_landed.append(status)
@@ -329,7 +339,7 @@ class ProtocolMachineBase(RuleBasedStateMachine):
         self._receiver_step(take)
 
     def _receiver_step(self, take: bool = False) -> None:
-        finished = step_served_in_order(self.p.receiver)
+        finished = step_served_in_order(self.p.receiver, lambda: self.t.polled)
         if self.p.receiver.snapshot().resumes:
             type(self).resume_waits += 1
         if self.restart_pending and self.t.sender_alive:
@@ -342,14 +352,17 @@ class ProtocolMachineBase(RuleBasedStateMachine):
     @rule()
     def sender_step(self) -> None:
         self._note("sender_step()")
-        self.p.sender.step()
+        self._sender_step()
+
+    def _sender_step(self) -> None:
+        step_counted(self.p.sender, lambda: self.t.polled_posts)
 
     @rule()
     def both_step(self) -> None:
         """A receiver step then a sender step: the common, fault-free interleaving."""
         self._note("both_step()")
         self._receiver_step()
-        self.p.sender.step()
+        self._sender_step()
 
     # -- benign faults: nothing may fail because of these ---------------------------
 
@@ -504,24 +517,32 @@ class ProtocolMachineBase(RuleBasedStateMachine):
         self._note(f"abort({rid})")
         if rid is not None:
             self._hurt(rid)
-            self.p.receiver.abort(rid)
+            receiver = self.p.receiver
+            before = receiver.snapshot()
+            ended = receiver.abort(rid)
+            require(ACCOUNTED, aborted_reported(before, receiver.snapshot(), rid, ended))
 
     @precondition(lambda self: self.next_rid > 0)
     @rule(
         data=st.data(),
         kind=st.sampled_from(FORGED),
-        far=st.sampled_from([False, True, STALE]),
+        far=st.sampled_from([False, True, STALE, OLD]),
     )
     def forge_status(self, data: st.DataObject, kind: str, far: bool | str) -> None:
         """A status for a round never posted (the next one, or one far ahead), at once; or
-        (``stale``) one for the round in flight's number of the id's earlier life."""
+        one that must change nothing: (``stale``) for the round in flight's number of the
+        id's earlier life, (``old``) for the round of this life consumed last."""
         rid = self._draw_live(data)
         self._note(f"forge_status({rid}, {kind}, far={far})")
         if rid is None:
             return
         rec = self.p.receiver.record(rid)
         if far == STALE:
-            self._forge_stale(rid, kind)
+            self._forge_stale(rid, kind, self.earlier.get(rid))
+            return
+        if far == OLD:
+            if rec.epoch and rec.state is TransferState.Transferring:
+                self._forge_stale(rid, kind, rec.incarnation)
             return
         epoch, inc = rec.epoch + (FAR if far else 1), rec.incarnation
         forged: Status
@@ -534,13 +555,13 @@ class ProtocolMachineBase(RuleBasedStateMachine):
         self._hurt(rid)
         self._deliver_now(forged)
 
-    def _forge_stale(self, rid: Hashable, kind: str) -> None:
-        """A forged status of ``rid``'s earlier life must change nothing of this one."""
-        inc = self.earlier.get(rid)
+    def _forge_stale(self, rid: Hashable, kind: str, inc: int | None) -> None:
+        """A forged status of ``rid``'s earlier life (``inc``), for the round number in flight,
+        or of this life's round consumed last, must change nothing of this one."""
         if inc is None:
             return
         rec = self.p.receiver.record(rid)
-        epoch = rec.epoch
+        epoch = rec.epoch - 1 if inc == rec.incarnation else rec.epoch
         if (rid, inc, epoch) in self.p.receiver.quarantined():
             epoch += FAR  # that round of the earlier life may still be written: not it
         forged: Status
@@ -739,7 +760,7 @@ class ProtocolMachineBase(RuleBasedStateMachine):
                 break
             before = p.traffic()
             self._receiver_step()
-            p.sender.step()
+            self._sender_step()
             # Both sides are deterministic: two steps that move nothing mean stuck for good.
             quiet = not self.t.in_flight and not self.t.posts and not self.restart_pending
             idle = idle + 1 if quiet and p.traffic() == before else 0
@@ -752,7 +773,7 @@ class ProtocolMachineBase(RuleBasedStateMachine):
             p.allocator.free(self.pressure.pop())
         for _ in range(4):  # late statuses release the quarantine
             self._receiver_step()
-            p.sender.step()
+            self._sender_step()
         sender_left = 0 if self.crashed else len(p.sender) + p.sender.parked_posts
         require(
             NO_LEAK,

@@ -88,6 +88,8 @@ def action_text(action: tuple[Any, ...], before: World) -> str:
         which = (
             "earlier life"
             if action[3] == "stale"
+            else "round consumed already"
+            if action[3] == "old"
             else "a far-future round"
             if action[3]
             else "its next round (not posted)"

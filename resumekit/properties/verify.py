@@ -1,4 +1,6 @@
-"""``resumekit verify``: both checkers against resumekit's design and the three it replaced.
+"""``resumekit verify``: both checkers against resumekit's design and the three it replaced,
+and the contracts of the allocator's, receiver's and sender's public calls
+(:mod:`~resumekit.properties.contracts`).
 
 The budgets are states and examples, never seconds, so the verdict is the same
 on a fast idle machine and a slow loaded one: the explorer exhausts the
@@ -27,6 +29,7 @@ from typing import Any, Final
 from resumekit._check import as_cap_seconds, as_int, check_bool, check_callback
 from resumekit.errors import InvalidArgumentError
 from resumekit.properties.bounds import Bounds, bounds_sets, describe
+from resumekit.properties.contracts import ContractReport, check_contracts
 from resumekit.properties.explorer import (
     Exploration,
     combine,
@@ -88,8 +91,9 @@ class StrategyReport:
         if self.name == EPOCH:
             if explorer or fuzzer:
                 return "VIOLATED"
-            if self.capped or not all(r.complete for _, r in self.explorations):
-                return "INCONCLUSIVE"
+            ran = bool(self.explorations) and self.fuzzed is not None
+            if not ran or self.capped or not all(r.complete for _, r in self.explorations):
+                return "INCONCLUSIVE"  # a check that checked nothing proves nothing
             return "verified"
         if explorer and fuzzer:
             return "caught"
@@ -104,11 +108,14 @@ class VerifyReport:
     cap_seconds: float | None
     quick: bool = False
     seconds: float = 0.0
+    contracts: ContractReport | None = None
 
     @property
     def verdict(self) -> Verdict:
         verdicts = [s.verdict for s in self.strategies]
         if any(v in ("VIOLATED", "MISSED") for v in verdicts):
+            return Verdict.FAIL
+        if self.contracts is None or not self.contracts.ok:
             return Verdict.FAIL
         if any(v == "INCONCLUSIVE" for v in verdicts):
             return Verdict.INCONCLUSIVE
@@ -160,7 +167,8 @@ def verify(
     names = (*BROKEN, EPOCH)
     report.strategies = [StrategyReport(name) for name in names]
     planned = _plan(report, quick)
-    jobs: list[_Job] = [
+    jobs: list[_Job] = [("contracts", 0, ())]
+    jobs += [
         ("fuzz", i, (name, examples if name == EPOCH else broken_examples, seed, cap_seconds, db))
         for i, name in enumerate(names)
         for db in (database,)
@@ -179,7 +187,9 @@ def verify(
 
     with fork_pool(workers or os.cpu_count() or 1) as pool:
         for _kind, i, result in pool.imap_unordered(_run, jobs):
-            if isinstance(result, FuzzResult):
+            if isinstance(result, ContractReport):
+                report.contracts = result
+            elif isinstance(result, FuzzResult):
                 fuzzed[i] = result
             elif isinstance(result, Exploration):
                 p = planned[i]
@@ -190,7 +200,11 @@ def verify(
                     # A finding is all a mutation run needs: the sets after this one go,
                     # those before it finish, so the report is the same in any job order.
                     stop_rank = p.rank if stop_rank is None else min(stop_rank, p.rank)
-            if len(fuzzed) == len(names) and all(p.done for p in planned if needed(p)):
+            if (
+                report.contracts is not None
+                and len(fuzzed) == len(names)
+                and all(p.done for p in planned if needed(p))
+            ):
                 pool.terminate()  # only jobs nobody needs are left
                 break
     say("fuzz every strategy")
@@ -249,6 +263,8 @@ def _cost(job: _Job) -> tuple[int, int, int]:
     """A guess at how long a job takes, for longest first: epoch's fuzz, then the
     partitions by their bounds and totals, then the broken designs (cheap)."""
     kind, _, args = job
+    if kind == "contracts":
+        return (0, 0, 0)
     if kind == "fuzz":
         return (2 if args[0] == EPOCH else 0, 0, args[1])
     bounds, totals = args[1], args[2]
@@ -257,10 +273,12 @@ def _cost(job: _Job) -> tuple[int, int, int]:
     return (1, bounds.blocks * bounds.max_rounds, sum(totals))
 
 
-def _run(job: _Job) -> tuple[str, int, FuzzResult | Exploration]:
-    """One job, in a worker: a fuzz run, a partition of epoch, or a broken design's
-    first-only exploration; one whose turn comes after the deadline is capped, not run."""
+def _run(job: _Job) -> tuple[str, int, FuzzResult | Exploration | ContractReport]:
+    """One job, in a worker: the contracts, a fuzz run, a partition of epoch, or a broken
+    design's first-only exploration; one whose turn comes after the deadline is capped, not run."""
     kind, i, args = job
+    if kind == "contracts":
+        return kind, i, check_contracts()
     if kind == "fuzz":
         return kind, i, _fuzz_job(args)
     name, bounds, totals, deadline = args
@@ -313,6 +331,15 @@ def format_report(report: VerifyReport) -> str:
         for row in [header, *rows]
     ]
     lines.append("")
+    contracts = report.contracts
+    if contracts is not None:
+        verdict = (
+            "each bad value refused (typed, named, nothing changed), each good one accepted"
+            if contracts.ok
+            else f"{len(contracts.broken)} broken"
+        )
+        lines.append(f"contracts: {contracts.cases} calls of the public API: {verdict}")
+        lines.extend(f"  {name}: {problem}" for name, problem in contracts.broken)
     sets = bounds_sets(report.quick)
     first = sets[0][0]
     orders = "quick in both reuse orders, the rest lifo" if report.quick else "both reuse orders"

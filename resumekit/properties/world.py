@@ -28,6 +28,7 @@ import torch
 from resumekit.allocator.block_allocator import Allocation, AllocatorSnapshot, BlockAllocator
 from resumekit.allocator.buffers import DEFAULT_AUX_SIZE, EmbeddingTensors
 from resumekit.properties.invariants import (
+    ACCOUNTED,
     INTEGRITY,
     NO_WRITE_AFTER_FREE,
     InvariantViolation,
@@ -213,6 +214,8 @@ class ExplorerTransport:
         self.loss_seen = False  # ... and to have handled it (the poll after)
         self.new_sender = False  # the restart happened: the harness connects a fresh sender
         self.admitted = 0  # round 0 posts so far (the fairness check counts them per step)
+        self.polled: Sequence[object] = ()  # what the last poll returned, for invariant 8
+        self.polled_posts: Sequence[object] = ()
 
     def check_request_id(self, rid: Hashable) -> None:
         """Any id travels here."""
@@ -242,11 +245,13 @@ class ExplorerTransport:
         if self.restarting and any(type(s) is msg.PeerLost for s in batch):
             self.restarting = False
             self.loss_seen = True
+        self.polled = batch
         return batch
 
     # sender end
     def poll_posts(self) -> Sequence[msg.Post]:
         batch, self.hand_over = self.hand_over, ()
+        self.polled_posts = batch
         return batch
 
     def write_round(self, post: msg.RoundPost, data: Any, aux: Sequence[int] | None) -> None:
@@ -268,6 +273,9 @@ class ExplorerTransport:
             self.crash()
 
     def report(self, status: msg.Landed | msg.Cancelled | msg.SenderError) -> None:
+        problem = msg.malformed_status(status)
+        if problem is not None:  # what a real transport refuses to send (require_status)
+            raise InvariantViolation(ACCOUNTED, f"the sender reported {status!r}: {problem}")
         if self.sender_alive:
             self.statuses += (status,)
 

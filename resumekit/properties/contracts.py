@@ -1,0 +1,600 @@
+"""The contract every public entry point of the allocator, receiver and sender keeps: a
+bad value gets a typed :class:`~resumekit.errors.ResumeKitError` that names it, and changes
+nothing; a good one is accepted. ``resumekit verify`` checks every case
+(:func:`check_contracts`), as the explorer and the fuzzer check the protocol; the unit
+tests run the same table, with the transports' cases beside it.
+
+One file: the cases, the world they run in and the checker that judges them are one
+table; split, a case would name helpers two modules away.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import torch
+
+from resumekit.allocator.block_allocator import Allocation, BlockAllocator
+from resumekit.allocator.buffers import BlockBuffers, EmbeddingTensors
+from resumekit.errors import (
+    CapacityExceededError,
+    DoubleFreeError,
+    DuplicateRequestError,
+    ForeignAllocationError,
+    InvalidArgumentError,
+    RequestNotFinishedError,
+    ResumeKitError,
+    UnknownRequestError,
+    UseAfterFreeError,
+)
+from resumekit.properties.draws import forged_tensors
+from resumekit.protocol.declaration import TransferState
+from resumekit.protocol.messages import RoundPost
+from resumekit.protocol.policy import SchedulingPolicy
+from resumekit.protocol.receiver import ENV_DEFAULT_ALLOCATE_TOKENS, ResumableReceiver
+from resumekit.protocol.sender import EmbeddingSender
+from resumekit.transports.inprocess import InProcessTransport
+
+HIDDEN: Final = 8
+# The cases call with values of the wrong type on purpose: untyped handles keep them honest.
+_A: Any = BlockAllocator
+_R: Any = ResumableReceiver
+_S: Any = EmbeddingSender
+
+
+def source(n: int, *, seed: int = 0) -> EmbeddingTensors:
+    """A source of ``n`` tokens of random bf16 embeddings."""
+    g = torch.Generator().manual_seed(seed)
+    return EmbeddingTensors(
+        torch.randn(n, HIDDEN, generator=g).to(torch.bfloat16),
+        torch.arange(n, dtype=torch.int32),
+        torch.arange(3 * n, dtype=torch.int32).view(3, n),
+    )
+
+
+@dataclass
+class ContractWorld:
+    """A receiver and sender mid-flight: one request finished, one with round 0 posted."""
+
+    allocator: BlockAllocator
+    buffers: BlockBuffers
+    transport: InProcessTransport
+    receiver: ResumableReceiver
+    sender: EmbeddingSender
+    held: Allocation
+    freed: Allocation
+    foreign: Allocation
+    post: RoundPost
+
+    def snapshot(self) -> tuple[Any, ...]:
+        """Everything a refused call must leave as it was, as values."""
+        t = self.transport
+        return (
+            self.allocator.snapshot(),
+            self.receiver.snapshot(),
+            self.sender.snapshot(),
+            (tuple(t.posts), tuple(t.in_flight), t.posted, t.delivered, t.sender_alive),
+        )
+
+    def tensors(self) -> list[torch.Tensor]:
+        b = self.buffers
+        return [x.clone() for x in (b.embeddings, b.fill_ids, b.mrope, b.aux)]
+
+
+def make_world() -> ContractWorld:
+    allocator = BlockAllocator(32, 4)
+    buffers = BlockBuffers(allocator, HIDDEN, device="cpu")
+    transport = InProcessTransport(buffers)
+    receiver = ResumableReceiver(buffers, transport, 16)
+    sender = EmbeddingSender(transport)
+    receiver.add("done")
+    sender.add("done", source(12, seed=1))
+    for _ in range(4):
+        sender.step()
+        receiver.step()
+    receiver.add("busy")  # round 0 posted, its source not yet added
+    receiver.step()
+    post, held = transport.posts[0], allocator.allocate(4, "engine")
+    freed = allocator.allocate(4, "engine")
+    foreign = BlockAllocator(4, 4).allocate(4, "elsewhere")
+    if (
+        receiver.poll("done") is not TransferState.Success
+        or not isinstance(post, RoundPost)
+        or held is None
+        or freed is None
+        or foreign is None
+    ):
+        raise AssertionError("the contract world did not come out as built")
+    allocator.free(freed)
+    return ContractWorld(
+        allocator, buffers, transport, receiver, sender, held, freed, foreign, post
+    )
+
+
+class Forged:
+    """Quacks like nothing resumekit knows."""
+
+
+def good_args(n: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    src = source(n)
+    return src.embeddings, src.fill_ids, src.mrope
+
+
+#: (name, the call, the error it must raise, the word its message must hold)
+Case = tuple[str, Callable[[Any], object], type[BaseException], str]
+E = InvalidArgumentError
+EMB, FILL, MROPE = good_args(4)
+
+ALLOCATOR: list[Case] = [
+    ("BlockAllocator num_blocks 0", lambda w: _A(0, 4), E, "num_blocks"),
+    ("BlockAllocator num_blocks -1", lambda w: _A(-1, 4), E, "num_blocks"),
+    (
+        "BlockAllocator num_blocks 2**62",
+        lambda w: _A(2**62, 64),
+        CapacityExceededError,
+        "num_blocks",
+    ),
+    (
+        "BlockAllocator num_blocks 10**30",
+        lambda w: _A(10**30, 64),
+        CapacityExceededError,
+        "bytes",
+    ),
+    ("BlockAllocator num_blocks float", lambda w: _A(4.0, 4), E, "num_blocks"),
+    ("BlockAllocator num_blocks str", lambda w: _A("4", 4), E, "num_blocks"),
+    ("BlockAllocator num_blocks bool", lambda w: _A(True, 4), E, "num_blocks"),
+    ("BlockAllocator num_blocks None", lambda w: _A(None, 4), E, "num_blocks"),
+    ("BlockAllocator block_size 0", lambda w: _A(4, 0), E, "block_size"),
+    ("BlockAllocator block_size 2**31", lambda w: _A(4, 2**31), E, "block_size"),
+    ("BlockAllocator block_size 10**30", lambda w: _A(4, 10**30), E, "block_size"),
+    ("BlockAllocator block_size float", lambda w: _A(4, 4.5), E, "block_size"),
+    ("BlockAllocator reuse LIFO", lambda w: _A(4, 4, reuse="LIFO"), E, "reuse"),
+    ("BlockAllocator reuse None", lambda w: _A(4, 4, reuse=None), E, "reuse"),
+    ("BlockAllocator reuse list", lambda w: _A(4, 4, reuse=[]), E, "reuse"),
+    ("allocate 0 tokens", lambda w: w.allocator.allocate(0, "o"), E, "num_tokens"),
+    ("allocate -3 tokens", lambda w: w.allocator.allocate(-3, "o"), E, "num_tokens"),
+    ("allocate float tokens", lambda w: w.allocator.allocate(1.5, "o"), E, "num_tokens"),
+    ("allocate str tokens", lambda w: w.allocator.allocate("8", "o"), E, "num_tokens"),
+    ("allocate None tokens", lambda w: w.allocator.allocate(None, "o"), E, "num_tokens"),
+    ("allocate bool tokens", lambda w: w.allocator.allocate(True, "o"), E, "num_tokens"),
+    (
+        "allocate more than the pool",
+        lambda w: w.allocator.allocate(10**9, "o"),
+        CapacityExceededError,
+        "num_tokens",
+    ),
+    ("allocate list owner", lambda w: w.allocator.allocate(4, []), E, "owner"),
+    ("allocate dict owner", lambda w: w.allocator.allocate(4, {}), E, "owner"),
+    (
+        "allocate list owner when full",
+        lambda w: w.allocator.allocate(10**2, []),
+        E,
+        "owner",
+    ),
+    ("allocate_up_to 0 tokens", lambda w: w.allocator.allocate_up_to(0, "o"), E, "num_tokens"),
+    ("allocate_up_to min 0", lambda w: w.allocator.allocate_up_to(4, "o", 0), E, "min_tokens"),
+    ("allocate_up_to min > num", lambda w: w.allocator.allocate_up_to(4, "o", 8), E, "min_tokens"),
+    ("allocate_up_to min str", lambda w: w.allocator.allocate_up_to(4, "o", "1"), E, "min_tokens"),
+    (
+        "allocate_up_to min beyond the pool",
+        lambda w: w.allocator.allocate_up_to(10**9, "o", 10**9),
+        CapacityExceededError,
+        "min_tokens",
+    ),
+    ("allocate_up_to list owner", lambda w: w.allocator.allocate_up_to(4, []), E, "owner"),
+    ("free None", lambda w: w.allocator.free(None), E, "allocation"),
+    ("free object", lambda w: w.allocator.free(Forged()), E, "allocation"),
+    ("free str", lambda w: w.allocator.free("blocks"), E, "allocation"),
+    ("free twice", lambda w: w.allocator.free(w.freed), DoubleFreeError, "allocation"),
+    ("free foreign", lambda w: w.allocator.free(w.foreign), ForeignAllocationError, "allocation"),
+    (
+        "free a copy",
+        lambda w: w.allocator.free(
+            Allocation(w.held.blocks, w.held.capacity_tokens, w.held.owner, w.held.generation)
+        ),
+        ForeignAllocationError,
+        "allocation",
+    ),
+    ("free_owner list", lambda w: w.allocator.free_owner([]), E, "owner"),
+    ("outstanding_of list", lambda w: w.allocator.outstanding_of([]), E, "owner"),
+    ("is_live None", lambda w: w.allocator.is_live(None), E, "allocation"),
+    ("is_live str", lambda w: w.allocator.is_live("x"), E, "allocation"),
+    ("check_live None", lambda w: w.allocator.check_live(None), E, "allocation"),
+    (
+        "check_live freed",
+        lambda w: w.allocator.check_live(w.freed),
+        UseAfterFreeError,
+        "allocation",
+    ),
+    ("blocks_for -1", lambda w: w.allocator.blocks_for(-1), E, "num_tokens"),
+    ("blocks_for str", lambda w: w.allocator.blocks_for("1"), E, "num_tokens"),
+    ("blocks_for float", lambda w: w.allocator.blocks_for(1.0), E, "num_tokens"),
+]
+
+
+RECEIVER: list[Case] = [
+    (
+        "ResumableReceiver buffers None",
+        lambda w: _R(None, w.transport),
+        E,
+        "buffers",
+    ),
+    ("ResumableReceiver buffers str", lambda w: _R("b", w.transport), E, "buffers"),
+    (
+        "ResumableReceiver buffers allocator",
+        lambda w: _R(w.allocator, w.transport),
+        E,
+        "buffers",
+    ),
+    (
+        "ResumableReceiver transport None",
+        lambda w: _R(w.buffers, None),
+        E,
+        "transport",
+    ),
+    (
+        "ResumableReceiver transport object",
+        lambda w: _R(w.buffers, Forged()),
+        E,
+        "transport",
+    ),
+    (
+        "ResumableReceiver default 0",
+        lambda w: _R(w.buffers, w.transport, 0),
+        E,
+        "default_allocate_tokens",
+    ),
+    (
+        "ResumableReceiver default -5",
+        lambda w: _R(w.buffers, w.transport, -5),
+        E,
+        "default_allocate_tokens",
+    ),
+    (
+        "ResumableReceiver default str",
+        lambda w: _R(w.buffers, w.transport, "16"),
+        E,
+        "default_allocate_tokens",
+    ),
+    (
+        "ResumableReceiver default float",
+        lambda w: _R(w.buffers, w.transport, 8.5),
+        E,
+        "default_allocate_tokens",
+    ),
+    (
+        "ResumableReceiver default beyond the pool",
+        lambda w: _R(w.buffers, w.transport, 10**6),
+        E,
+        "default_allocate_tokens",
+    ),
+    (
+        "ResumableReceiver max_resume_tokens 0",
+        lambda w: _R(w.buffers, w.transport, 16, max_resume_tokens=0),
+        E,
+        "max_resume_tokens",
+    ),
+    (
+        "ResumableReceiver max_resume_tokens str",
+        lambda w: _R(w.buffers, w.transport, 16, max_resume_tokens="8"),
+        E,
+        "max_resume_tokens",
+    ),
+    (
+        "ResumableReceiver observer int",
+        lambda w: _R(w.buffers, w.transport, 16, observer=3),
+        E,
+        "observer",
+    ),
+    ("add list", lambda w: w.receiver.add([]), E, "rid"),
+    ("add dict", lambda w: w.receiver.add({}), E, "rid"),
+    ("add a known id", lambda w: w.receiver.add("busy"), DuplicateRequestError, "busy"),
+    ("add a finished id", lambda w: w.receiver.add("done"), DuplicateRequestError, "done"),
+    ("add bootstrapped str", lambda w: w.receiver.add("n", bootstrapped="no"), E, "bootstrapped"),
+    ("add bootstrapped 1", lambda w: w.receiver.add("n", bootstrapped=1), E, "bootstrapped"),
+    ("poll unknown", lambda w: w.receiver.poll("nope"), UnknownRequestError, "nope"),
+    ("poll list", lambda w: w.receiver.poll([]), UnknownRequestError, "rid"),
+    ("abort unknown", lambda w: w.receiver.abort("nope"), UnknownRequestError, "nope"),
+    ("abort list", lambda w: w.receiver.abort([]), UnknownRequestError, "rid"),
+    ("abort reason int", lambda w: w.receiver.abort("busy", reason=5), E, "reason"),
+    ("abort reason None", lambda w: w.receiver.abort("busy", reason=None), E, "reason"),
+    ("take unknown", lambda w: w.receiver.take("nope"), UnknownRequestError, "nope"),
+    ("take list", lambda w: w.receiver.take([]), UnknownRequestError, "rid"),
+    ("take in flight", lambda w: w.receiver.take("busy"), RequestNotFinishedError, "busy"),
+    ("record unknown", lambda w: w.receiver.record("nope"), UnknownRequestError, "nope"),
+    (
+        "bootstrapped unknown",
+        lambda w: w.receiver.bootstrapped("nope"),
+        UnknownRequestError,
+        "nope",
+    ),
+    ("bootstrapped twice", lambda w: w.receiver.bootstrapped("busy"), E, "busy"),
+    ("bootstrapped finished", lambda w: w.receiver.bootstrapped("done"), E, "done"),
+]
+
+
+SENDER: list[Case] = [
+    ("EmbeddingSender transport None", lambda w: _S(None), E, "transport"),
+    ("EmbeddingSender transport object", lambda w: _S(Forged()), E, "transport"),
+    (
+        "EmbeddingSender transport is the buffers",
+        lambda w: _S(w.buffers),
+        E,
+        "transport",
+    ),
+    (
+        "EmbeddingSender max_tombstones -1",
+        lambda w: _S(w.transport, max_tombstones=-1),
+        E,
+        "max_tombstones",
+    ),
+    (
+        "EmbeddingSender max_tombstones str",
+        lambda w: _S(w.transport, max_tombstones="5"),
+        E,
+        "max_tombstones",
+    ),
+    ("sender add list rid", lambda w: w.sender.add([], source(4)), E, "rid"),
+    ("sender add None source", lambda w: w.sender.add("busy", None), E, "source"),
+    ("sender add tuple source", lambda w: w.sender.add("busy", (EMB, FILL, MROPE)), E, "source"),
+    (
+        "sender add forged transposed mrope",
+        lambda w: w.sender.add("busy", forged_tensors(EMB, FILL, MROPE.t())),
+        E,
+        "source",
+    ),
+    (
+        "sender add forged int64 fill",
+        lambda w: w.sender.add("busy", forged_tensors(EMB, FILL.long(), MROPE)),
+        E,
+        "source",
+    ),
+    (
+        "sender add forged lists",
+        lambda w: w.sender.add("busy", forged_tensors([1.0], [1], [[1], [2], [3]])),
+        E,
+        "source",
+    ),
+    (
+        "sender add requires grad",
+        lambda w: w.sender.add("busy", EmbeddingTensors(EMB.float().requires_grad_(), FILL, MROPE)),
+        E,
+        "source",
+    ),
+    ("sender add empty source", lambda w: w.sender.add("busy", source(0)), E, "source"),
+    (
+        "sender add mrope_delta 2**31",
+        lambda w: w.sender.add("busy", source(4), mrope_delta=2**31),
+        E,
+        "mrope_delta",
+    ),
+    (
+        "sender add mrope_delta str",
+        lambda w: w.sender.add("busy", source(4), mrope_delta="1"),
+        E,
+        "mrope_delta",
+    ),
+    (
+        "sender add mrope_delta float",
+        lambda w: w.sender.add("busy", source(4), mrope_delta=1.5),
+        E,
+        "mrope_delta",
+    ),
+    (
+        "sender add incarnation 0",
+        lambda w: w.sender.add("busy", source(4), incarnation=0),
+        E,
+        "incarnation",
+    ),
+    (
+        "sender add incarnation str",
+        lambda w: w.sender.add("busy", source(4), incarnation="2"),
+        E,
+        "incarnation",
+    ),
+    (
+        "sender add incarnation bool",
+        lambda w: w.sender.add("busy", source(4), incarnation=True),
+        E,
+        "incarnation",
+    ),
+]
+
+
+def _bad_record(w: ContractWorld) -> Any:
+    """The receiver's snapshot with a record whose state is a name, not a TransferState."""
+    snap: Any = w.receiver.snapshot()
+    return snap._replace(records=(snap.records[0]._replace(state="Success"), *snap.records[1:]))
+
+
+SNAPSHOTS: list[Case] = [
+    ("receiver restore None", lambda w: w.receiver.restore(None), E, "snapshot"),
+    (
+        "receiver restore a record of no state",
+        lambda w: w.receiver.restore(_bad_record(w)),
+        E,
+        "snapshot",
+    ),
+    ("sender restore None", lambda w: w.sender.restore(None), E, "snapshot"),
+    ("allocator restore None", lambda w: w.allocator.restore(None), E, "snapshot"),
+]
+
+CASES: Final = ALLOCATOR + RECEIVER + SENDER + SNAPSHOTS
+
+
+def _invariants_hold(w: ContractWorld) -> bool:
+    w.allocator.check_invariants()
+    return True
+
+
+def _policy_defaults(w: ContractWorld) -> bool:
+    """A policy's bulk rounds default to an eighth of the pool, in whole blocks (16 tokens)."""
+    receiver = ResumableReceiver(w.buffers, w.transport, 16, policy=SchedulingPolicy())
+    return receiver.policy is not None and receiver.policy.bulk_round_tokens == 16
+
+
+def _auto_learns(w: ContractWorld) -> bool:
+    """With ``"auto"``, round 0 shrinks from the whole pool once 20 requests of a hint
+    showed 40 tokens each."""
+    allocator = BlockAllocator(32, 4)
+    transport = InProcessTransport(BlockBuffers(allocator, HIDDEN, device="cpu"))
+    receiver = ResumableReceiver(transport.buffers, transport, "auto")
+    sender = EmbeddingSender(transport)
+    for n in range(21):
+        receiver.add(n, size_hint="h")
+        receiver.step()
+        if n == 20:
+            post = transport.posts[-1]
+            return isinstance(post, RoundPost) and post.capacity_tokens < 128
+        sender.add(n, source(40))
+        for _ in range(8):
+            sender.step()
+            receiver.step()
+        if not receiver.take(n).ok:
+            return False
+    return False
+
+
+def _env_default(w: ContractWorld) -> bool:
+    old = os.environ.get(ENV_DEFAULT_ALLOCATE_TOKENS)
+    os.environ[ENV_DEFAULT_ALLOCATE_TOKENS] = "12"
+    try:
+        return ResumableReceiver(w.buffers, w.transport).default_allocate_tokens == 12
+    finally:
+        if old is None:
+            del os.environ[ENV_DEFAULT_ALLOCATE_TOKENS]
+        else:
+            os.environ[ENV_DEFAULT_ALLOCATE_TOKENS] = old
+
+
+#: (name, a call that must succeed and return True)
+GOOD: Final[list[tuple[str, Callable[[ContractWorld], bool]]]] = [
+    (
+        "blocks_for 0 and 5",
+        lambda w: (w.allocator.blocks_for(0), w.allocator.blocks_for(5)) == (0, 2),
+    ),
+    ("free_owner of an owner holding nothing", lambda w: w.allocator.free_owner("nobody") == 0),
+    ("free_owner of the engine's one allocation", lambda w: w.allocator.free_owner("engine") == 1),
+    (
+        "allocate_up_to with the smallest minimum",
+        lambda w: w.allocator.allocate_up_to(1, "o", 1) is not None,
+    ),
+    ("the allocator's own invariants hold", _invariants_hold),
+    (
+        "the receiver's smallest sizes",
+        lambda w: _R(w.buffers, w.transport, 1, max_resume_tokens=1).max_resume_tokens == 1,
+    ),
+    ("the default round from the environment", _env_default),
+    ("a policy's defaults", _policy_defaults),
+    ("round 0 learned with auto", _auto_learns),
+    (
+        "a sender keeping no tombstones",
+        lambda w: _S(w.transport, max_tombstones=0).max_tombstones == 0,
+    ),
+]
+
+
+@dataclass(frozen=True)
+class ContractReport:
+    """What :func:`check_contracts` checked and what broke; ``ok`` only if it checked something."""
+
+    cases: int
+    broken: tuple[tuple[str, str], ...]  # (case, what went wrong)
+
+    @property
+    def ok(self) -> bool:
+        return self.cases > 0 and not self.broken
+
+
+def check_case(w: ContractWorld, case: Case) -> str | None:
+    """What is wrong with how ``w`` answers one bad call, or ``None``."""
+    _name, call, error, word = case
+    before, tensors = w.snapshot(), w.tensors()
+    try:
+        call(w)
+    except BaseException as raised:
+        if not isinstance(raised, error) or not isinstance(raised, ResumeKitError):
+            return f"raised {type(raised).__name__}: {raised}, not {error.__name__}"
+        # A whole word: "XXridXX must be hashable" does not name rid.
+        if not re.search(rf"(?<!\w){re.escape(word)}(?!\w)", str(raised)):
+            return f"its message does not name {word!r}: {raised}"
+    else:
+        return f"accepted the bad value instead of raising {error.__name__}"
+    if w.snapshot() != before:
+        return "refused, but changed the receiver, sender, allocator or transport"
+    if not all(torch.equal(x, y) for x, y in zip(tensors, w.tensors(), strict=True)):
+        return "refused, but changed the buffers' bytes"
+    return None
+
+
+def check_contracts() -> ContractReport:
+    """Every case on a fresh world, every good call, then every case on one world that must
+    still finish its requests afterwards."""
+    broken: list[tuple[str, str]] = []
+    for case in CASES:
+        problem = check_case(make_world(), case)
+        if problem is not None:
+            broken.append((case[0], problem))
+    for name, good in GOOD:
+        try:
+            if not good(make_world()):
+                broken.append((name, "returned the wrong value"))
+        except Exception as error:
+            broken.append((name, f"raised {type(error).__name__}: {error}"))
+    problem = _still_works()
+    if problem is not None:
+        broken.append(("after every refusal", problem))
+    return ContractReport(len(CASES) + len(GOOD) + 1, tuple(broken))
+
+
+def _still_works() -> str | None:
+    """The refusals leave a receiver and sender that finish what they hold."""
+    w = make_world()
+    for case in CASES:
+        with contextlib.suppress(BaseException):  # each was judged above
+            case[1](w)
+    try:
+        rng = random.Random(0)
+        w.sender.add("busy", source(40, seed=2))
+        for _ in range(20):
+            w.transport.shuffle(rng)
+            w.sender.step()
+            w.receiver.step()
+        if not (w.receiver.take("busy").ok and w.receiver.take("done").ok):
+            return "a request did not finish"
+        w.allocator.free(w.held)
+        w.receiver.check_quiescent()
+        w.sender.check_quiescent()
+    except Exception as error:
+        return f"raised {type(error).__name__}: {error}"
+    return None
+
+
+__all__ = [
+    "ALLOCATOR",
+    "CASES",
+    "EMB",
+    "FILL",
+    "GOOD",
+    "HIDDEN",
+    "MROPE",
+    "RECEIVER",
+    "SENDER",
+    "SNAPSHOTS",
+    "Case",
+    "ContractReport",
+    "ContractWorld",
+    "E",
+    "Forged",
+    "check_case",
+    "check_contracts",
+    "good_args",
+    "make_world",
+    "source",
+]
