@@ -400,9 +400,10 @@ class ProtocolMachineBase(RuleBasedStateMachine):
             t.in_flight, t.held = saved + t.in_flight, held
 
     @precondition(lambda self: bool(self.t.delivered_landed))
-    @rule(data=st.data())
-    def replay_old_status(self, data: st.DataObject) -> None:
-        """A late duplicate of a status already delivered must change nothing."""
+    @rule(data=st.data(), kind=st.sampled_from(FORGED))
+    def replay_old_status(self, data: st.DataObject, kind: str) -> None:
+        """A late duplicate of a status already delivered, or a refusal of that round
+        (forged: the round was consumed), must change nothing."""
         t = self.t
         receiver = self.p.receiver
         # Aim where it matters: old statuses of requests still mid-transfer.
@@ -412,7 +413,16 @@ class ProtocolMachineBase(RuleBasedStateMachine):
             if s.rid in receiver and receiver.record(s.rid).allocation is not None
         ]
         old = data.draw(st.sampled_from(mid_transfer or t.delivered_landed), label="old status")
-        self._note(f"replay_old_status({old!r})")
+        status: Status = old
+        if kind != "landed" and old.rid in receiver:
+            rec = receiver.record(old.rid)
+            if rec.state is not TransferState.Transferring or old.epoch >= rec.epoch:
+                return  # a refusal of the round before, of a request mid-transfer only
+            if kind == "cancelled":
+                status = msg.Cancelled(old.rid, old.epoch, incarnation=old.incarnation)
+            else:
+                status = msg.SenderError(old.rid, old.epoch, "forged", incarnation=old.incarnation)
+        self._note(f"replay_old_status({status!r})")
         if (
             old.rid not in receiver
             or (old.rid, old.incarnation, old.epoch) in receiver.quarantined()
@@ -424,7 +434,7 @@ class ProtocolMachineBase(RuleBasedStateMachine):
         ):
             return  # waiting for blocks: this step may legitimately serve it
         before = _snapshot(rec)
-        self._deliver_now(old)
+        self._deliver_now(status)
         require(PROGRESS, stale_changes_nothing(old.rid, before, _snapshot(rec)))
 
     @rule(grab=st.integers(-1, 4))
