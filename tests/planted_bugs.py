@@ -277,6 +277,13 @@ BUGS: list[Bug] = [
         'SenderError(rid, epoch, f"malformed post: {problem}", incarnation=incarnation)',
         "SenderError(rid, epoch, None, incarnation=incarnation)",
     ),
+    Bug(
+        "a malformed post of round 0 is counted and dropped, its round never refused",
+        SND,
+        "_on_malformed",
+        "type(incarnation) is not int or epoch < 0",
+        "type(incarnation) is not int or epoch < 1",
+    ),
 ]
 
 #: The bounds each bug is caught under in the tests (the fastest that catches it);
@@ -298,6 +305,9 @@ WHERE: dict[str, str] = {
     "a newly waiting resume jumps the queue": "squeezed pool",
     "an early post passes a waiting resume": "squeezed pool",
     "a bulk resume is passed over without end": "policy",
+    "a malformed post of round 0 is counted and dropped, its round never refused": (
+        "forged and poisoned"
+    ),
     "admissions that pass a bulk resume are not counted": "policy",
     "the window is not checked before a waiting round is served": "policy",
     "a bulk early post passes a waiting bulk resume": "policy",

@@ -47,6 +47,8 @@ FAULTS: Final[tuple[Fault, ...]] = (
 )
 BUDGETED: Final = tuple(f for f in FAULTS if not f.switch)
 #: The statuses a forgery makes (for a round never posted, or of the id's earlier life).
+#: The actions liveness may count on: the engine's and the network's, never a fault.
+FAIR: Final = frozenset({"add", "encode", "step", "deliver", "deliver-all", "event", "send"})
 FORGED: Final = ("landed", "cancelled", "error")
 STALE: Final = "stale"  # a forged or poisoned status of the id's earlier life
 OLD: Final = "old"  # a forged status of a round of this life already consumed
@@ -246,6 +248,7 @@ __all__ = [
     "ADVERSARY_BOUNDS",
     "BUDGETED",
     "BUDGET_INDEX",
+    "FAIR",
     "FAULTS",
     "FORGED",
     "MAX_BOUND",

@@ -26,7 +26,7 @@ from typing import Any
 
 from resumekit._check import as_int, check_bool, check_callback
 from resumekit.errors import InvalidArgumentError, ResumeKitError
-from resumekit.properties.bounds import Bounds
+from resumekit.properties.bounds import FAIR, Bounds
 from resumekit.properties.forking import fork_pool
 from resumekit.properties.invariants import CRASH, LIVENESS, InvariantViolation
 from resumekit.properties.model import Harness
@@ -365,7 +365,7 @@ def _bfs(
                 queue.append((j, t))
             src.append(i)
             dst.append(j)
-            patient.append(action[0] != "unsqueeze" or excess)
+            patient.append(action[0] in FAIR or (excess and action[0] == "unsqueeze"))
         if i % 4096 == 0 and _checkpoint(progress, deadline, len(graph.via)):
             result.capped = True  # a seconds cap: never a verdict
             return _finish(result, graph, start)
@@ -403,8 +403,9 @@ def _terminal(w: World, r: int) -> bool:
 def _unable_to_finish(graph: _Graph, done: list[int]) -> int | None:
     """The shallowest state from which no done state is reachable, or ``None``.
 
-    Walks the edges backwards from the done states, skipping the edges where the
-    other pool user gives blocks back: liveness must not depend on it doing so.
+    Walks the fair edges backwards from the done states: liveness must not depend
+    on a fault (an abort, a restart, a forgery ends a request too) nor on the other
+    pool user giving back blocks it may keep.
     """
     n = len(graph.via)
     src, dst, patient = graph.src, graph.dst, graph.patient

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from resumekit.protocol.messages import RoundPost
     from resumekit.protocol.policy import SchedulingPolicy
     from resumekit.protocol.receiver import ReceiverSnapshot, RecordState, ResumableReceiver
-    from resumekit.protocol.sender import EmbeddingSender
+    from resumekit.protocol.sender import EmbeddingSender, SenderSnapshot
 
 EXACTLY_ONCE: Final = "exactly-once"
 NO_LEAK: Final = "no-leak"
@@ -424,6 +424,31 @@ def step_counted(sender: EmbeddingSender, polled: Callable[[], Sequence[object]]
             f"moved the served, repeated, stale and malformed counts by {deltas}",
         )
     return served
+
+
+def malformed_post_refused(
+    before: SenderSnapshot, post: RoundPost, reported: Sequence[object]
+) -> str | None:
+    """A malformed post naming a round of a life that has not ended at the sender, and
+    that its source (if the sender has one) has not served yet, is refused for that round
+    and life, with the problem named: the receiver may be waiting on that round."""
+    problem, epoch, inc = msg.malformed_post(post), post.epoch, post.incarnation
+    if problem is None or type(epoch) is not int or type(inc) is not int or epoch < 0:
+        return None
+    if inc <= dict(before.ended).get(post.rid, 0):
+        return None  # a life over here: counted stale
+    sources = dict(before.lives).get(post.rid, ())
+    if any(s.incarnation == inc and s.next_epoch > epoch for s in sources):
+        return None  # a garbled repeat of a round served already
+    named = (post.rid, epoch, inc)
+    refused = (
+        s
+        for s in reported
+        if type(s) is msg.SenderError and (s.rid, s.epoch, s.incarnation) == named
+    )
+    if any(problem in s.reason for s in refused):
+        return None
+    return f"the sender took the malformed post {post!r} ({problem}) without refusing its round"
 
 
 def _ids(counts: Counter[Hashable]) -> str:

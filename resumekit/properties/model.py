@@ -37,6 +37,7 @@ from resumekit.properties.invariants import (
     PROGRESS,
     InvariantViolation,
     aborted_reported,
+    malformed_post_refused,
     nothing_left,
     output_intact,
     record_view,
@@ -364,7 +365,10 @@ class Harness:
             r, rec.epoch, post["blocks"], 1, post["sent"], None, None, incarnation=inc
         )
         w.transport.hand_over = (bad,)
+        before, n = w.sender.snapshot(), len(w.transport.statuses)
         step_counted(w.sender, lambda: w.transport.polled_posts)
+        reported = w.transport.statuses[n:]
+        require(ACCOUNTED, malformed_post_refused(before, bad, reported))
 
     def _encode_late(self, w: World, action: tuple[Any, ...]) -> None:
         self._encode(w, action[1])
