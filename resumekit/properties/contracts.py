@@ -369,6 +369,12 @@ SENDER: list[Case] = [
     ),
     ("sender add empty source", lambda w: w.sender.add("busy", source(0)), E, "source"),
     (
+        "sender add fields on two devices",
+        lambda w: w.sender.add("busy", forged_tensors(EMB.to("meta"), FILL, MROPE)),
+        E,
+        "source",
+    ),
+    (
         "sender add mrope_delta 2**31",
         lambda w: w.sender.add("busy", source(4), mrope_delta=2**31),
         E,
