@@ -284,6 +284,13 @@ BUGS: list[Bug] = [
         "type(incarnation) is not int or epoch < 0",
         "type(incarnation) is not int or epoch < 1",
     ),
+    Bug(
+        "the sender serves a post one round ahead of the next it owes",
+        SND,
+        "_serve",
+        "if post.epoch > src.next_epoch:",
+        "if post.epoch > src.next_epoch + 1:",
+    ),
 ]
 
 #: The bounds each bug is caught under in the tests (the fastest that catches it);
@@ -308,6 +315,7 @@ WHERE: dict[str, str] = {
     "a malformed post of round 0 is counted and dropped, its round never refused": (
         "forged and poisoned"
     ),
+    "the sender serves a post one round ahead of the next it owes": "forged and poisoned",
     "admissions that pass a bulk resume are not counted": "policy",
     "the window is not checked before a waiting round is served": "policy",
     "a bulk early post passes a waiting bulk resume": "policy",

@@ -18,6 +18,7 @@ from resumekit import BlockAllocator, BlockBuffers, EmbeddingSender, InProcessTr
 from resumekit.cli import build_parser
 from resumekit.properties.bounds import (
     ADVERSARY_BOUNDS,
+    AHEAD,
     BUDGETED,
     FAULTS,
     POISONED_POST,
@@ -211,7 +212,7 @@ def test_a_corrupted_post_never_overtakes_a_queued_cancel() -> None:
     while w.transport.posts:
         harness.apply(w, ("send",))
     posts = [a for a in harness.actions(w, w.snapshot()) if a[0] == "poison-post"]
-    assert posts == [("poison-post", 0, field) for field in POISONED_POST]
+    assert posts == [("poison-post", 0, field) for field in (*POISONED_POST, AHEAD)]
 
 
 @pytest.mark.parametrize(

@@ -41,20 +41,21 @@ FAULTS: Final[tuple[Fault, ...]] = (
     Fault("forge", "forgeries", "forged status"),
     Fault("reuse", "reuses", "id reused"),
     Fault("restart", "restarts", "sender restart"),
-    Fault("poison", "poisons", "malformed status or post"),
+    Fault("poison", "poisons", "malformed status or post, or a post skipping a round"),
     Fault("batch", "batches", "batches", switch=True),
     Fault("late", "late_sources", "late sources", switch=True),
 )
 BUDGETED: Final = tuple(f for f in FAULTS if not f.switch)
-#: The statuses a forgery makes (for a round never posted, or of the id's earlier life).
 #: The actions liveness may count on: the engine's and the network's, never a fault.
 FAIR: Final = frozenset({"add", "encode", "step", "deliver", "deliver-all", "event", "send"})
+#: The statuses a forgery makes (for a round never posted, or of the id's earlier life).
 FORGED: Final = ("landed", "cancelled", "error")
 STALE: Final = "stale"  # a forged or poisoned status of the id's earlier life
 OLD: Final = "old"  # a forged status of a round of this life already consumed
 #: The field each poison garbles, and with what: a type no well-formed message has.
 POISONED_STATUS: Final = ("epoch", "tokens", "final", "incarnation")
 POISONED_POST: Final = ("blocks", "sent", "incarnation")
+AHEAD: Final = "ahead"  # a well-typed post that skips a round: the sender must refuse it
 POISON_VALUES: Final[dict[str, Any]] = {
     "epoch": None,
     "tokens": "1",
@@ -246,6 +247,7 @@ def bounds_sets(quick: bool = False) -> list[tuple[str, Bounds]]:
 
 __all__ = [
     "ADVERSARY_BOUNDS",
+    "AHEAD",
     "BUDGETED",
     "BUDGET_INDEX",
     "FAIR",

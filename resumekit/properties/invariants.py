@@ -426,19 +426,21 @@ def step_counted(sender: EmbeddingSender, polled: Callable[[], Sequence[object]]
     return served
 
 
-def malformed_post_refused(
-    before: SenderSnapshot, post: RoundPost, reported: Sequence[object]
-) -> str | None:
-    """A malformed post naming a round of a life that has not ended at the sender, and
-    that its source (if the sender has one) has not served yet, is refused for that round
-    and life, with the problem named: the receiver may be waiting on that round."""
+def post_refused(before: SenderSnapshot, post: RoundPost, reported: Sequence[object]) -> str | None:
+    """A post the sender cannot serve (malformed, or skipping a round of its life's source)
+    naming a round of a life not ended at the sender, not served yet, is refused for that
+    round and life with the problem named: the receiver may be waiting on that round."""
     problem, epoch, inc = msg.malformed_post(post), post.epoch, post.incarnation
-    if problem is None or type(epoch) is not int or type(inc) is not int or epoch < 0:
+    if type(epoch) is not int or type(inc) is not int or epoch < 0:
         return None
     if inc <= dict(before.ended).get(post.rid, 0):
         return None  # a life over here: counted stale
-    sources = dict(before.lives).get(post.rid, ())
-    if any(s.incarnation == inc and s.next_epoch > epoch for s in sources):
+    mine = [s for s in dict(before.lives).get(post.rid, ()) if s.incarnation == inc]
+    if problem is None:  # well formed: refused where it skips a round of a bound source
+        if not mine or mine[0].next_epoch >= epoch:
+            return None
+        problem = f"posted before round {mine[0].next_epoch}"
+    elif any(s.next_epoch > epoch for s in mine):
         return None  # a garbled repeat of a round served already
     named = (post.rid, epoch, inc)
     refused = (
@@ -448,7 +450,7 @@ def malformed_post_refused(
     )
     if any(problem in s.reason for s in refused):
         return None
-    return f"the sender took the malformed post {post!r} ({problem}) without refusing its round"
+    return f"the sender took the post {post!r} ({problem}) without refusing its round"
 
 
 def _ids(counts: Counter[Hashable]) -> str:

@@ -19,6 +19,7 @@ from typing import Any, Final
 
 from resumekit.properties.abstraction import batch_order, state_key, status_order
 from resumekit.properties.bounds import (
+    AHEAD,
     BUDGET_INDEX,
     FORGED,
     OLD,
@@ -37,9 +38,9 @@ from resumekit.properties.invariants import (
     PROGRESS,
     InvariantViolation,
     aborted_reported,
-    malformed_post_refused,
     nothing_left,
     output_intact,
+    post_refused,
     record_view,
     require,
     stale_changes_nothing,
@@ -193,7 +194,7 @@ class Harness:
                 # Handed straight to the sender, so only with nothing queued ahead of it: the
                 # channel keeps its order and a corrupted post cannot overtake a queued cancel.
                 if t.sender_alive and not t.posts:
-                    out.extend(("poison-post", r, f) for f in POISONED_POST)
+                    out.extend(("poison-post", r, f) for f in (*POISONED_POST, AHEAD))
         return out
 
     def apply(self, w: World, action: tuple[Any, ...]) -> None:
@@ -361,14 +362,13 @@ class Harness:
         post: dict[str, Any] = {"blocks": (0,), "sent": rec.sent}
         if where in post:
             post[where] = POISON_VALUES[where]
-        bad = msg.RoundPost(
-            r, rec.epoch, post["blocks"], 1, post["sent"], None, None, incarnation=inc
-        )
+        epoch = rec.epoch + 2 if where == AHEAD else rec.epoch
+        bad = msg.RoundPost(r, epoch, post["blocks"], 1, post["sent"], None, None, incarnation=inc)
         w.transport.hand_over = (bad,)
         before, n = w.sender.snapshot(), len(w.transport.statuses)
         step_counted(w.sender, lambda: w.transport.polled_posts)
         reported = w.transport.statuses[n:]
-        require(ACCOUNTED, malformed_post_refused(before, bad, reported))
+        require(ACCOUNTED, post_refused(before, bad, reported))
 
     def _encode_late(self, w: World, action: tuple[Any, ...]) -> None:
         self._encode(w, action[1])

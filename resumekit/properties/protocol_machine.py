@@ -41,6 +41,7 @@ from hypothesis.stateful import (
 from resumekit.allocator import Allocation, BlockAllocator, EmbeddingTensors
 from resumekit.errors import InvalidArgumentError
 from resumekit.properties.bounds import (
+    AHEAD,
     FORGED,
     OLD,
     POISON_VALUES,
@@ -602,6 +603,8 @@ class ProtocolMachineBase(RuleBasedStateMachine):
         rid = self._draw_live(data) if aimed else None
         self._note(f"poison_batch({rid}, {where})")
         bad: Any = ("not", "a", "status")
+        if where == AHEAD and (rid is None or rid not in self.p.sender):
+            return  # well typed: a sender without the source would park it for good
         if rid is not None:
             rec = self.p.receiver.record(rid)
             fields: dict[str, Any] = {
@@ -622,19 +625,23 @@ class ProtocolMachineBase(RuleBasedStateMachine):
         self.t.in_flight.append(bad)
 
     @precondition(lambda self: self.next_rid > 0)
-    @rule(data=st.data(), aimed=st.booleans(), where=st.sampled_from(POISONED_POST))
+    @rule(data=st.data(), aimed=st.booleans(), where=st.sampled_from((*POISONED_POST, AHEAD)))
     def poison_post(self, data: st.DataObject, aimed: bool, where: str) -> None:
         """A malformed item after the posts already sent (posts keep their order), with
-        one field of an unusable type."""
+        one field of an unusable type; or (``ahead``) a post that skips a round."""
         rid = self._draw_live(data) if aimed else None
         self._note(f"poison_post({rid}, {where})")
         bad: Any = object()
+        if where == AHEAD and (rid is None or rid not in self.p.sender):
+            return  # well typed: a sender without the source would park it for good
         if rid is not None:
             rec = self.p.receiver.record(rid)
             fields: dict[str, Any] = {"blocks": (0,), "sent": rec.sent, "inc": rec.incarnation}
-            fields["inc" if where == "incarnation" else where] = POISON_VALUES[where]
+            if where != AHEAD:
+                fields["inc" if where == "incarnation" else where] = POISON_VALUES[where]
+            epoch = rec.epoch + 2 if where == AHEAD else rec.epoch
             bad = RoundPost(
-                rid, rec.epoch, fields["blocks"], 1, fields["sent"], incarnation=fields["inc"]
+                rid, epoch, fields["blocks"], 1, fields["sent"], incarnation=fields["inc"]
             )
             if where != "incarnation":
                 self._hurt(rid)

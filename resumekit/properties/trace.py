@@ -103,6 +103,8 @@ def action_text(action: tuple[Any, ...], before: World) -> str:
         if action[2] == "stale":
             return f"transport corrupts a status of r{action[1]}'s earlier life"
         return f"transport corrupts a status for r{action[1]} (its {action[2]} ill-typed)"
+    if kind == "poison-post" and action[2] == "ahead":
+        return f"sender gets a post for r{action[1]} that skips a round"
     if kind == "poison-post":
         return f"sender gets a corrupted post for r{action[1]} (its {action[2]} ill-typed)"
     return repr(action)
