@@ -293,6 +293,18 @@ BUGS: list[Bug] = [
     ),
 ]
 
+#: Bugs on a path only the fuzzer takes: it names each source's life when it hands it
+#: over (the explorer hands sources over unnamed, the other way).
+FUZZER_BUGS: list[Bug] = [
+    Bug(
+        "a named source of an ended life is dropped, its tombstone kept",
+        SND,
+        "add",
+        "                self._untombstone(rid, incarnation)\n",
+        "                self._untombstone(rid, None)\n",
+    ),
+]
+
 #: The bounds each bug is caught under in the tests (the fastest that catches it);
 #: ``resumekit verify`` runs the standard bounds and every adversary set.
 BOUNDS: dict[str, Bounds] = {

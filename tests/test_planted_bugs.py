@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from planted_bugs import BOUNDS, BUGS, bounds_for
+from planted_bugs import BOUNDS, BUGS, FUZZER_BUGS, bounds_for
 
 from resumekit.properties.explorer import explore
 from resumekit.properties.fuzz import fuzz
@@ -57,9 +57,9 @@ FUZZED = (
 )
 
 
-@pytest.mark.parametrize("name", FUZZED)
+@pytest.mark.parametrize("name", [*FUZZED, *(b.name for b in FUZZER_BUGS)])
 def test_the_fuzzer_catches_combined_faults_and_the_pools_order(name: str) -> None:
-    bug = next(b for b in BUGS if b.name == name)
+    bug = next(b for b in [*BUGS, *FUZZER_BUGS] if b.name == name)
     with planted(bug):
         result = fuzz("epoch", max_examples=600, database=None, shrink=False)
     assert result.failed, f"the fuzzer missed: {bug}"

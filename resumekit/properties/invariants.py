@@ -106,6 +106,14 @@ def nothing_left(
     return "at quiescence " + ", ".join(parts) if parts else None
 
 
+def tombstone_dropped(rid: Hashable, incarnation: int | None, left: Sequence[int]) -> str | None:
+    """A source handed over for a life that had ended at the sender leaves no tombstone of
+    that life behind: nothing else would ever forget it."""
+    if incarnation in left:
+        return f"the sender kept life {incarnation} of {rid!r} to drop after its source came"
+    return None
+
+
 def record_collected(rid: Hashable, alive: bool) -> str | None:
     if alive:
         return f"the record of request {rid!r} is still referenced after it was taken"

@@ -74,6 +74,7 @@ from resumekit.properties.invariants import (
     step_served_in_order,
     succeeds_without_faults,
     terminates,
+    tombstone_dropped,
 )
 from resumekit.properties.strategies import stamp_progress, strategy
 from resumekit.protocol import (
@@ -329,9 +330,12 @@ class ProtocolMachineBase(RuleBasedStateMachine):
 
         The explorer checks the other way, sources bound in the order they are added.
         """
-        self.p.sender.add(
+        kept = self.p.sender.add(
             rid, life.source, mrope_delta=life.mrope_delta, incarnation=life.incarnation
         )
+        if not kept:  # the source of a life that ended there: it must be forgotten
+            left = dict(self.p.sender.snapshot().cancelled).get(rid, ())
+            require(NO_LEAK, tombstone_dropped(rid, life.incarnation, left))
 
     @rule(take=st.booleans())
     def receiver_step(self, take: bool) -> None:
