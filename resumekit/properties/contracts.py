@@ -35,7 +35,7 @@ from resumekit.errors import (
 )
 from resumekit.properties.draws import forged_tensors
 from resumekit.protocol.declaration import TransferState
-from resumekit.protocol.messages import RoundPost
+from resumekit.protocol.messages import NO_EPOCH, RoundPost
 from resumekit.protocol.policy import SchedulingPolicy
 from resumekit.protocol.receiver import ENV_DEFAULT_ALLOCATE_TOKENS, ResumableReceiver
 from resumekit.protocol.sender import EmbeddingSender
@@ -479,6 +479,17 @@ def _env_default(w: ContractWorld) -> bool:
             os.environ[ENV_DEFAULT_ALLOCATE_TOKENS] = old
 
 
+def _tombstones_kept(w: ContractWorld) -> bool:
+    """A sender with ``max_tombstones=2`` keeps the last two lives of an id cancelled before
+    its source came, and no more."""
+    transport = InProcessTransport(BlockBuffers(BlockAllocator(8, 4), HIDDEN, device="cpu"))
+    sender = EmbeddingSender(transport, max_tombstones=2)
+    for life in (1, 2, 3):
+        transport.cancel("late", NO_EPOCH, incarnation=life)
+        sender.step()
+    return sender.snapshot().cancelled == (("late", (2, 3)),)
+
+
 #: (name, a call that must succeed and return True)
 GOOD: Final[list[tuple[str, Callable[[ContractWorld], bool]]]] = [
     (
@@ -499,6 +510,7 @@ GOOD: Final[list[tuple[str, Callable[[ContractWorld], bool]]]] = [
     ("the default round from the environment", _env_default),
     ("a policy's defaults", _policy_defaults),
     ("round 0 learned with auto", _auto_learns),
+    ("a sender keeping two tombstones", _tombstones_kept),
     (
         "a sender keeping no tombstones",
         lambda w: _S(w.transport, max_tombstones=0).max_tombstones == 0,
