@@ -11,6 +11,7 @@ table; split, a case would name helpers two modules away.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import random
 import re
@@ -28,6 +29,7 @@ from resumekit.errors import (
     DuplicateRequestError,
     ForeignAllocationError,
     InvalidArgumentError,
+    LeakError,
     RequestNotFinishedError,
     ResumeKitError,
     UnknownRequestError,
@@ -121,6 +123,14 @@ class Forged:
     """Quacks like nothing resumekit knows."""
 
 
+def relabelled(allocation: Allocation, generation: int) -> Allocation:
+    """A copy of ``allocation`` (freed or not, as it is) under another generation: what a
+    caller that copies allocations and edits them could hand back."""
+    forged = copy.copy(allocation)
+    forged._generation = generation
+    return forged
+
+
 def good_args(n: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     src = source(n)
     return src.embeddings, src.fill_ids, src.mrope
@@ -198,6 +208,18 @@ ALLOCATOR: list[Case] = [
         lambda w: w.allocator.free(
             Allocation(w.held.blocks, w.held.capacity_tokens, w.held.owner, w.held.generation)
         ),
+        ForeignAllocationError,
+        "allocation",
+    ),
+    (
+        "free a freed copy under a live generation",
+        lambda w: w.allocator.free(relabelled(w.freed, w.held.generation)),
+        ForeignAllocationError,
+        "allocation",
+    ),
+    (
+        "free a freed copy under a generation never issued",
+        lambda w: w.allocator.free(relabelled(w.freed, 10**6)),
         ForeignAllocationError,
         "allocation",
     ),
@@ -420,6 +442,12 @@ def _bad_record(w: ContractWorld) -> Any:
 
 
 SNAPSHOTS: list[Case] = [
+    (
+        "receiver check_quiescent with requests held",
+        lambda w: w.receiver.check_quiescent(),
+        LeakError,
+        "not taken",
+    ),
     ("receiver restore None", lambda w: w.receiver.restore(None), E, "snapshot"),
     (
         "receiver restore a record of no state",
