@@ -291,6 +291,13 @@ BUGS: list[Bug] = [
         "if post.epoch > src.next_epoch:",
         "if post.epoch > src.next_epoch + 1:",
     ),
+    Bug(
+        "a step serves one waiting resume and stops, blocks still free",
+        R,
+        "_serve_waiting",
+        "            if not self._try_resume(req):\n",
+        "            if self._try_resume(req):\n",
+    ),
 ]
 
 #: Bugs on a path only the fuzzer takes: it names each source's life when it hands it
@@ -328,6 +335,7 @@ WHERE: dict[str, str] = {
         "forged and poisoned"
     ),
     "the sender serves a post one round ahead of the next it owes": "forged and poisoned",
+    "a step serves one waiting resume and stops, blocks still free": "squeezed pool",
     "admissions that pass a bulk resume are not counted": "policy",
     "the window is not checked before a waiting round is served": "policy",
     "a bulk early post passes a waiting bulk resume": "policy",

@@ -315,10 +315,25 @@ def step_served_in_order(
     after = receiver.snapshot()
     if before.resumes or policy is not None:
         require(SERVED_IN_ORDER, served_in_order(before, after, policy))
+    if policy is None and after.resumes:
+        require(SERVED_IN_ORDER, no_resume_idle(after, receiver.allocator.num_free_blocks))
     require(ACCOUNTED, reported_once(before, after, finished))
     if polled is not None:
         require(ACCOUNTED, statuses_counted(before, after, polled()))
     return finished
+
+
+def no_resume_idle(after: ReceiverSnapshot, free_blocks: int) -> str | None:
+    """Without a policy a step ends with no resume waiting while a block is free: a resume
+    takes what is free (``allocate_up_to``), so one left waiting was never tried."""
+    if free_blocks:
+        for r in after.resumes:
+            if r.state is TransferState.Transferring and r.allocation is None:
+                return (
+                    f"the resume of {r.rid!r} still waits for blocks after a step that "
+                    f"left {free_blocks} free"
+                )
+    return None
 
 
 def _served_first(
