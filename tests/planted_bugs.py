@@ -135,6 +135,13 @@ BUGS: list[Bug] = [
         "allocation = self.allocator.allocate(min(want, self.allocator.capacity_tokens), req.rid)",
     ),
     Bug(
+        "an early post's blocks are allocated with no owner",
+        R,
+        "_try_resume",
+        "allocation = self.allocator.allocate(want, req.rid)",
+        "allocation = self.allocator.allocate(want, None)",
+    ),
+    Bug(
         "a status for an old round fails the request",
         R,
         "_on_landed",
@@ -340,6 +347,7 @@ WHERE: dict[str, str] = {
     "the window is not checked before a waiting round is served": "policy",
     "a bulk early post passes a waiting bulk resume": "policy",
     "a waiting resume insists on its whole remainder": "squeezed pool",
+    "an early post's blocks are allocated with no owner": "policy",
     "a status for an old round fails the request": "id reuse",
     "a lost peer leaves the quarantine held": "small",
     "a late status of a quarantined round is not matched to it": "late sources",

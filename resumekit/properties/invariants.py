@@ -318,9 +318,20 @@ def step_served_in_order(
     if policy is None and after.resumes:
         require(SERVED_IN_ORDER, no_resume_idle(after, receiver.allocator.num_free_blocks))
     require(ACCOUNTED, reported_once(before, after, finished))
+    require(NO_LEAK, owned_by_holder(after))
     if polled is not None:
         require(ACCOUNTED, statuses_counted(before, after, polled()))
     return finished
+
+
+def owned_by_holder(after: ReceiverSnapshot) -> str | None:
+    """Every allocation the receiver holds is owned by the request that holds it: an
+    engine's ``free_owner(rid)`` frees exactly that request's blocks."""
+    for r in after.records:
+        a = r.allocation
+        if a is not None and a.owner != r.rid:
+            return f"the round {r.epoch} of {r.rid!r} holds blocks owned by {a.owner!r}"
+    return None
 
 
 def no_resume_idle(after: ReceiverSnapshot, free_blocks: int) -> str | None:
