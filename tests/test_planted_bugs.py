@@ -49,6 +49,8 @@ FUZZED = (
     "a bulk early post passes a waiting bulk resume",
     "a bulk resume is passed over without end",
     "admissions that pass a bulk resume are not counted",
+    "no request is ever bulk",
+    "a malformed status fails no request",
     "a refusal of the round before fails the request",
     "a finished request is reported under no id",
     "an aborted request is never reported",

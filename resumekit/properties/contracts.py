@@ -123,11 +123,11 @@ class Forged:
     """Quacks like nothing resumekit knows."""
 
 
-def relabelled(allocation: Allocation, generation: int) -> Allocation:
+def relabelled(allocation: Allocation, generation: object) -> Allocation:
     """A copy of ``allocation`` (freed or not, as it is) under another generation: what a
     caller that copies allocations and edits them could hand back."""
     forged = copy.copy(allocation)
-    forged._generation = generation
+    forged._generation = generation  # type: ignore[assignment]  # a forgery holds anything
     return forged
 
 
@@ -223,6 +223,12 @@ ALLOCATOR: list[Case] = [
         ForeignAllocationError,
         "allocation",
     ),
+    (
+        "free a copy with a str generation",
+        lambda w: w.allocator.free(relabelled(w.freed, "1")),
+        ForeignAllocationError,
+        "generation",
+    ),
     ("free_owner list", lambda w: w.allocator.free_owner([]), E, "owner"),
     ("outstanding_of list", lambda w: w.allocator.outstanding_of([]), E, "owner"),
     ("is_live None", lambda w: w.allocator.is_live(None), E, "allocation"),
@@ -240,6 +246,14 @@ ALLOCATOR: list[Case] = [
 ]
 
 
+class _NoAllocator:
+    """Reads and makes outputs like buffers, but has no allocator to size rounds by."""
+
+    def new_output(self, *args: object) -> None: ...
+    def read_into(self, *args: object) -> None: ...
+    def read_aux(self, *args: object) -> None: ...
+
+
 RECEIVER: list[Case] = [
     (
         "ResumableReceiver buffers None",
@@ -248,6 +262,12 @@ RECEIVER: list[Case] = [
         "buffers",
     ),
     ("ResumableReceiver buffers str", lambda w: _R("b", w.transport), E, "buffers"),
+    (
+        "ResumableReceiver buffers without an allocator",
+        lambda w: _R(_NoAllocator(), w.transport),
+        E,
+        "allocator",
+    ),
     (
         "ResumableReceiver buffers allocator",
         lambda w: _R(w.allocator, w.transport),
@@ -518,6 +538,35 @@ def _tombstones_kept(w: ContractWorld) -> bool:
     return sender.snapshot().cancelled == (("late", (2, 3)),)
 
 
+def _membership(w: ContractWorld) -> bool:
+    """``in`` on the receiver and the sender: known ids, an id the sender holds only a
+    parked post of, one it holds only a source of, and ids they do not know."""
+    w.sender.step()  # parks the round 0 of "busy": its source is not there yet
+    w.sender.add("source only", source(4))
+    receiver, sender = w.receiver, w.sender
+    return (
+        "busy" in receiver
+        and "done" in receiver
+        and "nope" not in receiver
+        and [] not in receiver
+        and "busy" in sender
+        and "source only" in sender
+        and "nope" not in sender
+        and [] not in sender
+    )
+
+
+def _bootstrapped(w: ContractWorld) -> bool:
+    """A request added before its peer is known waits in Bootstrapping; ``bootstrapped``
+    lets the next step admit it."""
+    w.receiver.add("late peer", bootstrapped=False)
+    w.receiver.step()
+    waited = w.receiver.poll("late peer") is TransferState.Bootstrapping
+    w.receiver.bootstrapped("late peer")
+    w.receiver.step()
+    return waited and w.receiver.poll("late peer") is TransferState.Transferring
+
+
 #: (name, a call that must succeed and return True)
 GOOD: Final[list[tuple[str, Callable[[ContractWorld], bool]]]] = [
     (
@@ -539,6 +588,8 @@ GOOD: Final[list[tuple[str, Callable[[ContractWorld], bool]]]] = [
     ("a policy's defaults", _policy_defaults),
     ("round 0 learned with auto", _auto_learns),
     ("a sender keeping two tombstones", _tombstones_kept),
+    ("membership of ids", _membership),
+    ("a request admitted once bootstrapped", _bootstrapped),
     (
         "a sender keeping no tombstones",
         lambda w: _S(w.transport, max_tombstones=0).max_tombstones == 0,

@@ -228,6 +228,9 @@ def _waiting(snapshot: ReceiverSnapshot) -> list[tuple[Hashable, int]]:
     ]
 
 
+_WAITING: Final = TransferState.WaitingForInput
+
+
 def _generation(r: RecordState) -> int | None:
     return None if r.allocation is None else r.allocation.generation
 
@@ -317,11 +320,84 @@ def step_served_in_order(
         require(SERVED_IN_ORDER, served_in_order(before, after, policy))
     if policy is None and after.resumes:
         require(SERVED_IN_ORDER, no_resume_idle(after, receiver.allocator.num_free_blocks))
+    if policy is not None:
+        require(SERVED_IN_ORDER, bulk_rounds_yield(before, after, policy))
     require(ACCOUNTED, reported_once(before, after, finished))
     require(NO_LEAK, owned_by_holder(after))
     if polled is not None:
-        require(ACCOUNTED, statuses_counted(before, after, polled()))
+        batch = polled()
+        require(ACCOUNTED, statuses_counted(before, after, batch))
+        require(ACCOUNTED, malformed_fails(before, after, batch))
     return finished
+
+
+def bulk_rounds_yield(
+    before: ReceiverSnapshot, after: ReceiverSnapshot, policy: SchedulingPolicy
+) -> str | None:
+    """Under ``policy``, a bulk request's resumes are at most ``bulk_round_tokens`` (to a
+    block) and, until passed over ``max_passed_over`` times (counting the admissions served
+    in the step), get no blocks in a step after which an admission waiting before it still
+    waits: admissions go first."""
+    cap, limit = policy.bulk_round_tokens, policy.max_passed_over
+    old = {(r.rid, r.incarnation): r for r in before.records}
+    admitting = {(r.rid, r.incarnation) for r in before.admissions if r.state is _WAITING}
+    still = [
+        r.rid
+        for r in after.admissions
+        if r.state is _WAITING and (r.rid, r.incarnation) in admitting
+    ]
+    admitted = sum(
+        1
+        for r in after.records
+        if r.epoch == 0 and r.allocation is not None and (r.rid, r.incarnation) in admitting
+    )
+    for r in after.records:
+        a, was = r.allocation, old.get((r.rid, r.incarnation))
+        if a is None or r.epoch == 0 or not _bulk(r, policy):
+            continue
+        if was is not None and was.allocation is a:
+            continue  # held from before this step
+        blocks = len(a.blocks)
+        if cap is not None and (blocks - 1) * (a.capacity_tokens // blocks) >= cap:
+            return (
+                f"round {r.epoch} of bulk request {r.rid!r} holds {a.capacity_tokens} tokens, "
+                f"more than the policy's {cap} to a block"
+            )
+        # Passed before the step, and by each admission served in it: once that reaches
+        # the bound it goes ahead of the rest.
+        passed = (0 if was is None else was.passed) + admitted
+        if still and passed < limit:
+            return (
+                f"bulk request {r.rid!r} got blocks for round {r.epoch} while the admission "
+                f"of {still[0]!r}, waiting before it, still waits"
+            )
+    return None
+
+
+def malformed_fails(
+    before: ReceiverSnapshot, after: ReceiverSnapshot, batch: Sequence[object]
+) -> str | None:
+    """A malformed status that names a live life (its id and incarnation) ends that life:
+    the receiver cannot tell which round it meant, so the round is a protocol error."""
+    live = {(r.rid, r.incarnation) for r in before.records if not r.state.terminal}
+    if not live:
+        return None
+    named: list[tuple[object, object]] = []
+    for item in batch:
+        if _malformed_status(item):
+            rid, inc = getattr(item, "rid", None), getattr(item, "incarnation", None)
+            try:
+                if (rid, inc) in live:
+                    named.append((rid, inc))
+            except TypeError:  # an unhashable id or incarnation names no life
+                continue
+    for r in after.records:
+        if (r.rid, r.incarnation) in named and not r.state.terminal:
+            return (
+                f"a malformed status named request {r.rid!r} (life {r.incarnation}), "
+                f"which is still {r.state.name} after the step"
+            )
+    return None
 
 
 def owned_by_holder(after: ReceiverSnapshot) -> str | None:
