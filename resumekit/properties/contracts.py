@@ -29,6 +29,7 @@ from resumekit.errors import (
     DuplicateRequestError,
     ForeignAllocationError,
     InvalidArgumentError,
+    InvariantError,
     LeakError,
     RequestNotFinishedError,
     ResumeKitError,
@@ -39,7 +40,11 @@ from resumekit.properties.draws import forged_tensors
 from resumekit.protocol.declaration import TransferState
 from resumekit.protocol.messages import NO_EPOCH, RoundPost
 from resumekit.protocol.policy import SchedulingPolicy
-from resumekit.protocol.receiver import ENV_DEFAULT_ALLOCATE_TOKENS, ResumableReceiver
+from resumekit.protocol.receiver import (
+    ENV_DEFAULT_ALLOCATE_TOKENS,
+    ReceiverObserver,
+    ResumableReceiver,
+)
 from resumekit.protocol.sender import EmbeddingSender
 from resumekit.transports.inprocess import InProcessTransport
 
@@ -476,6 +481,18 @@ SNAPSHOTS: list[Case] = [
         "snapshot",
     ),
     ("sender restore None", lambda w: w.sender.restore(None), E, "snapshot"),
+    (
+        "sender restore ended lives not ints",
+        lambda w: w.sender.restore(w.sender.snapshot()._replace(ended=(("done", "1"),))),
+        E,
+        "ended",
+    ),
+    (
+        "sender restore cancelled lives not ints",
+        lambda w: w.sender.restore(w.sender.snapshot()._replace(cancelled=(("x", ("1",)),))),
+        E,
+        "cancelled",
+    ),
     ("allocator restore None", lambda w: w.allocator.restore(None), E, "snapshot"),
 ]
 
@@ -567,6 +584,81 @@ def _bootstrapped(w: ContractWorld) -> bool:
     return waited and w.receiver.poll("late peer") is TransferState.Transferring
 
 
+def _sender_leak_named(w: ContractWorld) -> bool:
+    """``check_quiescent`` on a sender still holding a source raises, naming the id."""
+    w.sender.add("held", source(4))
+    try:
+        w.sender.check_quiescent()
+    except LeakError as error:
+        return "held" in str(error)
+    return False
+
+
+class _Heard(ReceiverObserver):
+    def __init__(self) -> None:
+        self.consumed: list[tuple[object, int, int]] = []
+        self.events: list[str] = []
+
+    def round_posted(self, post: RoundPost) -> None:
+        self.events.append(f"posted {post.epoch}")
+
+    def round_consumed(self, rid: Any, epoch: int, tokens: int, allocation: Allocation) -> None:
+        self.consumed.append((rid, epoch, tokens))
+        self.events.append(f"consumed {epoch}")
+
+
+def _observer_hears(w: ContractWorld) -> bool:
+    """An observer hears each round consumed, with its epoch and tokens, in order."""
+    transport = InProcessTransport(BlockBuffers(BlockAllocator(8, 4), HIDDEN, device="cpu"))
+    heard = _Heard()
+    receiver = ResumableReceiver(transport.buffers, transport, 4, observer=heard)
+    sender = EmbeddingSender(transport)
+    receiver.add("r")
+    sender.add("r", source(10))
+    for _ in range(8):
+        receiver.step()
+        sender.step()
+    return receiver.take("r").ok and heard.consumed == [("r", 0, 4), ("r", 1, 6)]
+
+
+def _early_post_overlaps(w: ContractWorld) -> bool:
+    """With exactly the blocks the next round needs free, it is posted before the landed
+    round is copied out, so the sender fills it meanwhile."""
+    transport = InProcessTransport(BlockBuffers(BlockAllocator(3, 4), HIDDEN, device="cpu"))
+    heard = _Heard()
+    receiver = ResumableReceiver(transport.buffers, transport, 4, observer=heard)
+    sender = EmbeddingSender(transport)
+    receiver.add("r")
+    sender.add("r", source(12))
+    for _ in range(6):
+        receiver.step()
+        sender.step()
+    expect = ["posted 0", "posted 1", "consumed 0", "consumed 1"]
+    return receiver.take("r").ok and heard.events == expect
+
+
+def _restore_primes_snapshot(w: ContractWorld) -> bool:
+    """After ``restore(s)`` the receiver's ``snapshot()`` is ``s`` itself until it changes
+    (the explorer relies on it: an unchanged part is neither copied nor rebuilt)."""
+    snap = w.receiver.snapshot()
+    w.receiver.add("later")
+    w.receiver.restore(snap)
+    return w.receiver.snapshot() is snap and "later" not in w.receiver
+
+
+def _unissued_generation_seen(w: ContractWorld) -> bool:
+    """``check_invariants`` sees a live generation the allocator never issued."""
+    allocator = BlockAllocator(4, 4)
+    a = allocator.allocate(4, "o")
+    assert a is not None
+    allocator._next_generation = a.generation  # bookkeeping corrupted by hand
+    try:
+        allocator.check_invariants()
+    except InvariantError:
+        return True
+    return False
+
+
 #: (name, a call that must succeed and return True)
 GOOD: Final[list[tuple[str, Callable[[ContractWorld], bool]]]] = [
     (
@@ -590,6 +682,11 @@ GOOD: Final[list[tuple[str, Callable[[ContractWorld], bool]]]] = [
     ("a sender keeping two tombstones", _tombstones_kept),
     ("membership of ids", _membership),
     ("a request admitted once bootstrapped", _bootstrapped),
+    ("a sender's leak names the id", _sender_leak_named),
+    ("an observer hears each round consumed", _observer_hears),
+    ("an early post overlaps the copy-out", _early_post_overlaps),
+    ("restore primes the receiver's snapshot", _restore_primes_snapshot),
+    ("check_invariants sees a generation never issued", _unissued_generation_seen),
     (
         "a sender keeping no tombstones",
         lambda w: _S(w.transport, max_tombstones=0).max_tombstones == 0,

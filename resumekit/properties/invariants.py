@@ -379,18 +379,18 @@ def malformed_fails(
 ) -> str | None:
     """A malformed status that names a live life (its id and incarnation) ends that life:
     the receiver cannot tell which round it meant, so the round is a protocol error."""
-    live = {(r.rid, r.incarnation) for r in before.records if not r.state.terminal}
-    if not live:
+    bad = [item for item in batch if _malformed_status(item)]
+    if not bad:
         return None
+    live = {(r.rid, r.incarnation) for r in before.records if not r.state.terminal}
     named: list[tuple[object, object]] = []
-    for item in batch:
-        if _malformed_status(item):
-            rid, inc = getattr(item, "rid", None), getattr(item, "incarnation", None)
-            try:
-                if (rid, inc) in live:
-                    named.append((rid, inc))
-            except TypeError:  # an unhashable id or incarnation names no life
-                continue
+    for item in bad:
+        rid, inc = getattr(item, "rid", None), getattr(item, "incarnation", None)
+        try:
+            if (rid, inc) in live:
+                named.append((rid, inc))
+        except TypeError:  # an unhashable id or incarnation names no life
+            continue
     for r in after.records:
         if (r.rid, r.incarnation) in named and not r.state.terminal:
             return (
