@@ -38,7 +38,7 @@ from resumekit.errors import (
 )
 from resumekit.properties.draws import forged_tensors
 from resumekit.protocol.declaration import TransferState
-from resumekit.protocol.messages import NO_EPOCH, RoundPost
+from resumekit.protocol.messages import NO_EPOCH, RoundPost, SenderError
 from resumekit.protocol.policy import SchedulingPolicy
 from resumekit.protocol.receiver import (
     ENV_DEFAULT_ALLOCATE_TOKENS,
@@ -345,6 +345,7 @@ RECEIVER: list[Case] = [
     ("add a finished id", lambda w: w.receiver.add("done"), DuplicateRequestError, "done"),
     ("add bootstrapped str", lambda w: w.receiver.add("n", bootstrapped="no"), E, "bootstrapped"),
     ("add bootstrapped 1", lambda w: w.receiver.add("n", bootstrapped=1), E, "bootstrapped"),
+    ("add size_hint list", lambda w: w.receiver.add("n", size_hint=[]), E, "size_hint"),
     ("poll unknown", lambda w: w.receiver.poll("nope"), UnknownRequestError, "nope"),
     ("poll list", lambda w: w.receiver.poll([]), UnknownRequestError, "rid"),
     ("abort unknown", lambda w: w.receiver.abort("nope"), UnknownRequestError, "nope"),
@@ -473,7 +474,14 @@ SNAPSHOTS: list[Case] = [
         LeakError,
         "not taken",
     ),
+    (
+        "allocator check_quiescent with blocks held",
+        lambda w: w.allocator.check_quiescent(),
+        LeakError,
+        "leaked",
+    ),
     ("receiver restore None", lambda w: w.receiver.restore(None), E, "snapshot"),
+    ("receiver restore str", lambda w: w.receiver.restore("s"), E, "str"),
     (
         "receiver restore a record of no state",
         lambda w: w.receiver.restore(_bad_record(w)),
@@ -637,6 +645,44 @@ def _early_post_overlaps(w: ContractWorld) -> bool:
     return receiver.take("r").ok and heard.events == expect
 
 
+def _early_post_whole(w: ContractWorld) -> bool:
+    """With fewer blocks free than the next round needs, nothing is posted early, and the
+    round posted once the landed one is freed is whole: an early post never shrinks it."""
+    transport = InProcessTransport(BlockBuffers(BlockAllocator(3, 4), HIDDEN, device="cpu"))
+    heard = _Heard()
+    receiver = ResumableReceiver(transport.buffers, transport, 4, observer=heard)
+    sender = EmbeddingSender(transport)
+    receiver.add("r")
+    sender.add("r", source(16))
+    for _ in range(6):
+        receiver.step()
+        sender.step()
+    expect = ["posted 0", "consumed 0", "posted 1", "consumed 1"]
+    return receiver.take("r").ok and heard.events == expect
+
+
+def _sender_error_reason_kept(w: ContractWorld) -> bool:
+    """A sender's refusal of the round in flight fails the request with the sender's reason."""
+    w.transport.report(SenderError("busy", 0, "disk on fire", incarnation=w.post.incarnation))
+    w.receiver.step()
+    record = w.receiver.take("busy")
+    return not record.ok and "disk on fire" in (record.reason or "")
+
+
+def _missing_block_seen(w: ContractWorld) -> bool:
+    """``check_invariants`` names a block that is neither free nor allocated."""
+    allocator = BlockAllocator(4, 4)
+    a = allocator.allocate(4, "o")
+    assert a is not None
+    del allocator._live[a.generation]  # bookkeeping corrupted by hand
+    allocator._by_owner.pop("o")
+    try:
+        allocator.check_invariants()
+    except InvariantError as error:
+        return "neither free nor allocated" in str(error)
+    return False
+
+
 def _restore_primes_snapshot(w: ContractWorld) -> bool:
     """After ``restore(s)`` the receiver's ``snapshot()`` is ``s`` itself until it changes
     (the explorer relies on it: an unchanged part is neither copied nor rebuilt)."""
@@ -657,6 +703,45 @@ def _unissued_generation_seen(w: ContractWorld) -> bool:
     except InvariantError:
         return True
     return False
+
+
+def _hints_kept_apart(w: ContractWorld) -> bool:
+    """With ``"auto"``, each size hint learns its own round 0: 40-token requests of one
+    hint and 100-token requests of another end up with different round 0s."""
+    allocator = BlockAllocator(64, 4)
+    transport = InProcessTransport(BlockBuffers(allocator, HIDDEN, device="cpu"))
+    receiver = ResumableReceiver(transport.buffers, transport, "auto")
+    sender = EmbeddingSender(transport)
+    for n in range(40):
+        hint, tokens = ("small", 40) if n % 2 else ("large", 100)
+        receiver.add(n, size_hint=hint)
+        sender.add(n, source(tokens))
+        for _ in range(8):
+            receiver.step()
+            sender.step()
+        if not receiver.take(n).ok:
+            return False
+    capacities = []
+    for hint in ("small", "large"):
+        receiver.add(hint, size_hint=hint)
+        receiver.step()
+        post = transport.posts[-1]
+        if not isinstance(post, RoundPost):
+            return False
+        capacities.append(post.capacity_tokens)
+    return capacities[0] < capacities[1]
+
+
+def _late_source_of_another_life(w: ContractWorld) -> bool:
+    """A named source of an ended life holding no tombstone is dropped, and the other lives'
+    tombstones stay."""
+    transport = InProcessTransport(BlockBuffers(BlockAllocator(8, 4), HIDDEN, device="cpu"))
+    sender = EmbeddingSender(transport, max_tombstones=2)
+    for life in (1, 2, 3):
+        transport.cancel("late", NO_EPOCH, incarnation=life)
+        sender.step()
+    kept = sender.add("late", source(4), incarnation=1) is False
+    return kept and sender.snapshot().cancelled == (("late", (2, 3)),)
 
 
 #: (name, a call that must succeed and return True)
@@ -680,11 +765,16 @@ GOOD: Final[list[tuple[str, Callable[[ContractWorld], bool]]]] = [
     ("a policy's defaults", _policy_defaults),
     ("round 0 learned with auto", _auto_learns),
     ("a sender keeping two tombstones", _tombstones_kept),
+    ("a late source of a life with no tombstone", _late_source_of_another_life),
+    ("size hints learn apart", _hints_kept_apart),
     ("membership of ids", _membership),
     ("a request admitted once bootstrapped", _bootstrapped),
     ("a sender's leak names the id", _sender_leak_named),
     ("an observer hears each round consumed", _observer_hears),
     ("an early post overlaps the copy-out", _early_post_overlaps),
+    ("an early post is whole or not made", _early_post_whole),
+    ("a sender error's reason is kept", _sender_error_reason_kept),
+    ("check_invariants names a block lost", _missing_block_seen),
     ("restore primes the receiver's snapshot", _restore_primes_snapshot),
     ("check_invariants sees a generation never issued", _unissued_generation_seen),
     (
