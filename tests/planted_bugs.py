@@ -156,6 +156,13 @@ BUGS: list[Bug] = [
         'rid = getattr(status, "RID", None)',
     ),
     Bug(
+        "an orphan status resets the orphan count",
+        R,
+        "_on_status",
+        "self.orphan_statuses += 1",
+        "self.orphan_statuses = 1",
+    ),
+    Bug(
         "a status for an old round fails the request",
         R,
         "_on_landed",
@@ -364,6 +371,7 @@ WHERE: dict[str, str] = {
     "an early post's blocks are allocated with no owner": "policy",
     "no request is ever bulk": "policy",
     "a malformed status fails no request": "forged and poisoned",
+    "an orphan status resets the orphan count": "id reuse",
     "a status for an old round fails the request": "id reuse",
     "a lost peer leaves the quarantine held": "small",
     "a late status of a quarantined round is not matched to it": "late sources",

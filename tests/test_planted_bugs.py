@@ -51,6 +51,7 @@ FUZZED = (
     "admissions that pass a bulk resume are not counted",
     "no request is ever bulk",
     "a malformed status fails no request",
+    "an orphan status resets the orphan count",
     "a refusal of the round before fails the request",
     "a finished request is reported under no id",
     "an aborted request is never reported",

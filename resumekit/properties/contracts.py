@@ -186,6 +186,7 @@ ALLOCATOR: list[Case] = [
     ),
     ("allocate list owner", lambda w: w.allocator.allocate(4, []), E, "owner"),
     ("allocate dict owner", lambda w: w.allocator.allocate(4, {}), E, "owner"),
+    ("allocate list owner, named", lambda w: w.allocator.allocate(4, []), E, "list"),
     (
         "allocate list owner when full",
         lambda w: w.allocator.allocate(10**2, []),
@@ -398,6 +399,12 @@ SENDER: list[Case] = [
         "source",
     ),
     (
+        "sender add int embeddings",
+        lambda w: w.sender.add("busy", forged_tensors(EMB.to(torch.int32), FILL, MROPE)),
+        E,
+        "embeddings",
+    ),
+    (
         "sender add forged int64 fill",
         lambda w: w.sender.add("busy", forged_tensors(EMB, FILL.long(), MROPE)),
         E,
@@ -564,13 +571,15 @@ def _tombstones_kept(w: ContractWorld) -> bool:
 
 
 def _membership(w: ContractWorld) -> bool:
-    """``in`` on the receiver and the sender: known ids, an id the sender holds only a
-    parked post of, one it holds only a source of, and ids they do not know."""
+    """``in`` and ``len`` on the receiver and the sender: known ids, an id the sender holds
+    only a parked post of, one it holds only a source of, and ids they do not know."""
     w.sender.step()  # parks the round 0 of "busy": its source is not there yet
     w.sender.add("source only", source(4))
     receiver, sender = w.receiver, w.sender
     return (
-        "busy" in receiver
+        len(receiver) == 2
+        and len(sender) == 1
+        and "busy" in receiver
         and "done" in receiver
         and "nope" not in receiver
         and [] not in receiver
@@ -614,6 +623,9 @@ class _Heard(ReceiverObserver):
         self.consumed.append((rid, epoch, tokens))
         self.events.append(f"consumed {epoch}")
 
+    def request_failed(self, rid: Any, reason: str) -> None:
+        self.events.append(f"failed {rid}: {reason}")
+
 
 def _observer_hears(w: ContractWorld) -> bool:
     """An observer hears each round consumed, with its epoch and tokens, in order."""
@@ -643,6 +655,17 @@ def _early_post_overlaps(w: ContractWorld) -> bool:
         sender.step()
     expect = ["posted 0", "posted 1", "consumed 0", "consumed 1"]
     return receiver.take("r").ok and heard.events == expect
+
+
+def _observer_hears_failure(w: ContractWorld) -> bool:
+    """An observer hears a request fail, with its id and the abort's reason."""
+    transport = InProcessTransport(BlockBuffers(BlockAllocator(8, 4), HIDDEN, device="cpu"))
+    heard = _Heard()
+    receiver = ResumableReceiver(transport.buffers, transport, 4, observer=heard)
+    receiver.add("r")
+    receiver.step()
+    receiver.abort("r", reason="user left")
+    return heard.events == ["posted 0", "failed r: user left"]
 
 
 def _early_post_whole(w: ContractWorld) -> bool:
@@ -732,6 +755,16 @@ def _hints_kept_apart(w: ContractWorld) -> bool:
     return capacities[0] < capacities[1]
 
 
+def _ended_bounded(w: ContractWorld) -> bool:
+    """A sender with ``max_tombstones=2`` remembers the ended lives of the last two ids."""
+    transport = InProcessTransport(BlockBuffers(BlockAllocator(8, 4), HIDDEN, device="cpu"))
+    sender = EmbeddingSender(transport, max_tombstones=2)
+    for rid in ("a", "b", "c"):
+        transport.cancel(rid, NO_EPOCH, incarnation=1)
+        sender.step()
+    return sender.snapshot().ended == (("b", 1), ("c", 1))
+
+
 def _late_source_of_another_life(w: ContractWorld) -> bool:
     """A named source of an ended life holding no tombstone is dropped, and the other lives'
     tombstones stay."""
@@ -766,12 +799,14 @@ GOOD: Final[list[tuple[str, Callable[[ContractWorld], bool]]]] = [
     ("round 0 learned with auto", _auto_learns),
     ("a sender keeping two tombstones", _tombstones_kept),
     ("a late source of a life with no tombstone", _late_source_of_another_life),
+    ("ended lives of the last ids only", _ended_bounded),
     ("size hints learn apart", _hints_kept_apart),
     ("membership of ids", _membership),
     ("a request admitted once bootstrapped", _bootstrapped),
     ("a sender's leak names the id", _sender_leak_named),
     ("an observer hears each round consumed", _observer_hears),
     ("an early post overlaps the copy-out", _early_post_overlaps),
+    ("an observer hears a failure", _observer_hears_failure),
     ("an early post is whole or not made", _early_post_whole),
     ("a sender error's reason is kept", _sender_error_reason_kept),
     ("check_invariants names a block lost", _missing_block_seen),

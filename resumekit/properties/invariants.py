@@ -491,7 +491,8 @@ def statuses_counted(
     before: ReceiverSnapshot, after: ReceiverSnapshot, batch: Sequence[object]
 ) -> str | None:
     """The receiver counts each status it drops once at most, as stale, orphan or malformed,
-    and as malformed exactly the items that are; a record's stale count moves with the total."""
+    as malformed exactly the items that are and as orphans exactly those of no life it holds
+    (:func:`_orphans`); a record's stale count moves with the total."""
     bad = sum(1 for s in batch if _malformed_status(s))
     deltas = (
         after.stale_statuses - before.stale_statuses,
@@ -500,12 +501,41 @@ def statuses_counted(
     )
     was = {(r.rid, r.incarnation): r.stale for r in before.records}
     per_record = sum(r.stale - was.get((r.rid, r.incarnation), 0) for r in after.records)
-    if min(deltas) < 0 or sum(deltas) > len(batch) or deltas[2] != bad or per_record != deltas[0]:
+    orphans = _orphans(before, batch) if batch else 0
+    if (
+        min(deltas) < 0
+        or sum(deltas) > len(batch)
+        or deltas[2] != bad
+        or deltas[1] != orphans
+        or per_record != deltas[0]
+    ):
         return (
-            f"a step of {len(batch)} item(s), {bad} malformed, moved the stale, orphan and "
-            f"malformed counts by {deltas} and the records' stale counts by {per_record}"
+            f"a step of {len(batch)} item(s), {bad} malformed and {orphans} of no life held, "
+            f"moved the stale, orphan and malformed counts by {deltas} and the records' "
+            f"stale counts by {per_record}"
         )
     return None
+
+
+def _orphans(before: ReceiverSnapshot, batch: Sequence[object]) -> int:
+    """The well-formed round statuses of ``batch`` that name no life the receiver holds (no
+    record of the id, or one of another life) and no quarantined round, in batch order: a
+    status of a quarantined round frees it, and a lost peer frees them all."""
+    lives = {r.rid: r.incarnation for r in before.records}
+    held = {k for k, _ in before.quarantine}
+    n = 0
+    for item in batch:
+        kind = type(item)
+        if kind is msg.PeerLost:
+            held.clear()
+        elif kind in msg.ROUND_STATUSES and msg.malformed_status(item) is None:
+            s: msg.Landed | msg.Cancelled | msg.SenderError = item  # type: ignore[assignment]
+            key = (s.rid, s.incarnation, s.epoch)
+            if key in held:
+                held.discard(key)
+            elif s.rid not in lives or lives[s.rid] != s.incarnation:
+                n += 1
+    return n
 
 
 def _malformed_status(item: object) -> bool:
