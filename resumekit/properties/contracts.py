@@ -207,6 +207,7 @@ ALLOCATOR: list[Case] = [
     ("free None", lambda w: w.allocator.free(None), E, "allocation"),
     ("free object", lambda w: w.allocator.free(Forged()), E, "allocation"),
     ("free str", lambda w: w.allocator.free("blocks"), E, "allocation"),
+    ("free str, named", lambda w: w.allocator.free("blocks"), E, "str"),
     ("free twice", lambda w: w.allocator.free(w.freed), DoubleFreeError, "allocation"),
     ("free foreign", lambda w: w.allocator.free(w.foreign), ForeignAllocationError, "allocation"),
     (
@@ -250,6 +251,31 @@ ALLOCATOR: list[Case] = [
     ("blocks_for str", lambda w: w.allocator.blocks_for("1"), E, "num_tokens"),
     ("blocks_for float", lambda w: w.allocator.blocks_for(1.0), E, "num_tokens"),
 ]
+
+
+class _StrIds(InProcessTransport):
+    """A transport that carries only str ids (as a wire format might)."""
+
+    def check_request_id(self, rid: Any) -> None:
+        if type(rid) is not str:
+            raise InvalidArgumentError(f"rid must be a str on this transport, not {rid!r}")
+
+
+def _narrow_add(w: ContractWorld) -> object:
+    receiver = ResumableReceiver(w.buffers, _StrIds(w.buffers), 16)
+    return receiver.add(7)
+
+
+def _narrow_add_accepts(w: ContractWorld) -> bool:
+    """The transport judges the id the engine passed: one it carries is added."""
+    receiver = ResumableReceiver(w.buffers, _StrIds(w.buffers), 16)
+    receiver.add("seven")
+    return "seven" in receiver
+
+
+def _sizing_swapped(w: ContractWorld) -> None:
+    auto = ResumableReceiver(w.buffers, w.transport, "auto")
+    auto.restore(w.receiver.snapshot())
 
 
 class _NoAllocator:
@@ -341,6 +367,7 @@ RECEIVER: list[Case] = [
         "observer",
     ),
     ("add list", lambda w: w.receiver.add([]), E, "rid"),
+    ("add an id the transport cannot carry", _narrow_add, E, "rid"),
     ("add dict", lambda w: w.receiver.add({}), E, "rid"),
     ("add a known id", lambda w: w.receiver.add("busy"), DuplicateRequestError, "busy"),
     ("add a finished id", lambda w: w.receiver.add("done"), DuplicateRequestError, "done"),
@@ -489,6 +516,7 @@ SNAPSHOTS: list[Case] = [
     ),
     ("receiver restore None", lambda w: w.receiver.restore(None), E, "snapshot"),
     ("receiver restore str", lambda w: w.receiver.restore("s"), E, "str"),
+    ("receiver restore a fixed round 0 into auto", _sizing_swapped, E, "sizing"),
     (
         "receiver restore a record of no state",
         lambda w: w.receiver.restore(_bad_record(w)),
@@ -800,6 +828,7 @@ GOOD: Final[list[tuple[str, Callable[[ContractWorld], bool]]]] = [
     ("a sender keeping two tombstones", _tombstones_kept),
     ("a late source of a life with no tombstone", _late_source_of_another_life),
     ("ended lives of the last ids only", _ended_bounded),
+    ("an id the transport carries", _narrow_add_accepts),
     ("size hints learn apart", _hints_kept_apart),
     ("membership of ids", _membership),
     ("a request admitted once bootstrapped", _bootstrapped),
