@@ -320,6 +320,13 @@ BUGS: list[Bug] = [
         "if post.epoch > src.next_epoch + 1:",
     ),
     Bug(
+        "the sender serves a post that resumes where it did not stop",
+        SND,
+        "_serve",
+        "elif post.sent != src.sent:",
+        "elif post.sent < src.sent:",
+    ),
+    Bug(
         "a step serves one waiting resume and stops, blocks still free",
         R,
         "_serve_waiting",
@@ -363,6 +370,7 @@ WHERE: dict[str, str] = {
         "forged and poisoned"
     ),
     "the sender serves a post one round ahead of the next it owes": "forged and poisoned",
+    "the sender serves a post that resumes where it did not stop": "forged and poisoned",
     "a step serves one waiting resume and stops, blocks still free": "squeezed pool",
     "admissions that pass a bulk resume are not counted": "policy",
     "the window is not checked before a waiting round is served": "policy",

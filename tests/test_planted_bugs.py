@@ -57,6 +57,7 @@ FUZZED = (
     "an aborted request is never reported",
     "a stale post is counted twice",
     "a malformed post is refused without a reason",
+    "the sender serves a post that resumes where it did not stop",
 )
 
 

@@ -141,6 +141,22 @@ def state_key(
     return k if perm is None else renamed(k, perm)
 
 
+def budget_split(k: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """Key ``k`` of :func:`state_key` as the rest, and the fault budget left with the hurt
+    flags (what :func:`covers` compares)."""
+    return (*k[:3], *k[5:]), (k[3], k[4])
+
+
+def covers(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    """Whether budget and hurt ``a`` (of :func:`budget_split`) allow every fault ``b`` does
+    and hurt no request ``b`` leaves unhurt: with the same rest, the state of ``a`` has
+    every future of ``b``'s, judged at least as strictly."""
+    (budget_a, hurt_a), (budget_b, hurt_b) = a, b
+    return all(x >= y for x, y in zip(budget_a, budget_b, strict=True)) and all(
+        y or not x for x, y in zip(hurt_a, hurt_b, strict=True)
+    )
+
+
 def request_permutation(s: WorldState) -> tuple[int, ...] | None:
     """The new name of each request, for requests of equal totals named in the order the
     receiver holds their live records (then the rest in index order); ``None`` for no change.

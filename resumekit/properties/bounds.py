@@ -56,6 +56,8 @@ OLD: Final = "old"  # a forged status of a round of this life already consumed
 POISONED_STATUS: Final = ("epoch", "tokens", "final", "incarnation")
 POISONED_POST: Final = ("blocks", "sent", "incarnation")
 AHEAD: Final = "ahead"  # a well-typed post that skips a round: the sender must refuse it
+#: A well-typed post of the round the sender owes, resuming past the tokens it sent.
+ASKEW: Final = "askew"
 POISON_VALUES: Final[dict[str, Any]] = {
     "epoch": None,
     "tokens": "1",
@@ -248,6 +250,7 @@ def bounds_sets(quick: bool = False) -> list[tuple[str, Bounds]]:
 __all__ = [
     "ADVERSARY_BOUNDS",
     "AHEAD",
+    "ASKEW",
     "BUDGETED",
     "BUDGET_INDEX",
     "FAIR",

@@ -33,6 +33,7 @@ from resumekit.errors import (
     LeakError,
     RequestNotFinishedError,
     ResumeKitError,
+    TransportError,
     UnknownRequestError,
     UseAfterFreeError,
 )
@@ -720,6 +721,36 @@ def _sender_error_reason_kept(w: ContractWorld) -> bool:
     return not record.ok and "disk on fire" in (record.reason or "")
 
 
+def _copy_out_failure_fails_request(w: ContractWorld) -> bool:
+    """A copy-out that fails (the transport lost the round's bytes) fails that request
+    with the error in its reason, frees its blocks and leaves the step to go on."""
+    allocator = BlockAllocator(8, 4)
+    transport = InProcessTransport(BlockBuffers(allocator, HIDDEN, device="cpu"))
+    receiver = ResumableReceiver(transport.buffers, transport, 4)
+    sender = EmbeddingSender(transport)
+
+    def lost(*args: object) -> None:
+        raise TransportError("the round's bytes are gone")
+
+    receiver.add("r")
+    sender.add("r", source(12))
+    receiver.step()
+    sender.step()
+    transport.buffers.read_into = lost  # type: ignore[method-assign,assignment]
+    receiver.step()
+    record = receiver.take("r")
+    for _ in range(2):  # the sender answers the cancel of a round posted early
+        sender.step()
+        receiver.step()
+    reason = record.reason or ""
+    return (
+        not record.ok
+        and "protocol error" in reason
+        and "bytes are gone" in reason
+        and allocator.num_free_blocks == allocator.num_blocks
+    )
+
+
 def _missing_block_seen(w: ContractWorld) -> bool:
     """``check_invariants`` names a block that is neither free nor allocated."""
     allocator = BlockAllocator(4, 4)
@@ -838,6 +869,7 @@ GOOD: Final[list[tuple[str, Callable[[ContractWorld], bool]]]] = [
     ("an observer hears a failure", _observer_hears_failure),
     ("an early post is whole or not made", _early_post_whole),
     ("a sender error's reason is kept", _sender_error_reason_kept),
+    ("a failed copy-out fails its request", _copy_out_failure_fails_request),
     ("check_invariants names a block lost", _missing_block_seen),
     ("restore primes the receiver's snapshot", _restore_primes_snapshot),
     ("check_invariants sees a generation never issued", _unissued_generation_seen),
@@ -885,6 +917,13 @@ def check_contracts() -> ContractReport:
     """Every case on a fresh world, every good call, then every case on one world that must
     still finish its requests afterwards."""
     broken: list[tuple[str, str]] = []
+    checked = len(CASES) + len(GOOD) + 1
+    try:
+        make_world()
+    except Exception as error:  # the shipped objects refuse good arguments: nothing else runs
+        return ContractReport(
+            checked, (("a fresh world", f"raised {type(error).__name__}: {error}"),)
+        )
     for case in CASES:
         problem = check_case(make_world(), case)
         if problem is not None:
@@ -898,7 +937,7 @@ def check_contracts() -> ContractReport:
     problem = _still_works()
     if problem is not None:
         broken.append(("after every refusal", problem))
-    return ContractReport(len(CASES) + len(GOOD) + 1, tuple(broken))
+    return ContractReport(checked, tuple(broken))
 
 
 def _still_works() -> str | None:

@@ -21,34 +21,26 @@ import time
 from array import array
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from resumekit._check import as_int, check_bool, check_callback
-from resumekit.errors import InvalidArgumentError, ResumeKitError
+from resumekit.errors import InvalidArgumentError
+from resumekit.properties.abstraction import budget_split, covers
 from resumekit.properties.bounds import FAIR, Bounds
+from resumekit.properties.counterexample import (
+    Counterexample,
+    ReplayDiverged,
+    replay,
+    stuck,
+    unrestorable,
+    violation,
+)
 from resumekit.properties.forking import fork_pool
-from resumekit.properties.invariants import CRASH, LIVENESS, InvariantViolation
+from resumekit.properties.invariants import CRASH
 from resumekit.properties.model import Harness
 from resumekit.properties.strategies import Strategy
-from resumekit.properties.trace import action_text
 from resumekit.properties.world import World, WorldState
-
-
-@dataclass
-class Counterexample:
-    invariant: str
-    detail: str
-    totals: tuple[int, ...]
-    actions: list[str] = field(default_factory=list)
-
-    def format(self) -> str:
-        lines = [
-            f"violates {self.invariant}: {self.detail}",
-            f"  requests' totals (tokens): {list(self.totals)}",
-        ]
-        lines += [f"  {i}. {a}" for i, a in enumerate(self.actions, 1)]
-        return "\n".join(lines)
 
 
 @dataclass
@@ -66,11 +58,6 @@ class Exploration:
     @property
     def states_per_second(self) -> float:
         return self.states / self.seconds if self.seconds else 0.0
-
-
-class ReplayDiverged(ResumeKitError, AssertionError):
-    """A trace, replayed from its initial state, went elsewhere than where it was found:
-    the code under check is not deterministic (a checker's own defect to fix)."""
 
 
 def explore(
@@ -93,8 +80,8 @@ def explore(
     at the first that has a violation (enough to show a design is broken).
     ``max_states`` caps each partition, ``deadline`` (a ``time.perf_counter()``
     value) the whole run between partitions; a capped run is not complete. ``reductions``
-    off keys states as before issue 23's (:class:`~resumekit.properties.model.Harness`):
-    the same verdicts, more states.
+    off keys states as before issue 23's (:class:`~resumekit.properties.model.Harness`)
+    and covers no fault budget (:class:`_Coverage`): the same verdicts, more states.
     """
     if not isinstance(bounds, Bounds):
         raise InvalidArgumentError(f"bounds must be a Bounds, not {type(bounds).__name__}")
@@ -229,7 +216,7 @@ def _explore_from(
 
 
 class _Graph:
-    """The explored graph: parents and actions for traces, edges for liveness."""
+    """The explored graph: parents and actions for traces, edges and done states for liveness."""
 
     def __init__(self) -> None:
         self.parent = array("q")
@@ -237,6 +224,7 @@ class _Graph:
         self.src, self.dst = array("q"), array("q")
         # Per edge: 0 where the other pool user gives back a block it may keep for good.
         self.patient = bytearray()
+        self.done: list[int] = []  # the states where every request ended and nothing moves
 
     def add_state(self, parent: int, action: tuple[Any, ...] | None) -> int:
         self.parent.append(parent)
@@ -253,61 +241,37 @@ class _Graph:
         return actions[::-1]
 
 
-def replay(
-    harness: Harness,
-    totals: tuple[int, ...],
-    actions: list[tuple[Any, ...]],
-    *,
-    raises_at_end: bool = False,
-) -> list[str]:
-    """The lines of a trace, replayed on fresh objects from the initial world.
+class _Coverage:
+    """Fault-budget subsumption: a new key is mapped to a state already kept that differs
+    from it only in budget and hurt requests, with at least its budget and no request
+    hurt that it does not hurt too (:func:`~resumekit.properties.abstraction.covers`).
 
-    Only the last action may raise, and it must when ``raises_at_end`` (the violation
-    was that action raising); anything else raises :class:`ReplayDiverged`, never a
-    silently shorter trace.
+    Sound for every verdict: the budget and the hurt flags are the harness's own, read by
+    no shipped code; a larger budget enables every fault a smaller one does and nothing
+    else, and a request not hurt is judged more strictly. So the kept state can do all
+    the covered one can, and anything wrong after the covered one is wrong after the kept
+    one; fair steps never read either, so liveness is the same from both.
     """
-    w = harness.initial_world(totals)
-    lines = []
-    for n, action in enumerate(actions, 1):
-        lines.append(action_text(action, w))
-        try:
-            harness.apply(w, action)
-            harness.key(w.snapshot())  # as the explorer does after every action
-        except Exception as error:
-            if n == len(actions) and raises_at_end:
-                return lines
-            raise ReplayDiverged(
-                f"replaying action {n} of {len(actions)} ({lines[-1]}) raised "
-                f"{type(error).__name__}: {error}"
-            ) from error
-    if raises_at_end:
-        raise ReplayDiverged(
-            f"the last of {len(actions)} actions ({lines[-1] if lines else 'none'}) raised "
-            "when explored, and not when replayed"
-        )
-    return lines
+
+    def __init__(self) -> None:
+        self.kept: dict[tuple[Any, ...], list[tuple[tuple[Any, ...], int]]] = {}
+
+    def covered(self, k: tuple[Any, ...], new: int) -> int:
+        """The kept state that covers key ``k``, or ``new`` (then kept as the state of ``k``)."""
+        rest, faults = budget_split(k)
+        kept = self.kept.get(rest)
+        if kept is None:
+            self.kept[rest] = [(faults, new)]
+            return new
+        for other, j in kept:
+            if covers(other, faults):
+                return j
+        kept.append((faults, new))
+        return new
 
 
-def _violation(
-    harness: Harness,
-    totals: tuple[int, ...],
-    actions: list[tuple[Any, ...]],
-    error: BaseException,
-) -> Counterexample:
-    if isinstance(error, InvariantViolation):
-        invariant, detail = error.invariant, error.detail
-    else:
-        invariant, detail = CRASH, f"{type(error).__name__}: {error}"
-    return Counterexample(
-        invariant, detail, totals, replay(harness, totals, actions, raises_at_end=True)
-    )
-
-
-def _unrestorable(
-    harness: Harness, totals: tuple[int, ...], path: list[tuple[Any, ...]], error: Exception
-) -> Counterexample:
-    detail = f"the state these actions leave cannot be restored: {type(error).__name__}: {error}"
-    return Counterexample(CRASH, detail, totals, replay(harness, totals, path))
+def _uncovered(k: tuple[Any, ...], new: int) -> int:
+    return new
 
 
 def _bfs(
@@ -318,13 +282,15 @@ def _bfs(
     deadline: float | None = None,
 ) -> Exploration:
     result = Exploration(harness.strategy.name, harness.bounds)
-    start = time.perf_counter()
-    graph = _Graph()
+    start, graph = time.perf_counter(), _Graph()
     index: dict[tuple[Any, ...], int] = {}
-    done: list[int] = []
-    w = harness.initial_world(totals)  # the one world every state is restored into
-    first = w.snapshot()
-    index[harness.key(first)] = graph.add_state(-1, None)
+    begun = _initial(harness, totals)
+    if isinstance(begun, Counterexample):
+        result.violation = begun
+        return _finish(result, graph, start)
+    w, first, k = begun  # the one world every state is restored into
+    covered = _Coverage().covered if harness.reductions else _uncovered
+    index[k] = covered(k, graph.add_state(-1, None))
     queue: deque[tuple[int, WorldState]] = deque([(0, first)])
     actions_of, apply, key, is_done = harness.actions, harness.apply, harness.key, harness.is_done
     src, dst, patient = graph.src, graph.dst, graph.patient
@@ -334,7 +300,7 @@ def _bfs(
         try:
             w.restore(s)
         except Exception as error:  # the shipped objects refuse the state their code left
-            result.violation = _unrestorable(harness, totals, graph.path(i), error)
+            result.violation = unrestorable(harness, totals, graph.path(i), error)
             return _finish(result, graph, start)
         actions = actions_of(w, s)
         # The other pool user may keep what leaves the requests a default round; it
@@ -348,19 +314,17 @@ def _bfs(
                 t = w.snapshot()
                 k = key(t)
             except Exception as error:  # an invariant, or the real code raising: both findings
-                result.violation = _violation(harness, totals, [*graph.path(i), action], error)
+                result.violation = violation(harness, totals, [*graph.path(i), action], error)
                 return _finish(result, graph, start)
-            j = index.setdefault(k, len(graph.via))
+            j = index.get(k, -1)
+            if j < 0:
+                j = index[k] = covered(k, len(graph.via))
             if j == len(graph.via):
                 graph.add_state(i, action)
                 if is_done(w):
-                    done.append(j)
-                    problems = harness.done_problems(w)  # takes from w: restored next
-                    if problems:
-                        invariant, detail = problems[0]
-                        result.violation = Counterexample(
-                            invariant, detail, totals, replay(harness, totals, graph.path(j))
-                        )
+                    graph.done.append(j)
+                    result.violation = _judged(harness, totals, w, graph, j)
+                    if result.violation is not None:
                         return _finish(result, graph, start)
                 queue.append((j, t))
             src.append(i)
@@ -371,33 +335,37 @@ def _bfs(
             return _finish(result, graph, start)
         if max_states is not None and len(graph.via) >= max_states:
             return _finish(result, graph, start)
-    result.done_states = len(done)
-    stuck = _unable_to_finish(graph, done)
-    if stuck is not None:
-        result.violation = _stuck(harness, totals, graph.path(stuck))
+    result.done_states = len(graph.done)
+    dead_end = _unable_to_finish(graph, graph.done)
+    if dead_end is not None:
+        result.violation = stuck(harness, totals, graph.path(dead_end))
     result.complete = result.violation is None
     return _finish(result, graph, start)
 
 
-def _stuck(
-    harness: Harness, totals: tuple[int, ...], path: list[tuple[Any, ...]]
-) -> Counterexample:
-    """The liveness counterexample: the way into a state no terminal state is reachable from."""
-    w = harness.initial_world(totals)
-    for action in path:
-        harness.apply(w, action)
-    waiting = [f"r{r}" for r in range(len(totals)) if not _terminal(w, r)]
-    return Counterexample(
-        LIVENESS,
-        f"from here no terminal state is reachable ({', '.join(waiting) or 'nothing'} "
-        "never finishes, even if the pool's other user keeps the blocks it may)",
-        totals,
-        replay(harness, totals, path),
-    )
+def _initial(
+    harness: Harness, totals: tuple[int, ...]
+) -> tuple[World, WorldState, tuple[Any, ...]] | Counterexample:
+    """The initial world, its state and key; or, where the shipped objects refuse to be
+    built or primed, that finding."""
+    try:
+        w = harness.initial_world(totals)
+        first = w.snapshot()
+        return w, first, harness.key(first)
+    except Exception as error:
+        detail = f"the initial world cannot be built: {type(error).__name__}: {error}"
+        return Counterexample(CRASH, detail, totals)
 
 
-def _terminal(w: World, r: int) -> bool:
-    return w.added[r] and w.receiver.poll(r).terminal
+def _judged(
+    harness: Harness, totals: tuple[int, ...], w: World, graph: _Graph, j: int
+) -> Counterexample | None:
+    """What is wrong at done state ``w`` (state ``j``), if anything; takes from ``w``."""
+    problems = harness.done_problems(w)
+    if not problems:
+        return None
+    invariant, detail = problems[0]
+    return Counterexample(invariant, detail, totals, replay(harness, totals, graph.path(j)))
 
 
 def _unable_to_finish(graph: _Graph, done: list[int]) -> int | None:

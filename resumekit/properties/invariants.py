@@ -566,10 +566,22 @@ def step_counted(sender: EmbeddingSender, polled: Callable[[], Sequence[object]]
     return served
 
 
+def owed_round(sender: SenderSnapshot, rid: Hashable, incarnation: int) -> tuple[int, int] | None:
+    """The round the sender owes life ``incarnation`` of ``rid`` next and the tokens it sent
+    so far, or ``None`` while it holds no unfinished source of that life."""
+    for r, lives in sender.lives:
+        if r == rid:
+            for src in lives:
+                if src.incarnation == incarnation and src.sent < src.total:
+                    return src.next_epoch, src.sent
+    return None
+
+
 def post_refused(before: SenderSnapshot, post: RoundPost, reported: Sequence[object]) -> str | None:
-    """A post the sender cannot serve (malformed, or skipping a round of its life's source)
-    naming a round of a life not ended at the sender, not served yet, is refused for that
-    round and life with the problem named: the receiver may be waiting on that round."""
+    """A post the sender cannot serve (malformed, skipping a round of its life's source, or
+    resuming that source where it did not stop) naming a round of a life not ended at the
+    sender, not served yet, is refused for that round and life with the problem named:
+    the receiver may be waiting on that round."""
     problem, epoch, inc = msg.malformed_post(post), post.epoch, post.incarnation
     if type(epoch) is not int or type(inc) is not int or epoch < 0:
         return None
@@ -577,9 +589,14 @@ def post_refused(before: SenderSnapshot, post: RoundPost, reported: Sequence[obj
         return None  # a life over here: counted stale
     mine = [s for s in dict(before.lives).get(post.rid, ()) if s.incarnation == inc]
     if problem is None:  # well formed: refused where it skips a round of a bound source
-        if not mine or mine[0].next_epoch >= epoch:
+        if not mine or mine[0].next_epoch > epoch:  # no source yet, or a repeat
             return None
-        problem = f"posted before round {mine[0].next_epoch}"
+        if mine[0].next_epoch < epoch:
+            problem = f"posted before round {mine[0].next_epoch}"
+        elif post.sent != mine[0].sent:
+            problem = f"resumes at token {post.sent}"
+        else:
+            return None
     elif any(s.next_epoch > epoch for s in mine):
         return None  # a garbled repeat of a round served already
     named = (post.rid, epoch, inc)

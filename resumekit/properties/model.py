@@ -20,16 +20,15 @@ from typing import Any, Final
 from resumekit.properties.abstraction import batch_order, state_key, status_order
 from resumekit.properties.bounds import (
     AHEAD,
+    ASKEW,
     BUDGET_INDEX,
-    FORGED,
-    OLD,
-    POISON_VALUES,
     POISONED_POST,
     POISONED_STATUS,
     STALE,
     Bounds,
     policy_of,
 )
+from resumekit.properties.forgery import forge, forgeries, owed, poison
 from resumekit.properties.invariants import (
     ACCOUNTED,
     INTEGRITY,
@@ -40,7 +39,6 @@ from resumekit.properties.invariants import (
     aborted_reported,
     nothing_left,
     output_intact,
-    post_refused,
     record_view,
     require,
     stale_changes_nothing,
@@ -60,6 +58,8 @@ from resumekit.properties.world import (
     TokenSource,
     World,
     WorldState,
+    replaced,
+    spend,
 )
 from resumekit.protocol import messages as msg
 from resumekit.protocol.declaration import TransferState
@@ -113,6 +113,7 @@ class Harness:
         w.receiver, w.allocator = receiver, allocator
         w.buffers, w.transport, w.ledger = buffers, transport, ledger
         w.sender = EmbeddingSender(transport)
+        _prime_counters(w)
         w.totals = totals
         w.added = (False,) * len(totals)
         w.encoded = (False,) * len(totals)
@@ -132,7 +133,7 @@ class Harness:
     def _encode(self, w: World, r: int) -> None:
         """The encode side finishes request ``r``'s current life: its source goes to the sender."""
         label = w.ledger.labels[r]
-        w.encoded = _set(w.encoded, r, True)
+        w.encoded = replaced(w.encoded, r, True)
         total = w.totals[r]
         src = self.sources.get((label, total))
         if src is None:
@@ -181,7 +182,7 @@ class Harness:
         if allocator.pressure:
             out.append(("unsqueeze",))
         if forge:
-            out.extend(a for r in live for a in _forgeries(w, r))
+            out.extend(a for r in live for a in forgeries(w, r))
         if reuse:
             out.extend(("reuse", r) for r in range(n) if w.added[r] and receiver.poll(r).terminal)
         if restart and t.sender_alive:
@@ -195,6 +196,8 @@ class Harness:
                 # channel keeps its order and a corrupted post cannot overtake a queued cancel.
                 if t.sender_alive and not t.posts:
                     out.extend(("poison-post", r, f) for f in (*POISONED_POST, AHEAD))
+                    if owed(w, r) is not None:
+                        out.append(("poison-post", r, ASKEW))
         return out
 
     def apply(self, w: World, action: tuple[Any, ...]) -> None:
@@ -246,26 +249,26 @@ class Harness:
 
     def _add(self, w: World, action: tuple[Any, ...]) -> None:
         r, t, receiver = action[1], w.transport, w.receiver
-        w.added = _set(w.added, r, True)
+        w.added = replaced(w.added, r, True)
         if t.restarting or receiver.peer_lost is not None or not t.sender_alive:
-            w.hurt = _set(w.hurt, r, True)  # added while the sender is (known) gone:
-            w.encoded = _set(w.encoded, r, True)  # its source is lost with the link
+            w.hurt = replaced(w.hurt, r, True)  # added while the sender is (known) gone:
+            w.encoded = replaced(w.encoded, r, True)  # its source is lost with the link
         receiver.add(r)
         inc = receiver.record(r).incarnation
         w.ledger.born(r, w.lives[r], inc)
 
     def _duplicate(self, w: World, action: tuple[Any, ...]) -> None:
-        w.budget = _spend(w.budget, DUP)
+        w.budget = spend(w.budget, DUP)
         w.transport.statuses += (action[1],)
 
     def _abort(self, w: World, action: tuple[Any, ...]) -> None:
-        w.budget = _spend(w.budget, ABORT)
-        w.hurt, before = _set(w.hurt, action[1], True), w.receiver.snapshot()
+        w.budget = spend(w.budget, ABORT)
+        w.hurt, before = replaced(w.hurt, action[1], True), w.receiver.snapshot()
         ended = w.receiver.abort(action[1])
         require(ACCOUNTED, aborted_reported(before, w.receiver.snapshot(), action[1], ended))
 
     def _crash(self, w: World, action: tuple[Any, ...]) -> None:
-        w.budget = _spend(w.budget, CRASHES)
+        w.budget = spend(w.budget, CRASHES)
         w.hurt = (True,) * len(w.hurt)
         t = w.transport
         if action[0] == "crash":
@@ -279,10 +282,10 @@ class Harness:
 
     def _squeeze(self, w: World, action: tuple[Any, ...]) -> None:
         if action[0] == "squeeze":
-            w.budget = _spend(w.budget, SQUEEZE)
+            w.budget = spend(w.budget, SQUEEZE)
             w.allocator.squeeze()
         else:
-            w.budget = _spend(w.budget, GRAB)
+            w.budget = spend(w.budget, GRAB)
             w.allocator.grab_armed = True
 
     def _unsqueeze(self, w: World, action: tuple[Any, ...]) -> None:
@@ -290,85 +293,17 @@ class Harness:
         allocator.free(allocator.pressure[-1])
         allocator.pressure = allocator.pressure[:-1]
 
-    def _forge(self, w: World, action: tuple[Any, ...]) -> None:
-        """Deliver at once a status for a round of ``r`` not posted: the next, or a far one,
-        or (``old``, ``stale``) one already consumed or of the id's earlier life, which must
-        change nothing."""
-        w.budget = _spend(w.budget, FORGE)
-        r, what, far = action[1], action[2], action[3]
-        rec = w.receiver.record(r)
-        epoch, inc = rec.epoch + (2 * self.bounds.max_rounds if far else 1), rec.incarnation
-        if far == OLD:
-            epoch = rec.epoch - 1  # changes nothing, like a late duplicate
-        elif far == STALE:
-            inc = w.ledger.incarnations[(r, w.lives[r] - 1)]
-            epoch = rec.epoch  # the number of the round in flight, of another life
-            if (r, inc, epoch) in w.receiver.quarantined():
-                epoch += 2 * self.bounds.max_rounds  # that round may still be written: not it
-        else:
-            w.hurt = _set(w.hurt, r, True)
-        forged: msg.Status
-        if what == "oversized":  # the round in flight, with more tokens than its blocks hold
-            assert rec.allocation is not None
-            tokens = rec.allocation.capacity_tokens + 1
-            forged = msg.Landed(r, rec.epoch, tokens, rec.sent + tokens, True, incarnation=inc)
-        elif what == "landed":
-            forged = msg.Landed(r, epoch, 1, w.totals[r], False, incarnation=inc)
-        elif what == "cancelled":
-            forged = msg.Cancelled(r, epoch, incarnation=inc)
-        else:
-            forged = msg.SenderError(r, epoch, "forged", incarnation=inc)
-        before = (
-            stale_view(w.receiver, forged) if self.judges_stale and far in (STALE, OLD) else None
-        )
-        w.transport.deliver = (forged,)
-        self._receiver_step(w)
-        if before is not None:
-            require(PROGRESS, stale_changes_nothing(r, before, record_view(w.receiver, r)))
-
     def _reuse_id(self, w: World, action: tuple[Any, ...]) -> None:
-        w.budget = _spend(w.budget, REUSE)
+        w.budget = spend(w.budget, REUSE)
         self._reuse(w, action[1])
 
     def _restart(self, w: World, action: tuple[Any, ...]) -> None:
-        w.budget = _spend(w.budget, RESTART)
+        w.budget = spend(w.budget, RESTART)
         w.hurt = tuple(h or a for h, a in zip(w.hurt, w.added, strict=True))
         # What the old encoder had not finished for started requests dies with it.
         w.encoded = tuple(e or a for e, a in zip(w.encoded, w.added, strict=True))
         w.transport.crash("sender restarted")
         w.transport.restarting = True
-
-    def _poison(self, w: World, action: tuple[Any, ...]) -> None:
-        """A status (into the channel) or a post (straight to the sender) with one field of
-        an unusable type, as a broken decoder would make it; one naming no live life (an
-        ill-typed incarnation, the id's earlier life) must fail no one."""
-        w.budget = _spend(w.budget, POISON)
-        r, where = action[1], action[2]
-        rec = w.receiver.record(r)
-        inc: Any = rec.incarnation
-        if where in ("incarnation", STALE):
-            inc = None if where == "incarnation" else w.ledger.incarnations[(r, w.lives[r] - 1)]
-        else:
-            w.hurt = _set(w.hurt, r, True)
-        if action[0] == "poison":
-            fields: dict[str, Any] = {"epoch": rec.epoch, "tokens": 1, "final": False}
-            if where != "incarnation":
-                fields[where if where in fields else "epoch"] = POISON_VALUES[where]
-            bad: Any = msg.Landed(
-                r, fields["epoch"], fields["tokens"], w.totals[r], fields["final"], incarnation=inc
-            )
-            w.transport.statuses += (bad,)
-            return
-        post: dict[str, Any] = {"blocks": (0,), "sent": rec.sent}
-        if where in post:
-            post[where] = POISON_VALUES[where]
-        epoch = rec.epoch + 2 if where == AHEAD else rec.epoch
-        bad = msg.RoundPost(r, epoch, post["blocks"], 1, post["sent"], None, None, incarnation=inc)
-        w.transport.hand_over = (bad,)
-        before, n = w.sender.snapshot(), len(w.transport.statuses)
-        step_counted(w.sender, lambda: w.transport.polled_posts)
-        reported = w.transport.statuses[n:]
-        require(ACCOUNTED, post_refused(before, bad, reported))
 
     def _encode_late(self, w: World, action: tuple[Any, ...]) -> None:
         self._encode(w, action[1])
@@ -377,6 +312,7 @@ class Harness:
         """After a restart: a fresh sender, given the sources of lives not yet added."""
         w.transport.new_sender = False
         w.sender = EmbeddingSender(w.transport)
+        _prime_counters(w, receiver=False)
         for r, added in enumerate(w.added):
             if not added and w.encoded[r]:
                 self._encode(w, r)
@@ -390,11 +326,11 @@ class Harness:
             # Sources are bound in the order they are added: the encoder finishes the
             # old life (its source is dropped) before the new one's.
             self._encode(w, r)
-        w.lives = _set(w.lives, r, w.lives[r] + 1)
-        w.added = _set(w.added, r, False)
-        w.encoded = _set(w.encoded, r, False)
+        w.lives = replaced(w.lives, r, w.lives[r] + 1)
+        w.added = replaced(w.added, r, False)
+        w.encoded = replaced(w.encoded, r, False)
         w.ledger.set_label(r, self._label(w, r))
-        w.hurt = _set(w.hurt, r, not w.transport.sender_alive and not w.transport.restarting)
+        w.hurt = replaced(w.hurt, r, not w.transport.sender_alive and not w.transport.restarting)
         if not self.bounds.late_sources:
             self._encode(w, r)
 
@@ -451,25 +387,22 @@ class Harness:
         return problems
 
 
-def _forgeries(w: World, r: int) -> Iterator[tuple[Any, ...]]:
-    """The forged statuses for live request ``r``: of rounds never posted, the round in
-    flight oversized, a round consumed already, a round of the id's earlier life."""
-    yield from (("forge", r, kind, far) for kind in FORGED for far in (False, True))
-    rec = w.receiver.record(r)
-    if rec.allocation is not None:
-        yield ("forge", r, "oversized", False)
-    if rec.epoch and rec.state is S.Transferring:
-        yield from (("forge", r, kind, OLD) for kind in FORGED)
-    if w.lives[r] > 1:
-        yield from (("forge", r, kind, STALE) for kind in FORGED)
+def _prime_counters(w: World, *, receiver: bool = True) -> None:
+    """Start the drop counters at 1, as on a receiver and a sender that have run a while.
 
-
-def _set(values: tuple[Any, ...], i: int, value: Any) -> tuple[Any, ...]:
-    return (*values[:i], value, *values[i + 1 :])
-
-
-def _spend(budget: tuple[int, ...], i: int) -> tuple[int, ...]:
-    return _set(budget, i, budget[i] - 1)
+    The invariants read only how a step moves them, and the key leaves them out, so a
+    miscount that shows only past zero (a count reset to 1) would show only where the
+    state the key kept happened to have counted before; past zero from the start, it
+    shows at the first drop.
+    """
+    if receiver:
+        snap = w.receiver.snapshot()
+        w.receiver.restore(snap._replace(stale_statuses=1, orphan_statuses=1, malformed_statuses=1))
+    w.sender.restore(
+        w.sender.snapshot()._replace(
+            rounds_served=1, repeated_posts=1, stale_posts=1, malformed_posts=1
+        )
+    )
 
 
 _HANDLERS: Final[dict[str, Any]] = {
@@ -487,11 +420,11 @@ _HANDLERS: Final[dict[str, Any]] = {
     "squeeze": Harness._squeeze,
     "grab": Harness._squeeze,
     "unsqueeze": Harness._unsqueeze,
-    "forge": Harness._forge,
+    "forge": forge,
     "reuse": Harness._reuse_id,
     "restart": Harness._restart,
-    "poison": Harness._poison,
-    "poison-post": Harness._poison,
+    "poison": poison,
+    "poison-post": poison,
 }
 
 

@@ -42,6 +42,7 @@ from resumekit.allocator import Allocation, BlockAllocator, EmbeddingTensors
 from resumekit.errors import InvalidArgumentError
 from resumekit.properties.bounds import (
     AHEAD,
+    ASKEW,
     FORGED,
     OLD,
     POISON_VALUES,
@@ -67,6 +68,7 @@ from resumekit.properties.invariants import (
     aborted_reported,
     nothing_left,
     output_intact,
+    owed_round,
     record_collected,
     require,
     stale_changes_nothing,
@@ -629,21 +631,30 @@ class ProtocolMachineBase(RuleBasedStateMachine):
         self.t.in_flight.append(bad)
 
     @precondition(lambda self: self.next_rid > 0)
-    @rule(data=st.data(), aimed=st.booleans(), where=st.sampled_from((*POISONED_POST, AHEAD)))
+    @rule(
+        data=st.data(), aimed=st.booleans(), where=st.sampled_from((*POISONED_POST, AHEAD, ASKEW))
+    )
     def poison_post(self, data: st.DataObject, aimed: bool, where: str) -> None:
         """A malformed item after the posts already sent (posts keep their order), with
-        one field of an unusable type; or (``ahead``) a post that skips a round."""
+        one field of an unusable type; or (``ahead``) a post that skips a round, or
+        (``askew``) one of the round the sender owes, resuming past what it sent."""
         rid = self._draw_live(data) if aimed else None
         self._note(f"poison_post({rid}, {where})")
         bad: Any = object()
-        if where == AHEAD and (rid is None or rid not in self.p.sender):
+        well_typed = where in (AHEAD, ASKEW)
+        if well_typed and (rid is None or rid not in self.p.sender):
             return  # well typed: a sender without the source would park it for good
         if rid is not None:
             rec = self.p.receiver.record(rid)
             fields: dict[str, Any] = {"blocks": (0,), "sent": rec.sent, "inc": rec.incarnation}
-            if where != AHEAD:
+            if not well_typed:
                 fields["inc" if where == "incarnation" else where] = POISON_VALUES[where]
             epoch = rec.epoch + 2 if where == AHEAD else rec.epoch
+            if where == ASKEW:
+                owed = owed_round(self.p.sender.snapshot(), rid, rec.incarnation)
+                if owed is None:
+                    return  # its source is not bound at the sender (or fully sent)
+                epoch, fields["sent"] = owed[0], owed[1] + 1
             bad = RoundPost(
                 rid, epoch, fields["blocks"], 1, fields["sent"], incarnation=fields["inc"]
             )

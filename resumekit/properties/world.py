@@ -403,6 +403,16 @@ class World:
         self.lives, self.budget, self.hurt = s.lives, s.budget, s.hurt
 
 
+def replaced(values: tuple[Any, ...], i: int, value: Any) -> tuple[Any, ...]:
+    """``values`` with item ``i`` replaced: a world's tuples are replaced, never changed."""
+    return (*values[:i], value, *values[i + 1 :])
+
+
+def spend(budget: tuple[int, ...], i: int) -> tuple[int, ...]:
+    """``budget`` with one fault of index ``i`` spent."""
+    return replaced(budget, i, budget[i] - 1)
+
+
 __all__ = [
     "MROPE_BASE",
     "PRESSURE",
@@ -414,4 +424,6 @@ __all__ = [
     "TokenSource",
     "World",
     "WorldState",
+    "replaced",
+    "spend",
 ]

@@ -1,0 +1,63 @@
+"""A bug that breaks building or restoring the shipped objects gets a verdict (FAIL with a
+finding), never an error that stops verify (a mutation sample's exit 2s)."""
+
+from __future__ import annotations
+
+from resumekit.properties.bounds import QUICK_BOUNDS
+from resumekit.properties.contracts import check_contracts
+from resumekit.properties.explorer import explore
+from resumekit.properties.invariants import CRASH
+from resumekit.properties.planting import Bug, planted
+from resumekit.properties.strategies import strategy
+from resumekit.protocol import receiver as receiver_module
+from resumekit.protocol import sender as sender_module
+
+#: A snapshot that loses the source's total: only objects restored from it fail.
+FROZEN_WITHOUT_TOTAL = Bug(
+    "a source's snapshot drops its total",
+    sender_module._Source,
+    "frozen",
+    "self.sent, self.total",
+    "self.sent, None",
+)
+#: The receiver refuses its own snapshot, so the explorer's world cannot be primed.
+REFUSES_OWN_SNAPSHOT = Bug(
+    "the receiver refuses its own snapshot",
+    receiver_module.ResumableReceiver,
+    "restore",
+    "(snapshot.sizer is None) != (self.sizer is None)",
+    "(snapshot.sizer is None) != (self.sizer is not None)",
+)
+
+
+def test_a_violation_only_restored_objects_show_is_a_crash_with_its_trace() -> None:
+    with planted(FROZEN_WITHOUT_TOTAL):
+        run = explore(QUICK_BOUNDS, strategy("epoch"), workers=1, first_only=True)
+    assert run.violation is not None and not run.complete
+    assert run.violation.invariant == CRASH
+    assert "restored from their own snapshots" in run.violation.detail
+    assert run.violation.actions  # the trace, replayed restoring each state
+
+
+def test_an_initial_world_that_cannot_be_built_is_a_finding() -> None:
+    with planted(REFUSES_OWN_SNAPSHOT):
+        run = explore(QUICK_BOUNDS, strategy("epoch"), workers=1, first_only=True)
+        report = check_contracts()
+    assert run.violation is not None and run.violation.invariant == CRASH
+    assert "initial world cannot be built" in run.violation.detail
+    assert not run.complete and run.states == 0
+    assert not report.ok  # restore's contracts see it too
+
+
+def test_a_contracts_world_that_cannot_be_built_is_a_broken_contract() -> None:
+    bug = Bug(
+        "the receiver refuses every buffers object",
+        receiver_module.ResumableReceiver,
+        "__init__",
+        'check_interface(buffers, "buffers"',
+        'check_interface(None, "buffers"',
+    )
+    with planted(bug):
+        report = check_contracts()
+    assert not report.ok and report.cases > 100
+    assert report.broken[0][0] == "a fresh world" and "buffers" in report.broken[0][1]
