@@ -538,6 +538,12 @@ SNAPSHOTS: list[Case] = [
         "cancelled",
     ),
     ("allocator restore None", lambda w: w.allocator.restore(None), E, "snapshot"),
+    (
+        "allocator restore another allocator's snapshot",
+        lambda w: w.allocator.restore(BlockAllocator(32, 4).snapshot()),
+        E,
+        "snapshot",
+    ),
 ]
 
 CASES: Final = ALLOCATOR + RECEIVER + SENDER + SNAPSHOTS
@@ -751,6 +757,25 @@ def _copy_out_failure_fails_request(w: ContractWorld) -> bool:
     )
 
 
+class _Index:
+    """An int-like (numpy's ints quack so): sizes are read through ``__index__``."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __index__(self) -> int:
+        return self.value
+
+
+def _index_sized(w: ContractWorld) -> bool:
+    """``allocate`` takes an int-like size, down to one token, as the int it stands for."""
+    got = w.allocator.allocate(_Index(1), "engine")  # type: ignore[arg-type]
+    if got is None or len(got.blocks) != 1:
+        return False
+    w.allocator.free(got)
+    return True
+
+
 def _missing_block_seen(w: ContractWorld) -> bool:
     """``check_invariants`` names a block that is neither free nor allocated."""
     allocator = BlockAllocator(4, 4)
@@ -762,6 +787,19 @@ def _missing_block_seen(w: ContractWorld) -> bool:
         allocator.check_invariants()
     except InvariantError as error:
         return "neither free nor allocated" in str(error)
+    return False
+
+
+def _wrong_capacity_seen(w: ContractWorld) -> bool:
+    """``check_invariants`` names an allocation whose capacity its blocks do not give."""
+    allocator = BlockAllocator(4, 4)
+    a = allocator.allocate(4, "o")
+    assert a is not None
+    a._capacity_tokens += 1  # bookkeeping corrupted by hand
+    try:
+        allocator.check_invariants()
+    except InvariantError as error:
+        return "wrong capacity" in str(error)
     return False
 
 
@@ -870,6 +908,8 @@ GOOD: Final[list[tuple[str, Callable[[ContractWorld], bool]]]] = [
     ("an early post is whole or not made", _early_post_whole),
     ("a sender error's reason is kept", _sender_error_reason_kept),
     ("a failed copy-out fails its request", _copy_out_failure_fails_request),
+    ("allocate of an int-like size", _index_sized),
+    ("check_invariants names a wrong capacity", _wrong_capacity_seen),
     ("check_invariants names a block lost", _missing_block_seen),
     ("restore primes the receiver's snapshot", _restore_primes_snapshot),
     ("check_invariants sees a generation never issued", _unissued_generation_seen),
