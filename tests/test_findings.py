@@ -3,6 +3,7 @@ finding), never an error that stops verify (a mutation sample's exit 2s)."""
 
 from __future__ import annotations
 
+from resumekit.allocator import block_allocator as allocator_module
 from resumekit.properties.bounds import QUICK_BOUNDS
 from resumekit.properties.contracts import check_contracts
 from resumekit.properties.explorer import explore
@@ -61,3 +62,20 @@ def test_a_contracts_world_that_cannot_be_built_is_a_broken_contract() -> None:
         report = check_contracts()
     assert not report.ok and report.cases > 100
     assert report.broken[0][0] == "a fresh world" and "buffers" in report.broken[0][1]
+
+
+def test_a_state_restore_refuses_on_its_second_restore_is_a_finding() -> None:
+    """The first restore of the initial state is skipped (the allocator holds that very
+    snapshot); the one before the second action is not, and it raised out of verify."""
+    bug = Bug(
+        "the allocator's snapshot names no pool",
+        allocator_module.BlockAllocator,
+        "snapshot",
+        "self._pool_id, free,",
+        "None, free,",
+    )
+    with planted(bug):
+        run = explore(QUICK_BOUNDS, strategy("epoch"), workers=1, first_only=True)
+    assert run.violation is not None and run.violation.invariant == CRASH
+    assert "cannot be restored" in run.violation.detail
+    assert "another allocator" in run.violation.detail

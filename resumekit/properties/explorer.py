@@ -297,18 +297,17 @@ def _bfs(
     keep = harness.bounds.blocks - harness.bounds.default_blocks
     while queue:
         i, s = queue.popleft()
-        try:
-            w.restore(s)
-        except Exception as error:  # the shipped objects refuse the state their code left
-            result.violation = unrestorable(harness, totals, graph.path(i), error)
+        refused = _restore(w, s)
+        if refused is not None:  # the shipped objects refuse the state their code left
+            result.violation = unrestorable(harness, totals, graph.path(i), refused)
             return _finish(result, graph, start)
-        actions = actions_of(w, s)
         # The other pool user may keep what leaves the requests a default round; it
         # must give back anything beyond that, so only then does liveness count on it.
         excess = len(s.pressure) > keep
-        for n, action in enumerate(actions):
-            if n:
-                w.restore(s)
+        for n, action in enumerate(actions_of(w, s)):
+            if n and (refused := _restore(w, s)) is not None:  # refused the second time
+                result.violation = unrestorable(harness, totals, graph.path(i), refused)
+                return _finish(result, graph, start)
             try:
                 apply(w, action)
                 t = w.snapshot()
@@ -341,6 +340,15 @@ def _bfs(
         result.violation = stuck(harness, totals, graph.path(dead_end))
     result.complete = result.violation is None
     return _finish(result, graph, start)
+
+
+def _restore(w: World, s: WorldState) -> Exception | None:
+    """Put ``w`` back into ``s``; what the shipped objects raised if they refused."""
+    try:
+        w.restore(s)
+    except Exception as error:
+        return error
+    return None
 
 
 def _initial(
