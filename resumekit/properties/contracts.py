@@ -39,7 +39,7 @@ from resumekit.errors import (
 )
 from resumekit.properties.draws import forged_tensors
 from resumekit.protocol.declaration import TransferState
-from resumekit.protocol.messages import NO_EPOCH, RoundPost, SenderError
+from resumekit.protocol.messages import NO_EPOCH, Landed, RoundPost, SenderError
 from resumekit.protocol.policy import SchedulingPolicy
 from resumekit.protocol.receiver import (
     ENV_DEFAULT_ALLOCATE_TOKENS,
@@ -727,6 +727,14 @@ def _sender_error_reason_kept(w: ContractWorld) -> bool:
     return not record.ok and "disk on fire" in (record.reason or "")
 
 
+def _unexpected_round_named(w: ContractWorld) -> bool:
+    """A status for a round never posted fails the request, naming the round in flight."""
+    w.transport.report(Landed("busy", 2, 1, 12, False, incarnation=w.post.incarnation))
+    w.receiver.step()
+    record = w.receiver.take("busy")
+    return not record.ok and "the round in flight is 0" in (record.reason or "")
+
+
 def _copy_out_failure_fails_request(w: ContractWorld) -> bool:
     """A copy-out that fails (the transport lost the round's bytes) fails that request
     with the error in its reason, frees its blocks and leaves the step to go on."""
@@ -908,6 +916,7 @@ GOOD: Final[list[tuple[str, Callable[[ContractWorld], bool]]]] = [
     ("an early post is whole or not made", _early_post_whole),
     ("a sender error's reason is kept", _sender_error_reason_kept),
     ("a failed copy-out fails its request", _copy_out_failure_fails_request),
+    ("a status for a round never posted names the one in flight", _unexpected_round_named),
     ("allocate of an int-like size", _index_sized),
     ("check_invariants names a wrong capacity", _wrong_capacity_seen),
     ("check_invariants names a block lost", _missing_block_seen),
