@@ -177,6 +177,13 @@ BUGS: list[Bug] = [
         "            pass",
     ),
     Bug(
+        "a round the sender refused goes to quarantine, not back to the pool",
+        R,
+        "_fail",
+        "allocation is not None and peer_alive and written)",
+        "allocation is not None and peer_alive)",
+    ),
+    Bug(
         "a late status of a quarantined round is not matched to it",
         R,
         "_on_status",
@@ -382,6 +389,7 @@ WHERE: dict[str, str] = {
     "an orphan status resets the orphan count": "id reuse",
     "a status for an old round fails the request": "id reuse",
     "a lost peer leaves the quarantine held": "small",
+    "a round the sender refused goes to quarantine, not back to the pool": "forged and poisoned",
     "a late status of a quarantined round is not matched to it": "late sources",
     "the round's token count is not checked against its blocks": "forged and poisoned",
     "a cancel of a round in flight is not answered": "late sources",

@@ -58,6 +58,7 @@ FUZZED = (
     "a stale post is counted twice",
     "a malformed post is refused without a reason",
     "the sender serves a post that resumes where it did not stop",
+    "a round the sender refused goes to quarantine, not back to the pool",
 )
 
 

@@ -106,6 +106,39 @@ def nothing_left(
     return "at quiescence " + ", ".join(parts) if parts else None
 
 
+def quarantined_while_written(
+    before: ReceiverSnapshot, after: ReceiverSnapshot, batch: Sequence[object]
+) -> str | None:
+    """A step quarantines only rounds the sender may still write: none a well-formed refusal
+    of the step was about (the sender says it will not write it), and none once the peer is
+    lost (a dead peer writes nothing). A landed status that fails its checks proves nothing,
+    so its round may be quarantined. Quarantined blocks come back a round trip later, so a
+    needless quarantine starves the pool without leaking."""
+    if after.peer_lost is not None and after.quarantine:
+        return (
+            f"{len(after.quarantine)} round(s) stayed in quarantine after the peer was lost "
+            f"({after.peer_lost!r})"
+        )
+    held = {k for k, _ in before.quarantine}
+    added = [k for k, _ in after.quarantine if k not in held]
+    if not added:
+        return None
+    told = set()
+    for item in batch:
+        kind = type(item)
+        if (kind is msg.Cancelled or kind is msg.SenderError) and not _malformed_status(item):
+            s: msg.Cancelled | msg.SenderError = item  # type: ignore[assignment]
+            told.add((s.rid, s.incarnation, s.epoch))
+    for key in added:
+        if key in told:
+            return (
+                f"round {key[2]} of {key[0]!r} (life {key[1]}) went to quarantine in the step "
+                "that handled the sender's refusal of it, though the sender will not write it: "
+                "its blocks belong back in the pool"
+            )
+    return None
+
+
 def tombstone_dropped(rid: Hashable, incarnation: int | None, left: Sequence[int]) -> str | None:
     """A source handed over for a life that had ended at the sender leaves no tombstone of
     that life behind: nothing else would ever forget it."""
@@ -328,6 +361,7 @@ def step_served_in_order(
         batch = polled()
         require(ACCOUNTED, statuses_counted(before, after, batch))
         require(ACCOUNTED, malformed_fails(before, after, batch))
+        require(NO_LEAK, quarantined_while_written(before, after, batch))
     return finished
 
 
@@ -708,6 +742,7 @@ __all__ = [
     "allocation_posted_once",
     "nothing_left",
     "output_intact",
+    "quarantined_while_written",
     "record_collected",
     "record_view",
     "reported_once",
