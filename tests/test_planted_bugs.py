@@ -7,7 +7,7 @@ from planted_bugs import BOUNDS, BUGS, FUZZER_BUGS, bounds_for
 
 from resumekit.properties.explorer import explore
 from resumekit.properties.fuzz import fuzz
-from resumekit.properties.invariants import CRASH, INVARIANTS
+from resumekit.properties.invariants import CRASH, INVARIANTS, NO_LEAK
 from resumekit.properties.planting import Bug, planted
 from resumekit.properties.strategies import strategy
 
@@ -35,6 +35,23 @@ def test_a_bug_that_does_not_apply_is_refused() -> None:
     with pytest.raises(ValueError, match="occurs 0 times"), planted(stale):
         pass
     assert bug.owner.__dict__[bug.method] is not None
+
+
+@pytest.mark.parametrize(
+    ("name", "says"),
+    [
+        ("a round the sender refused goes to quarantine, not back to the pool", "refusal of it"),
+        ("a lost peer keeps the quarantine", "after the peer was lost"),
+    ],
+)
+def test_a_needless_quarantine_is_named_at_the_step_that_made_it(name: str, says: str) -> None:
+    """Both halves of the quarantine check fire on their own bug, before a leak would."""
+    bug = next(b for b in BUGS if b.name == name)
+    with planted(bug):
+        run = explore(bounds_for(bug), strategy("epoch"), workers=1)
+    assert run.violation is not None
+    assert run.violation.invariant == NO_LEAK
+    assert says in run.violation.detail, run.violation.detail
 
 
 #: The bugs of combined faults, of the pool's order and of what each step accounts for

@@ -92,7 +92,9 @@ def policy_of(bounds: Bounds) -> SchedulingPolicy | None:
     if not bounds.policy:
         return None
     bs = bounds.block_size
-    return SchedulingPolicy(bounds.policy, bs, bs, max_passed_over=1)
+    # Bulk above all but the largest total, so that smaller requests resume first-class.
+    bulk = bs * max(1, bounds.max_rounds - 1)
+    return SchedulingPolicy(bounds.policy, bulk, bs, max_passed_over=1)
 
 
 @dataclass(frozen=True)
@@ -113,8 +115,8 @@ class Bounds:
     status in flight in one batch; ``late_sources`` lets the encoder finish a
     request at any point instead of before the receiver starts it. ``policy`` (``n``
     >= 1) runs the receiver under :func:`policy_of`: a window of ``n`` rounds in
-    flight, every request above one block bulk, its resumes one block each, passed
-    over by at most one admission.
+    flight, every request above ``max_rounds - 1`` blocks bulk (so smaller ones resume
+    first-class), its resumes one block each, passed over by at most one admission.
     """
 
     blocks: int = 4
@@ -192,7 +194,8 @@ def describe(b: Bounds) -> str:
     faults = [f"{getattr(b, f.field)} {f.words}" for f in BUDGETED if getattr(b, f.field)]
     extras = [f.words for f in FAULTS if f.switch and getattr(b, f.field)]
     if b.policy:
-        extras.append(f"policy: {b.policy} in flight, bulk above 1 block")
+        bulk = max(1, b.max_rounds - 1)
+        extras.append(f"policy: {b.policy} in flight, bulk above {bulk} block(s)")
     return (
         f"{b.blocks} blocks, {b.requests} request{'s' if b.requests > 1 else ''}, "
         f"up to {b.max_rounds} rounds each; "

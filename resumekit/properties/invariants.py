@@ -114,7 +114,9 @@ def quarantined_while_written(
     lost (a dead peer writes nothing). A landed status that fails its checks proves nothing,
     so its round may be quarantined. Quarantined blocks come back a round trip later, so a
     needless quarantine starves the pool without leaking."""
-    if after.peer_lost is not None and after.quarantine:
+    if not after.quarantine:
+        return None
+    if after.peer_lost is not None:
         return (
             f"{len(after.quarantine)} round(s) stayed in quarantine after the peer was lost "
             f"({after.peer_lost!r})"
@@ -347,12 +349,19 @@ def step_served_in_order(
     """One ``receiver.step()``, requiring that it served who was due (invariant 7) and
     accounted for what it handled (invariant 8); ``polled`` gives the batch it polled."""
     before, policy = receiver.snapshot(), receiver.policy
+    free_before = receiver.allocator.num_free_blocks
     finished = receiver.step()
     after = receiver.snapshot()
     if before.resumes or policy is not None:
         require(SERVED_IN_ORDER, served_in_order(before, after, policy))
-    if policy is None and after.resumes:
-        require(SERVED_IN_ORDER, no_resume_idle(after, receiver.allocator.num_free_blocks))
+    if after.resumes:
+        free = receiver.allocator.num_free_blocks
+        problem = (
+            no_resume_idle(after, free)
+            if policy is None
+            else none_idle_by_policy(after, free, policy)
+        )
+        require(SERVED_IN_ORDER, problem)
     if policy is not None:
         require(SERVED_IN_ORDER, bulk_rounds_yield(before, after, policy))
     require(ACCOUNTED, reported_once(before, after, finished))
@@ -362,6 +371,7 @@ def step_served_in_order(
         require(ACCOUNTED, statuses_counted(before, after, batch))
         require(ACCOUNTED, malformed_fails(before, after, batch))
         require(NO_LEAK, quarantined_while_written(before, after, batch))
+        require(PROGRESS, next_round_overlaps(receiver, before, after, batch, free_before))
     return finished
 
 
@@ -454,6 +464,74 @@ def no_resume_idle(after: ReceiverSnapshot, free_blocks: int) -> str | None:
                     f"the resume of {r.rid!r} still waits for blocks after a step that "
                     f"left {free_blocks} free"
                 )
+    return None
+
+
+def none_idle_by_policy(
+    after: ReceiverSnapshot, free_blocks: int, policy: SchedulingPolicy
+) -> str | None:
+    """Under ``policy`` a step ends with no first-class resume (not bulk, or passed over
+    enough) waiting while a block is free and the window has room: the policy orders the
+    rounds, it never holds one back that nothing goes before."""
+    if not free_blocks:
+        return None
+    window = policy.max_rounds_in_flight
+    if window is not None and sum(1 for r in after.records if r.allocation is not None) >= window:
+        return None
+    for r in after.resumes:
+        waits = r.state is TransferState.Transferring and r.allocation is None
+        if waits and (not _bulk(r, policy) or r.passed >= policy.max_passed_over):
+            return (
+                f"the resume of {r.rid!r} still waits for blocks after a step that left "
+                f"{free_blocks} free and the window room, and nothing goes before it"
+            )
+    return None
+
+
+def next_round_overlaps(
+    receiver: ResumableReceiver,
+    before: ReceiverSnapshot,
+    after: ReceiverSnapshot,
+    batch: Sequence[object],
+    free_before: int,
+) -> str | None:
+    """A round that lands alone in a step, with its request's whole next round free and
+    nothing due before it, has that next round posted in other blocks (the sender fills it
+    while the landed one is copied out): not in the landed blocks, and not left waiting."""
+    if len(batch) != 1 or type(batch[0]) is not msg.Landed:
+        return None
+    status = batch[0]
+    life = (status.rid, status.incarnation)
+    was = next((r for r in before.records if (r.rid, r.incarnation) == life), None)
+    now = next((r for r in after.records if (r.rid, r.incarnation) == life), None)
+    if was is None or now is None or was.allocation is None or now.total is None:
+        return None
+    if now.epoch != was.epoch + 1 or now.state is not TransferState.Transferring:
+        return None  # not consumed, or the last round
+    policy = receiver.policy
+    if policy is None:
+        if before.resumes:
+            return None  # older resumes first
+    elif _bulk(now, policy) or any(
+        r.state is TransferState.Transferring
+        and r.allocation is None
+        and (not _bulk(r, policy) or r.passed >= policy.max_passed_over)
+        for r in before.resumes
+    ):
+        return None
+    want = now.total - now.sent
+    cap = receiver.max_resume_tokens
+    if cap is not None:
+        want = min(want, cap)
+    if receiver.allocator.blocks_for(want) > free_before:
+        return None
+    landed = set(was.allocation.blocks)
+    if now.allocation is None or landed.intersection(now.allocation.blocks):
+        how = "waits for blocks" if now.allocation is None else "was posted in its blocks"
+        return (
+            f"round {was.epoch} of {status.rid!r} landed with {free_before} block(s) free for "
+            f"the next, but the next round {how}: it was not posted before the copy-out"
+        )
     return None
 
 
@@ -740,6 +818,8 @@ __all__ = [
     "aborted_reported",
     "allocation_freed_once",
     "allocation_posted_once",
+    "next_round_overlaps",
+    "none_idle_by_policy",
     "nothing_left",
     "output_intact",
     "quarantined_while_written",
