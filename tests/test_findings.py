@@ -79,3 +79,35 @@ def test_a_state_restore_refuses_on_its_second_restore_is_a_finding() -> None:
     assert run.violation is not None and run.violation.invariant == CRASH
     assert "cannot be restored" in run.violation.detail
     assert "another allocator" in run.violation.detail
+
+
+def test_a_done_state_whose_objects_raise_when_asked_is_a_finding() -> None:
+    """The checks at a done state ask the sender what it holds; a sender that raises
+    there is a crash with its trace, not an error out of verify (mutant ``__len___4``)."""
+    bug = Bug(
+        "the sender cannot count what it holds",
+        sender_module.EmbeddingSender,
+        "__len__",
+        "sum(map(len, self._lives.values()))",
+        "sum(map(self._lives.values()))",
+    )
+    with planted(bug):
+        run = explore(QUICK_BOUNDS, strategy("epoch"), workers=1, first_only=True)
+    assert run.violation is not None and not run.complete
+    assert run.violation.invariant == CRASH
+    assert "cannot be judged" in run.violation.detail
+    assert run.violation.actions
+
+
+def test_a_snapshot_that_raises_is_a_broken_contract() -> None:
+    bug = Bug(
+        "the receiver's snapshot has no sizing",
+        receiver_module.ResumableReceiver,
+        "snapshot",
+        "None if self.sizer is None else self.sizer.snapshot()",
+        "None if self.sizer is not None else self.sizer.snapshot()",
+    )
+    with planted(bug):
+        report = check_contracts()
+    assert not report.ok
+    assert any("snapshot raised" in why for _, why in report.broken)

@@ -195,6 +195,12 @@ ALLOCATOR: list[Case] = [
         "owner",
     ),
     ("allocate_up_to 0 tokens", lambda w: w.allocator.allocate_up_to(0, "o"), E, "num_tokens"),
+    (  # the first bad argument is the one named
+        "allocate_up_to 0 tokens, min 0",
+        lambda w: w.allocator.allocate_up_to(0, "o", 0),
+        E,
+        "num_tokens",
+    ),
     ("allocate_up_to min 0", lambda w: w.allocator.allocate_up_to(4, "o", 0), E, "min_tokens"),
     ("allocate_up_to min > num", lambda w: w.allocator.allocate_up_to(4, "o", 8), E, "min_tokens"),
     ("allocate_up_to min str", lambda w: w.allocator.allocate_up_to(4, "o", "1"), E, "min_tokens"),
@@ -272,6 +278,15 @@ def _narrow_add_accepts(w: ContractWorld) -> bool:
     receiver = ResumableReceiver(w.buffers, _StrIds(w.buffers), 16)
     receiver.add("seven")
     return "seven" in receiver
+
+
+def _huge_source(w: ContractWorld) -> object:
+    """A source of 2**31 tokens, as stride-0 views: one token more than int32 counts."""
+    n = 2**31
+    emb = torch.zeros(1, HIDDEN, dtype=torch.bfloat16).expand(n, HIDDEN)
+    fill = torch.zeros(1, dtype=torch.int32).expand(n)
+    mrope = torch.zeros(3, 1, dtype=torch.int32).expand(3, n)
+    return w.sender.add("huge", EmbeddingTensors(emb, fill, mrope))
 
 
 def _narrow_sender_add(w: ContractWorld) -> object:
@@ -377,9 +392,16 @@ RECEIVER: list[Case] = [
         E,
         "observer",
     ),
+    (  # the message names what the observer must be, too
+        "ResumableReceiver observer object names the interface",
+        lambda w: _R(w.buffers, w.transport, 16, observer=object()),
+        E,
+        "ReceiverObserver",
+    ),
     ("add list", lambda w: w.receiver.add([]), E, "rid"),
     ("add an id the transport cannot carry", _narrow_add, E, "rid"),
     ("sender add an id the transport cannot carry", _narrow_sender_add, E, "rid"),
+    ("sender add a source of 2**31 tokens", _huge_source, E, "source"),
     ("add dict", lambda w: w.receiver.add({}), E, "rid"),
     ("add a known id", lambda w: w.receiver.add("busy"), DuplicateRequestError, "busy"),
     ("add a finished id", lambda w: w.receiver.add("done"), DuplicateRequestError, "done"),

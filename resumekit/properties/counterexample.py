@@ -117,6 +117,16 @@ def unrestorable(
     return Counterexample(CRASH, detail, totals, replay(harness, totals, path))
 
 
+def unjudgeable(
+    harness: Harness, totals: tuple[int, ...], path: list[tuple[Any, ...]], error: Exception
+) -> Counterexample:
+    detail = (
+        f"the state these actions leave cannot be judged (asking the objects what they hold "
+        f"raised): {type(error).__name__}: {error}"
+    )
+    return Counterexample(CRASH, detail, totals, replay(harness, totals, path))
+
+
 def stuck(harness: Harness, totals: tuple[int, ...], path: list[tuple[Any, ...]]) -> Counterexample:
     """The liveness counterexample: the way into a state no terminal state is reachable from."""
     w = harness.initial_world(totals)
@@ -136,4 +146,12 @@ def _terminal(w: World, r: int) -> bool:
     return w.added[r] and w.receiver.poll(r).terminal
 
 
-__all__ = ["Counterexample", "ReplayDiverged", "replay", "stuck", "unrestorable", "violation"]
+__all__ = [
+    "Counterexample",
+    "ReplayDiverged",
+    "replay",
+    "stuck",
+    "unjudgeable",
+    "unrestorable",
+    "violation",
+]

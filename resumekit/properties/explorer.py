@@ -33,6 +33,7 @@ from resumekit.properties.counterexample import (
     ReplayDiverged,
     replay,
     stuck,
+    unjudgeable,
     unrestorable,
     violation,
 )
@@ -292,7 +293,7 @@ def _bfs(
     covered = _Coverage().covered if harness.reductions else _uncovered
     index[k] = covered(k, graph.add_state(-1, None))
     queue: deque[tuple[int, WorldState]] = deque([(0, first)])
-    actions_of, apply, key, is_done = harness.actions, harness.apply, harness.key, harness.is_done
+    actions_of, apply, key = harness.actions, harness.apply, harness.key
     src, dst, patient = graph.src, graph.dst, graph.patient
     keep = harness.bounds.blocks - harness.bounds.default_blocks
     while queue:
@@ -320,11 +321,9 @@ def _bfs(
                 j = index[k] = covered(k, len(graph.via))
             if j == len(graph.via):
                 graph.add_state(i, action)
-                if is_done(w):
-                    graph.done.append(j)
-                    result.violation = _judged(harness, totals, w, graph, j)
-                    if result.violation is not None:
-                        return _finish(result, graph, start)
+                result.violation = _judged(harness, totals, w, graph, j)
+                if result.violation is not None:
+                    return _finish(result, graph, start)
                 queue.append((j, t))
             src.append(i)
             dst.append(j)
@@ -368,8 +367,15 @@ def _initial(
 def _judged(
     harness: Harness, totals: tuple[int, ...], w: World, graph: _Graph, j: int
 ) -> Counterexample | None:
-    """What is wrong at done state ``w`` (state ``j``), if anything; takes from ``w``."""
-    problems = harness.done_problems(w)
+    """What is wrong at new state ``w`` (state ``j``) if it is done, noting it done; takes
+    from ``w``. A check the shipped objects make raise is a finding too."""
+    try:
+        if not harness.is_done(w):
+            return None
+        graph.done.append(j)
+        problems = harness.done_problems(w)
+    except Exception as error:
+        return unjudgeable(harness, totals, graph.path(j), error)
     if not problems:
         return None
     invariant, detail = problems[0]
