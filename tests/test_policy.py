@@ -46,6 +46,23 @@ def _in_flight(pair: Loopback) -> int:
     return sum(1 for r in pair.receiver.snapshot().records if r.allocation is not None)
 
 
+def _yielding(pair: Loopback) -> set[Hashable]:
+    """The waiting resumes that yield: bulk, or more than yield_tokens left, either passed
+    over fewer than max_passed_over times."""
+    policy = pair.receiver.policy
+    if policy is None:
+        return set()
+    assert policy.bulk_tokens is not None and policy.yield_tokens is not None
+    return {
+        r.rid
+        for r in pair.receiver.snapshot().resumes
+        if r.allocation is None
+        and r.total is not None
+        and r.passed < policy.max_passed_over
+        and (r.total > policy.bulk_tokens or r.total - r.sent > policy.yield_tokens)
+    }
+
+
 def _run_all(pair: Loopback, max_steps: int = 5_000) -> None:
     assert pair.run(max_steps) < max_steps, "stuck"
     for rid, source in pair.sources.items():
@@ -149,6 +166,8 @@ def test_random_traffic_under_a_policy_lands_intact(seed: int) -> None:
         ({"bulk_round_tokens": 1.5}, "bulk_round_tokens"),
         ({"max_passed_over": -1}, "max_passed_over"),
         ({"max_passed_over": True}, "max_passed_over"),
+        ({"yield_tokens": 0}, "yield_tokens"),
+        ({"yield_tokens": "half"}, "yield_tokens"),
     ],
 )
 def test_a_policy_refuses_numbers_no_receiver_serves_by(
@@ -166,13 +185,44 @@ def test_the_receiver_refuses_what_is_not_a_policy() -> None:
 
 def test_the_policy_is_resolved_for_the_pool() -> None:
     pair = _pair(SchedulingPolicy())
-    assert pair.receiver.policy == SchedulingPolicy(None, 16, 2, 32)
+    assert pair.receiver.policy == SchedulingPolicy(None, 16, 2, 32, 8)
+
+
+def test_a_one_block_pool_resolves_yield_tokens_to_one() -> None:
+    """Half of a one-token pool is 0, which no policy may hold (the fuzzer found it)."""
+    assert SchedulingPolicy().resolved(1, 1).yield_tokens == 1
+    assert SchedulingPolicy(yield_tokens=5).resolved(1, 1).yield_tokens == 5
+
+
+def test_a_large_resume_yields_to_admissions_then_takes_an_idle_link() -> None:
+    """With two rounds in flight allowed, a resume with more than yield_tokens left waits
+    for admissions and for the other round to land; a small resume does not wait."""
+    policy = SchedulingPolicy(max_rounds_in_flight=2, max_passed_over=8, yield_tokens=4)
+    pair = _pair(policy, blocks=16, default=2)
+    pair.add("large", 12)  # 10 left after round 0: yields
+    pair.add("small", 3)  # 1 left: first-class
+    _run_all(pair)
+    order = [(rid, epoch) for rid, epoch, _ in _posts(pair)]
+    assert order.index(("small", 1)) < order.index(("large", 1)), order
+    pair = _pair(policy, blocks=16, default=2)
+    pair.add("large", 12)
+    while ("large", 0) not in [(r, e) for r, e, _ in _posts(pair)]:
+        pair.step()
+    for rid in "abc":
+        pair.add(rid, 2)
+    while ("large", 1) not in [(r, e) for r, e, _ in _posts(pair)]:
+        pair.step()
+    assert _in_flight(pair) == 1  # posted alone, on an idle link
+    _run_all(pair)
+    order = [(rid, epoch) for rid, epoch, _ in _posts(pair)]
+    # The admissions go first; then the large resume.
+    assert max(order.index((rid, 0)) for rid in "abc") < order.index(("large", 1)), order
 
 
 def test_no_resume_waits_while_blocks_it_may_take_are_free() -> None:
     """Work conservation: after a step, a resume waits with blocks free only behind a
     full window or an admission waiting for a default round."""
-    waited = 0
+    waited = yielded = 0
     for seed in range(40):
         rng = random.Random(seed)
         policy = SchedulingPolicy(
@@ -180,6 +230,7 @@ def test_no_resume_waits_while_blocks_it_may_take_are_free() -> None:
             bulk_tokens=rng.choice([None, 4]),
             bulk_round_tokens=rng.choice([None, 1, 2]),
             max_passed_over=rng.randint(0, 3),
+            yield_tokens=rng.choice([None, 2, 8]),
         )
         pair = _pair(policy if seed % 4 else None, blocks=rng.randint(4, 6), default=2)
         for i in range(8):
@@ -195,6 +246,10 @@ def test_no_resume_waits_while_blocks_it_may_take_are_free() -> None:
             waited += bool(snap.resumes)
             if snap.resumes and free:
                 full = window is not None and _in_flight(pair) >= window
-                assert full or snap.admissions, (seed, free, snap.resumes, snap.admissions)
+                # A yielding resume waits for an idle link; none other waits.
+                others = {r.rid for r in snap.resumes if r.allocation is None} - _yielding(pair)
+                busy = _in_flight(pair) > 0 and not others
+                assert full or snap.admissions or busy, (seed, free, snap.resumes)
+                yielded += not full and not snap.admissions
         assert not pair.live(), seed
-    assert waited > 100  # resumes did wait: the rule was put to the test
+    assert waited > 100 and yielded > 10, (waited, yielded)  # both rules were tested

@@ -320,7 +320,16 @@ def test_a_request_without_transfer_ids_fails_at_once_with_the_reason(
 
 @needs_vllm
 def test_a_request_over_mooncake_tcp_lands_on_both_ranks(model: Path) -> None:
+    from resumekit.errors import TransportUnavailableError
     from resumekit.sim.vllm import run
+    from resumekit.transports.mooncake.engine import load_mooncake
+
+    try:
+        load_mooncake()
+    except TransportUnavailableError as error:  # like every Mooncake test: skip, or fail in CI
+        if os.environ.get("RESUMEKIT_REQUIRE_MOONCAKE") == "1":
+            raise
+        pytest.skip(str(error))
 
     producer, consumer = pair(model, tp=2, pool_tokens=16384, transport="mooncake")
     try:

@@ -92,9 +92,10 @@ def policy_of(bounds: Bounds) -> SchedulingPolicy | None:
     if not bounds.policy:
         return None
     bs = bounds.block_size
-    # Bulk above all but the largest total, so that smaller requests resume first-class.
+    # Bulk above all but the largest total, so that smaller requests resume first-class;
+    # a resume with more than a block left yields, so that with four rounds each kind acts.
     bulk = bs * max(1, bounds.max_rounds - 1)
-    return SchedulingPolicy(bounds.policy, bulk, bs, max_passed_over=1)
+    return SchedulingPolicy(bounds.policy, bulk, bs, max_passed_over=1, yield_tokens=bs)
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,10 @@ def describe(b: Bounds) -> str:
     extras = [f.words for f in FAULTS if f.switch and getattr(b, f.field)]
     if b.policy:
         bulk = max(1, b.max_rounds - 1)
-        extras.append(f"policy: {b.policy} in flight, bulk above {bulk} block(s)")
+        extras.append(
+            f"policy: {b.policy} in flight, bulk above {bulk} block(s), "
+            "a resume with more than 1 block left yields"
+        )
     return (
         f"{b.blocks} blocks, {b.requests} request{'s' if b.requests > 1 else ''}, "
         f"up to {b.max_rounds} rounds each; "
@@ -238,9 +242,11 @@ ADVERSARY_BOUNDS: Final[dict[str, Bounds]] = {
     "restart and squeeze": replace(_SMALL, restarts=1, squeezes=1, reuses=1),
     # ... and a sender crash with a block grabbed right after a free.
     "crash and grab": replace(_SMALL, crashes=1, pressure=1, reuses=1),
-    # A scheduling policy: bulk resumes yield to admissions, one round in flight, while
-    # an abort and an id reuse change who waits.
-    "policy": replace(_SMALL, max_rounds=3, aborts=1, reuses=1, squeezes=1, policy=1),
+    # A scheduling policy: bulk and large resumes yield to admissions and take an idle
+    # link, one round in flight, while an abort and an id reuse change who waits.
+    "policy": replace(_SMALL, max_rounds=4, aborts=1, reuses=1, squeezes=1, policy=1),
+    # ... and two rounds in flight, where a yielding round must wait for an idle link.
+    "policy, two in flight": replace(_SMALL, max_rounds=4, aborts=1, policy=2),
 }
 
 

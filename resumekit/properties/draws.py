@@ -49,8 +49,9 @@ def protocol_configs(draw: st.DrawFn) -> ProtocolConfig:
 
 
 def policies(block_size: int, default_blocks: int) -> st.SearchStrategy[SchedulingPolicy | None]:
-    """None half the time; else a small window, bulk above a round 0 or two, few passes
-    allowed (its bugs need long examples, so it is drawn as often as no policy)."""
+    """None half the time; else a small window, bulk above a round 0 or two, large above
+    a block or a round 0 (or half the pool), few passes allowed (its bugs need long
+    examples, so it is drawn as often as no policy)."""
     default = default_blocks * block_size
     return st.one_of(
         st.none(),
@@ -60,6 +61,7 @@ def policies(block_size: int, default_blocks: int) -> st.SearchStrategy[Scheduli
             bulk_tokens=st.sampled_from([default, 2 * default]),
             bulk_round_tokens=st.sampled_from([block_size, default]),
             max_passed_over=st.integers(0, 3),
+            yield_tokens=st.sampled_from([block_size, block_size, default, None]),
         ),
     )
 

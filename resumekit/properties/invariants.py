@@ -275,6 +275,24 @@ def _bulk(r: RecordState, policy: SchedulingPolicy | None) -> bool:
     return bulk is not None and r.total is not None and r.total > bulk
 
 
+def _yields(r: RecordState, policy: SchedulingPolicy | None) -> bool:
+    """Whether ``r``'s resume (its next round) yields under ``policy``: bulk, or more than
+    ``yield_tokens`` left, and passed over fewer than ``max_passed_over`` times."""
+    if policy is None or r.total is None or r.passed >= policy.max_passed_over:
+        return False
+    big = policy.yield_tokens
+    return _bulk(r, policy) or (big is not None and r.total - r.sent > big)
+
+
+def _yield_order(r: RecordState, policy: SchedulingPolicy | None) -> tuple[bool, int]:
+    """Where a yielding resume goes among those yielding: fewest tokens left first, bulk
+    last (a stable sort keeps queue order among equals)."""
+    if _bulk(r, policy):
+        return True, 0
+    assert r.total is not None
+    return False, r.total - r.sent
+
+
 def served_in_order(
     before: ReceiverSnapshot, after: ReceiverSnapshot, policy: SchedulingPolicy | None = None
 ) -> str | None:
@@ -284,12 +302,13 @@ def served_in_order(
     to wait joins the back), and are served in it; until each has blocks, nothing
     else gets any: not a resume behind it, not an early post of a next round, not an
     admission. With a :class:`~resumekit.protocol.policy.SchedulingPolicy` that holds
-    for every waiting resume except a bulk one passed over fewer than
-    ``max_passed_over`` times: admissions and other requests' rounds may pass it, but
-    no bulk request behind it; each admission that passes it counts, it is never
-    passed more often than that, and at most ``max_rounds_in_flight`` rounds are
-    ever in flight. Allocations are told apart, and ordered, by their never-reused,
-    increasing generations.
+    for every waiting resume except one that yields (bulk, or more than ``yield_tokens``
+    left, passed over fewer than ``max_passed_over`` times): admissions and the rounds
+    of requests that do not yield may pass it, and yielding resumes are served fewest
+    tokens left first, bulk last, and are passed by no yielding round of a request that
+    did not wait; each admission that passes one counts, none is passed more often than
+    that, and at most ``max_rounds_in_flight`` rounds are ever in flight. Allocations
+    are told apart, and ordered, by their never-reused, increasing generations.
     """
     window = None if policy is None else policy.max_rounds_in_flight
     if window is not None:
@@ -314,15 +333,12 @@ def served_in_order(
     }
     was = {(r.rid, r.incarnation): r for r in before.resumes}
     limit = 0 if policy is None else policy.max_passed_over
-    yields = [w for w in waited if _bulk(was[w], policy) and was[w].passed < limit]
+    yields = [w for w in waited if _yields(was[w], policy)]
     first = [w for w in waited if w not in yields]
     problem = _served_first(first, kept, new, lambda life, r: True)
     if problem is not None or not yields:
         return problem
-    # A yielding bulk resume: only the other bulk requests' rounds may not pass it.
-    problem = _served_first(
-        yields, kept, new, lambda life, r: life not in first and _bulk(r, policy)
-    )
+    problem = _yielders_in_order(yields, kept, new, was, policy)
     if problem is not None:
         return problem
     admitted = sum(1 for _, r in new.values() if r.epoch == 0)
@@ -332,13 +348,40 @@ def served_in_order(
             count, expect = now[life].passed, was[life].passed + admitted
             if count != expect:
                 return (
-                    f"the bulk resume of {life[0]!r} counts {count} admissions passing it, "
+                    f"the yielding resume of {life[0]!r} counts {count} admissions passing it, "
                     f"but {expect} did"
                 )
             if count > limit:
                 return (
-                    f"the bulk resume of {life[0]!r} was passed over {count} times, more "
+                    f"the yielding resume of {life[0]!r} was passed over {count} times, more "
                     f"than the policy's {limit}"
+                )
+    return None
+
+
+def _yielders_in_order(
+    yields: list[tuple[Hashable, int]],
+    kept: list[tuple[Hashable, int]],
+    new: dict[tuple[Hashable, int], tuple[int, RecordState]],
+    was: dict[tuple[Hashable, int], RecordState],
+    policy: SchedulingPolicy | None,
+) -> str | None:
+    """Whether yielding resumes got blocks fewest tokens left first (the older of equals),
+    bulk last, with no yielding round of a request that did not wait (``was`` holds those
+    that did) ahead of its turn."""
+    order = {w: (_yield_order(was[w], policy), i) for i, w in enumerate(yields)}
+    for life, (g, r) in new.items():
+        if life in order:
+            mine = order[life]
+        elif life not in was and r.epoch > 0 and _yields(r, policy):
+            mine = (_yield_order(r, policy), len(yields))  # it joined the queue's back
+        else:
+            continue
+        for w, key in order.items():
+            if key < mine and (w in kept or (w in new and new[w][0] > g)):
+                return (
+                    f"request {r.rid!r} got blocks for round {r.epoch} ahead of the yielding "
+                    f"resume of {w[0]!r}, which has fewer tokens left or waited longer"
                 )
     return None
 
@@ -379,9 +422,10 @@ def bulk_rounds_yield(
     before: ReceiverSnapshot, after: ReceiverSnapshot, policy: SchedulingPolicy
 ) -> str | None:
     """Under ``policy``, a bulk request's resumes are at most ``bulk_round_tokens`` (to a
-    block) and, until passed over ``max_passed_over`` times (counting the admissions served
-    in the step), get no blocks in a step after which an admission waiting before it still
-    waits: admissions go first."""
+    block); a yielding round (bulk, or more than ``yield_tokens`` left), until passed over
+    ``max_passed_over`` times (counting the admissions served in the step), gets no
+    blocks in a step after which an admission waiting before it still waits (admissions
+    go first), nor while another round is in flight (it takes an idle link)."""
     cap, limit = policy.bulk_round_tokens, policy.max_passed_over
     old = {(r.rid, r.incarnation): r for r in before.records}
     admitting = {(r.rid, r.incarnation) for r in before.admissions if r.state is _WAITING}
@@ -397,12 +441,16 @@ def bulk_rounds_yield(
     )
     for r in after.records:
         a, was = r.allocation, old.get((r.rid, r.incarnation))
-        if a is None or r.epoch == 0 or not _bulk(r, policy):
+        if a is None or r.epoch == 0:
             continue
         if was is not None and was.allocation is a:
             continue  # held from before this step
         blocks = len(a.blocks)
-        if cap is not None and (blocks - 1) * (a.capacity_tokens // blocks) >= cap:
+        if (
+            _bulk(r, policy)
+            and cap is not None
+            and (blocks - 1) * (a.capacity_tokens // blocks) >= cap
+        ):
             return (
                 f"round {r.epoch} of bulk request {r.rid!r} holds {a.capacity_tokens} tokens, "
                 f"more than the policy's {cap} to a block"
@@ -410,10 +458,24 @@ def bulk_rounds_yield(
         # Passed before the step, and by each admission served in it: once that reaches
         # the bound it goes ahead of the rest.
         passed = (0 if was is None else was.passed) + admitted
-        if still and passed < limit:
+        if passed >= limit or not _yields(r._replace(passed=0), policy):
+            continue
+        if still:
             return (
-                f"bulk request {r.rid!r} got blocks for round {r.epoch} while the admission "
-                f"of {still[0]!r}, waiting before it, still waits"
+                f"request {r.rid!r} got blocks for yielding round {r.epoch} while the "
+                f"admission of {still[0]!r}, waiting before it, still waits"
+            )
+        # Posted before it and still in flight (one posted after it, in the same step,
+        # saw it in flight and is its own round's business).
+        others = [
+            o.rid
+            for o in after.records
+            if o.allocation is not None and o.allocation.generation < a.generation
+        ]
+        if others:
+            return (
+                f"request {r.rid!r} got blocks for yielding round {r.epoch} while the round "
+                f"of {others[0]!r} is in flight: a yielding round takes an idle link"
             )
     return None
 
@@ -470,20 +532,24 @@ def no_resume_idle(after: ReceiverSnapshot, free_blocks: int) -> str | None:
 def none_idle_by_policy(
     after: ReceiverSnapshot, free_blocks: int, policy: SchedulingPolicy
 ) -> str | None:
-    """Under ``policy`` a step ends with no first-class resume (not bulk, or passed over
-    enough) waiting while a block is free and the window has room: the policy orders the
-    rounds, it never holds one back that nothing goes before."""
+    """Under ``policy`` a step ends with no resume that does not yield waiting while a
+    block is free and the window has room, and with none at all waiting while a block is
+    free, no round is in flight and no admission waits: the policy orders the rounds, it
+    never holds one back that nothing goes before."""
     if not free_blocks:
         return None
+    in_flight = sum(1 for r in after.records if r.allocation is not None)
     window = policy.max_rounds_in_flight
-    if window is not None and sum(1 for r in after.records if r.allocation is not None) >= window:
+    if window is not None and in_flight >= window:
         return None
+    idle = not in_flight and not any(r.state is _WAITING for r in after.admissions)
     for r in after.resumes:
         waits = r.state is TransferState.Transferring and r.allocation is None
-        if waits and (not _bulk(r, policy) or r.passed >= policy.max_passed_over):
+        if waits and (idle or not _yields(r, policy)):
+            why = "the link idle and no admission waiting" if idle else "the window room"
             return (
                 f"the resume of {r.rid!r} still waits for blocks after a step that left "
-                f"{free_blocks} free and the window room, and nothing goes before it"
+                f"{free_blocks} free and {why}, and nothing goes before it"
             )
     return None
 
@@ -497,7 +563,9 @@ def next_round_overlaps(
 ) -> str | None:
     """A round that lands alone in a step, with its request's whole next round free and
     nothing due before it, has that next round posted in other blocks (the sender fills it
-    while the landed one is copied out): not in the landed blocks, and not left waiting."""
+    while the landed one is copied out): not in the landed blocks, and not left waiting.
+    Under a policy a yielding next round is due only when nothing waits and no other round
+    is in flight."""
     if len(batch) != 1 or type(batch[0]) is not msg.Landed:
         return None
     status = batch[0]
@@ -512,13 +580,19 @@ def next_round_overlaps(
     if policy is None:
         if before.resumes:
             return None  # older resumes first
-    elif _bulk(now, policy) or any(
-        r.state is TransferState.Transferring
-        and r.allocation is None
-        and (not _bulk(r, policy) or r.passed >= policy.max_passed_over)
-        for r in before.resumes
-    ):
-        return None
+    else:
+        waiting = [
+            r
+            for r in before.resumes
+            if r.state is TransferState.Transferring and r.allocation is None
+        ]
+        if any(not _yields(r, policy) for r in waiting):
+            return None  # due first
+        busy = waiting or any(r.state is _WAITING for r in before.admissions)
+        if _yields(now._replace(passed=0), policy) and (
+            busy or any(r.allocation is not None for r in before.records if r is not was)
+        ):
+            return None  # it yields: behind those waiting, and until the link is idle
     want = now.total - now.sent
     cap = receiver.max_resume_tokens
     if cap is not None:

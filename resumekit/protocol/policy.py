@@ -6,7 +6,7 @@ order never deadlocks, but a request larger than the pool then streams through i
 round after round while every request behind it waits (head-of-line blocking),
 and the link's queue fills with rounds posted long before a resume that is due.
 
-A policy changes two things, and nothing of the protocol:
+A policy changes who goes first, and nothing of the protocol:
 
 * **bulk requests yield.** A request whose announced total exceeds ``bulk_tokens``
   (default: the whole pool, the requests a size-first design would refuse) is bulk:
@@ -15,6 +15,16 @@ A policy changes two things, and nothing of the protocol:
   a waiting bulk resume counts; after ``max_passed_over`` of them, that resume is
   served like any other (nothing passes it), so no request is passed over more
   than ``max_passed_over`` times in a row.
+* **large resumes yield.** A waiting resume with more than ``yield_tokens`` left
+  (default: half the pool) yields like a bulk one, counting the admissions that pass
+  it. Of the waiting resumes that yield, the one with the fewest tokens left goes
+  first (the oldest of equals), bulk ones last, in queue order. A burst of arrivals
+  then queues behind no large round: the largest request takes the wait (what a
+  size-first design's first fit does by accident when a large request finds no
+  contiguous room), not everyone behind it.
+* **yielding rounds use an idle link.** A yielding resume is posted only when no
+  other round is in flight, so a request that arrives meanwhile queues behind at
+  most one yielding round.
 * **a window.** At most ``max_rounds_in_flight`` rounds are posted and not yet
   landed; the others wait in the receiver, in the order above, instead of in the
   link's queue, so a resume that is due is not queued behind rounds posted later.
@@ -43,18 +53,21 @@ class SchedulingPolicy:
             capacity, resolved by the receiver).
         bulk_round_tokens: what one resume of a bulk request allocates at most
             (``None``: an eighth of the pool).
-        max_passed_over: admissions a waiting bulk resume lets pass before it is
-            served ahead of them.
+        max_passed_over: admissions a waiting yielding resume (bulk, or large) lets
+            pass before it is served ahead of them.
+        yield_tokens: a waiting resume with more than this left yields (``None``: half
+            the pool's capacity, resolved by the receiver).
     """
 
     max_rounds_in_flight: int | None = None
     bulk_tokens: int | None = None
     bulk_round_tokens: int | None = None
     max_passed_over: int = DEFAULT_MAX_PASSED_OVER
+    yield_tokens: int | None = None
 
     def __post_init__(self) -> None:
         """Refuse a number no receiver can serve by, naming the field."""
-        for name in ("max_rounds_in_flight", "bulk_tokens", "bulk_round_tokens"):
+        for name in ("max_rounds_in_flight", "bulk_tokens", "bulk_round_tokens", "yield_tokens"):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, as_int(value, name, minimum=1))
@@ -68,7 +81,8 @@ class SchedulingPolicy:
         chunk = self.bulk_round_tokens
         if chunk is None:
             chunk = max(block_size, pool_tokens // 8 // block_size * block_size)
-        return SchedulingPolicy(self.max_rounds_in_flight, bulk, chunk, self.max_passed_over)
+        big = self.yield_tokens if self.yield_tokens is not None else max(1, pool_tokens // 2)
+        return SchedulingPolicy(self.max_rounds_in_flight, bulk, chunk, self.max_passed_over, big)
 
 
 def check_policy(policy: object) -> SchedulingPolicy | None:

@@ -107,7 +107,7 @@ class RequestRecord:
         self.rounds = 0
         self.stale = 0
         self.hint: Hashable = None  # the engine's size hint (auto round-0 sizing)
-        self.passed = 0  # admissions served while this bulk resume waited (a policy's)
+        self.passed = 0  # admissions served while this resume waited yielding (a policy's)
 
     def frozen(self) -> RecordState:
         """This record as an immutable value."""
@@ -167,7 +167,7 @@ class RecordState(NamedTuple):
     rounds: int
     stale: int
     hint: Hashable
-    passed: int  # admissions that passed it while it waited as a bulk resume
+    passed: int  # admissions that passed it while it waited yielding (a policy's)
 
 
 class ReceiverSnapshot(NamedTuple):
@@ -326,6 +326,7 @@ class ResumableReceiver:
         self._bulk_round_tokens: int = pool_tokens if chunk is None else chunk
         self._window = None if self.policy is None else self.policy.max_rounds_in_flight
         self._max_passed_over = 0 if self.policy is None else self.policy.max_passed_over
+        self._yield_tokens = None if self.policy is None else self.policy.yield_tokens
         self._snap: ReceiverSnapshot | None = None  # the last snapshot, while nothing changed
         self._records: dict[Hashable, RequestRecord] = {}
         self._admissions: deque[RequestRecord] = deque()
@@ -880,52 +881,72 @@ class ResumableReceiver:
         bulk = self._bulk_tokens
         return bulk is not None and req.total is not None and req.total > bulk
 
-    def _first_class(self, req: RequestRecord) -> bool:
-        """A waiting resume nothing passes: not bulk, or passed over enough times."""
-        return not self._bulk(req) or req.passed >= self._max_passed_over
-
-    def _window_full(self) -> bool:
-        """Whether the policy's rounds in flight are all taken (a scan: only with a window)."""
-        window = self._window
-        if window is None:
+    def _yields(self, req: RequestRecord) -> bool:
+        """Whether waiting resume ``req`` yields: bulk, or more than ``yield_tokens`` left,
+        and passed over fewer than ``max_passed_over`` times."""
+        if req.passed >= self._max_passed_over:
             return False
-        in_flight = 0
+        if self._bulk(req):
+            return True
+        limit = self._yield_tokens
+        return limit is not None and req.total is not None and req.total - req.sent > limit
+
+    def _in_flight(self) -> int:
+        """Rounds posted and not yet landed (a scan: only under a policy)."""
+        n = 0
         for rec in self._records.values():
             if rec.allocation is not None:
-                in_flight += 1
-        return in_flight >= window
+                n += 1
+        return n
+
+    def _window_full(self) -> bool:
+        """Whether the policy's rounds in flight are all taken."""
+        window = self._window
+        return window is not None and self._in_flight() >= window
 
     def _must_wait(self, req: RequestRecord) -> bool:
         """Whether ``req``'s next round, due now, must queue behind others waiting."""
         if self.policy is None:
             return bool(self._resumes)
         # No window check: the round that just landed left a slot, which this one takes.
-        if any(_waits(r) and self._first_class(r) for r in self._resumes):
+        if any(_waits(r) and not self._yields(r) for r in self._resumes):
             return True
-        if not self._bulk(req):
+        if not self._yields(req):
             return False
-        return any(_waits(r) for r in self._resumes) or any(
-            r.state is S.WaitingForInput for r in self._admissions
+        # It yields: behind anything waiting, and until the link is idle.
+        return (
+            any(_waits(r) for r in self._resumes)
+            or any(r.state is S.WaitingForInput for r in self._admissions)
+            or self._in_flight() > 0
         )
 
-    def _next_by_policy(self) -> tuple[RequestRecord, bool] | None:
-        """The next to serve, and whether it is an admission; drops entries no longer waiting."""
+    def _next_by_policy(self) -> tuple[RequestRecord, bool, bool] | None:
+        """The next to serve, whether it is an admission and whether it yields; drops
+        entries no longer waiting."""
         resumes, admissions = self._resumes, self._admissions
         if any(not _waits(r) for r in resumes):
             self._resumes = resumes = deque([r for r in resumes if _waits(r)])
         while admissions and admissions[0].state is not S.WaitingForInput:
             admissions.popleft()
         for req in resumes:
-            if self._first_class(req):
-                return req, False
+            if not self._yields(req):
+                return req, False, False
         if admissions:
-            return admissions[0], True
-        return (resumes[0], False) if resumes else None
+            return admissions[0], True, False
+        # All yield: the fewest tokens left first (the oldest of equals), bulk last.
+        best: RequestRecord | None = None
+        for req in resumes:
+            if not self._bulk(req) and (best is None or _left(req) < _left(best)):
+                best = req
+        if best is None and resumes:
+            best = resumes[0]
+        return None if best is None else (best, False, True)
 
     def _serve_by_policy(self) -> None:
-        """First-class resumes in queue order, then admissions, then bulk resumes."""
+        """Resumes that do not yield in queue order, then admissions, then yielding
+        resumes, these only on an idle link."""
         while (picked := self._next_by_policy()) is not None:
-            req, admission = picked
+            req, admission, yields = picked
             if self._window_full():
                 return
             if admission:
@@ -933,9 +954,9 @@ class ResumableReceiver:
                     return
                 self._admissions.popleft()
                 for waiting in self._resumes:
-                    waiting.passed += 1  # all bulk: a first-class one would have gone first
+                    waiting.passed += 1  # all yield: one that does not would have gone first
                 continue
-            if self.allocator.num_free_blocks == 0:
+            if self.allocator.num_free_blocks == 0 or (yields and self._in_flight() > 0):
                 return
             self._resumes.remove(req)
             if not self._try_resume(req):
@@ -978,6 +999,12 @@ class ResumableReceiver:
     @staticmethod
     def _in_flight_epoch(req: RequestRecord) -> str:
         return str(req.epoch) if req.allocation is not None else "none"
+
+
+def _left(req: RequestRecord) -> int:
+    """Tokens ``req`` has still to receive (its total is known once round 0 landed)."""
+    assert req.total is not None
+    return req.total - req.sent
 
 
 def _waits(req: RequestRecord) -> bool:
