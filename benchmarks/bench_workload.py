@@ -2,7 +2,7 @@
 
     python benchmarks/bench_workload.py [--check] [--json FILE] [--plot FILE.png]
         [--requests 400] [--load 0.7] [--sweep 0.3,0.5,0.7,0.9,1.1] [--seed 0]
-        [--seeds 0,1,2] [--window 2] [--sensitivity]
+        [--seeds 0,1,2] [--window 3] [--sensitivity]
         [--pool-tokens 131072] [--block-size 128] [--trace NAME] [--design NAME]
         [--rtt-us 200] [--link-gbs 25] [--copy-gbs 500] [--round-us 50] [--hidden 3584]
 
@@ -275,7 +275,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--window",
         type=count(0),
-        default=2,
+        default=3,
         help="rounds in flight of resumekit's scheduling policy (0: no policy)",
     )
     parser.add_argument(

@@ -57,7 +57,7 @@ HORIZON: Final = 300.0  # virtual seconds after the last arrival before the rest
 ROUND0: Final = 8192  # tokens: the fixed round 0 of ``resumekit`` and ``one-resume``
 #: resumekit's policy on this link: one FIFO link is kept busy by two rounds in flight
 #: (one transferring, the next posted), so the rest wait in the receiver, in its order.
-POLICY: Final = SchedulingPolicy(max_rounds_in_flight=2)
+POLICY: Final = SchedulingPolicy(max_rounds_in_flight=3)
 
 
 def _cost(value: object) -> CostModel:
