@@ -177,6 +177,13 @@ BUGS: list[Bug] = [
         "return False",
     ),
     Bug(
+        "yielding resumes are served oldest first, not fewest tokens left first",
+        R,
+        "_next_by_policy",
+        "if not self._bulk(req) and (best is None or _left(req) < _left(best)):",
+        "if not self._bulk(req) and best is None:",
+    ),
+    Bug(
         "no request is ever bulk",
         R,
         "_bulk",
@@ -431,7 +438,10 @@ WHERE: dict[str, str] = {
     "no request is ever bulk": "policy",
     "a yielding round is posted while another is in flight": "policy, two in flight",
     "a yielding early post ignores the round in flight": "policy, two in flight",
-    "no resume is large enough to yield": "policy",
+    "no resume is large enough to yield": "policy, two in flight",
+    "yielding resumes are served oldest first, not fewest tokens left first": (
+        "policy, two in flight"
+    ),
     "a malformed status fails no request": "forged and poisoned",
     "an orphan status resets the orphan count": "id reuse",
     "a status for an old round fails the request": "id reuse",

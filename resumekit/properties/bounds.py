@@ -93,7 +93,7 @@ def policy_of(bounds: Bounds) -> SchedulingPolicy | None:
         return None
     bs = bounds.block_size
     # Bulk above all but the largest total, so that smaller requests resume first-class;
-    # a resume with more than a block left yields, so that with four rounds each kind acts.
+    # a resume with more than a block left yields, so that with five rounds each kind acts.
     bulk = bs * max(1, bounds.max_rounds - 1)
     return SchedulingPolicy(bounds.policy, bulk, bs, max_passed_over=1, yield_tokens=bs)
 
@@ -242,11 +242,13 @@ ADVERSARY_BOUNDS: Final[dict[str, Bounds]] = {
     "restart and squeeze": replace(_SMALL, restarts=1, squeezes=1, reuses=1),
     # ... and a sender crash with a block grabbed right after a free.
     "crash and grab": replace(_SMALL, crashes=1, pressure=1, reuses=1),
-    # A scheduling policy: bulk and large resumes yield to admissions and take an idle
-    # link, one round in flight, while an abort and an id reuse change who waits.
-    "policy": replace(_SMALL, max_rounds=4, aborts=1, reuses=1, squeezes=1, policy=1),
-    # ... and two rounds in flight, where a yielding round must wait for an idle link.
-    "policy, two in flight": replace(_SMALL, max_rounds=4, aborts=1, policy=2),
+    # A scheduling policy: bulk resumes yield to admissions, one round in flight, while
+    # an abort and an id reuse change who waits...
+    "policy": replace(_SMALL, max_rounds=3, aborts=1, reuses=1, squeezes=1, policy=1),
+    # ... and two rounds in flight, where a yielding round must wait for an idle link,
+    # with three requests of up to five rounds: first-class, large and bulk resumes all
+    # act, and two large ones with different tokens left can wait at once.
+    "policy, two in flight": replace(_SMALL, requests=3, max_rounds=5, policy=2),
 }
 
 
