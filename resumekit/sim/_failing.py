@@ -13,6 +13,7 @@ from resumekit.allocator import BlockBuffers, EmbeddingTensors
 from resumekit.protocol import RoundPost
 from resumekit.transports.inprocess import InProcessTransport
 from resumekit.transports.mooncake import MooncakeSenderEnd
+from resumekit.transports.mooncake.sender import _runs
 from resumekit.transports.torch import TorchEnd, TorchSenderEnd
 from resumekit.transports.torch.wire import DATA, TAG_DATA, TAG_TO_RECEIVER
 
@@ -80,13 +81,23 @@ class _FailingMooncakeSender(MooncakeSenderEnd):
         if self.rounds_written != self.fault_round:
             super().write_round(post, data, aux)
             return
-        dst = self._dst.pop((post.rid, post.incarnation, post.epoch))
-        half = data.embeddings[: max(1, data.num_tokens // 2)].contiguous()
+        key = (post.rid, post.incarnation, post.epoch)
+        dst = self._dst.get(key)
+        if not isinstance(dst, list) or not dst:  # never posted, or unusable: refused as usual
+            super().write_round(post, data, aux)
+            return
+        del self._dst[key]
+        # Half of the embeddings' first run of blocks, where a write cut short stops: a
+        # contiguous half of the whole round from the first block's address would run
+        # past that run into blocks of other rounds (seen as another request's bytes).
+        sources, targets = _runs(data, dst, data.num_tokens, post.capacity_tokens // len(dst))
+        first = sources[0]
+        half = first[: max(1, first.shape[0] // 2)].contiguous()
         assert self._hello is not None
         self.engine.batch_transfer_sync_write(
             self._hello.session,
             [half.data_ptr()],
-            [dst[0][0]],
+            [targets[0]],
             [half.numel() * half.element_size()],
         )
         if self.fault == "die":
