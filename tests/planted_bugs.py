@@ -383,6 +383,20 @@ BUGS: list[Bug] = [
         "elif post.sent < src.sent:",
     ),
     Bug(
+        "a resume's post does not say how many tokens its round carries",
+        R,
+        "_post_round",
+        "            expect,\n",
+        "            None,\n",
+    ),
+    Bug(
+        "a resume that is not bulk is cut to a bulk round's size",
+        R,
+        "_try_resume",
+        "if self._bulk(req) and want > self._bulk_round_tokens:",
+        "if self._bulk(req) or want > self._bulk_round_tokens:",
+    ),
+    Bug(
         "a step serves one waiting resume and stops, blocks still free",
         R,
         "_serve_waiting",
@@ -466,6 +480,8 @@ WHERE: dict[str, str] = {
     "an aborted request is never reported": "small",
     "a stale post is counted twice": "id reuse",
     "a malformed post is refused without a reason": "forged and poisoned",
+    "a resume's post does not say how many tokens its round carries": "small",
+    "a resume that is not bulk is cut to a bulk round's size": "policy, two in flight",
 }
 
 

@@ -217,6 +217,12 @@ ALLOCATOR: list[Case] = [
     ("free str, named", lambda w: w.allocator.free("blocks"), E, "str"),
     ("free twice", lambda w: w.allocator.free(w.freed), DoubleFreeError, "allocation"),
     ("free foreign", lambda w: w.allocator.free(w.foreign), ForeignAllocationError, "allocation"),
+    (  # and says why: another allocator issued it
+        "free foreign, why",
+        lambda w: w.allocator.free(w.foreign),
+        ForeignAllocationError,
+        "issued",
+    ),
     (
         "free a copy",
         lambda w: w.allocator.free(
@@ -570,6 +576,18 @@ SNAPSHOTS: list[Case] = [
         E,
         "cancelled",
     ),
+    (  # what may be parked, named (a mutant refused it with no message)
+        "sender restore parks a non-post",
+        lambda w: w.sender.restore(w.sender.snapshot()._replace(parked=(("x", ("post",)),))),
+        E,
+        "RoundPost",
+    ),
+    (  # the message names what the transport must be, too
+        "EmbeddingSender transport object names the interface",
+        lambda w: EmbeddingSender(object()),  # type: ignore[arg-type]
+        E,
+        "SenderTransport",
+    ),
     ("allocator restore None", lambda w: w.allocator.restore(None), E, "snapshot"),
     (
         "allocator restore another allocator's snapshot",
@@ -844,6 +862,21 @@ def _wrong_capacity_seen(w: ContractWorld) -> bool:
     return False
 
 
+def _block_past_the_pool_seen(w: ContractWorld) -> bool:
+    """``check_invariants`` names a free block one past the pool's last as out of range."""
+    allocator = BlockAllocator(4, 4, reuse="lifo")
+    a = allocator.allocate(4, "o")
+    assert a is not None
+    allocator.free(a)
+    stack: list[int] = allocator._free._stack  # type: ignore[union-attr]
+    stack[stack.index(a.blocks[0])] = 4  # bookkeeping corrupted by hand: block 4 of 0..3
+    try:
+        allocator.check_invariants()
+    except InvariantError as error:
+        return "out-of-range block 4" in str(error)
+    return False
+
+
 def _restore_primes_snapshot(w: ContractWorld) -> bool:
     """After ``restore(s)`` the receiver's ``snapshot()`` is ``s`` itself until it changes
     (the explorer relies on it: an unchanged part is neither copied nor rebuilt)."""
@@ -954,6 +987,7 @@ GOOD: Final[list[tuple[str, Callable[[ContractWorld], bool]]]] = [
     ("allocate of an int-like size", _index_sized),
     ("check_invariants names a wrong capacity", _wrong_capacity_seen),
     ("check_invariants names a block lost", _missing_block_seen),
+    ("check_invariants names a free block past the pool", _block_past_the_pool_seen),
     ("restore primes the receiver's snapshot", _restore_primes_snapshot),
     ("check_invariants sees a generation never issued", _unissued_generation_seen),
     (

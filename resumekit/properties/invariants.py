@@ -393,8 +393,13 @@ def step_served_in_order(
     accounted for what it handled (invariant 8); ``polled`` gives the batch it polled."""
     before, policy = receiver.snapshot(), receiver.policy
     free_before = receiver.allocator.num_free_blocks
+    sized: dict[int, int] | None = getattr(receiver.allocator, "free_before", None)
+    if sized is not None:
+        sized.clear()
     finished = receiver.step()
     after = receiver.snapshot()
+    if sized:  # an allocation in the step
+        require(PROGRESS, resumes_sized(before, after, receiver, sized))
     if before.resumes or policy is not None:
         require(SERVED_IN_ORDER, served_in_order(before, after, policy))
     if after.resumes:
@@ -416,6 +421,40 @@ def step_served_in_order(
         require(NO_LEAK, quarantined_while_written(before, after, batch))
         require(PROGRESS, next_round_overlaps(receiver, before, after, batch, free_before))
     return finished
+
+
+def resumes_sized(
+    before: ReceiverSnapshot,
+    after: ReceiverSnapshot,
+    receiver: ResumableReceiver,
+    free_before: dict[int, int],
+) -> str | None:
+    """Each resume allocated in the step takes what its request has left (capped by
+    ``max_resume_tokens``, and for a bulk request by the policy's ``bulk_round_tokens``),
+    to a block: never more, and fewer only by taking every block free at that moment
+    (``free_before``: per allocation's generation, the free blocks just before it)."""
+    policy, cap = receiver.policy, receiver.max_resume_tokens
+    bs = receiver.allocator.block_size
+    old = {(r.rid, r.incarnation): r.allocation for r in before.records}
+    for r in after.records:
+        a = r.allocation
+        if a is None or r.epoch == 0 or r.total is None or old.get((r.rid, r.incarnation)) is a:
+            continue
+        free = free_before.get(a.generation)
+        want = r.total - r.sent
+        if free is None or want < 1:
+            continue
+        if cap is not None:
+            want = min(want, cap)
+        if policy is not None and policy.bulk_round_tokens is not None and _bulk(r, policy):
+            want = min(want, policy.bulk_round_tokens)
+        need, got = -(-want // bs), len(a.blocks)
+        if got > need or (got < need and got < free):
+            return (
+                f"round {r.epoch} of request {r.rid!r} got {got} block(s) with {free} free; "
+                f"it needs {need} ({want} tokens)"
+            )
+    return None
 
 
 def bulk_rounds_yield(
@@ -800,6 +839,26 @@ def _ids(counts: Counter[Hashable]) -> str:
     return "[" + ", ".join(sorted(map(repr, counts.elements()))) + "]"
 
 
+def post_expects(post: RoundPost) -> str | None:
+    """A resume's post names the tokens its round must carry, at least one and at most
+    its blocks' worth: the total came with round 0, the sender refuses a round that
+    would carry other than that, and a transport sizes its receive by it."""
+    expect = post.expect_tokens
+    if expect is None:
+        if post.epoch == 0:
+            return None  # the total is not known before round 0 lands
+        return (
+            f"round {post.epoch} of request {post.rid!r} is posted with no expect_tokens, "
+            "though its total came with round 0"
+        )
+    if not 1 <= expect <= post.capacity_tokens:
+        return (
+            f"round {post.epoch} of request {post.rid!r} expects {expect} tokens in "
+            f"{post.capacity_tokens} tokens' worth of blocks"
+        )
+    return None
+
+
 # -- the ledger: what the Hypothesis machines observe of the real implementation ----
 
 
@@ -833,6 +892,7 @@ class Ledger:
         entry = self.rounds.setdefault(g, _Round(post.rid, post.incarnation, post.epoch))
         entry.posts += 1
         require(EXACTLY_ONCE, allocation_posted_once(g, entry.posts))
+        require(INTEGRITY, post_expects(post))
 
     def round_consumed(
         self, rid: Hashable, epoch: int, tokens: int, allocation: Allocation
@@ -896,11 +956,13 @@ __all__ = [
     "none_idle_by_policy",
     "nothing_left",
     "output_intact",
+    "post_expects",
     "quarantined_while_written",
     "record_collected",
     "record_view",
     "reported_once",
     "require",
+    "resumes_sized",
     "round_consumed_once",
     "round_landed_before_consumed",
     "sent_advances",

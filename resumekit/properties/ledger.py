@@ -18,6 +18,8 @@ from resumekit.properties.invariants import (
     InvariantViolation,
     allocation_freed_once,
     allocation_posted_once,
+    post_expects,
+    require,
     round_consumed_once,
     round_landed_before_consumed,
     write_into_live_round,
@@ -120,6 +122,7 @@ class Ledger:
                 f"({post.capacity_tokens} tokens); its allocation holds {list(allocation.blocks)} "
                 f"({allocation.capacity_tokens})",
             )
+        require(INTEGRITY, post_expects(post))
         label = self.labels.get(post.rid, -1)
         self._own("rounds")[g] = (label, post.epoch, posts, False, False)
 

@@ -101,6 +101,7 @@ class Harness:
         ledger = Ledger()
         allocator = CheckedAllocator(b.blocks, b.block_size, reuse=b.reuse)  # type: ignore[arg-type]
         allocator.ledger = ledger
+        allocator.free_before = {}
         buffers = CellBuffers(allocator, ledger)
         transport = ExplorerTransport(buffers, ledger)
         receiver = self.strategy.receiver(

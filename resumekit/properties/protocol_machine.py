@@ -110,6 +110,23 @@ class CheckedAllocator(BlockAllocator):
     ledger: Ledger | None = None
     grab_armed = False
     grabbed: list[Allocation]
+    free_before: dict[int, int]  # per generation, free blocks just before (resumes_sized)
+
+    def allocate(self, num_tokens: int, owner: Hashable) -> Allocation | None:
+        free = self.num_free_blocks
+        allocation = super().allocate(num_tokens, owner)
+        if allocation is not None:
+            self.free_before[allocation.generation] = free
+        return allocation
+
+    def allocate_up_to(
+        self, num_tokens: int, owner: Hashable, min_tokens: int = 1
+    ) -> Allocation | None:
+        free = self.num_free_blocks
+        allocation = super().allocate_up_to(num_tokens, owner, min_tokens)
+        if allocation is not None:
+            self.free_before[allocation.generation] = free
+        return allocation
 
     def free(self, allocation: Allocation) -> None:
         if self.ledger is not None:
@@ -260,6 +277,7 @@ class ProtocolMachineBase(RuleBasedStateMachine):
         self.ledger.allocator = self.p.allocator
         self.allocator.ledger = self.ledger
         self.allocator.grabbed = self.pressure
+        self.allocator.free_before = {}
         self.t.ledger = self.ledger
 
     # -- traffic -----------------------------------------------------------------

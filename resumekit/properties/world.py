@@ -157,6 +157,9 @@ class CheckedAllocator(BlockAllocator):
     ledger: Ledger
     pressure: tuple[Allocation, ...] = ()
     grab_armed: bool = False
+    # Free blocks just before each allocation of the current receiver step, by generation
+    # (the step's check reads it: resumes_sized); emptied before each step. Set by the harness.
+    free_before: dict[int, int]
 
     def squeeze(self) -> None:
         """The other user takes one free block."""
@@ -166,17 +169,21 @@ class CheckedAllocator(BlockAllocator):
         self.pressure += (got,)
 
     def allocate(self, num_tokens: int, owner: Hashable) -> Allocation | None:
+        free = self.num_free_blocks
         allocation = super().allocate(num_tokens, owner)
         if allocation is not None:
             self.ledger.issued(allocation)
+            self.free_before[allocation.generation] = free
         return allocation
 
     def allocate_up_to(
         self, num_tokens: int, owner: Hashable, min_tokens: int = 1
     ) -> Allocation | None:
+        free = self.num_free_blocks
         allocation = super().allocate_up_to(num_tokens, owner, min_tokens)
         if allocation is not None:
             self.ledger.issued(allocation)
+            self.free_before[allocation.generation] = free
         return allocation
 
     def free(self, allocation: Allocation) -> None:
