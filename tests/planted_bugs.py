@@ -397,6 +397,20 @@ BUGS: list[Bug] = [
         "if self._bulk(req) or want > self._bulk_round_tokens:",
     ),
     Bug(
+        "the sender serves a post that expects more tokens than its round carries",
+        SND,
+        "_serve",
+        "if post.expect_tokens is not None and post.expect_tokens != n:",
+        "if post.expect_tokens is not None and post.expect_tokens < n:",
+    ),
+    Bug(
+        "a taken result counts its consumed rounds down",
+        R,
+        "_fire",
+        "            req.rounds += 1\n",
+        "            req.rounds -= 1\n",
+    ),
+    Bug(
         "a step serves one waiting resume and stops, blocks still free",
         R,
         "_serve_waiting",
@@ -482,6 +496,10 @@ WHERE: dict[str, str] = {
     "a malformed post is refused without a reason": "forged and poisoned",
     "a resume's post does not say how many tokens its round carries": "small",
     "a resume that is not bulk is cut to a bulk round's size": "policy, two in flight",
+    "a taken result counts its consumed rounds down": "small",
+    "the sender serves a post that expects more tokens than its round carries": (
+        "forged and poisoned"
+    ),
 }
 
 

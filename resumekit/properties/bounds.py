@@ -58,6 +58,8 @@ POISONED_POST: Final = ("blocks", "sent", "incarnation")
 AHEAD: Final = "ahead"  # a well-typed post that skips a round: the sender must refuse it
 #: A well-typed post of the round the sender owes, resuming past the tokens it sent.
 ASKEW: Final = "askew"
+#: A well-typed post of the round the sender owes, expecting a token more than it carries.
+MISCOUNTED: Final = "miscounted"
 POISON_VALUES: Final[dict[str, Any]] = {
     "epoch": None,
     "tokens": "1",
@@ -268,6 +270,7 @@ __all__ = [
     "FAULTS",
     "FORGED",
     "MAX_BOUND",
+    "MISCOUNTED",
     "OLD",
     "POISONED_POST",
     "POISONED_STATUS",

@@ -877,6 +877,19 @@ def _block_past_the_pool_seen(w: ContractWorld) -> bool:
     return False
 
 
+def _block_free_and_held_seen(w: ContractWorld) -> bool:
+    """``check_invariants`` names a block both held and on the free list, and says free."""
+    allocator = BlockAllocator(4, 4, reuse="lifo")
+    a = allocator.allocate(4, "o")
+    assert a is not None
+    allocator._free._stack.append(a.blocks[0])  # type: ignore[union-attr]
+    try:
+        allocator.check_invariants()
+    except InvariantError as error:
+        return str(error).endswith(f"block {a.blocks[0]} is in generation 0 and also free")
+    return False
+
+
 def _restore_primes_snapshot(w: ContractWorld) -> bool:
     """After ``restore(s)`` the receiver's ``snapshot()`` is ``s`` itself until it changes
     (the explorer relies on it: an unchanged part is neither copied nor rebuilt)."""
@@ -988,6 +1001,7 @@ GOOD: Final[list[tuple[str, Callable[[ContractWorld], bool]]]] = [
     ("check_invariants names a wrong capacity", _wrong_capacity_seen),
     ("check_invariants names a block lost", _missing_block_seen),
     ("check_invariants names a free block past the pool", _block_past_the_pool_seen),
+    ("check_invariants names a block both held and free", _block_free_and_held_seen),
     ("restore primes the receiver's snapshot", _restore_primes_snapshot),
     ("check_invariants sees a generation never issued", _unissued_generation_seen),
     (

@@ -16,6 +16,7 @@ from resumekit.properties.bounds import (
     ASKEW,
     BUDGET_INDEX,
     FORGED,
+    MISCOUNTED,
     OLD,
     POISON_VALUES,
     STALE,
@@ -109,11 +110,13 @@ def poison(model: Model, w: World, action: tuple[Any, ...]) -> None:
     post: dict[str, Any] = {"blocks": (0,), "sent": rec.sent}
     if where in post:
         post[where] = POISON_VALUES[where]
-    epoch = rec.epoch + 2 if where == AHEAD else rec.epoch
-    if where == ASKEW:  # the round the sender owes, a token past what it sent
+    epoch, expect = rec.epoch + 2 if where == AHEAD else rec.epoch, None
+    if where in (ASKEW, MISCOUNTED):  # the round the sender owes, from the token it sent ...
         epoch, sent = owed(w, r)  # type: ignore[misc]
-        post["sent"] = sent + 1
-    bad = msg.RoundPost(r, epoch, post["blocks"], 1, post["sent"], None, None, incarnation=inc)
+        post["sent"] = sent + 1 if where == ASKEW else sent  # ... or a token past it
+        if where == MISCOUNTED:  # expecting a token more than the one it carries
+            expect = min(w.totals[r] - sent, 1) + 1
+    bad = msg.RoundPost(r, epoch, post["blocks"], 1, post["sent"], None, expect, incarnation=inc)
     w.transport.hand_over = (bad,)
     before, n = w.sender.snapshot(), len(w.transport.statuses)
     step_counted(w.sender, lambda: w.transport.polled_posts)

@@ -803,10 +803,10 @@ def owed_round(sender: SenderSnapshot, rid: Hashable, incarnation: int) -> tuple
 
 
 def post_refused(before: SenderSnapshot, post: RoundPost, reported: Sequence[object]) -> str | None:
-    """A post the sender cannot serve (malformed, skipping a round of its life's source, or
-    resuming that source where it did not stop) naming a round of a life not ended at the
-    sender, not served yet, is refused for that round and life with the problem named:
-    the receiver may be waiting on that round."""
+    """A post the sender cannot serve (malformed, skipping a round of its life's source,
+    resuming that source where it did not stop, or expecting other than the round would
+    carry) naming a round of a life not ended at the sender, not served yet, is refused
+    for that round and life with the problem named: the receiver may be waiting on it."""
     problem, epoch, inc = msg.malformed_post(post), post.epoch, post.incarnation
     if type(epoch) is not int or type(inc) is not int or epoch < 0:
         return None
@@ -820,6 +820,10 @@ def post_refused(before: SenderSnapshot, post: RoundPost, reported: Sequence[obj
             problem = f"posted before round {mine[0].next_epoch}"
         elif post.sent != mine[0].sent:
             problem = f"resumes at token {post.sent}"
+        elif post.expect_tokens is not None and post.expect_tokens != min(
+            mine[0].total - mine[0].sent, post.capacity_tokens
+        ):
+            problem = f"expects {post.expect_tokens}"
         else:
             return None
     elif any(s.next_epoch > epoch for s in mine):
@@ -837,6 +841,13 @@ def post_refused(before: SenderSnapshot, post: RoundPost, reported: Sequence[obj
 
 def _ids(counts: Counter[Hashable]) -> str:
     return "[" + ", ".join(sorted(map(repr, counts.elements()))) + "]"
+
+
+def rounds_counted(rid: Hashable, reported: int, consumed: int) -> str | None:
+    """A taken result counts the rounds its life consumed (invariant 8, accounted)."""
+    if reported == consumed:
+        return None
+    return f"request {rid!r} reports {reported} round(s); its life consumed {consumed}"
 
 
 def post_expects(post: RoundPost) -> str | None:
@@ -965,6 +976,7 @@ __all__ = [
     "resumes_sized",
     "round_consumed_once",
     "round_landed_before_consumed",
+    "rounds_counted",
     "sent_advances",
     "served_in_order",
     "stale_changes_nothing",

@@ -22,6 +22,7 @@ from resumekit.properties.bounds import (
     AHEAD,
     ASKEW,
     BUDGET_INDEX,
+    MISCOUNTED,
     POISONED_POST,
     POISONED_STATUS,
     STALE,
@@ -41,6 +42,7 @@ from resumekit.properties.invariants import (
     output_intact,
     record_view,
     require,
+    rounds_counted,
     stale_changes_nothing,
     stale_view,
     step_counted,
@@ -198,7 +200,7 @@ class Harness:
                 if t.sender_alive and not t.posts:
                     out.extend(("poison-post", r, f) for f in (*POISONED_POST, AHEAD))
                     if owed(w, r) is not None:
-                        out.append(("poison-post", r, ASKEW))
+                        out.extend(("poison-post", r, f) for f in (ASKEW, MISCOUNTED))
         return out
 
     def apply(self, w: World, action: tuple[Any, ...]) -> None:
@@ -366,6 +368,9 @@ class Harness:
                         f"the sender announced {MROPE_BASE + label}",
                     )
                 )
+        counted = rounds_counted(r, result.rounds, w.ledger.consumed.get(label, -1) + 1)
+        if counted is not None:
+            problems.append((ACCOUNTED, counted))
         if not w.hurt[r]:
             why = succeeds_without_faults(r, result.state.name, result.reason)
             if why is not None:

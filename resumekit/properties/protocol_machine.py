@@ -44,6 +44,7 @@ from resumekit.properties.bounds import (
     AHEAD,
     ASKEW,
     FORGED,
+    MISCOUNTED,
     OLD,
     POISON_VALUES,
     POISONED_POST,
@@ -71,6 +72,7 @@ from resumekit.properties.invariants import (
     owed_round,
     record_collected,
     require,
+    rounds_counted,
     stale_changes_nothing,
     step_counted,
     step_served_in_order,
@@ -650,16 +652,19 @@ class ProtocolMachineBase(RuleBasedStateMachine):
 
     @precondition(lambda self: self.next_rid > 0)
     @rule(
-        data=st.data(), aimed=st.booleans(), where=st.sampled_from((*POISONED_POST, AHEAD, ASKEW))
+        data=st.data(),
+        aimed=st.booleans(),
+        where=st.sampled_from((*POISONED_POST, AHEAD, ASKEW, MISCOUNTED)),
     )
     def poison_post(self, data: st.DataObject, aimed: bool, where: str) -> None:
         """A malformed item after the posts already sent (posts keep their order), with
         one field of an unusable type; or (``ahead``) a post that skips a round, or
-        (``askew``) one of the round the sender owes, resuming past what it sent."""
+        (``askew``) one of the round the sender owes, resuming past what it sent, or
+        (``miscounted``) one expecting a token more than that round carries."""
         rid = self._draw_live(data) if aimed else None
         self._note(f"poison_post({rid}, {where})")
         bad: Any = object()
-        well_typed = where in (AHEAD, ASKEW)
+        well_typed = where in (AHEAD, ASKEW, MISCOUNTED)
         if well_typed and (rid is None or rid not in self.p.sender):
             return  # well typed: a sender without the source would park it for good
         if rid is not None:
@@ -667,14 +672,23 @@ class ProtocolMachineBase(RuleBasedStateMachine):
             fields: dict[str, Any] = {"blocks": (0,), "sent": rec.sent, "inc": rec.incarnation}
             if not well_typed:
                 fields["inc" if where == "incarnation" else where] = POISON_VALUES[where]
-            epoch = rec.epoch + 2 if where == AHEAD else rec.epoch
-            if where == ASKEW:
+            epoch, expect = rec.epoch + 2 if where == AHEAD else rec.epoch, None
+            if where in (ASKEW, MISCOUNTED):
                 owed = owed_round(self.p.sender.snapshot(), rid, rec.incarnation)
                 if owed is None:
                     return  # its source is not bound at the sender (or fully sent)
-                epoch, fields["sent"] = owed[0], owed[1] + 1
+                epoch, fields["sent"] = owed[0], owed[1] + (where == ASKEW)
+                if where == MISCOUNTED:  # a token more than the one it carries
+                    expect = 2
             bad = RoundPost(
-                rid, epoch, fields["blocks"], 1, fields["sent"], incarnation=fields["inc"]
+                rid,
+                epoch,
+                fields["blocks"],
+                1,
+                fields["sent"],
+                None,
+                expect,
+                incarnation=fields["inc"],
             )
             if where != "incarnation":
                 self._hurt(rid)
@@ -754,6 +768,8 @@ class ProtocolMachineBase(RuleBasedStateMachine):
         result = receiver.take(rid)
         life = self.lives.pop(rid)
         self.taken_ids.append(rid)
+        consumed = sum(1 for k in self.ledger.consumed if k[:2] == (rid, life.incarnation))
+        require(ACCOUNTED, rounds_counted(rid, result.rounds, consumed))
         if not life.hurt:
             require(LIVENESS, succeeds_without_faults(rid, result.state.name, result.reason))
         if result.state is TransferState.Failed:
