@@ -899,6 +899,19 @@ def _restore_primes_snapshot(w: ContractWorld) -> bool:
     return w.receiver.snapshot() is snap and "later" not in w.receiver
 
 
+def _sender_restore_primes_snapshot(w: ContractWorld) -> bool:
+    """After ``restore(s)`` the sender holds ``s`` and its ``snapshot()`` is ``s`` itself
+    (a restore that kept the state it had would leave the explorer exploring a sender
+    that never goes back)."""
+    snap = w.sender.snapshot()
+    w.sender.add("later", source(2, seed=5))
+    changed = w.sender.snapshot()
+    w.sender.restore(snap)
+    back = w.sender.snapshot() is snap and "later" not in w.sender
+    w.sender.restore(changed)
+    return back and "later" in w.sender and w.sender.snapshot() is changed
+
+
 def _unissued_generation_seen(w: ContractWorld) -> bool:
     """``check_invariants`` sees a live generation the allocator never issued."""
     allocator = BlockAllocator(4, 4)
@@ -1003,6 +1016,7 @@ GOOD: Final[list[tuple[str, Callable[[ContractWorld], bool]]]] = [
     ("check_invariants names a free block past the pool", _block_past_the_pool_seen),
     ("check_invariants names a block both held and free", _block_free_and_held_seen),
     ("restore primes the receiver's snapshot", _restore_primes_snapshot),
+    ("restore puts the sender back and primes its snapshot", _sender_restore_primes_snapshot),
     ("check_invariants sees a generation never issued", _unissued_generation_seen),
     (
         "a sender keeping no tombstones",

@@ -27,6 +27,7 @@ import torch
 
 from resumekit.allocator.block_allocator import Allocation, AllocatorSnapshot, BlockAllocator
 from resumekit.allocator.buffers import DEFAULT_AUX_SIZE, EmbeddingTensors
+from resumekit.errors import InvariantError
 from resumekit.properties.invariants import (
     ACCOUNTED,
     INTEGRITY,
@@ -401,6 +402,10 @@ class World:
         if isinstance(receiver, KVPollReceiver):
             receiver.memos = dict(s.memos)
         self.sender.restore(s.sender)
+        # Each holds what it was given: a restore that kept its state would have the
+        # explorer run on from states it never reached, without end.
+        if receiver.snapshot() is not s.receiver or self.sender.snapshot() is not s.sender:
+            raise InvariantError("a restore left the receiver or the sender in another state")
         buffers = self.buffers
         buffers.cells, buffers.aux, buffers.outputs = s.cells, s.aux, s.outputs
         buffers.outputs_shared = True
