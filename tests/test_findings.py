@@ -6,7 +6,7 @@ from __future__ import annotations
 from resumekit.allocator import block_allocator as allocator_module
 from resumekit.properties.bounds import QUICK_BOUNDS
 from resumekit.properties.contracts import check_contracts
-from resumekit.properties.explorer import explore
+from resumekit.properties.explorer import explore, explore_partition
 from resumekit.properties.invariants import CRASH
 from resumekit.properties.planting import Bug, planted
 from resumekit.properties.strategies import strategy
@@ -111,3 +111,23 @@ def test_a_snapshot_that_raises_is_a_broken_contract() -> None:
         report = check_contracts()
     assert not report.ok
     assert any("snapshot raised" in why for _, why in report.broken)
+
+
+def test_a_done_problem_only_restored_objects_show_is_a_crash_with_its_trace() -> None:
+    """A receiver record's snapshot that loses the total: the problem is seen at a done
+    state, whose trace replayed on fresh objects goes elsewhere (and cannot be worded);
+    it raised out of verify (mutant ``RequestRecord.frozen__mutmut_7``), now this finding."""
+    bug = Bug(
+        "a record's snapshot drops its total",
+        receiver_module.RequestRecord,
+        "frozen",
+        "            self.total,\n",
+        "            None,\n",
+    )
+    with planted(bug):
+        run = explore_partition(QUICK_BOUNDS, strategy("epoch"), (2, 2))
+    assert run.violation is not None and not run.complete
+    assert run.violation.invariant == CRASH
+    assert "restored from their own snapshots" in run.violation.detail
+    assert "though no abort or crash touched it" in run.violation.detail  # judged when done
+    assert len(run.violation.actions) >= 2

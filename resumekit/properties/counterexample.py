@@ -56,7 +56,13 @@ def replay(
     w = harness.initial_world(totals)
     lines = []
     for n, action in enumerate(actions, 1):
-        lines.append(action_text(action, w))
+        try:
+            lines.append(action_text(action, w))  # words the world it acts on: may diverge
+        except Exception as error:
+            raise ReplayDiverged(
+                f"replaying action {n} of {len(actions)} ({action[0]}) found no world to "
+                f"word it in: {type(error).__name__}: {error}"
+            ) from error
         try:
             if restoring:  # copies: restore skips the snapshot it took last
                 s = w.snapshot()
@@ -94,12 +100,26 @@ def violation(
         invariant, detail = error.invariant, error.detail
     else:
         invariant, detail = CRASH, f"{type(error).__name__}: {error}"
+    return traced(harness, totals, actions, invariant, detail, raises_at_end=True)
+
+
+def traced(
+    harness: Harness,
+    totals: tuple[int, ...],
+    actions: list[tuple[Any, ...]],
+    invariant: str,
+    detail: str,
+    *,
+    raises_at_end: bool = False,
+) -> Counterexample:
+    """The finding ``invariant: detail`` with its trace replayed. A trace that goes elsewhere
+    on fresh objects and not on objects put back from their own snapshots, as the explorer
+    runs it, is that finding instead: restore does not give back what snapshot took (the
+    shipped code's defect). One that diverges both ways is the checker's and raises."""
     try:
-        lines = replay(harness, totals, actions, raises_at_end=True)
+        lines = replay(harness, totals, actions, raises_at_end=raises_at_end)
     except ReplayDiverged:
-        # Raised only on objects put back from their own snapshots: restore does not give
-        # back what snapshot took (the shipped code's defect); otherwise the checker's.
-        lines = replay(harness, totals, actions, raises_at_end=True, restoring=True)
+        lines = replay(harness, totals, actions, raises_at_end=raises_at_end, restoring=True)
         invariant, detail = (
             CRASH,
             (
@@ -114,7 +134,7 @@ def unrestorable(
     harness: Harness, totals: tuple[int, ...], path: list[tuple[Any, ...]], error: Exception
 ) -> Counterexample:
     detail = f"the state these actions leave cannot be restored: {type(error).__name__}: {error}"
-    return Counterexample(CRASH, detail, totals, replay(harness, totals, path))
+    return traced(harness, totals, path, CRASH, detail)
 
 
 def unjudgeable(
@@ -124,22 +144,23 @@ def unjudgeable(
         f"the state these actions leave cannot be judged (asking the objects what they hold "
         f"raised): {type(error).__name__}: {error}"
     )
-    return Counterexample(CRASH, detail, totals, replay(harness, totals, path))
+    return traced(harness, totals, path, CRASH, detail)
 
 
 def stuck(harness: Harness, totals: tuple[int, ...], path: list[tuple[Any, ...]]) -> Counterexample:
     """The liveness counterexample: the way into a state no terminal state is reachable from."""
     w = harness.initial_world(totals)
-    for action in path:
-        harness.apply(w, action)
-    waiting = [f"r{r}" for r in range(len(totals)) if not _terminal(w, r)]
-    return Counterexample(
-        LIVENESS,
-        f"from here no terminal state is reachable ({', '.join(waiting) or 'nothing'} "
-        "never finishes, even if the pool's other user keeps the blocks it may)",
-        totals,
-        replay(harness, totals, path),
+    try:
+        for action in path:
+            harness.apply(w, action)
+        waiting = ", ".join(f"r{r}" for r in range(len(totals)) if not _terminal(w, r))
+    except Exception:  # replayed without restores it goes elsewhere: traced says so
+        waiting = "a request"
+    detail = (
+        f"from here no terminal state is reachable ({waiting or 'nothing'} "
+        "never finishes, even if the pool's other user keeps the blocks it may)"
     )
+    return traced(harness, totals, path, LIVENESS, detail)
 
 
 def _terminal(w: World, r: int) -> bool:
@@ -151,6 +172,7 @@ __all__ = [
     "ReplayDiverged",
     "replay",
     "stuck",
+    "traced",
     "unjudgeable",
     "unrestorable",
     "violation",

@@ -33,6 +33,7 @@ from resumekit.properties.counterexample import (
     ReplayDiverged,
     replay,
     stuck,
+    traced,
     unjudgeable,
     unrestorable,
     violation,
@@ -379,7 +380,7 @@ def _judged(
     if not problems:
         return None
     invariant, detail = problems[0]
-    return Counterexample(invariant, detail, totals, replay(harness, totals, graph.path(j)))
+    return traced(harness, totals, graph.path(j), invariant, detail)
 
 
 def _unable_to_finish(graph: _Graph, done: list[int]) -> int | None:
