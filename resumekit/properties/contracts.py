@@ -21,7 +21,7 @@ from typing import Any, Final
 
 import torch
 
-from resumekit.allocator.block_allocator import Allocation, BlockAllocator
+from resumekit.allocator.block_allocator import _HOST_BYTES_PER_BLOCK, Allocation, BlockAllocator
 from resumekit.allocator.buffers import BlockBuffers, EmbeddingTensors
 from resumekit.errors import (
     CapacityExceededError,
@@ -160,7 +160,7 @@ ALLOCATOR: list[Case] = [
         "BlockAllocator num_blocks 10**30",
         lambda w: _A(10**30, 64),
         CapacityExceededError,
-        "bytes",
+        f"{10**30 * _HOST_BYTES_PER_BLOCK:,} bytes",  # what the free list would take
     ),
     ("BlockAllocator num_blocks float", lambda w: _A(4.0, 4), E, "num_blocks"),
     ("BlockAllocator num_blocks str", lambda w: _A("4", 4), E, "num_blocks"),
