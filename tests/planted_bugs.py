@@ -417,6 +417,13 @@ BUGS: list[Bug] = [
         "            if not self._try_resume(req):\n",
         "            if self._try_resume(req):\n",
     ),
+    Bug(
+        "a request added after the peer is lost is cancelled twice",
+        R,
+        "add",
+        'self._fail(req, f"peer lost: {self.peer_lost}", peer_alive=False)',
+        'self._fail(req, f"peer lost: {self.peer_lost}", peer_alive=True)',
+    ),
 ]
 
 #: Bugs on a path only the fuzzer takes: it names each source's life when it hands it
@@ -456,6 +463,7 @@ WHERE: dict[str, str] = {
     "the sender serves a post one round ahead of the next it owes": "forged and poisoned",
     "the sender serves a post that resumes where it did not stop": "forged and poisoned",
     "a step serves one waiting resume and stops, blocks still free": "squeezed pool",
+    "a request added after the peer is lost is cancelled twice": "crash and grab",
     "admissions that pass a bulk resume are not counted": "policy",
     "the window is not checked before a waiting round is served": "policy",
     "a bulk early post passes a waiting bulk resume": "policy",

@@ -42,7 +42,7 @@ def key(s: WorldState, remembers_blocks: bool = False, reduced: bool = True) -> 
     live = alloc.live
     rank: dict[int, Any] = {id(a): i for i, a in enumerate(live)}
     rank[id(None)] = -1
-    rounds, consumed, labels, _, lives, _ = s.ledger
+    rounds, consumed, labels, _, lives = s.ledger[:5]  # cancels: the ledger's memory only
     renamed = None
     if remembers_blocks:
         order = list(alloc.free)

@@ -87,6 +87,14 @@ def allocation_posted_once(generation: int, times_posted: int) -> str | None:
     return None
 
 
+def cancelled_once(rid: Hashable, incarnation: int, times: int) -> str | None:
+    """A life is cancelled at most once: only failing it cancels, and a failed life
+    never fails again (the sender would count the second as an orphan)."""
+    if times > 1:
+        return f"life {incarnation} of request {rid!r} was cancelled {times} times"
+    return None
+
+
 # -- 2. no leak -------------------------------------------------------------------
 
 
@@ -895,6 +903,7 @@ class Ledger:
     rounds: dict[int, _Round] = field(default_factory=dict)
     consumed: set[tuple[Hashable, int, int]] = field(default_factory=set)  # (rid, life, epoch)
     sent: dict[tuple[Hashable, int], int] = field(default_factory=dict)  # per (rid, life)
+    cancels: dict[tuple[Hashable, int], int] = field(default_factory=dict)  # per (rid, life)
 
     # ReceiverObserver hooks
     def round_posted(self, post: RoundPost) -> None:
@@ -927,6 +936,12 @@ class Ledger:
         pass
 
     # transport and allocator hooks
+    def cancelled(self, rid: Hashable, incarnation: int) -> None:
+        """The receiver sent a Cancel for this life."""
+        times = self.cancels.get((rid, incarnation), 0) + 1
+        require(EXACTLY_ONCE, cancelled_once(rid, incarnation, times))
+        self.cancels[(rid, incarnation)] = times
+
     def before_write(self, post: RoundPost) -> None:
         allocation = post.allocation
         assert allocation is not None and self.allocator is not None

@@ -18,6 +18,7 @@ from resumekit.properties.invariants import (
     InvariantViolation,
     allocation_freed_once,
     allocation_posted_once,
+    cancelled_once,
     post_expects,
     require,
     round_consumed_once,
@@ -27,7 +28,15 @@ from resumekit.properties.invariants import (
 from resumekit.protocol import messages as msg
 
 #: A :class:`Ledger`'s dicts, in the order a :class:`WorldState` keeps them.
-LEDGER_PARTS: Final = ("rounds", "consumed", "labels", "owner", "lives", "incarnations")
+LEDGER_PARTS: Final = (
+    "rounds",
+    "consumed",
+    "labels",
+    "owner",
+    "lives",
+    "incarnations",
+    "cancels",
+)
 
 
 class Ledger:
@@ -37,7 +46,8 @@ class Ledger:
     ``consumed`` maps a life's label to the last epoch consumed; ``owner`` maps a
     block to the live generation holding it (the allocator's claims, checked);
     ``lives`` maps an incarnation the receiver gave to the life's number for its id, and
-    ``incarnations`` maps (id, life number) back to it (the stale-life faults name one).
+    ``incarnations`` maps (id, life number) back to it (the stale-life faults name one);
+    ``cancels`` maps an incarnation to the Cancels the receiver sent for it.
     """
 
     def __init__(self) -> None:
@@ -47,6 +57,7 @@ class Ledger:
         self.owner: dict[int, int] = {}
         self.lives: dict[int, int] = {}
         self.incarnations: dict[tuple[Hashable, int], int] = {}
+        self.cancels: dict[int, int] = {}
         # Copy on write: the dicts of the state last taken or restored are shared with
         # it, and the first change after copies the one dict it changes.
         self._state: tuple[dict[Any, Any], ...] | None = None
@@ -85,6 +96,12 @@ class Ledger:
         """The receiver gave ``rid``'s life number ``life`` this ``incarnation``."""
         self._own("lives")[incarnation] = life
         self._own("incarnations")[(rid, life)] = incarnation
+
+    def cancelled(self, rid: Hashable, incarnation: int) -> None:
+        """The receiver sent a Cancel for life ``incarnation`` of ``rid``, dead link or not."""
+        times = self.cancels.get(incarnation, 0) + 1
+        require(EXACTLY_ONCE, cancelled_once(rid, incarnation, times))
+        self._own("cancels")[incarnation] = times
 
     def issued(self, allocation: Allocation) -> None:
         g = allocation.generation

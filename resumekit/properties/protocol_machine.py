@@ -143,7 +143,8 @@ class CheckedAllocator(BlockAllocator):
 
 
 class CheckedTransport(InProcessTransport):
-    """Tells the ledger about every write before it happens; remembers delivered statuses."""
+    """Tells the ledger about every write and cancel before it happens; remembers
+    delivered statuses."""
 
     ledger: Ledger | None = None
 
@@ -156,6 +157,11 @@ class CheckedTransport(InProcessTransport):
     def poll_posts(self) -> Sequence[msg.Post]:
         batch = self.polled_posts = super().poll_posts()
         return batch
+
+    def cancel(self, rid: Hashable, epoch: int, *, incarnation: int) -> None:
+        if self.ledger is not None:
+            self.ledger.cancelled(rid, incarnation)
+        super().cancel(rid, epoch, incarnation=incarnation)
 
     def write_round(
         self, post: RoundPost, data: EmbeddingTensors, aux: Sequence[int] | None

@@ -237,6 +237,7 @@ class ExplorerTransport:
             self.posts += (post,)
 
     def cancel(self, rid: Hashable, epoch: int, *, incarnation: int) -> None:
+        self.ledger.cancelled(rid, incarnation)
         if self.sender_alive:
             self.posts += (msg.Cancel(rid, epoch, incarnation=incarnation),)
 
