@@ -424,6 +424,27 @@ BUGS: list[Bug] = [
         'self._fail(req, f"peer lost: {self.peer_lost}", peer_alive=False)',
         'self._fail(req, f"peer lost: {self.peer_lost}", peer_alive=True)',
     ),
+    Bug(
+        "round 0's total is taken from its status, not checked against its aux row",
+        R,
+        "_check_round",
+        "if aux[AUX_TOTAL_TOKENS] != total:",
+        "if False:",
+    ),
+    Bug(
+        "a refusal of the round in flight fails the request without cancelling it",
+        R,
+        "_on_refused",
+        'self._fail(req, f"sender error: {why}", peer_alive=True, written=False)',
+        'self._fail(req, f"sender error: {why}", peer_alive=False, written=False)',
+    ),
+    Bug(
+        "passes are not reset when a round is posted",
+        R,
+        "_post_round",
+        "        req.passed = 0\n",
+        "        pass\n",
+    ),
 ]
 
 #: Bugs on a path only the fuzzer takes: it names each source's life when it hands it
@@ -464,6 +485,13 @@ WHERE: dict[str, str] = {
     "the sender serves a post that resumes where it did not stop": "forged and poisoned",
     "a step serves one waiting resume and stops, blocks still free": "squeezed pool",
     "a request added after the peer is lost is cancelled twice": "crash and grab",
+    "round 0's total is taken from its status, not checked against its aux row": (
+        "reused, forged and poisoned"
+    ),
+    "a refusal of the round in flight fails the request without cancelling it": (
+        "reused, forged and poisoned"
+    ),
+    "passes are not reset when a round is posted": "policy, two in flight",
     "admissions that pass a bulk resume are not counted": "policy",
     "the window is not checked before a waiting round is served": "policy",
     "a bulk early post passes a waiting bulk resume": "policy",

@@ -58,6 +58,8 @@ def test_a_needless_quarantine_is_named_at_the_step_that_made_it(name: str, says
 #: (issue 23), and of the scheduling policy (issue 21), which the fuzzer must catch too: it
 #: draws the same combinations, forgeries and policies and checks the same invariants.
 FUZZED = (
+    "a refusal of the round in flight fails the request without cancelling it",
+    "round 0's total is taken from its status, not checked against its aux row",
     "a request added after the peer is lost is cancelled twice",
     "a taken result counts its consumed rounds down",
     "the sender serves a post that expects more tokens than its round carries",

@@ -52,6 +52,8 @@ FAIR: Final = frozenset({"add", "encode", "step", "deliver", "deliver-all", "eve
 FORGED: Final = ("landed", "cancelled", "error")
 STALE: Final = "stale"  # a forged or poisoned status of the id's earlier life
 OLD: Final = "old"  # a forged status of a round of this life already consumed
+#: A forged Landed of a written, partial round 0 that says it is the whole request.
+TRUNCATED: Final = "truncated"
 #: The field each poison garbles, and with what: a type no well-formed message has.
 POISONED_STATUS: Final = ("epoch", "tokens", "final", "incarnation")
 POISONED_POST: Final = ("blocks", "sent", "incarnation")
@@ -279,6 +281,7 @@ __all__ = [
     "STALE",
     "STANDARD_BOUNDS",
     "STANDARD_FAULTS",
+    "TRUNCATED",
     "Bounds",
     "Fault",
     "InvalidBounds",

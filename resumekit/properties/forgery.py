@@ -20,6 +20,7 @@ from resumekit.properties.bounds import (
     OLD,
     POISON_VALUES,
     STALE,
+    TRUNCATED,
     Bounds,
 )
 from resumekit.properties.invariants import (
@@ -73,6 +74,10 @@ def forge(model: Model, w: World, action: tuple[Any, ...]) -> None:
         assert rec.allocation is not None
         tokens = rec.allocation.capacity_tokens + 1
         forged = msg.Landed(r, rec.epoch, tokens, rec.sent + tokens, True, incarnation=inc)
+    elif what == TRUNCATED:  # round 0, written and partial, reported as the whole
+        assert rec.allocation is not None  # (its aux row, which the sender wrote, says not)
+        tokens = rec.allocation.capacity_tokens
+        forged = msg.Landed(r, 0, tokens, tokens, True, incarnation=inc)
     elif what == "landed":
         forged = msg.Landed(r, epoch, 1, w.totals[r], False, incarnation=inc)
     elif what == "cancelled":
@@ -126,11 +131,17 @@ def poison(model: Model, w: World, action: tuple[Any, ...]) -> None:
 
 def forgeries(w: World, r: int) -> Iterator[tuple[Any, ...]]:
     """The forged statuses for live request ``r``: of rounds never posted, the round in
-    flight oversized, a round consumed already, a round of the id's earlier life."""
+    flight oversized, a written partial round 0 as the whole (truncated), a round
+    consumed already, a round of the id's earlier life."""
     yield from (("forge", r, kind, far) for kind in FORGED for far in (False, True))
     rec = w.receiver.record(r)
-    if rec.allocation is not None:
+    a = rec.allocation
+    if a is not None:
         yield ("forge", r, "oversized", False)
+        if rec.epoch == 0 and w.totals[r] > a.capacity_tokens:
+            entry = w.ledger.rounds.get(a.generation)
+            if entry is not None and entry[3]:  # written: the receiver may read its aux row
+                yield ("forge", r, TRUNCATED, False)
     if rec.epoch and rec.state is S.Transferring:
         yield from (("forge", r, kind, OLD) for kind in FORGED)
     if w.lives[r] > 1:

@@ -87,6 +87,28 @@ def allocation_posted_once(generation: int, times_posted: int) -> str | None:
     return None
 
 
+def failed_cancelled(
+    after: ReceiverSnapshot,
+    finished: Sequence[Hashable],
+    batch: Sequence[object],
+    cancelled: Callable[[Hashable, int], bool],
+) -> str | None:
+    """Each life a step hands over as failed was cancelled (once, with
+    :func:`cancelled_once`), unless the step learned that the peer is lost: only a lost
+    peer fails lives without telling the sender, which could still hold their sources."""
+    if any(type(item) is msg.PeerLost for item in batch):
+        return None
+    ended = set(finished)
+    for r in after.records:
+        if (
+            r.rid in ended
+            and r.state is TransferState.Failed
+            and not cancelled(r.rid, r.incarnation)
+        ):
+            return f"life {r.incarnation} of request {r.rid!r} failed and was never cancelled"
+    return None
+
+
 def cancelled_once(rid: Hashable, incarnation: int, times: int) -> str | None:
     """A life is cancelled at most once: only failing it cancels, and a failed life
     never fails again (the sender would count the second as an orphan)."""
@@ -314,8 +336,9 @@ def served_in_order(
     left, passed over fewer than ``max_passed_over`` times): admissions and the rounds
     of requests that do not yield may pass it, and yielding resumes are served fewest
     tokens left first, bulk last, and are passed by no yielding round of a request that
-    did not wait; each admission that passes one counts, none is passed more often than
-    that, and at most ``max_rounds_in_flight`` rounds are ever in flight. Allocations
+    did not wait; each admission that passes one counts (from none when it begins to
+    wait), none is passed more often than that, and at most ``max_rounds_in_flight``
+    rounds are ever in flight. Allocations
     are told apart, and ordered, by their never-reused, increasing generations.
     """
     window = None if policy is None else policy.max_rounds_in_flight
@@ -324,6 +347,10 @@ def served_in_order(
         if in_flight > window:
             return f"{in_flight} rounds in flight, more than the policy's {window}"
     waited = _waiting(before)
+    if policy is not None and after.resumes:
+        problem = _passes_from_none(before, after, waited)
+        if problem is not None:
+            return problem
     if not waited:
         return None
     waits = _waiting(after)
@@ -367,6 +394,30 @@ def served_in_order(
     return None
 
 
+def _passes_from_none(
+    before: ReceiverSnapshot, after: ReceiverSnapshot, waited: list[tuple[Hashable, int]]
+) -> str | None:
+    """A resume that begins to wait in a step counts no passes but the step's admissions."""
+    fresh = {r.rid: r.passed for r in after.resumes if r.passed}
+    if not fresh:
+        return None
+    old = {(r.rid, r.incarnation): _generation(r) for r in before.records}
+    admitted = sum(
+        1
+        for r in after.records
+        if r.epoch == 0
+        and (g := _generation(r)) is not None
+        and old.get((r.rid, r.incarnation)) != g
+    )
+    for rid, incarnation in _waiting(after):
+        if fresh.get(rid, 0) > admitted and (rid, incarnation) not in waited:
+            return (
+                f"the resume of {rid!r} begins to wait with {fresh[rid]} pass(es) counted, "
+                f"though {admitted} admission(s) were served: passes count per wait, from none"
+            )
+    return None
+
+
 def _yielders_in_order(
     yields: list[tuple[Hashable, int]],
     kept: list[tuple[Hashable, int]],
@@ -395,10 +446,13 @@ def _yielders_in_order(
 
 
 def step_served_in_order(
-    receiver: ResumableReceiver, polled: Callable[[], Sequence[object]] | None = None
+    receiver: ResumableReceiver,
+    polled: Callable[[], Sequence[object]] | None = None,
+    cancelled: Callable[[Hashable, int], bool] | None = None,
 ) -> Sequence[Hashable]:
     """One ``receiver.step()``, requiring that it served who was due (invariant 7) and
-    accounted for what it handled (invariant 8); ``polled`` gives the batch it polled."""
+    accounted for what it handled (invariant 8); ``polled`` gives the batch it polled,
+    ``cancelled`` whether the receiver sent a Cancel for a life (id, incarnation)."""
     before, policy = receiver.snapshot(), receiver.policy
     free_before = receiver.allocator.num_free_blocks
     sized: dict[int, int] | None = getattr(receiver.allocator, "free_before", None)
@@ -424,6 +478,8 @@ def step_served_in_order(
     require(NO_LEAK, owned_by_holder(after))
     if polled is not None:
         batch = polled()
+        if cancelled is not None and finished:
+            require(EXACTLY_ONCE, failed_cancelled(after, finished, batch, cancelled))
         require(ACCOUNTED, statuses_counted(before, after, batch))
         require(ACCOUNTED, malformed_fails(before, after, batch))
         require(NO_LEAK, quarantined_while_written(before, after, batch))

@@ -241,7 +241,8 @@ class Harness:
     def _receiver_step(self, w: World) -> None:
         """One receiver step (fairness checked); after a restart, the new sender connects."""
         t = w.transport
-        step_served_in_order(w.receiver, lambda: t.polled)
+        ledger = w.ledger  # its dicts are copied on write: looked up after the step
+        step_served_in_order(w.receiver, lambda: t.polled, lambda _, i: i in ledger.cancels)
         if t.new_sender:
             self._connect_new_sender(w)
 

@@ -50,6 +50,7 @@ from resumekit.properties.bounds import (
     POISONED_POST,
     POISONED_STATUS,
     STALE,
+    TRUNCATED,
 )
 from resumekit.properties.draws import (
     HIDDEN,
@@ -372,7 +373,10 @@ class ProtocolMachineBase(RuleBasedStateMachine):
         self._receiver_step(take)
 
     def _receiver_step(self, take: bool = False) -> None:
-        finished = step_served_in_order(self.p.receiver, lambda: self.t.polled)
+        ledger = self.ledger
+        finished = step_served_in_order(
+            self.p.receiver, lambda: self.t.polled, lambda rid, i: (rid, i) in ledger.cancels
+        )
         if self.p.receiver.snapshot().resumes:
             type(self).resume_waits += 1
         if self.restart_pending and self.t.sender_alive:
@@ -569,17 +573,21 @@ class ProtocolMachineBase(RuleBasedStateMachine):
     @rule(
         data=st.data(),
         kind=st.sampled_from(FORGED),
-        far=st.sampled_from([False, True, STALE, OLD]),
+        far=st.sampled_from([False, True, STALE, OLD, TRUNCATED]),
     )
     def forge_status(self, data: st.DataObject, kind: str, far: bool | str) -> None:
         """A status for a round never posted (the next one, or one far ahead), at once; or
         one that must change nothing: (``stale``) for the round in flight's number of the
-        id's earlier life, (``old``) for the round of this life consumed last."""
+        id's earlier life, (``old``) for the round of this life consumed last; or
+        (``truncated``) a written, partial round 0 said to be the whole request."""
         rid = self._draw_live(data)
         self._note(f"forge_status({rid}, {kind}, far={far})")
         if rid is None:
             return
         rec = self.p.receiver.record(rid)
+        if far == TRUNCATED:
+            self._forge_truncated(rid, rec)
+            return
         if far == STALE:
             self._forge_stale(rid, kind, self.earlier.get(rid))
             return
@@ -597,6 +605,21 @@ class ProtocolMachineBase(RuleBasedStateMachine):
             forged = msg.SenderError(rid, epoch, "forged", incarnation=inc)
         self._hurt(rid)
         self._deliver_now(forged)
+
+    def _forge_truncated(self, rid: Hashable, rec: RequestRecord) -> None:
+        """Round 0 written, partial, and its Landed not yet seen: a Landed saying it is the
+        whole request. Its aux row, which the sender wrote, says not; it must not succeed."""
+        a = rec.allocation
+        if a is None or rec.epoch or rec.state is not TransferState.Transferring:
+            return
+        entry = self.ledger.rounds.get(a.generation)
+        if entry is None or not entry.written:
+            return
+        if self.lives[rid].source.num_tokens <= a.capacity_tokens:
+            return  # round 0 is the whole request: no lie to tell
+        tokens = a.capacity_tokens
+        self._hurt(rid)
+        self._deliver_now(Landed(rid, 0, tokens, tokens, True, incarnation=rec.incarnation))
 
     def _forge_stale(self, rid: Hashable, kind: str, inc: int | None) -> None:
         """A forged status of ``rid``'s earlier life (``inc``), for the round number in flight,

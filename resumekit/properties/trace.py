@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from resumekit.properties.abstraction import status_order
+from resumekit.properties.bounds import TRUNCATED
 from resumekit.properties.world import World
 from resumekit.protocol import messages as msg
 
@@ -86,7 +87,9 @@ def action_text(action: tuple[Any, ...], before: World) -> str:
         return "the other pool user returns a block"
     if kind == "forge":
         which = (
-            "earlier life"
+            "round in flight"
+            if action[2] in ("oversized", TRUNCATED)
+            else "earlier life"
             if action[3] == "stale"
             else "round consumed already"
             if action[3] == "old"
