@@ -974,6 +974,29 @@ def _late_source_of_another_life(w: ContractWorld) -> bool:
     return kept and sender.snapshot().cancelled == (("late", (2, 3)),)
 
 
+def _older_life_ended_by_a_newer(w: ContractWorld) -> bool:
+    """A post of a newer life of an id ends its older lives at the sender though their
+    Cancel never came (lost with the link): their sources go, the id's ended life is it."""
+    transport = InProcessTransport(BlockBuffers(BlockAllocator(8, 4), HIDDEN, device="cpu"))
+    receiver = ResumableReceiver(transport.buffers, transport, 4)
+    sender = EmbeddingSender(transport)
+    first = receiver.add("x")
+    sender.add("x", source(8), incarnation=first)
+    receiver.step()
+    sender.step()  # round 0 of the first life: 4 of its 8 tokens
+    receiver.abort("x")
+    transport.posts.clear()  # its Cancel is lost
+    receiver.step()
+    receiver.take("x")
+    second = receiver.add("x")
+    sender.add("x", source(8, seed=3), incarnation=second)
+    receiver.step()
+    sender.step()  # round 0 of the second life
+    lives = dict(sender.snapshot().lives)
+    held = [s.incarnation for s in lives.get("x", ())]
+    return held == [second] and sender.snapshot().ended == (("x", first),)
+
+
 #: (name, a call that must succeed and return True)
 GOOD: Final[list[tuple[str, Callable[[ContractWorld], bool]]]] = [
     (
@@ -997,6 +1020,8 @@ GOOD: Final[list[tuple[str, Callable[[ContractWorld], bool]]]] = [
     ("a sender keeping two tombstones", _tombstones_kept),
     ("a late source of a life with no tombstone", _late_source_of_another_life),
     ("ended lives of the last ids only", _ended_bounded),
+    ("a newer life's post ends the older lives", _older_life_ended_by_a_newer),
+    ("outstanding_of an owner holding nothing", lambda w: w.allocator.outstanding_of("x") == ()),
     ("an id the transport carries", _narrow_add_accepts),
     ("an id the sender's transport carries", _narrow_sender_add_accepts),
     ("size hints learn apart", _hints_kept_apart),
