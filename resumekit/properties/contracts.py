@@ -997,6 +997,21 @@ def _older_life_ended_by_a_newer(w: ContractWorld) -> bool:
     return held == [second] and sender.snapshot().ended == (("x", first),)
 
 
+def _reuse_orders(w: ContractWorld) -> bool:
+    """``lifo`` gives a freed allocation's blocks back first, in the same order, and a
+    fresh pool its highest blocks first; ``fifo`` the blocks free the longest first."""
+    got = []
+    for reuse in ("lifo", "fifo"):
+        allocator = BlockAllocator(8, 4, reuse=reuse)
+        a = allocator.allocate(12, "o")
+        assert a is not None
+        allocator.free(a)
+        b = allocator.allocate(12, "o")
+        assert b is not None
+        got.append((a.blocks, b.blocks))
+    return got == [((5, 6, 7), (5, 6, 7)), ((0, 1, 2), (3, 4, 5))]
+
+
 #: (name, a call that must succeed and return True)
 GOOD: Final[list[tuple[str, Callable[[ContractWorld], bool]]]] = [
     (
@@ -1022,6 +1037,7 @@ GOOD: Final[list[tuple[str, Callable[[ContractWorld], bool]]]] = [
     ("ended lives of the last ids only", _ended_bounded),
     ("a newer life's post ends the older lives", _older_life_ended_by_a_newer),
     ("outstanding_of an owner holding nothing", lambda w: w.allocator.outstanding_of("x") == ()),
+    ("the blocks each reuse order hands back", _reuse_orders),
     ("an id the transport carries", _narrow_add_accepts),
     ("an id the sender's transport carries", _narrow_sender_add_accepts),
     ("size hints learn apart", _hints_kept_apart),
