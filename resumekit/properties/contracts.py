@@ -1012,6 +1012,25 @@ def _reuse_orders(w: ContractWorld) -> bool:
     return got == [((5, 6, 7), (5, 6, 7)), ((0, 1, 2), (3, 4, 5))]
 
 
+def _repeated_post_ignored(w: ContractWorld) -> bool:
+    """A post of a round already served (a channel that delivers twice) is counted as a
+    repeat and changes nothing else: no write, no status, the next round still owed."""
+    transport = InProcessTransport(BlockBuffers(BlockAllocator(8, 4), HIDDEN, device="cpu"))
+    receiver = ResumableReceiver(transport.buffers, transport, 4)
+    sender = EmbeddingSender(transport)
+    sender.add("x", source(8), incarnation=receiver.add("x"))
+    receiver.step()
+    post = transport.posts[0]
+    sender.step()
+    before, reported = sender.snapshot(), len(transport.in_flight)
+    transport.posts.extend((post, post))
+    wrote = sender.step()
+    after = sender.snapshot()
+    counts = (after.rounds_served, after.repeated_posts, after.stale_posts)
+    same = after.lives == before.lives and len(transport.in_flight) == reported
+    return wrote == 0 and same and counts == (before.rounds_served, 2, before.stale_posts)
+
+
 #: (name, a call that must succeed and return True)
 GOOD: Final[list[tuple[str, Callable[[ContractWorld], bool]]]] = [
     (
@@ -1038,6 +1057,7 @@ GOOD: Final[list[tuple[str, Callable[[ContractWorld], bool]]]] = [
     ("a newer life's post ends the older lives", _older_life_ended_by_a_newer),
     ("outstanding_of an owner holding nothing", lambda w: w.allocator.outstanding_of("x") == ()),
     ("the blocks each reuse order hands back", _reuse_orders),
+    ("a repeated post is counted and ignored", _repeated_post_ignored),
     ("an id the transport carries", _narrow_add_accepts),
     ("an id the sender's transport carries", _narrow_sender_add_accepts),
     ("size hints learn apart", _hints_kept_apart),
