@@ -445,6 +445,36 @@ BUGS: list[Bug] = [
         "        req.passed = 0\n",
         "        pass\n",
     ),
+    Bug(
+        "a new sender's PeerBack does not clear the loss",
+        R,
+        "_on_status",
+        "self.peer_lost = None  # a new sender",
+        "pass  # a new sender",
+    ),
+    Bug(
+        "round 0's final flag is not checked",
+        R,
+        "_check_round",
+        "if req.sent + tokens > total or status.final != (req.sent + tokens == total):",
+        "if req.sent + tokens > total:",
+    ),
+    Bug(
+        "a later round's final flag is not checked",
+        R,
+        "_check_span",
+        "        if status.final != (end == status.total):",
+        "        if False:",
+    ),
+    Bug(
+        "a garbled post of a life with no source yet leaves no tombstone",
+        SND,
+        "_on_malformed",
+        """        if src is None:
+            self._tombstone(rid, incarnation)
+        self._end(rid, incarnation)""",
+        """        self._end(rid, incarnation)""",
+    ),
 ]
 
 #: Bugs on a path only the fuzzer takes: it names each source's life when it hands it
@@ -492,6 +522,12 @@ WHERE: dict[str, str] = {
         "reused, forged and poisoned"
     ),
     "passes are not reset when a round is posted": "policy, two in flight",
+    "a new sender's PeerBack does not clear the loss": "sender restart",
+    "round 0's final flag is not checked": "reused, forged and poisoned",
+    "a later round's final flag is not checked": "reused, forged and poisoned",
+    "a garbled post of a life with no source yet leaves no tombstone": (
+        "reused, forged and poisoned"
+    ),
     "admissions that pass a bulk resume are not counted": "policy",
     "the window is not checked before a waiting round is served": "policy",
     "a bulk early post passes a waiting bulk resume": "policy",

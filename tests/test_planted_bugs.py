@@ -58,6 +58,9 @@ def test_a_needless_quarantine_is_named_at_the_step_that_made_it(name: str, says
 #: (issue 23), and of the scheduling policy (issue 21), which the fuzzer must catch too: it
 #: draws the same combinations, forgeries and policies and checks the same invariants.
 FUZZED = (
+    "a new sender's PeerBack does not clear the loss",
+    "round 0's final flag is not checked",
+    "a later round's final flag is not checked",
     "a refusal of the round in flight fails the request without cancelling it",
     "round 0's total is taken from its status, not checked against its aux row",
     "a request added after the peer is lost is cancelled twice",

@@ -54,6 +54,8 @@ STALE: Final = "stale"  # a forged or poisoned status of the id's earlier life
 OLD: Final = "old"  # a forged status of a round of this life already consumed
 #: A forged Landed of a written, partial round 0 that says it is the whole request.
 TRUNCATED: Final = "truncated"
+#: A forged Landed of a written round in flight, not the last, that says it is final.
+PREMATURE: Final = "premature"
 #: The field each poison garbles, and with what: a type no well-formed message has.
 POISONED_STATUS: Final = ("epoch", "tokens", "final", "incarnation")
 POISONED_POST: Final = ("blocks", "sent", "incarnation")
@@ -238,9 +240,17 @@ ADVERSARY_BOUNDS: Final[dict[str, Bounds]] = {
     # and its id reused (sources are bound to lives in the order they are added).
     "late sources": replace(_SMALL, aborts=1, reuses=1, late_sources=True),
     # Faults combined, each beside id reuse: forged, ill-typed and batched statuses of
-    # the id's earlier life (one request, so the pool is its alone and rounds are many)...
+    # the id's earlier life (one request, so the pool is its alone and rounds are many),
+    # sources that come late (a post the sender refuses before its source came)...
     "reused, forged and poisoned": replace(
-        _SMALL, requests=1, max_rounds=3, reuses=1, forgeries=1, poisons=1, batches=True
+        _SMALL,
+        requests=1,
+        max_rounds=3,
+        reuses=1,
+        forgeries=1,
+        poisons=1,
+        batches=True,
+        late_sources=True,
     ),
     # ... a sender that restarts while another pool user squeezes the pool...
     "restart and squeeze": replace(_SMALL, restarts=1, squeezes=1, reuses=1),
@@ -277,6 +287,7 @@ __all__ = [
     "POISONED_POST",
     "POISONED_STATUS",
     "POISON_VALUES",
+    "PREMATURE",
     "QUICK_BOUNDS",
     "STALE",
     "STANDARD_BOUNDS",

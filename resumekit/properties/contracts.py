@@ -1031,6 +1031,27 @@ def _repeated_post_ignored(w: ContractWorld) -> bool:
     return wrote == 0 and same and counts == (before.rounds_served, 2, before.stale_posts)
 
 
+def _free_owner_frees_all(w: ContractWorld) -> bool:
+    """``free_owner`` frees every live allocation of the owner, however many."""
+    allocator = BlockAllocator(8, 4)
+    for tokens in (4, 8, 4):
+        allocator.allocate(tokens, "o")
+    allocator.allocate(4, "other")
+    freed = allocator.free_owner("o")
+    return freed == 3 and allocator.num_free_blocks == 7 and allocator.outstanding_of("o") == ()
+
+
+def _fresh_counts(w: ContractWorld) -> bool:
+    """A fresh receiver and sender have counted nothing (verify judges counts by change)."""
+    transport = InProcessTransport(BlockBuffers(BlockAllocator(8, 4), HIDDEN, device="cpu"))
+    receiver = ResumableReceiver(transport.buffers, transport, 4)
+    sender = EmbeddingSender(transport)
+    r, s = receiver.snapshot(), sender.snapshot()
+    counts = (r.stale_statuses, r.orphan_statuses, r.malformed_statuses, r.next_incarnation)
+    sent = (s.rounds_served, s.repeated_posts, s.stale_posts, s.malformed_posts)
+    return counts == (0, 0, 0, 1) and sent == (0, 0, 0, 0) and r.peer_lost is None
+
+
 #: (name, a call that must succeed and return True)
 GOOD: Final[list[tuple[str, Callable[[ContractWorld], bool]]]] = [
     (
@@ -1058,6 +1079,8 @@ GOOD: Final[list[tuple[str, Callable[[ContractWorld], bool]]]] = [
     ("outstanding_of an owner holding nothing", lambda w: w.allocator.outstanding_of("x") == ()),
     ("the blocks each reuse order hands back", _reuse_orders),
     ("a repeated post is counted and ignored", _repeated_post_ignored),
+    ("free_owner frees all of an owner's allocations", _free_owner_frees_all),
+    ("a fresh receiver and sender have counted nothing", _fresh_counts),
     ("an id the transport carries", _narrow_add_accepts),
     ("an id the sender's transport carries", _narrow_sender_add_accepts),
     ("size hints learn apart", _hints_kept_apart),

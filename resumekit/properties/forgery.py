@@ -19,6 +19,7 @@ from resumekit.properties.bounds import (
     MISCOUNTED,
     OLD,
     POISON_VALUES,
+    PREMATURE,
     STALE,
     TRUNCATED,
     Bounds,
@@ -74,6 +75,11 @@ def forge(model: Model, w: World, action: tuple[Any, ...]) -> None:
         assert rec.allocation is not None
         tokens = rec.allocation.capacity_tokens + 1
         forged = msg.Landed(r, rec.epoch, tokens, rec.sent + tokens, True, incarnation=inc)
+    elif what == PREMATURE:  # the round in flight, written and not the last, said final
+        total = w.totals[r]
+        assert rec.allocation is not None
+        tokens = min(total - rec.sent, rec.allocation.capacity_tokens)
+        forged = msg.Landed(r, rec.epoch, tokens, total, True, incarnation=inc)
     elif what == TRUNCATED:  # round 0, written and partial, reported as the whole
         assert rec.allocation is not None  # (its aux row, which the sender wrote, says not)
         tokens = rec.allocation.capacity_tokens
@@ -131,17 +137,20 @@ def poison(model: Model, w: World, action: tuple[Any, ...]) -> None:
 
 def forgeries(w: World, r: int) -> Iterator[tuple[Any, ...]]:
     """The forged statuses for live request ``r``: of rounds never posted, the round in
-    flight oversized, a written partial round 0 as the whole (truncated), a round
-    consumed already, a round of the id's earlier life."""
+    flight oversized, a written round in flight not the last said final (premature) or,
+    round 0, said to be the whole (truncated), a round consumed already, a round of the
+    id's earlier life."""
     yield from (("forge", r, kind, far) for kind in FORGED for far in (False, True))
     rec = w.receiver.record(r)
     a = rec.allocation
     if a is not None:
         yield ("forge", r, "oversized", False)
-        if rec.epoch == 0 and w.totals[r] > a.capacity_tokens:
+        if w.totals[r] - rec.sent > a.capacity_tokens:  # not the last round
             entry = w.ledger.rounds.get(a.generation)
-            if entry is not None and entry[3]:  # written: the receiver may read its aux row
-                yield ("forge", r, TRUNCATED, False)
+            if entry is not None and entry[3]:  # written: the receiver may read it
+                yield ("forge", r, PREMATURE, False)
+                if rec.epoch == 0:
+                    yield ("forge", r, TRUNCATED, False)
     if rec.epoch and rec.state is S.Transferring:
         yield from (("forge", r, kind, OLD) for kind in FORGED)
     if w.lives[r] > 1:

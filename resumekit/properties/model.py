@@ -254,7 +254,10 @@ class Harness:
     def _add(self, w: World, action: tuple[Any, ...]) -> None:
         r, t, receiver = action[1], w.transport, w.receiver
         w.added = replaced(w.added, r, True)
-        if t.restarting or receiver.peer_lost is not None or not t.sender_alive:
+        # The receiver was told the sender is gone and not yet that a new one is back (the
+        # model's own knowledge, not the receiver's: one that never clears its loss is a bug).
+        told_lost = t.loss_seen or any(type(e) is msg.PeerBack for e in t.events)
+        if t.restarting or told_lost or not t.sender_alive:
             w.hurt = replaced(w.hurt, r, True)  # added while the sender is (known) gone:
             w.encoded = replaced(w.encoded, r, True)  # its source is lost with the link
         receiver.add(r)

@@ -49,6 +49,7 @@ from resumekit.properties.bounds import (
     POISON_VALUES,
     POISONED_POST,
     POISONED_STATUS,
+    PREMATURE,
     STALE,
     TRUNCATED,
 )
@@ -152,6 +153,7 @@ class CheckedTransport(InProcessTransport):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.delivered_landed: list[Landed] = []
+        self.told_lost = False  # the receiver was told the sender is gone, and not yet back
         self.polled: Sequence[object] = ()  # what the last poll returned, for invariant 8
         self.polled_posts: Sequence[object] = ()
 
@@ -177,6 +179,10 @@ class CheckedTransport(InProcessTransport):
         for status in batch:
             if type(status) is Landed and msg.malformed_status(status) is None:
                 self.delivered_landed.append(status)
+            elif type(status) is msg.PeerLost:
+                self.told_lost = True
+            elif type(status) is msg.PeerBack:
+                self.told_lost = False
         del self.delivered_landed[:-16]
         return batch
 
@@ -306,7 +312,7 @@ class ProtocolMachineBase(RuleBasedStateMachine):
         life = _Life(labelled_source(total, self.next_label), mrope_delta)
         # Added while the sender is (known to be) gone: it may fail at once, and the
         # encoder's source for it is lost with the link.
-        link_down = self.restart_pending or self.p.receiver.peer_lost is not None
+        link_down = self.restart_pending or self.t.told_lost  # what it was told, not kept
         life.hurt = self.crashed or link_down
         old = self.lives.get(rid)
         if old is not None and old.incarnation is not None:
@@ -573,20 +579,21 @@ class ProtocolMachineBase(RuleBasedStateMachine):
     @rule(
         data=st.data(),
         kind=st.sampled_from(FORGED),
-        far=st.sampled_from([False, True, STALE, OLD, TRUNCATED]),
+        far=st.sampled_from([False, True, STALE, OLD, TRUNCATED, PREMATURE]),
     )
     def forge_status(self, data: st.DataObject, kind: str, far: bool | str) -> None:
         """A status for a round never posted (the next one, or one far ahead), at once; or
         one that must change nothing: (``stale``) for the round in flight's number of the
-        id's earlier life, (``old``) for the round of this life consumed last; or
-        (``truncated``) a written, partial round 0 said to be the whole request."""
+        id's earlier life, (``old``) for the round of this life consumed last; or a
+        written round in flight, not the last, said to be final (``premature``) or, round
+        0, the whole request (``truncated``)."""
         rid = self._draw_live(data)
         self._note(f"forge_status({rid}, {kind}, far={far})")
         if rid is None:
             return
         rec = self.p.receiver.record(rid)
-        if far == TRUNCATED:
-            self._forge_truncated(rid, rec)
+        if far in (TRUNCATED, PREMATURE):
+            self._forge_lie(rid, rec, far)
             return
         if far == STALE:
             self._forge_stale(rid, kind, self.earlier.get(rid))
@@ -606,20 +613,23 @@ class ProtocolMachineBase(RuleBasedStateMachine):
         self._hurt(rid)
         self._deliver_now(forged)
 
-    def _forge_truncated(self, rid: Hashable, rec: RequestRecord) -> None:
-        """Round 0 written, partial, and its Landed not yet seen: a Landed saying it is the
-        whole request. Its aux row, which the sender wrote, says not; it must not succeed."""
+    def _forge_lie(self, rid: Hashable, rec: RequestRecord, lie: str) -> None:
+        """The round in flight written, not the last, and its Landed not yet seen: a Landed
+        saying it is final (with the total, or round 0's tokens as the total). The sender
+        wrote the truth (the aux row, the tokens it sent); it must not succeed."""
         a = rec.allocation
-        if a is None or rec.epoch or rec.state is not TransferState.Transferring:
+        if a is None or rec.state is not TransferState.Transferring:
             return
         entry = self.ledger.rounds.get(a.generation)
-        if entry is None or not entry.written:
+        if entry is None or not entry.written or (lie == TRUNCATED and rec.epoch):
             return
-        if self.lives[rid].source.num_tokens <= a.capacity_tokens:
-            return  # round 0 is the whole request: no lie to tell
+        total = self.lives[rid].source.num_tokens
+        if total - rec.sent <= a.capacity_tokens:
+            return  # the last round: no lie to tell
         tokens = a.capacity_tokens
+        said = tokens if lie == TRUNCATED else total
         self._hurt(rid)
-        self._deliver_now(Landed(rid, 0, tokens, tokens, True, incarnation=rec.incarnation))
+        self._deliver_now(Landed(rid, rec.epoch, tokens, said, True, incarnation=rec.incarnation))
 
     def _forge_stale(self, rid: Hashable, kind: str, inc: int | None) -> None:
         """A forged status of ``rid``'s earlier life (``inc``), for the round number in flight,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from resumekit.properties.abstraction import status_order
-from resumekit.properties.bounds import TRUNCATED
+from resumekit.properties.bounds import PREMATURE, TRUNCATED
 from resumekit.properties.world import World
 from resumekit.protocol import messages as msg
 
@@ -88,7 +88,7 @@ def action_text(action: tuple[Any, ...], before: World) -> str:
     if kind == "forge":
         which = (
             "round in flight"
-            if action[2] in ("oversized", TRUNCATED)
+            if action[2] in ("oversized", PREMATURE, TRUNCATED)
             else "earlier life"
             if action[3] == "stale"
             else "round consumed already"
