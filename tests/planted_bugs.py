@@ -475,6 +475,13 @@ BUGS: list[Bug] = [
         self._end(rid, incarnation)""",
         """        self._end(rid, incarnation)""",
     ),
+    Bug(
+        "a later round's total is not checked against round 0's",
+        R,
+        "_check_round",
+        "        if total != req.total:\n",
+        "        if False:\n",
+    ),
 ]
 
 #: Bugs on a path only the fuzzer takes: it names each source's life when it hands it
@@ -528,6 +535,7 @@ WHERE: dict[str, str] = {
     "a garbled post of a life with no source yet leaves no tombstone": (
         "reused, forged and poisoned"
     ),
+    "a later round's total is not checked against round 0's": "reused, forged and poisoned",
     "admissions that pass a bulk resume are not counted": "policy",
     "the window is not checked before a waiting round is served": "policy",
     "a bulk early post passes a waiting bulk resume": "policy",

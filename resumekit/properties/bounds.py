@@ -52,7 +52,8 @@ FAIR: Final = frozenset({"add", "encode", "step", "deliver", "deliver-all", "eve
 FORGED: Final = ("landed", "cancelled", "error")
 STALE: Final = "stale"  # a forged or poisoned status of the id's earlier life
 OLD: Final = "old"  # a forged status of a round of this life already consumed
-#: A forged Landed of a written, partial round 0 that says it is the whole request.
+#: A forged Landed of a written round in flight, not the last, that says the request ends
+#: with it (its tokens and the tokens before as the total).
 TRUNCATED: Final = "truncated"
 #: A forged Landed of a written round in flight, not the last, that says it is final.
 PREMATURE: Final = "premature"

@@ -80,10 +80,10 @@ def forge(model: Model, w: World, action: tuple[Any, ...]) -> None:
         assert rec.allocation is not None
         tokens = min(total - rec.sent, rec.allocation.capacity_tokens)
         forged = msg.Landed(r, rec.epoch, tokens, total, True, incarnation=inc)
-    elif what == TRUNCATED:  # round 0, written and partial, reported as the whole
-        assert rec.allocation is not None  # (its aux row, which the sender wrote, says not)
-        tokens = rec.allocation.capacity_tokens
-        forged = msg.Landed(r, 0, tokens, tokens, True, incarnation=inc)
+    elif what == TRUNCATED:  # the round in flight, written, said to end the request
+        assert rec.allocation is not None  # (round 0's aux row, or the total that came
+        tokens = rec.allocation.capacity_tokens  # with it, says not)
+        forged = msg.Landed(r, rec.epoch, tokens, rec.sent + tokens, True, incarnation=inc)
     elif what == "landed":
         forged = msg.Landed(r, epoch, 1, w.totals[r], False, incarnation=inc)
     elif what == "cancelled":
@@ -137,9 +137,9 @@ def poison(model: Model, w: World, action: tuple[Any, ...]) -> None:
 
 def forgeries(w: World, r: int) -> Iterator[tuple[Any, ...]]:
     """The forged statuses for live request ``r``: of rounds never posted, the round in
-    flight oversized, a written round in flight not the last said final (premature) or,
-    round 0, said to be the whole (truncated), a round consumed already, a round of the
-    id's earlier life."""
+    flight oversized, a written round in flight not the last said final (premature) or
+    said to end the request (truncated), a round consumed already, a round of the id's
+    earlier life."""
     yield from (("forge", r, kind, far) for kind in FORGED for far in (False, True))
     rec = w.receiver.record(r)
     a = rec.allocation
@@ -149,8 +149,7 @@ def forgeries(w: World, r: int) -> Iterator[tuple[Any, ...]]:
             entry = w.ledger.rounds.get(a.generation)
             if entry is not None and entry[3]:  # written: the receiver may read it
                 yield ("forge", r, PREMATURE, False)
-                if rec.epoch == 0:
-                    yield ("forge", r, TRUNCATED, False)
+                yield ("forge", r, TRUNCATED, False)
     if rec.epoch and rec.state is S.Transferring:
         yield from (("forge", r, kind, OLD) for kind in FORGED)
     if w.lives[r] > 1:

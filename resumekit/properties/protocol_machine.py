@@ -585,8 +585,8 @@ class ProtocolMachineBase(RuleBasedStateMachine):
         """A status for a round never posted (the next one, or one far ahead), at once; or
         one that must change nothing: (``stale``) for the round in flight's number of the
         id's earlier life, (``old``) for the round of this life consumed last; or a
-        written round in flight, not the last, said to be final (``premature``) or, round
-        0, the whole request (``truncated``)."""
+        written round in flight, not the last, said to be final (``premature``) or to end
+        the request (``truncated``)."""
         rid = self._draw_live(data)
         self._note(f"forge_status({rid}, {kind}, far={far})")
         if rid is None:
@@ -615,19 +615,20 @@ class ProtocolMachineBase(RuleBasedStateMachine):
 
     def _forge_lie(self, rid: Hashable, rec: RequestRecord, lie: str) -> None:
         """The round in flight written, not the last, and its Landed not yet seen: a Landed
-        saying it is final (with the total, or round 0's tokens as the total). The sender
-        wrote the truth (the aux row, the tokens it sent); it must not succeed."""
+        saying it is final (with the total) or ends the request (with a total of what it
+        ends at). The sender wrote the truth (the aux row, the tokens it sent, the total
+        that came with round 0); the request must not succeed."""
         a = rec.allocation
         if a is None or rec.state is not TransferState.Transferring:
             return
         entry = self.ledger.rounds.get(a.generation)
-        if entry is None or not entry.written or (lie == TRUNCATED and rec.epoch):
+        if entry is None or not entry.written:
             return
         total = self.lives[rid].source.num_tokens
         if total - rec.sent <= a.capacity_tokens:
             return  # the last round: no lie to tell
         tokens = a.capacity_tokens
-        said = tokens if lie == TRUNCATED else total
+        said = rec.sent + tokens if lie == TRUNCATED else total
         self._hurt(rid)
         self._deliver_now(Landed(rid, rec.epoch, tokens, said, True, incarnation=rec.incarnation))
 
