@@ -482,6 +482,26 @@ BUGS: list[Bug] = [
         "        if total != req.total:\n",
         "        if False:\n",
     ),
+    Bug(
+        "a malformed status with an unhashable id raises out of the receiver's step",
+        R,
+        "_on_malformed",
+        """        try:
+            req = self._records.get(rid)
+        except TypeError:
+            return""",
+        """        req = self._records.get(rid)""",
+    ),
+    Bug(
+        "a malformed post with an unhashable id raises out of the sender's step",
+        SND,
+        "_on_malformed",
+        """        try:
+            hash(rid)
+        except TypeError:
+            return""",
+        """        hash(rid)""",
+    ),
 ]
 
 #: Bugs on a path only the fuzzer takes: it names each source's life when it hands it
@@ -536,6 +556,12 @@ WHERE: dict[str, str] = {
         "reused, forged and poisoned"
     ),
     "a later round's total is not checked against round 0's": "reused, forged and poisoned",
+    "a malformed status with an unhashable id raises out of the receiver's step": (
+        "reused, forged and poisoned"
+    ),
+    "a malformed post with an unhashable id raises out of the sender's step": (
+        "reused, forged and poisoned"
+    ),
     "admissions that pass a bulk resume are not counted": "policy",
     "the window is not checked before a waiting round is served": "policy",
     "a bulk early post passes a waiting bulk resume": "policy",

@@ -58,14 +58,15 @@ TRUNCATED: Final = "truncated"
 #: A forged Landed of a written round in flight, not the last, that says it is final.
 PREMATURE: Final = "premature"
 #: The field each poison garbles, and with what: a type no well-formed message has.
-POISONED_STATUS: Final = ("epoch", "tokens", "final", "incarnation")
-POISONED_POST: Final = ("blocks", "sent", "incarnation")
+POISONED_STATUS: Final = ("rid", "epoch", "tokens", "final", "incarnation")
+POISONED_POST: Final = ("rid", "blocks", "sent", "incarnation")
 AHEAD: Final = "ahead"  # a well-typed post that skips a round: the sender must refuse it
 #: A well-typed post of the round the sender owes, resuming past the tokens it sent.
 ASKEW: Final = "askew"
 #: A well-typed post of the round the sender owes, expecting a token more than it carries.
 MISCOUNTED: Final = "miscounted"
 POISON_VALUES: Final[dict[str, Any]] = {
+    "rid": ["r"],  # unhashable: it names no request
     "epoch": None,
     "tokens": "1",
     "final": 1,

@@ -100,22 +100,27 @@ def forge(model: Model, w: World, action: tuple[Any, ...]) -> None:
 def poison(model: Model, w: World, action: tuple[Any, ...]) -> None:
     """A status (into the channel) or a post (straight to the sender) with one field of
     an unusable type, as a broken decoder would make it; one naming no live life (an
-    ill-typed incarnation, the id's earlier life) must fail no one."""
+    unhashable id, an ill-typed incarnation, the id's earlier life) must fail no one."""
     w.budget = spend(w.budget, POISON)
     r, where = action[1], action[2]
     rec = w.receiver.record(r)
     inc: Any = rec.incarnation
     if where in ("incarnation", STALE):
         inc = None if where == "incarnation" else w.ledger.incarnations[(r, w.lives[r] - 1)]
-    else:
+    elif where != "rid":
         w.hurt = replaced(w.hurt, r, True)
+    rid: Any = POISON_VALUES["rid"] if where == "rid" else r
     if action[0] == "poison":
         fields: dict[str, Any] = {"epoch": rec.epoch, "tokens": 1, "final": False}
-        if where != "incarnation":
+        if where not in ("incarnation", "rid"):
             fields[where if where in fields else "epoch"] = POISON_VALUES[where]
         bad: Any = msg.Landed(
-            r, fields["epoch"], fields["tokens"], w.totals[r], fields["final"], incarnation=inc
+            rid, fields["epoch"], fields["tokens"], w.totals[r], fields["final"], incarnation=inc
         )
+        if where == "rid":  # delivered at once: no key orders an unhashable id among others
+            w.transport.deliver = (bad,)
+            model._receiver_step(w)
+            return
         w.transport.statuses += (bad,)
         return
     post: dict[str, Any] = {"blocks": (0,), "sent": rec.sent}
@@ -127,7 +132,7 @@ def poison(model: Model, w: World, action: tuple[Any, ...]) -> None:
         post["sent"] = sent + 1 if where == ASKEW else sent  # ... or a token past it
         if where == MISCOUNTED:  # expecting a token more than the one it carries
             expect = min(w.totals[r] - sent, 1) + 1
-    bad = msg.RoundPost(r, epoch, post["blocks"], 1, post["sent"], None, expect, incarnation=inc)
+    bad = msg.RoundPost(rid, epoch, post["blocks"], 1, post["sent"], None, expect, incarnation=inc)
     w.transport.hand_over = (bad,)
     before, n = w.sender.snapshot(), len(w.transport.statuses)
     step_counted(w.sender, lambda: w.transport.polled_posts)

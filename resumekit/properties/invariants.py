@@ -874,6 +874,10 @@ def post_refused(before: SenderSnapshot, post: RoundPost, reported: Sequence[obj
     problem, epoch, inc = msg.malformed_post(post), post.epoch, post.incarnation
     if type(epoch) is not int or type(inc) is not int or epoch < 0:
         return None
+    try:
+        hash(post.rid)
+    except TypeError:
+        return None  # names no request
     if inc <= dict(before.ended).get(post.rid, 0):
         return None  # a life over here: counted stale
     mine = [s for s in dict(before.lives).get(post.rid, ()) if s.incarnation == inc]

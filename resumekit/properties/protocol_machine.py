@@ -680,14 +680,17 @@ class ProtocolMachineBase(RuleBasedStateMachine):
                 "final": False,
                 "incarnation": rec.incarnation,
             }
+            named: Any = rid
             if where == STALE:
                 fields["incarnation"], fields["epoch"] = self.earlier.get(rid), None
+            elif where == "rid":
+                named = POISON_VALUES["rid"]  # unhashable: names no request
             else:
                 fields[where] = POISON_VALUES.get(where, "1")
-            if where not in ("incarnation", STALE):
+            if where not in ("incarnation", STALE, "rid"):
                 self._hurt(rid)
             inc = fields.pop("incarnation")
-            bad = Landed(rid, **fields, incarnation=inc)
+            bad = Landed(named, **fields, incarnation=inc)
         self.t.in_flight.append(bad)
 
     @precondition(lambda self: self.next_rid > 0)
@@ -710,7 +713,8 @@ class ProtocolMachineBase(RuleBasedStateMachine):
         if rid is not None:
             rec = self.p.receiver.record(rid)
             fields: dict[str, Any] = {"blocks": (0,), "sent": rec.sent, "inc": rec.incarnation}
-            if not well_typed:
+            named: Any = POISON_VALUES["rid"] if where == "rid" else rid
+            if not well_typed and where != "rid":
                 fields["inc" if where == "incarnation" else where] = POISON_VALUES[where]
             epoch, expect = rec.epoch + 2 if where == AHEAD else rec.epoch, None
             if where in (ASKEW, MISCOUNTED):
@@ -721,7 +725,7 @@ class ProtocolMachineBase(RuleBasedStateMachine):
                 if where == MISCOUNTED:  # a token more than the one it carries
                     expect = 2
             bad = RoundPost(
-                rid,
+                named,
                 epoch,
                 fields["blocks"],
                 1,
@@ -730,7 +734,7 @@ class ProtocolMachineBase(RuleBasedStateMachine):
                 expect,
                 incarnation=fields["inc"],
             )
-            if where != "incarnation":
+            if where not in ("incarnation", "rid"):
                 self._hurt(rid)
         self.t.posts.append(bad)
 
