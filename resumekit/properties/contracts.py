@@ -541,6 +541,30 @@ def _bad_record(w: ContractWorld) -> Any:
     return snap._replace(records=(snap.records[0]._replace(state="Success"), *snap.records[1:]))
 
 
+def _record_twice(w: ContractWorld) -> Any:
+    snap: Any = w.receiver.snapshot()
+    return snap._replace(records=(snap.records[0], *snap.records))
+
+
+def _record_holding_freed(w: ContractWorld) -> Any:
+    """A record naming an allocation its allocator freed."""
+    snap: Any = w.receiver.snapshot()
+    busy = next(r for r in snap.records if r.allocation is not None)
+    rest = tuple(r for r in snap.records if r is not busy)
+    return snap._replace(records=(*rest, busy._replace(allocation=w.freed)))
+
+
+def _block_twice(w: ContractWorld) -> Any:
+    """The allocator's snapshot with one free block listed twice, another not at all."""
+    snap: Any = w.allocator.snapshot()
+    return snap._replace(free=(snap.free[0], *snap.free[:-1]))
+
+
+def _live_reversed(w: ContractWorld) -> Any:
+    snap: Any = w.allocator.snapshot()
+    return snap._replace(live=tuple(reversed(snap.live)))
+
+
 SNAPSHOTS: list[Case] = [
     (
         "receiver check_quiescent with requests held",
@@ -588,7 +612,43 @@ SNAPSHOTS: list[Case] = [
         E,
         "SenderTransport",
     ),
+    (
+        "receiver restore a request twice",
+        lambda w: w.receiver.restore(_record_twice(w)),
+        E,
+        "twice",
+    ),
+    (
+        "receiver restore a round in freed blocks",
+        lambda w: w.receiver.restore(_record_holding_freed(w)),
+        E,
+        "not live",
+    ),
+    (
+        "sender restore a source that is not one",
+        lambda w: w.sender.restore(w.sender.snapshot()._replace(lives=(("x", ("src",)),))),
+        E,
+        "SourceState",
+    ),
     ("allocator restore None", lambda w: w.allocator.restore(None), E, "snapshot"),
+    (
+        "allocator restore a non-allocation",
+        lambda w: w.allocator.restore(w.allocator.snapshot()._replace(live=("a",))),
+        E,
+        "not an allocation of this pool",
+    ),
+    (
+        "allocator restore live allocations out of order",
+        lambda w: w.allocator.restore(_live_reversed(w)),
+        E,
+        "generation order",
+    ),
+    (
+        "allocator restore a block twice",
+        lambda w: w.allocator.restore(_block_twice(w)),
+        E,
+        "exactly once",
+    ),
     (
         "allocator restore another allocator's snapshot",
         lambda w: w.allocator.restore(BlockAllocator(32, 4).snapshot()),
@@ -1052,6 +1112,67 @@ def _fresh_counts(w: ContractWorld) -> bool:
     return counts == (0, 0, 0, 1) and sent == (0, 0, 0, 0) and r.peer_lost is None
 
 
+def _self_check_names_each_corruption(w: ContractWorld) -> bool:
+    """``check_invariants`` raises, naming what is wrong, for each way its bookkeeping can
+    be corrupted (by hand here; by a bug in the field)."""
+
+    def corrupt(how: Callable[[Any, Any, Any], None]) -> str:
+        allocator: Any = BlockAllocator(8, 4)
+        a, b = allocator.allocate(4, "o"), allocator.allocate(8, "p")
+        how(allocator, a, b)
+        try:
+            allocator.check_invariants()
+        except InvariantError as error:
+            return str(error)
+        return "nothing raised"
+
+    def put(obj: Any, name: str, value: Any) -> None:
+        setattr(obj, name, value)
+
+    def lose_one(al: Any, a: Any, b: Any) -> None:
+        al._free._stack.pop()
+        al._num_free -= 1
+
+    cases: list[tuple[Callable[[Any, Any, Any], None], str]] = [
+        (lambda al, a, b: al._free._stack.append(al._free._stack[0]), "in the free list twice"),
+        (lambda al, a, b: al._free._stack.append(99), "out-of-range block 99"),
+        (lambda al, a, b: put(al, "_live", dict(reversed(al._live.items()))), "out of order"),
+        (lambda al, a, b: al._by_owner["o"].clear(), "missing from its owner's index"),
+        (lambda al, a, b: put(a, "_capacity_tokens", 99), "has a wrong capacity"),
+        (lambda al, a, b: put(a, "_blocks", (99,)), "holds out-of-range block 99"),
+        (lambda al, a, b: al._by_owner.__setitem__("x", {}), "still indexed"),
+        (lambda al, a, b: al._by_owner.__setitem__("x", {9: a}), "disagree"),
+        (lambda al, a, b: put(al, "_num_free", al._num_free + 1), "free count says 6"),
+        (lose_one, "blocks neither free nor allocated"),
+    ]
+    return all(want in corrupt(how) for how, want in cases)
+
+
+def _tombstones_off(w: ContractWorld) -> bool:
+    """``max_tombstones=0`` remembers no ended life: a source that comes after its life's
+    Cancel is kept (the engine chose to remember nothing)."""
+    transport = InProcessTransport(BlockBuffers(BlockAllocator(8, 4), HIDDEN, device="cpu"))
+    sender = EmbeddingSender(transport, max_tombstones=0)
+    transport.cancel("x", NO_EPOCH, incarnation=1)
+    sender.step()
+    snap = sender.snapshot()
+    return snap.cancelled == () and snap.ended == () and sender.add("x", source(4), incarnation=1)
+
+
+def _named_source_twice(w: ContractWorld) -> bool:
+    """A second source for a life that has one raises DuplicateRequestError naming the life,
+    and keeps the first."""
+    transport = InProcessTransport(BlockBuffers(BlockAllocator(8, 4), HIDDEN, device="cpu"))
+    sender = EmbeddingSender(transport)
+    sender.add("x", source(4), incarnation=3)
+    try:
+        sender.add("x", source(6), incarnation=3)
+    except DuplicateRequestError as error:
+        kept = [s.total for s in dict(sender.snapshot().lives)["x"]]
+        return "life 3 of request 'x'" in str(error) and kept == [4]
+    return False
+
+
 #: (name, a call that must succeed and return True)
 GOOD: Final[list[tuple[str, Callable[[ContractWorld], bool]]]] = [
     (
@@ -1079,6 +1200,9 @@ GOOD: Final[list[tuple[str, Callable[[ContractWorld], bool]]]] = [
     ("outstanding_of an owner holding nothing", lambda w: w.allocator.outstanding_of("x") == ()),
     ("the blocks each reuse order hands back", _reuse_orders),
     ("a repeated post is counted and ignored", _repeated_post_ignored),
+    ("the allocator's self-check names each corruption", _self_check_names_each_corruption),
+    ("a sender keeping no tombstones", _tombstones_off),
+    ("a second source for a life", _named_source_twice),
     ("free_owner frees all of an owner's allocations", _free_owner_frees_all),
     ("a fresh receiver and sender have counted nothing", _fresh_counts),
     ("an id the transport carries", _narrow_add_accepts),
