@@ -131,3 +131,21 @@ def test_a_done_problem_only_restored_objects_show_is_a_crash_with_its_trace() -
     assert "restored from their own snapshots" in run.violation.detail
     assert "though no abort or crash touched it" in run.violation.detail  # judged when done
     assert len(run.violation.actions) >= 2
+
+
+def test_a_trace_that_replays_neither_way_is_a_finding_with_its_actions() -> None:
+    """A receiver whose restore keeps its lost peer leaks the loss of one explored state
+    into the next: the trace found replays neither on fresh objects nor restoring each
+    state. It raised ReplayDiverged out of verify; now it is a crash naming why."""
+    bug = Bug(
+        "restore keeps the receiver's loss",
+        receiver_module.ResumableReceiver,
+        "restore",
+        "        self.peer_lost = snapshot.peer_lost\n",
+        "        pass\n",
+    )
+    with planted(bug):
+        run = explore_partition(QUICK_BOUNDS, strategy("epoch"), (1, 1))
+    assert run.violation is not None and run.violation.invariant == CRASH
+    assert "replays neither on fresh objects nor restoring" in run.violation.detail
+    assert run.violation.actions  # as found

@@ -1173,6 +1173,54 @@ def _named_source_twice(w: ContractWorld) -> bool:
     return False
 
 
+def _restore_round_trips(w: ContractWorld) -> bool:
+    """A fresh receiver or sender restored from another's snapshot holds every field of it:
+    a snapshot rebuilt from its state (not the one ``restore`` primed) equals the one
+    given, with counts, quarantine, finished ids, ended lives, tombstones and a lost peer
+    all set (a field ``restore`` dropped would leak one explored state into the next)."""
+    transport = InProcessTransport(BlockBuffers(BlockAllocator(16, 4), HIDDEN, device="cpu"))
+    receiver = ResumableReceiver(transport.buffers, transport, 4, max_resume_tokens=4)
+    sender = EmbeddingSender(transport)
+    a = receiver.add("a")
+    sender.add("a", source(16), incarnation=a)
+    sender.add("b", source(4), incarnation=receiver.add("b"))
+    receiver.add("p")  # its round 0 is parked: no source
+    transport.cancel("q", NO_EPOCH, incarnation=5)  # a tombstone
+    receiver.step()
+    first = list(transport.posts)  # round 0 of a, b and p
+    sender.step()
+    receiver.step()
+    sender.step()
+    transport.posts.extend(first[:2])  # a's round 0 again (a repeat), b's (b ended: stale)
+    transport.report(Landed("zz", 0, 1, 1, True, incarnation=9))  # an orphan
+    transport.report(Landed("a", 0, 4, 16, False, incarnation=a))  # stale: round 0 again
+    transport.in_flight.append(("junk",))  # type: ignore[arg-type]  # malformed
+    transport.posts.append(("junk",))  # type: ignore[arg-type]
+    receiver.step()
+    sender.step()
+    receiver.abort("a")  # its round in flight is quarantined, its end not yet handed over
+
+    def round_trips() -> bool:
+        again = ResumableReceiver(transport.buffers, transport, 4, max_resume_tokens=4)
+        fresh = EmbeddingSender(transport)
+        again.restore(receiver.snapshot())
+        fresh.restore(sender.snapshot())
+        again._snap, fresh._snap = None, None
+        return again.snapshot() == receiver.snapshot() and fresh.snapshot() == sender.snapshot()
+
+    r1, s1 = receiver.snapshot(), sender.snapshot()
+    if not round_trips():
+        return False
+    transport.crash_sender("gone")
+    receiver.step()  # the peer is lost: everything fails, the quarantine empties
+    if not round_trips():
+        return False
+    rich = r1.stale_statuses and r1.orphan_statuses and r1.malformed_statuses
+    counted = s1.rounds_served and s1.repeated_posts and s1.stale_posts and s1.malformed_posts
+    sent = bool(counted and s1.parked and s1.cancelled and s1.ended)
+    return bool(rich and r1.quarantine and r1.finished and sent and receiver.peer_lost)
+
+
 #: (name, a call that must succeed and return True)
 GOOD: Final[list[tuple[str, Callable[[ContractWorld], bool]]]] = [
     (
@@ -1203,6 +1251,7 @@ GOOD: Final[list[tuple[str, Callable[[ContractWorld], bool]]]] = [
     ("the allocator's self-check names each corruption", _self_check_names_each_corruption),
     ("a sender keeping no tombstones", _tombstones_off),
     ("a second source for a life", _named_source_twice),
+    ("restore round-trips every field", _restore_round_trips),
     ("free_owner frees all of an owner's allocations", _free_owner_frees_all),
     ("a fresh receiver and sender have counted nothing", _fresh_counts),
     ("an id the transport carries", _narrow_add_accepts),

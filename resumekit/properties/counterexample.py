@@ -115,18 +115,22 @@ def traced(
     """The finding ``invariant: detail`` with its trace replayed. A trace that goes elsewhere
     on fresh objects and not on objects put back from their own snapshots, as the explorer
     runs it, is that finding instead: restore does not give back what snapshot took (the
-    shipped code's defect). One that diverges both ways is the checker's and raises."""
+    shipped code's defect). One that diverges both ways came from states the explorer
+    restored across branches: a restore left something of another branch behind (a
+    field its snapshot names and it did not put back); its actions are listed as found."""
     try:
         lines = replay(harness, totals, actions, raises_at_end=raises_at_end)
     except ReplayDiverged:
-        lines = replay(harness, totals, actions, raises_at_end=raises_at_end, restoring=True)
-        invariant, detail = (
-            CRASH,
-            (
-                f"objects restored from their own snapshots do not act as the ones that took "
-                f"them: {detail}"
-            ),
-        )
+        try:
+            lines = replay(harness, totals, actions, raises_at_end=raises_at_end, restoring=True)
+            why = "objects restored from their own snapshots do not act as the ones that took them"
+        except ReplayDiverged as diverged:
+            lines = [repr(action) for action in actions]
+            why = (
+                "the explorer's trace replays neither on fresh objects nor restoring each "
+                f"state, so a restore kept something of another state ({diverged})"
+            )
+        invariant, detail = CRASH, f"{why}: {detail}"
     return Counterexample(invariant, detail, totals, lines)
 
 
