@@ -502,6 +502,16 @@ BUGS: list[Bug] = [
             return""",
         """        hash(rid)""",
     ),
+    Bug(
+        "a status of a finished request is dropped uncounted",
+        R,
+        "_on_landed",
+        """        if req.state.terminal:
+            self._stale(req)
+            return""",
+        """        if req.state.terminal:
+            return""",
+    ),
 ]
 
 #: Bugs on a path only the fuzzer takes: it names each source's life when it hands it
@@ -562,6 +572,7 @@ WHERE: dict[str, str] = {
     "a malformed post with an unhashable id raises out of the sender's step": (
         "reused, forged and poisoned"
     ),
+    "a status of a finished request is dropped uncounted": "id reuse",
     "admissions that pass a bulk resume are not counted": "policy",
     "the window is not checked before a waiting round is served": "policy",
     "a bulk early post passes a waiting bulk resume": "policy",

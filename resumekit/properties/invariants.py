@@ -781,7 +781,8 @@ def statuses_counted(
 ) -> str | None:
     """The receiver counts each status it drops once at most, as stale, orphan or malformed,
     as malformed exactly the items that are and as orphans exactly those of no life it holds
-    (:func:`_orphans`); a record's stale count moves with the total."""
+    (:func:`_orphans`), and as stale at least those of a life that had ended or of a round
+    it had consumed; a record's stale count moves with the total."""
     bad = sum(1 for s in batch if _malformed_status(s))
     deltas = (
         after.stale_statuses - before.stale_statuses,
@@ -790,29 +791,34 @@ def statuses_counted(
     )
     was = {(r.rid, r.incarnation): r.stale for r in before.records}
     per_record = sum(r.stale - was.get((r.rid, r.incarnation), 0) for r in after.records)
-    orphans = _orphans(before, batch) if batch else 0
+    orphans, stale = _orphans(before, batch) if batch else (0, 0)
     if (
         min(deltas) < 0
         or sum(deltas) > len(batch)
         or deltas[2] != bad
         or deltas[1] != orphans
+        or deltas[0] < stale
         or per_record != deltas[0]
     ):
         return (
-            f"a step of {len(batch)} item(s), {bad} malformed and {orphans} of no life held, "
+            f"a step of {len(batch)} item(s), {bad} malformed, {orphans} of no life held and "
+            f"{stale} of a finished life or an old round, "
             f"moved the stale, orphan and malformed counts by {deltas} and the records' "
             f"stale counts by {per_record}"
         )
     return None
 
 
-def _orphans(before: ReceiverSnapshot, batch: Sequence[object]) -> int:
+def _orphans(before: ReceiverSnapshot, batch: Sequence[object]) -> tuple[int, int]:
     """The well-formed round statuses of ``batch`` that name no life the receiver holds (no
     record of the id, or one of another life) and no quarantined round, in batch order: a
-    status of a quarantined round frees it, and a lost peer frees them all."""
+    status of a quarantined round frees it, and a lost peer frees them all; and those that
+    must be stale: of a life held that had ended, or of a round it had consumed (epochs
+    only grow and an ended life stays ended, so the step can only add to them)."""
     lives = {r.rid: r.incarnation for r in before.records}
+    done = {r.rid: (r.state.terminal, r.epoch) for r in before.records}
     held = {k for k, _ in before.quarantine}
-    n = 0
+    n = stale = 0
     for item in batch:
         kind = type(item)
         if kind is msg.PeerLost:
@@ -824,7 +830,9 @@ def _orphans(before: ReceiverSnapshot, batch: Sequence[object]) -> int:
                 held.discard(key)
             elif s.rid not in lives or lives[s.rid] != s.incarnation:
                 n += 1
-    return n
+            elif done[s.rid][0] or 0 <= s.epoch < done[s.rid][1]:
+                stale += 1
+    return n, stale
 
 
 def _malformed_status(item: object) -> bool:
