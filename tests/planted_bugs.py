@@ -512,6 +512,13 @@ BUGS: list[Bug] = [
         """        if req.state.terminal:
             return""",
     ),
+    Bug(
+        "a Cancel names the round in flight though it was not quarantined",
+        R,
+        "_fail",
+        "req.rid, req.epoch if quarantined else NO_EPOCH, incarnation=req.incarnation",
+        "req.rid, req.epoch, incarnation=req.incarnation",
+    ),
 ]
 
 #: Bugs on a path only the fuzzer takes: it names each source's life when it hands it
@@ -573,6 +580,7 @@ WHERE: dict[str, str] = {
         "reused, forged and poisoned"
     ),
     "a status of a finished request is dropped uncounted": "id reuse",
+    "a Cancel names the round in flight though it was not quarantined": "id reuse",
     "admissions that pass a bulk resume are not counted": "policy",
     "the window is not checked before a waiting round is served": "policy",
     "a bulk early post passes a waiting bulk resume": "policy",

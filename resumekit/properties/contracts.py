@@ -694,10 +694,23 @@ def _auto_learns(w: ContractWorld) -> bool:
 
 
 def _env_default(w: ContractWorld) -> bool:
+    """The environment's default round is used, and a bad one is refused naming the
+    variable, not a word, an integer below one included."""
     old = os.environ.get(ENV_DEFAULT_ALLOCATE_TOKENS)
     os.environ[ENV_DEFAULT_ALLOCATE_TOKENS] = "12"
     try:
-        return ResumableReceiver(w.buffers, w.transport).default_allocate_tokens == 12
+        if ResumableReceiver(w.buffers, w.transport).default_allocate_tokens != 12:
+            return False
+        for bad in ("twelve", "0"):
+            os.environ[ENV_DEFAULT_ALLOCATE_TOKENS] = bad
+            try:
+                ResumableReceiver(w.buffers, w.transport)
+            except InvalidArgumentError as error:
+                if ENV_DEFAULT_ALLOCATE_TOKENS not in str(error):
+                    return False
+            else:
+                return False
+        return True
     finally:
         if old is None:
             del os.environ[ENV_DEFAULT_ALLOCATE_TOKENS]
@@ -1221,6 +1234,18 @@ def _restore_round_trips(w: ContractWorld) -> bool:
     return bool(rich and r1.quarantine and r1.finished and sent and receiver.peer_lost)
 
 
+def _admission_waits_as_one(w: ContractWorld) -> bool:
+    """An admission that finds no blocks waits in the admissions queue only, not among
+    the resumes (the snapshot's ``resumes`` are rounds after round 0)."""
+    transport = InProcessTransport(BlockBuffers(BlockAllocator(2, 4), HIDDEN, device="cpu"))
+    receiver = ResumableReceiver(transport.buffers, transport, 8)
+    receiver.add("first")
+    receiver.add("second")
+    receiver.step()  # the first takes both blocks; the second waits
+    snap = receiver.snapshot()
+    return snap.resumes == () and [r.rid for r in snap.admissions] == ["second"]
+
+
 #: (name, a call that must succeed and return True)
 GOOD: Final[list[tuple[str, Callable[[ContractWorld], bool]]]] = [
     (
@@ -1252,6 +1277,7 @@ GOOD: Final[list[tuple[str, Callable[[ContractWorld], bool]]]] = [
     ("a sender keeping no tombstones", _tombstones_off),
     ("a second source for a life", _named_source_twice),
     ("restore round-trips every field", _restore_round_trips),
+    ("an admission waits as an admission", _admission_waits_as_one),
     ("free_owner frees all of an owner's allocations", _free_owner_frees_all),
     ("a fresh receiver and sender have counted nothing", _fresh_counts),
     ("an id the transport carries", _narrow_add_accepts),

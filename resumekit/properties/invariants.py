@@ -14,7 +14,7 @@ and its name would live apart.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
@@ -106,6 +106,27 @@ def failed_cancelled(
             and not cancelled(r.rid, r.incarnation)
         ):
             return f"life {r.incarnation} of request {r.rid!r} failed and was never cancelled"
+    return None
+
+
+def cancel_names_quarantined(
+    rid: Hashable,
+    incarnation: int,
+    epoch: int,
+    quarantined: Mapping[tuple[Hashable, int, int], object],
+) -> str | None:
+    """A Cancel names a round exactly when that round is quarantined (its blocks wait for
+    the sender's word that nothing more lands); otherwise it names none (``NO_EPOCH``)."""
+    if epoch != msg.NO_EPOCH and (rid, incarnation, epoch) not in quarantined:
+        return (
+            f"the Cancel of life {incarnation} of request {rid!r} names round {epoch}, "
+            "which is not quarantined"
+        )
+    if epoch == msg.NO_EPOCH and any(k[0] == rid and k[1] == incarnation for k in quarantined):
+        return (
+            f"the Cancel of life {incarnation} of request {rid!r} names no round, "
+            "though one of its rounds waits in quarantine"
+        )
     return None
 
 

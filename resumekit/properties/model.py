@@ -112,6 +112,7 @@ class Harness:
             b.default_blocks * b.block_size,
             policy=policy_of(b),
         )
+        transport.receiver = receiver
         w = World()
         w.receiver, w.allocator = receiver, allocator
         w.buffers, w.transport, w.ledger = buffers, transport, ledger

@@ -69,6 +69,7 @@ from resumekit.properties.invariants import (
     InvariantViolation,
     Ledger,
     aborted_reported,
+    cancel_names_quarantined,
     nothing_left,
     output_intact,
     owed_round,
@@ -95,7 +96,7 @@ from resumekit.protocol.sizing import AutoSizer
 from resumekit.transports.inprocess import InProcessTransport, Loopback
 
 if TYPE_CHECKING:
-    from resumekit.protocol import RequestRecord
+    from resumekit.protocol import RequestRecord, ResumableReceiver
 
 MAX_REQUESTS = 4
 MAX_TOTAL = 200_000
@@ -154,6 +155,7 @@ class CheckedTransport(InProcessTransport):
         super().__init__(*args, **kwargs)
         self.delivered_landed: list[Landed] = []
         self.told_lost = False  # the receiver was told the sender is gone, and not yet back
+        self.receiver: ResumableReceiver | None = None  # set once built: its quarantine
         self.polled: Sequence[object] = ()  # what the last poll returned, for invariant 8
         self.polled_posts: Sequence[object] = ()
 
@@ -164,6 +166,9 @@ class CheckedTransport(InProcessTransport):
     def cancel(self, rid: Hashable, epoch: int, *, incarnation: int) -> None:
         if self.ledger is not None:
             self.ledger.cancelled(rid, incarnation)
+        if self.receiver is not None:  # the receiver quarantines before it cancels
+            quarantined = self.receiver.quarantined()
+            require(NO_LEAK, cancel_names_quarantined(rid, incarnation, epoch, quarantined))
         super().cancel(rid, epoch, incarnation=incarnation)
 
     def write_round(
@@ -279,6 +284,7 @@ class ProtocolMachineBase(RuleBasedStateMachine):
         )
         _poison_outputs(self.p.buffers)
         receiver = self.p.receiver
+        self.t.receiver = receiver
         if receiver.sizer is not None:
             # Learn from every size at once, so the examples meet chosen sizes too.
             receiver.sizer = AutoSizer(

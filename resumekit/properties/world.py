@@ -31,8 +31,11 @@ from resumekit.errors import InvariantError
 from resumekit.properties.invariants import (
     ACCOUNTED,
     INTEGRITY,
+    NO_LEAK,
     NO_WRITE_AFTER_FREE,
     InvariantViolation,
+    cancel_names_quarantined,
+    require,
     tokens_in_place,
 )
 from resumekit.properties.ledger import Ledger
@@ -224,6 +227,7 @@ class ExplorerTransport:
         self.admitted = 0  # round 0 posts so far (the fairness check counts them per step)
         self.polled: Sequence[object] = ()  # what the last poll returned, for invariant 8
         self.polled_posts: Sequence[object] = ()
+        self.receiver: ResumableReceiver | None = None  # set once built: its quarantine
 
     def check_request_id(self, rid: Hashable) -> None:
         """Any id travels here."""
@@ -238,6 +242,9 @@ class ExplorerTransport:
 
     def cancel(self, rid: Hashable, epoch: int, *, incarnation: int) -> None:
         self.ledger.cancelled(rid, incarnation)
+        if self.receiver is not None:  # the receiver quarantines before it cancels
+            quarantined = self.receiver.quarantined()
+            require(NO_LEAK, cancel_names_quarantined(rid, incarnation, epoch, quarantined))
         if self.sender_alive:
             self.posts += (msg.Cancel(rid, epoch, incarnation=incarnation),)
 
