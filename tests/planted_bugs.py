@@ -519,6 +519,13 @@ BUGS: list[Bug] = [
         "req.rid, req.epoch if quarantined else NO_EPOCH, incarnation=req.incarnation",
         "req.rid, req.epoch, incarnation=req.incarnation",
     ),
+    Bug(
+        "a Cancel that names no round is answered with a status",
+        SND,
+        "_cancel",
+        "        if cancel.epoch != NO_EPOCH:\n",
+        "        if True:\n",
+    ),
 ]
 
 #: Bugs on a path only the fuzzer takes: it names each source's life when it hands it
@@ -581,6 +588,7 @@ WHERE: dict[str, str] = {
     ),
     "a status of a finished request is dropped uncounted": "id reuse",
     "a Cancel names the round in flight though it was not quarantined": "id reuse",
+    "a Cancel that names no round is answered with a status": "id reuse",
     "admissions that pass a bulk resume are not counted": "policy",
     "the window is not checked before a waiting round is served": "policy",
     "a bulk early post passes a waiting bulk resume": "policy",

@@ -866,6 +866,14 @@ def _sender_counts(sender: EmbeddingSender) -> tuple[int, int, int, int]:
     return (sender.rounds_served, sender.repeated_posts, sender.stale_posts, sender.malformed_posts)
 
 
+def reports_a_round(status: msg.Landed | msg.Cancelled | msg.SenderError) -> str | None:
+    """A status the sender reports is about a round posted to it (epoch 0 or more): a
+    Cancel that named no round is answered by nothing."""
+    if type(status.epoch) is int and status.epoch < 0:
+        return f"the sender reported {status!r}, of no round"
+    return None
+
+
 def step_counted(sender: EmbeddingSender, polled: Callable[[], Sequence[object]]) -> int:
     """One ``sender.step()``, requiring that it counted each post it polled once at most
     (a round served, a repeat, a stale post) and the malformed ones exactly (invariant 8);

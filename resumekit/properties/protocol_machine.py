@@ -74,6 +74,7 @@ from resumekit.properties.invariants import (
     output_intact,
     owed_round,
     record_collected,
+    reports_a_round,
     require,
     rounds_counted,
     stale_changes_nothing,
@@ -162,6 +163,10 @@ class CheckedTransport(InProcessTransport):
     def poll_posts(self) -> Sequence[msg.Post]:
         batch = self.polled_posts = super().poll_posts()
         return batch
+
+    def report(self, status: Landed | msg.Cancelled | msg.SenderError) -> None:
+        require(ACCOUNTED, reports_a_round(status))
+        super().report(status)
 
     def cancel(self, rid: Hashable, epoch: int, *, incarnation: int) -> None:
         if self.ledger is not None:

@@ -35,6 +35,7 @@ from resumekit.properties.invariants import (
     NO_WRITE_AFTER_FREE,
     InvariantViolation,
     cancel_names_quarantined,
+    reports_a_round,
     require,
     tokens_in_place,
 )
@@ -292,6 +293,7 @@ class ExplorerTransport:
         problem = msg.malformed_status(status)
         if problem is not None:  # what a real transport refuses to send (require_status)
             raise InvariantViolation(ACCOUNTED, f"the sender reported {status!r}: {problem}")
+        require(ACCOUNTED, reports_a_round(status))
         if self.sender_alive:
             self.statuses += (status,)
 
