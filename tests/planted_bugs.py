@@ -526,6 +526,21 @@ BUGS: list[Bug] = [
         "        if cancel.epoch != NO_EPOCH:\n",
         "        if True:\n",
     ),
+    Bug(
+        "a Cancel is served before it is checked",
+        SND,
+        "step",
+        """            problem = malformed_post(post)
+            if problem is not None:
+                self._on_malformed(post, problem)
+            elif type(post) is Cancel:
+                self._cancel(post)""",
+        """            problem = malformed_post(post)
+            if type(post) is Cancel:
+                self._cancel(post)
+            elif problem is not None:
+                self._on_malformed(post, problem)""",
+    ),
 ]
 
 #: Bugs on a path only the fuzzer takes: it names each source's life when it hands it
@@ -589,6 +604,7 @@ WHERE: dict[str, str] = {
     "a status of a finished request is dropped uncounted": "id reuse",
     "a Cancel names the round in flight though it was not quarantined": "id reuse",
     "a Cancel that names no round is answered with a status": "id reuse",
+    "a Cancel is served before it is checked": "reused, forged and poisoned",
     "admissions that pass a bulk resume are not counted": "policy",
     "the window is not checked before a waiting round is served": "policy",
     "a bulk early post passes a waiting bulk resume": "policy",

@@ -58,6 +58,7 @@ def test_a_needless_quarantine_is_named_at_the_step_that_made_it(name: str, says
 #: (issue 23), and of the scheduling policy (issue 21), which the fuzzer must catch too: it
 #: draws the same combinations, forgeries and policies and checks the same invariants.
 FUZZED = (
+    "a Cancel is served before it is checked",
     "a Cancel that names no round is answered with a status",
     "a Cancel names the round in flight though it was not quarantined",
     "a status of a finished request is dropped uncounted",

@@ -59,7 +59,8 @@ TRUNCATED: Final = "truncated"
 PREMATURE: Final = "premature"
 #: The field each poison garbles, and with what: a type no well-formed message has.
 POISONED_STATUS: Final = ("rid", "epoch", "tokens", "final", "incarnation")
-POISONED_POST: Final = ("rid", "blocks", "sent", "incarnation")
+#: ``cancel``: a Cancel, not a round post, with an ill-typed incarnation.
+POISONED_POST: Final = ("rid", "blocks", "sent", "incarnation", "cancel")
 AHEAD: Final = "ahead"  # a well-typed post that skips a round: the sender must refuse it
 #: A well-typed post of the round the sender owes, resuming past the tokens it sent.
 ASKEW: Final = "askew"

@@ -105,8 +105,8 @@ def poison(model: Model, w: World, action: tuple[Any, ...]) -> None:
     r, where = action[1], action[2]
     rec = w.receiver.record(r)
     inc: Any = rec.incarnation
-    if where in ("incarnation", STALE):
-        inc = None if where == "incarnation" else w.ledger.incarnations[(r, w.lives[r] - 1)]
+    if where in ("incarnation", STALE, "cancel"):
+        inc = None if where != STALE else w.ledger.incarnations[(r, w.lives[r] - 1)]
     elif where != "rid":
         w.hurt = replaced(w.hurt, r, True)
     rid: Any = POISON_VALUES["rid"] if where == "rid" else r
@@ -133,6 +133,8 @@ def poison(model: Model, w: World, action: tuple[Any, ...]) -> None:
         if where == MISCOUNTED:  # expecting a token more than the one it carries
             expect = min(w.totals[r] - sent, 1) + 1
     bad = msg.RoundPost(rid, epoch, post["blocks"], 1, post["sent"], None, expect, incarnation=inc)
+    if where == "cancel":  # a Cancel, not a post, naming no life
+        bad = msg.Cancel(r, msg.NO_EPOCH, incarnation=inc)
     w.transport.hand_over = (bad,)
     before, n = w.sender.snapshot(), len(w.transport.statuses)
     step_counted(w.sender, lambda: w.transport.polled_posts)

@@ -725,7 +725,7 @@ class ProtocolMachineBase(RuleBasedStateMachine):
             rec = self.p.receiver.record(rid)
             fields: dict[str, Any] = {"blocks": (0,), "sent": rec.sent, "inc": rec.incarnation}
             named: Any = POISON_VALUES["rid"] if where == "rid" else rid
-            if not well_typed and where != "rid":
+            if not well_typed and where not in ("rid", "cancel"):
                 fields["inc" if where == "incarnation" else where] = POISON_VALUES[where]
             epoch, expect = rec.epoch + 2 if where == AHEAD else rec.epoch, None
             if where in (ASKEW, MISCOUNTED):
@@ -745,7 +745,9 @@ class ProtocolMachineBase(RuleBasedStateMachine):
                 expect,
                 incarnation=fields["inc"],
             )
-            if where not in ("incarnation", "rid"):
+            if where == "cancel":  # a Cancel naming no life: it fails no one
+                bad = msg.Cancel(rid, msg.NO_EPOCH, incarnation=POISON_VALUES["incarnation"])
+            elif where not in ("incarnation", "rid"):
                 self._hurt(rid)
         self.t.posts.append(bad)
 

@@ -112,6 +112,8 @@ def action_text(action: tuple[Any, ...], before: World) -> str:
         return f"sender gets a post for r{action[1]} that resumes past the tokens it sent"
     if kind == "poison-post" and action[2] == "miscounted":
         return f"sender gets a post for r{action[1]} expecting a token more than it carries"
+    if kind == "poison-post" and action[2] == "cancel":
+        return f"sender gets a corrupted Cancel for r{action[1]} (its incarnation ill-typed)"
     if kind == "poison-post":
         return f"sender gets a corrupted post for r{action[1]} (its {action[2]} ill-typed)"
     return repr(action)
