@@ -64,7 +64,6 @@ FUZZED = (
     "a status of a finished request is dropped uncounted",
     "a malformed status with an unhashable id raises out of the receiver's step",
     "a malformed post with an unhashable id raises out of the sender's step",
-    "a later round's total is not checked against round 0's",
     "a new sender's PeerBack does not clear the loss",
     "round 0's final flag is not checked",
     "a later round's final flag is not checked",
